@@ -1,0 +1,23 @@
+"""provenance-guard: tells, at the moment an image is generated, whether it comes too close to a known
+training image (CLIP embedding -> FAISS search over LAION or a studio's references -> exact cosine ->
+pass / warn / block, with the matches and a provenance record).
+
+This folder is at once the Python package ``provenance_guard``, a ComfyUI custom node pack (ComfyUI
+imports this file and reads NODE_CLASS_MAPPINGS / WEB_DIRECTORY) and an A1111 extension (scripts/).
+Importing it is cheap: no torch, faiss or host module is loaded until a check runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The public API (Checker, Bundle, ...) resolves from core on first use, so importing stays cheap.
+    import importlib
+
+    core = importlib.import_module(".core", __name__)
+    if name in core.__all__:
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

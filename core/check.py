@@ -1,0 +1,235 @@
+"""The pipeline: images -> embed -> search + re-rank (every bundle) -> merge -> verdict -> CheckResult.
+
+``Checker`` is what every surface holds: the CLI, the ComfyUI node, the A1111 script and the server build
+one per (bundles, model, device) and call ``check`` with a batch. Bundles and models open on first use
+(or with ``open()``), once; a failure to open is not remembered, so a bundle repaired on disk is picked up
+by the next call. Under the fail mode, any failure becomes a result (``unchecked`` or ``block``) rather
+than an exception, so a host never loses its UI over a check.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+from .bundle import Bundle, utc_now
+from .config import DEFAULT_BATCH_SIZE
+from .embed import Embedder, get_embedder
+from .errors import ConfigError, DimensionMismatchError, ImageInputError, ProvenanceError
+from .images import ImageInput, Pixels, to_pixels
+from .models import ModelSpec
+from .policy import Policy, verdict_for, worst
+from .result import BundleThresholds, CheckResult, GenerationRecord, Match
+from .search import search
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+BundleLike = Union[str, Path, Bundle]
+
+
+def _tool_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def model_override_problem(bundle_model: str, override: str) -> Optional[str]:
+    """Why override may not stand in for the bundle's model, or None when it may.
+
+    An override names the same weights in another place (a local file, a folder, a hub copy); a different
+    architecture or pretrained tag would give embeddings in another space, where every score is noise.
+    """
+    if override == bundle_model:
+        return None
+    want, got = ModelSpec.parse(bundle_model), ModelSpec.parse(override)
+
+    def base(arch: Optional[str]) -> Optional[str]:
+        return arch[: -len("-quickgelu")] if arch and arch.endswith("-quickgelu") else arch
+
+    if want.arch and got.arch and base(want.arch) != base(got.arch):
+        return f"architecture {got.arch} differs from the bundle's {want.arch}"
+    if want.kind == "tag" and got.kind == "tag" and want.source != got.source:
+        return f"pretrained weights {got.source!r} differ from the bundle's {want.source!r}"
+    return None
+
+
+class Checker:
+    """Checks images against one or more bundles. Safe to share between threads."""
+
+    def __init__(self, bundles: Union[BundleLike, Sequence[BundleLike]], *, model: Optional[str] = None,
+                 device: str = "auto", policy: Optional[Policy] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_pixels: Optional[int] = None):
+        if isinstance(bundles, (str, Path, Bundle)):
+            bundles = [bundles]
+        if not bundles:
+            raise ConfigError("no bundle given; pass --index BUNDLE (a folder made by 'provenance-guard index build')")
+        self._sources = list(bundles)
+        self.model_override = model
+        self.device = device
+        self.policy = policy or Policy()
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self._bundles: Optional[list[Bundle]] = None
+        self._lock = threading.Lock()
+
+    # opening --------------------------------------------------------------------------------------------
+    def open(self) -> list[Bundle]:
+        """Open every bundle (raises the first BundleError); later calls return the opened bundles."""
+        with self._lock:
+            if self._bundles is None:
+                opened = [b if isinstance(b, Bundle) else Bundle.open(b) for b in self._sources]
+                if self.model_override:
+                    for b in opened:
+                        problem = model_override_problem(b.model, self.model_override)
+                        if problem:
+                            raise ConfigError(
+                                f"model {self.model_override!r} cannot check bundle {b.id}: {problem}; its "
+                                f"vectors were made with {b.model}: leave the model unset, or point at a local "
+                                f"copy of those weights"
+                            )
+                self._bundles = opened
+            return self._bundles
+
+    def model_for(self, bundle: Bundle) -> str:
+        return self.model_override or bundle.model
+
+    def embedders(self) -> dict[str, Embedder]:
+        """Load (once per process) the model of every bundle; raises ModelLoadError on failure."""
+        return {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
+
+    # checking -------------------------------------------------------------------------------------------
+    def check(self, images: Union[Sequence[ImageInput], "torch.Tensor", "np.ndarray"],
+              records: Optional[Sequence[Optional[GenerationRecord]]] = None,
+              policy: Optional[Policy] = None,
+              embedder: Optional[Embedder] = None) -> list[CheckResult]:
+        """One result per image, in order. A batch goes through each model in one forward pass.
+
+        ``embedder`` replaces the bundles' model (e.g. a host's already-loaded CLIP vision model that the
+        caller has verified to be the bundle's model).
+        """
+        t0 = time.perf_counter()
+        policy = policy or self.policy
+        pixels = to_pixels(images, self.max_pixels)
+        records = list(records) if records is not None else [None] * len(pixels)
+        if len(records) != len(pixels):
+            raise ConfigError(f"{len(records)} generation records given for {len(pixels)} images")
+        good = [i for i, p in enumerate(pixels) if isinstance(p, Pixels)]
+        results: list[Optional[CheckResult]] = [None] * len(pixels)
+        for i, p in enumerate(pixels):
+            if isinstance(p, ImageInputError):
+                results[i] = self._failure(policy, str(p), records[i], {"source": f"image {i}"})
+        if good:
+            try:
+                bundles = self.open()
+                if embedder is not None:
+                    vectors = {embedder.spec.raw: embedder.embed_pixels([pixels[i] for i in good], self.batch_size)}
+                    models = {b.id: embedder.spec.raw for b in bundles}
+                    t_embed = time.perf_counter()
+                else:
+                    embs = self.embedders()
+                    vectors = {spec: e.embed_pixels([pixels[i] for i in good], self.batch_size)
+                               for spec, e in embs.items()}
+                    models = {b.id: self.model_for(b) for b in bundles}
+                    t_embed = time.perf_counter()
+                timings = {"embed": (t_embed - t0) * 1e3}
+                per_image = self._search_all(bundles, models, vectors, policy, timings)
+            except ProvenanceError as exc:
+                for i in good:
+                    p = pixels[i]
+                    results[i] = self._failure(policy, str(exc), records[i], _image_info(p))
+            else:
+                timings["total"] = (time.perf_counter() - t0) * 1e3
+                timings["batch_images"] = len(good)
+                model_names = sorted(set(models.values()))
+                for slot, i in enumerate(good):
+                    results[i] = self._result(per_image[slot], bundles, policy, records[i],
+                                              _image_info(pixels[i]), " + ".join(model_names), timings)
+        return results  # type: ignore[return-value]
+
+    def check_embeddings(self, vectors: "np.ndarray", records: Optional[Sequence[Optional[GenerationRecord]]] = None,
+                         policy: Optional[Policy] = None, model: Optional[str] = None) -> list[CheckResult]:
+        """Check precomputed unit embeddings (rows) made with ``model`` (default: the bundles' model)."""
+        import numpy as np
+
+        t0 = time.perf_counter()
+        policy = policy or self.policy
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        records = list(records) if records is not None else [None] * len(vectors)
+        try:
+            bundles = self.open()
+            spec = model or self.model_override
+            models = {b.id: spec or b.model for b in bundles}
+            timings: dict[str, float] = {}
+            per_image = self._search_all(bundles, models, {m: vectors for m in set(models.values())}, policy, timings)
+        except ProvenanceError as exc:
+            return [self._failure(policy, str(exc), r, {"source": "embedding"}) for r in records]
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return [self._result(per_image[n], bundles, policy, records[n], {"source": "embedding"},
+                             " + ".join(sorted(set(models.values()))), timings) for n in range(len(vectors))]
+
+    def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, "np.ndarray"],
+                    policy: Policy, timings: dict[str, float]) -> list[list[Match]]:
+        """Matches of every image across all bundles, merged by score, top-k, each with its verdict."""
+        n = len(next(iter(vectors.values())))
+        merged: list[list[Match]] = [[] for _ in range(n)]
+        for b in bundles:
+            q = vectors[models[b.id]]
+            if q.shape[1] != b.dim:
+                raise DimensionMismatchError(
+                    f"model {models[b.id]} gives {q.shape[1]}-d embeddings but bundle {b.id} ({b.path}) holds "
+                    f"{b.dim}-d vectors of {b.model}; check with the bundle's model"
+                )
+            out = search(b, q, policy.top_k)
+            for key, ms in out.timings_ms.items():
+                timings[key] = timings.get(key, 0.0) + ms
+            warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
+            for slot, matches in enumerate(out.matches):
+                for m in matches:
+                    m.verdict = verdict_for(m.score, warn, block)
+                merged[slot].extend(matches)
+        for slot in range(n):
+            merged[slot].sort(key=lambda m: -m.score)
+            del merged[slot][policy.top_k:]
+        return merged
+
+    def _thresholds(self, bundles: list[Bundle], policy: Policy) -> list[BundleThresholds]:
+        out = []
+        for b in bundles:
+            warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
+            out.append(BundleThresholds(b.id, b.version, warn, block, b.exact))
+        return out
+
+    def _result(self, matches: list[Match], bundles: list[Bundle], policy: Policy,
+                record: Optional[GenerationRecord], image: dict, model: str, timings: dict) -> CheckResult:
+        warnings = []
+        if any(not b.exact for b in bundles):
+            warnings.append("scores from " + ", ".join(b.id for b in bundles if not b.exact) +
+                            " are index approximations: those bundles store no vectors for exact re-ranking")
+        return CheckResult(
+            verdict=worst(m.verdict for m in matches), max_score=matches[0].score if matches else None,
+            matches=matches, model=model, thresholds=self._thresholds(bundles, policy), fail_mode=policy.fail_mode,
+            image=image, generation=record, warnings=warnings, timings_ms=dict(timings), checked_at=utc_now(),
+            tool_version=_tool_version(),
+        )
+
+    def _failure(self, policy: Policy, message: str, record: Optional[GenerationRecord], image: dict) -> CheckResult:
+        verdict = policy.failure_verdict()
+        action = "blocked (fail mode closed)" if verdict == "block" else "not checked (fail mode open)"
+        thresholds = []
+        if self._bundles is not None:
+            try:
+                thresholds = self._thresholds(self._bundles, policy)
+            except ConfigError:
+                thresholds = []
+        return CheckResult(
+            verdict=verdict, max_score=None, matches=[], model=self.model_override, thresholds=thresholds,
+            fail_mode=policy.fail_mode, image=image, generation=record,
+            warnings=[f"image {action}: {message}"], error=message, checked_at=utc_now(), tool_version=_tool_version(),
+        )
+
+
+def _image_info(p: Pixels) -> dict:
+    return {"source": p.source, "width": p.width, "height": p.height}

@@ -1,0 +1,83 @@
+"""Stage 5, verdict: thresholds on the exact cosine, the fail mode, and the verdict they give.
+
+A score s of a match gives ``block`` when s >= block, ``warn`` when s >= warn, else ``pass``. A check that
+cannot run (bundle missing or broken, model not loadable, image unreadable) gives ``unchecked`` under the
+``open`` fail mode (the default: an artist's UI keeps working, with a warning) and ``block`` under
+``closed`` (a studio's publishing gate: nothing unchecked goes out).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import DEFAULT_FAIL_MODE, DEFAULT_TOP_K, FAIL_MODES
+from .errors import ConfigError
+
+PASS, WARN, BLOCK, UNCHECKED = "pass", "warn", "block", "unchecked"
+# Order of severity for merging verdicts of several matches or bundles.
+SEVERITY = {PASS: 0, WARN: 1, BLOCK: 2}
+
+
+def validate_thresholds(warn: float, block: float) -> None:
+    for name, value in (("warn", warn), ("block", block)):
+        if not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+            raise ConfigError(f"{name} threshold {value!r} is not a cosine; give a number between -1 and 1 "
+                              f"(e.g. --warn 0.90 --block 0.95)")
+    if warn > block:
+        raise ConfigError(f"warn threshold {warn} is above block threshold {block}; warn must be <= block")
+
+
+def verdict_for(score: Optional[float], warn: float, block: float) -> str:
+    if score is None:
+        return PASS
+    if score >= block:
+        return BLOCK
+    if score >= warn:
+        return WARN
+    return PASS
+
+
+def worst(verdicts) -> str:
+    verdicts = list(verdicts)
+    return max(verdicts, key=lambda v: SEVERITY.get(v, -1)) if verdicts else PASS
+
+
+def reaches(verdict: str, level: str) -> bool:
+    """True when verdict is at least as severe as level ('warn' or 'block')."""
+    if level not in (WARN, BLOCK):
+        raise ConfigError(f"--fail-on {level!r}: give warn or block")
+    return SEVERITY.get(verdict, -1) >= SEVERITY[level]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-call choices. warn/block of None take each bundle's manifest thresholds."""
+
+    warn: Optional[float] = None
+    block: Optional[float] = None
+    fail_mode: str = DEFAULT_FAIL_MODE
+    top_k: int = DEFAULT_TOP_K
+
+    def __post_init__(self) -> None:
+        if self.fail_mode not in FAIL_MODES:
+            raise ConfigError(f"fail mode {self.fail_mode!r}: give 'open' (report unchecked) or 'closed' (block)")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"top-k {self.top_k!r}: give a whole number of matches >= 1")
+        for name, value in (("warn", self.warn), ("block", self.block)):
+            if value is not None:
+                validate_thresholds(value, value)
+        if self.warn is not None and self.block is not None:
+            validate_thresholds(self.warn, self.block)
+
+    def thresholds(self, manifest_warn: float, manifest_block: float) -> tuple[float, float]:
+        warn = manifest_warn if self.warn is None else self.warn
+        block = manifest_block if self.block is None else self.block
+        if self.warn is not None and self.block is None:
+            block = max(block, warn)
+        if self.block is not None and self.warn is None:
+            warn = min(warn, block)
+        validate_thresholds(warn, block)
+        return warn, block
+
+    def failure_verdict(self) -> str:
+        return BLOCK if self.fail_mode == "closed" else UNCHECKED

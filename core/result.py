@@ -1,0 +1,178 @@
+"""Results as dataclasses, and their JSON form (schema ``provenance-guard/check-result``, version 1).
+
+The JSON form is the contract of every surface: ``check --json`` prints one object per line, the PNG
+``provenance`` chunk and the ``.provenance.json`` sidecar hold one, the server answers with them. The
+schema is in core/schema/check-result.v1.json; fields are only ever added within a version.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+SCHEMA = "provenance-guard/check-result"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Match:
+    """One training/reference row close to the image. ``score`` is the exact cosine when ``exact``."""
+
+    score: float
+    exact: bool
+    bundle_id: str
+    bundle_version: str
+    row_id: int
+    url: Optional[str] = None
+    caption: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    verdict: str = "pass"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": round(float(self.score), 6), "exact": self.exact, "verdict": self.verdict,
+            "bundle": self.bundle_id, "bundle_version": self.bundle_version, "row_id": int(self.row_id),
+            "url": self.url, "caption": self.caption, "metadata": _jsonable(self.metadata),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Match":
+        return cls(score=float(d["score"]), exact=bool(d["exact"]), bundle_id=d["bundle"],
+                   bundle_version=d["bundle_version"], row_id=int(d["row_id"]), url=d.get("url"),
+                   caption=d.get("caption"), metadata=dict(d.get("metadata") or {}), verdict=d.get("verdict", "pass"))
+
+
+@dataclass
+class GenerationRecord:
+    """What produced the image, as the host knows it (A1111 infotext, ComfyUI graph, or the caller)."""
+
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+    sampler: Optional[str] = None
+    scheduler: Optional[str] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    model: Optional[str] = None
+    model_hash: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    source: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
+
+    @classmethod
+    def from_json(cls, d: Optional[dict[str, Any]]) -> Optional["GenerationRecord"]:
+        if not d:
+            return None
+        known = {f.name for f in fields(cls)}
+        extra = dict(d.get("extra") or {})
+        extra.update({k: v for k, v in d.items() if k not in known})
+        return cls(**{k: v for k, v in d.items() if k in known and k != "extra"}, extra=extra)
+
+
+@dataclass
+class BundleThresholds:
+    bundle_id: str
+    bundle_version: str
+    warn: float
+    block: float
+    exact: bool = True
+
+
+@dataclass
+class CheckResult:
+    """The outcome for one image."""
+
+    verdict: str
+    max_score: Optional[float]
+    matches: list[Match]
+    model: Optional[str]
+    thresholds: list[BundleThresholds]
+    fail_mode: str
+    image: dict[str, Any] = field(default_factory=dict)
+    generation: Optional[GenerationRecord] = None
+    warnings: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    checked_at: str = ""
+    tool_version: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return all(t.exact for t in self.thresholds) if self.thresholds else True
+
+    @property
+    def checked(self) -> bool:
+        return self.error is None
+
+    @property
+    def top(self) -> Optional[Match]:
+        return self.matches[0] if self.matches else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "max_score": None if self.max_score is None else round(float(self.max_score), 6),
+            "scores": "exact" if self.exact else "approximate",
+            "matches": [m.to_json() for m in self.matches],
+            "thresholds": [{"bundle": t.bundle_id, "bundle_version": t.bundle_version, "warn": t.warn,
+                            "block": t.block, "scores": "exact" if t.exact else "approximate"}
+                           for t in self.thresholds],
+            "model": self.model,
+            "fail_mode": self.fail_mode,
+            "image": _jsonable(self.image),
+            "generation": self.generation.to_json() if self.generation else None,
+            "warnings": list(self.warnings),
+            "error": self.error,
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "checked_at": self.checked_at,
+            "tool": {"name": "provenance-guard", "version": self.tool_version},
+        }
+
+    def dumps(self, **kw) -> str:
+        return json.dumps(self.to_json(), ensure_ascii=False, **kw)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CheckResult":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} object")
+        if int(d.get("schema_version", 0)) > SCHEMA_VERSION:
+            raise ValueError(f"{SCHEMA} version {d.get('schema_version')} is newer than this release reads "
+                             f"({SCHEMA_VERSION}); upgrade provenance-guard")
+        return cls(
+            verdict=d["verdict"], max_score=d.get("max_score"),
+            matches=[Match.from_json(m) for m in d.get("matches", [])], model=d.get("model"),
+            thresholds=[BundleThresholds(t["bundle"], t["bundle_version"], t["warn"], t["block"],
+                                         t.get("scores", "exact") == "exact") for t in d.get("thresholds", [])],
+            fail_mode=d.get("fail_mode", "open"), image=dict(d.get("image") or {}),
+            generation=GenerationRecord.from_json(d.get("generation")), warnings=list(d.get("warnings", [])),
+            error=d.get("error"), timings_ms=dict(d.get("timings_ms") or {}), checked_at=d.get("checked_at", ""),
+            tool_version=(d.get("tool") or {}).get("version", ""),
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata columns can hold numpy/arrow scalars, bytes, dates: make them JSON values."""
+    import datetime as _dt
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return str(value)

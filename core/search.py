@@ -1,0 +1,80 @@
+"""Stages 3 and 4, search and re-rank: query vectors -> the closest rows of one bundle, scored exactly.
+
+The FAISS index proposes candidates (for an approximate index, RERANK_CANDIDATES_FACTOR times as many as
+asked); their stored float16 unit vectors give the exact cosine, the candidates are re-ordered by it, and
+the top k are joined with their metadata. A bundle without stored vectors returns the index's own scores,
+marked inexact.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .bundle import Bundle
+from .config import RERANK_CANDIDATES_FACTOR
+from .errors import DimensionMismatchError
+from .result import Match
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+
+@dataclass
+class SearchOutput:
+    matches: list[list[Match]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def search(bundle: Bundle, queries: "np.ndarray", k: int) -> SearchOutput:
+    """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first."""
+    import numpy as np
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != bundle.dim:
+        raise DimensionMismatchError(
+            f"query vectors are {queries.shape[-1]}-d but bundle {bundle.id} ({bundle.path}) holds {bundle.dim}-d "
+            f"vectors of {bundle.model}; check with that model"
+        )
+    k = max(1, min(int(k), bundle.count))
+    flat_index = bundle.manifest.flat
+    rerank = bundle.vectors is not None and not flat_index
+    candidates = min(bundle.count, k * RERANK_CANDIDATES_FACTOR) if rerank else k
+    t0 = time.perf_counter()
+    scores, ids = bundle.index.search(queries, candidates)
+    t1 = time.perf_counter()
+    # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
+    exact = bundle.exact
+    if rerank:
+        scores, ids = _rerank(bundle, queries, ids, k)
+    t2 = time.perf_counter()
+    wanted = sorted({int(i) for row in ids for i in row if i >= 0})
+    meta = dict(zip(wanted, bundle.rows(wanted)))
+    out: list[list[Match]] = []
+    for row_scores, row_ids in zip(scores, ids):
+        matches = []
+        for s, i in zip(row_scores, row_ids):
+            if i < 0:
+                continue
+            md = dict(meta[int(i)])
+            url, caption = md.pop("url", None), md.pop("caption", None)
+            matches.append(Match(score=float(s), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version,
+                                 row_id=int(i), url=url, caption=caption, metadata=md))
+        out.append(matches)
+    t3 = time.perf_counter()
+    return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3})
+
+
+def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", k: int):
+    """Exact cosines of each query with its candidates; returns (scores, ids), k columns, best first."""
+    import numpy as np
+    import torch
+
+    gathered = bundle.vectors[np.where(ids >= 0, ids, 0).reshape(-1)]
+    # numpy widens float16 element by element (~40 us per 30k values); torch uses F16C, ~15x faster.
+    vecs = torch.from_numpy(gathered).float().numpy().reshape(ids.shape[0], ids.shape[1], -1)
+    dots = np.einsum("qcd,qd->qc", vecs, queries)
+    norms = np.sqrt(np.einsum("qcd,qcd->qc", vecs, vecs)) * np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = np.where(ids >= 0, dots / np.maximum(norms, 1e-12), -np.inf)
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)

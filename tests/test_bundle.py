@@ -1,0 +1,258 @@
+"""The bundle format: writing, O(1) opening, validation errors by name, and CLI exit codes for them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from provenance_guard.cli import main as cli
+from provenance_guard.core.bundle import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, VECTORS_FILE, Bundle,
+                                          BundleWriter, normalize_metadata, read_manifest)
+from provenance_guard.core.errors import (BundleFileError, ConfigError, DimensionMismatchError, IndexCorruptError,
+                                          ManifestError, RowCountMismatchError)
+from provenance_guard.core.search import search
+
+
+def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_manifest(path: Path, edit) -> None:
+    data = json.loads((path / "manifest.json").read_text())
+    edit(data)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def refresh_file_entry(path: Path, name: str) -> None:
+    write_manifest(path, lambda d: d["files"][name].update(size=(path / name).stat().st_size))
+
+
+def test_built_bundle_layout_and_manifest(built_bundle):
+    m = read_manifest(built_bundle)
+    assert m.format_version == FORMAT_VERSION and m.count == 6 and m.dim == 64
+    assert m.model.startswith("local-dir:") and m.index_factory == "Flat" and m.exact
+    assert set(m.files) == {INDEX_FILE, METADATA_FILE, VECTORS_FILE}
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in m.files.values())
+    assert m.build["sources"][0]["kind"] == "images" and m.build["created"].endswith("Z")
+    b = Bundle.open(built_bundle)
+    assert b.vectors.dtype == np.float16 and b.vectors.shape == (6, 64)
+    assert isinstance(b.vectors, np.memmap)
+    row = b.rows([1])[0]
+    assert row["url"] == "chelsea.png" and row["caption"] == "Chelsea the cat, close-up"
+    assert {"path", "sha256", "width", "height"} <= set(row)
+    assert not list(built_bundle.parent.glob(".refs.tmp-*"))  # the temporary folder is gone
+
+
+def test_writer_streams_many_batches_with_fixed_metadata_batches(tmp_path):
+    n, d = 70_000, 8
+    vecs = unit(n, d)
+    with BundleWriter(tmp_path / "b", model="ViT-B-32/openai", dim=d) as w:
+        for start in range(0, n, 9_999):
+            stop = min(n, start + 9_999)
+            w.add(vecs[start:stop], pa.table({"URL": [f"u{i}" for i in range(start, stop)],
+                                              "TEXT": [f"c{i}" for i in range(start, stop)],
+                                              "similarity": np.full(stop - start, 0.3)}))
+        w.finish()
+    b = Bundle.open(tmp_path / "b")
+    assert b.count == n and b.columns == ["url", "caption", "similarity"]
+    assert [r["url"] for r in b.rows([0, 65_535, 65_536, n - 1])] == ["u0", "u65535", "u65536", f"u{n - 1}"]
+    np.testing.assert_allclose(b.vector([5, 65_600]), vecs[[5, 65_600]], atol=2e-3)
+    out = search(b, vecs[[12, 69_000]], 3)
+    assert [m[0].row_id for m in out.matches] == [12, 69_000]
+    assert out.matches[0][0].score > 0.999 and out.matches[0][0].url == "u12"
+
+
+@pytest.mark.parametrize("cols,url,caption", [
+    ({"URL": ["a"], "TEXT": ["t"], "WIDTH": [1], "punsafe": [0.1]}, "URL", "TEXT"),  # LAION-5B release
+    ({"url": ["a"], "caption": ["t"], "key": ["000"], "image_path": ["x"]}, "url", "caption"),  # clip-retrieval
+    ({"SAMPLE_ID": [7], "URL": ["a"], "TEXT": ["t"], "LICENSE": ["?"], "NSFW": ["UNLIKELY"]}, "URL", "TEXT"),
+])
+def test_metadata_conventions_normalised_and_kept(cols, url, caption):
+    t = normalize_metadata(pa.table(cols))
+    assert t.column_names[:2] == ["url", "caption"]
+    assert t.column("url").to_pylist() == ["a"] and t.column("caption").to_pylist() == ["t"]
+    others = [c for c in cols if c not in (url, caption)]
+    assert t.column_names[2:] == others
+
+
+def test_writer_refuses_bad_rows_and_cleans_up(tmp_path):
+    with pytest.raises(DimensionMismatchError):
+        with BundleWriter(tmp_path / "x", model="m/t", dim=4) as w:
+            w.add(unit(2, 5), [{"url": "a"}, {"url": "b"}])
+    with pytest.raises(RowCountMismatchError):
+        with BundleWriter(tmp_path / "x", model="m/t", dim=4) as w:
+            w.add(unit(2, 4), [{"url": "a"}])
+    with pytest.raises(ConfigError, match="empty"):
+        BundleWriter(tmp_path / "x", model="m/t", dim=4).finish()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        BundleWriter(tmp_path / "exists", model="m/t", dim=4)
+
+
+def test_overwrite_replaces_only_when_complete(tmp_path):
+    def build(n, fail=False):
+        with BundleWriter(tmp_path / "b", model="m/t", dim=4, overwrite=True) as w:
+            w.add(unit(n, 4), [{"url": str(i)} for i in range(n)])
+            if fail:
+                raise RuntimeError("killed mid-build")
+            w.finish()
+
+    build(3)
+    old = Bundle.open(tmp_path / "b")
+    with pytest.raises(RuntimeError):
+        build(5, fail=True)
+    assert Bundle.open(tmp_path / "b").count == 3  # the old bundle still serves
+    build(5)
+    assert Bundle.open(tmp_path / "b").count == 5
+    assert old.rows([2])[0]["url"] == "2"  # an already-open reader keeps its mapped files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_ivfpq_bundle_reranks_to_exact_cosine(tmp_path):
+    n, d = 20_000, 32
+    vecs = unit(n, d, seed=3)
+    index = faiss.index_factory(d, "IVF64,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs[:5000])
+    index.add(vecs)
+    with BundleWriter(tmp_path / "ivf", model="m/t", dim=d) as w:
+        w.no_flat_index()
+        w.add(vecs, pa.table({"url": [str(i) for i in range(n)]}))
+        w.finish(index, factory="IVF64,PQ8x4", search_params={"nprobe": 16})
+    b = Bundle.open(tmp_path / "ivf")
+    assert faiss.extract_index_ivf(b.index).nprobe == 16 and b.exact
+    q = vecs[[10, 500]] + 0.01 * unit(2, d, seed=9)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    out = search(b, q, 5)
+    for qi, matches in zip([10, 500], out.matches):
+        assert matches[0].row_id == qi and matches[0].exact
+        expected = float(q[[10, 500].index(qi)] @ vecs[qi])
+        assert abs(matches[0].score - expected) < 2e-3  # float16-stored vectors, exact arithmetic
+        assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+
+
+def test_bundle_without_rerank_vectors_says_approximate(tmp_path):
+    vecs = unit(3000, 16)
+    index = faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add(vecs)
+    with BundleWriter(tmp_path / "a", model="m/t", dim=16, rerank=False) as w:
+        w.no_flat_index()
+        w.add(vecs, [{"url": str(i)} for i in range(3000)])
+        w.finish(index, factory="IVF8,PQ4x4", search_params={"nprobe": 8})
+    b = Bundle.open(tmp_path / "a")
+    assert not b.exact and b.manifest.to_json()["rerank"]["scores"] == "approximate"
+    assert all(not m.exact for m in search(b, vecs[:1], 3).matches[0])
+
+
+# validation errors: each by name, each an exit code 2 from the command --------------------------------
+
+def _missing_file(p: Path) -> None:
+    (p / METADATA_FILE).unlink()
+
+
+def _unknown_version(p: Path) -> None:
+    write_manifest(p, lambda d: d.update(format_version=99))
+
+
+def _truncated_index_size_recorded(p: Path) -> None:
+    data = (p / INDEX_FILE).read_bytes()
+    (p / INDEX_FILE).write_bytes(data[: len(data) // 2])
+    refresh_file_entry(p, INDEX_FILE)
+
+
+def _truncated_index(p: Path) -> None:
+    data = (p / INDEX_FILE).read_bytes()
+    (p / INDEX_FILE).write_bytes(data[: len(data) // 2])
+
+
+def _dimension_mismatch(p: Path) -> None:
+    write_manifest(p, lambda d: d["embedding"].update(dim=32))
+
+
+def _misaligned_rows(p: Path) -> None:
+    # Metadata of 5 rows next to an index and vectors of 6: a shard went missing.
+    from pyarrow import ipc
+
+    src = ipc.open_file(pa.memory_map(str(p / METADATA_FILE))).read_all().slice(0, 5)
+    with pa.OSFile(str(p / METADATA_FILE), "wb") as f:
+        with ipc.new_file(f, src.schema) as w:
+            w.write_table(src)
+    refresh_file_entry(p, METADATA_FILE)
+
+
+def _no_manifest(p: Path) -> None:
+    (p / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage,error,words", [
+    (_missing_file, BundleFileError, "metadata.arrow is missing"),
+    (_unknown_version, ManifestError, "format version 99 is not known"),
+    (_truncated_index, BundleFileError, "truncated"),
+    (_truncated_index_size_recorded, IndexCorruptError, "not a readable FAISS index"),
+    (_dimension_mismatch, DimensionMismatchError, "64-d vectors but the manifest"),
+    (_misaligned_rows, RowCountMismatchError, "5 metadata rows but the manifest says 6"),
+    (_no_manifest, ManifestError, "manifest.json is missing"),
+])
+def test_damaged_bundle_raises_named_error_and_exit_2(bundle_copy, damage, error, words, outputs, capsys):
+    damage(bundle_copy)
+    with pytest.raises(error, match=words):
+        Bundle.open(bundle_copy)
+    folder, _ = outputs
+    assert cli(["check", str(folder / "chelsea_copy.png"), "--index", str(bundle_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(bundle_copy) in err
+    assert cli(["index", "info", str(bundle_copy)]) == 2
+
+
+def test_missing_bundle_folder(tmp_path):
+    with pytest.raises(BundleFileError, match="index build"):
+        Bundle.open(tmp_path / "nope")
+
+
+def test_info_and_verify(built_bundle, bundle_copy, capsys):
+    assert cli(["index", "info", str(built_bundle)]) == 0
+    out = capsys.readouterr().out
+    for words in ("test-refs", "64-d", "rows        6", "Flat", "exact cosine", "warn >=", "metadata.arrow"):
+        assert words in out
+    assert cli(["index", "info", str(built_bundle), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 6
+    assert cli(["index", "verify", str(built_bundle)]) == 0
+    assert "OK" in capsys.readouterr().out
+    # Same size, one byte changed: only the checksum can tell.
+    vec = bundle_copy / VECTORS_FILE
+    data = bytearray(vec.read_bytes())
+    data[-1] ^= 0xFF
+    vec.write_bytes(bytes(data))
+    Bundle.open(bundle_copy)  # opening stays O(1) and does not hash
+    assert cli(["index", "verify", str(bundle_copy)]) == 2
+    assert "sha256" in capsys.readouterr().err
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_open_is_constant_time_in_rows(tmp_path):
+    """Opening maps files and reads headers only: bytes read by the process stay far below the bundle size."""
+    n, d = 200_000, 16
+    with BundleWriter(tmp_path / "big", model="m/t", dim=d) as w:
+        w.add(unit(n, d), pa.table({"url": np.arange(n).astype(str)}))
+        w.finish()
+    size = sum(f.stat().st_size for f in (tmp_path / "big").iterdir())
+    Bundle.open(tmp_path / "big")  # warm imports so only the opening itself is counted
+    before = _rchar()
+    b = Bundle.open(tmp_path / "big")
+    read = _rchar() - before
+    assert b.count == n and size > 20_000_000
+    assert read < 200_000, f"opening read {read} bytes of a {size}-byte bundle"

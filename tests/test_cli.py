@@ -1,0 +1,137 @@
+"""The provenance-guard command: exit codes, table, --json, records, build, demo; and a cheap import."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import PngImagePlugin
+
+from provenance_guard.cli import main as cli, terminal_safe
+from provenance_guard.core.record import read_record
+from provenance_guard.demo import sample_image
+
+from test_record import A1111_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_loads_neither_torch_nor_faiss():
+    code = ("import sys, provenance_guard, provenance_guard.core, provenance_guard.cli;"
+            "from provenance_guard import core; core.__all__;"
+            "bad = [m for m in ('torch', 'faiss', 'open_clip', 'pyarrow', 'numpy') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_check_exit_codes_and_table(built_bundle, outputs, capsys):
+    folder, made = outputs
+    unrelated = [str(folder / n) for n, what in made.items() if what == "unrelated photo"]
+    assert cli(["check", *unrelated, "--index", str(built_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "warn >= 0.985, block >= 0.995 (exact cosine)" in out
+    assert cli(["check", str(folder), "--index", str(built_bundle)]) == 1
+    out = capsys.readouterr().out
+    assert "chelsea_copy.png  BLOCK  max 1.0000" in out and "chelsea.png" in out
+    assert "8 image(s): 3 reached 'block', 0 could not be checked" in out
+    # --fail-on warn with a low warn threshold flags the unrelated images too.
+    assert cli(["check", *unrelated, "--index", str(built_bundle), "--warn", "0.1", "--fail-on", "warn"]) == 1
+
+
+def test_check_json_lines_follow_schema(built_bundle, outputs, capsys):
+    import jsonschema
+
+    schema = json.loads((ROOT / "core/schema/check-result.v1.json").read_text())
+    folder, made = outputs
+    assert cli(["check", str(folder), "--index", str(built_bundle), "--json", "--top-k", "2"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(made)
+    for line in lines:
+        data = json.loads(line)
+        jsonschema.validate(data, schema)
+        assert len(data["matches"]) == 2 and Path(data["image"]["source"]).name in made
+
+
+def test_unreadable_image_exit_3(built_bundle, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    good = tmp_path / "good.png"
+    sample_image("coins").save(good)
+    assert cli(["check", str(good), str(bad), "--index", str(built_bundle)]) == 3
+    out = capsys.readouterr().out
+    assert "UNCHECKED" in out and "1 could not be checked" in out
+    assert cli(["check", str(bad), "--index", str(built_bundle), "--fail-mode", "closed"]) == 3
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["check", "nope.png", "--index", "x"], "nope.png: no such file"),
+    (["check", "{img}", "--index", "{tmp}/missing"], "does not exist or is not a folder"),
+    (["check", "{img}", "--index", "{bundle}", "--warn", "2"], None),
+    (["check", "{img}", "--index", "{bundle}", "--warn", "0.9", "--block", "0.5"], "above block"),
+    (["check", "{img}", "--index", "{bundle}", "--model", "ViT-B"], "no weights"),
+    (["index", "build", "--images", "{tmp}/none", "--out", "{tmp}/b"], "no such folder"),
+])
+def test_usage_and_config_errors_exit_2(argv, words, built_bundle, tmp_path, capsys):
+    img = tmp_path / "i.png"
+    sample_image("coins").save(img)
+    argv = [a.format(img=img, tmp=tmp_path, bundle=built_bundle) for a in argv]
+    with pytest.raises(SystemExit) if words is None else _nullcontext() as raised:
+        code = cli(argv)
+    if words is None:
+        assert raised.value.code == 2
+    else:
+        assert code == 2 and words in capsys.readouterr().err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_check_writes_records_with_generation_params(built_bundle, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_TEXT)
+    path = tmp_path / "00001-1234567890.png"
+    sample_image("rocket").convert("RGB").save(path, pnginfo=info)
+    assert cli(["check", str(path), "--index", str(built_bundle), "--write-record", "both"]) == 1
+    rec = read_record(path)
+    assert rec.verdict == "block" and rec.matches[0].url == "rocket.png"
+    assert rec.generation.seed == 1234567890 and rec.generation.prompt.startswith("masterpiece")
+    assert rec.image["source"] == str(path)
+    assert (tmp_path / "00001-1234567890.png.provenance.json").is_file()
+
+
+def test_build_reports_skipped_files(tiny_model, tmp_path, capsys):
+    src = tmp_path / "imgs" / "nested"
+    src.mkdir(parents=True)
+    sample_image("coins").save(src / "a.png")
+    sample_image("moon").save(src / "b.webp")
+    (src / "broken.jpg").write_bytes(b"nope")
+    (src / "notes.md").write_text("ignored")
+    assert cli(["index", "build", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "b"),
+                "--model", tiny_model, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows" in out and "skipped" in out and "broken.jpg" in out
+    assert json.loads((tmp_path / "b/manifest.json").read_text())["build"]["skipped"]
+
+
+def test_terminal_safe_strips_control_characters():
+    assert terminal_safe("a\x1b[31mred\x07\nb") == "a [31mred b"
+    assert terminal_safe("x" * 100, 10) == "x" * 9 + "…"
+
+
+def test_demo_runs_the_main_job(tmp_path):
+    """The README's first command: exit 0 means copies were blocked and unrelated photos passed."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "provenance_guard", "demo", "--out", str(tmp_path / "d"),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "as expected" in proc.stdout and "BLOCK" in proc.stdout and "PASS" in proc.stdout
+    assert read_record(tmp_path / "d/outputs/astronaut_jpeg70.jpg").verdict == "block"
