@@ -15,9 +15,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     # The public API (Checker, Bundle, ...) resolves from core on first use, so importing stays cheap.
+    # Dunder lookups (__path__, ...) must fail plainly: a test runner may import this file as a module.
     import importlib
 
-    core = importlib.import_module(".core", __name__)
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        core = importlib.import_module(".core", __name__)
+    except ImportError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     if name in core.__all__:
         return getattr(core, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
