@@ -79,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="build, inspect and verify bundles")
     isub = ix.add_subparsers(dest="index_command", required=True)
-    b = isub.add_parser("build", help="build a bundle")
-    b.add_argument("--images", required=True, help="folder of reference images (recursive)")
+    b = isub.add_parser("build", help="build a bundle from a folder of images or from LAION-layout embeddings")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of reference images (recursive): an exact bundle")
+    src.add_argument("--embeddings", help="folder or fsspec URL holding img_emb/ and metadata/ (LAION layout)")
     b.add_argument("--out", required=True, help="bundle folder to create")
-    b.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip model spec (default {DEFAULT_MODEL})")
+    b.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"open_clip model spec that made (--embeddings) or makes (--images) the vectors "
+                        f"(default {DEFAULT_MODEL}); checks refuse any other model")
     b.add_argument("--device", default="auto")
     b.add_argument("--id", dest="bundle_id", help="bundle id (default: the folder name)")
     b.add_argument("--bundle-version", help="bundle version (default: the build time, UTC)")
@@ -92,6 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     b.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--max-memory", default="4G", help="memory budget for the index and the build (--embeddings)")
+    b.add_argument("--index-key", help="FAISS factory string instead of the automatic choice (--embeddings)")
+    b.add_argument("--rerank", choices=("float16", "int8", "none"), default="float16",
+                   help="re-rank vectors stored for exact scores (--embeddings; default float16)")
+    b.add_argument("--max-rerank-memory", help="budget for re-rank vectors: float16, else int8, else none")
+    b.add_argument("--target-recall", type=_float01, default=0.99,
+                   help="near-duplicate recall@1 to tune nprobe for (--embeddings; default 0.99)")
+    b.add_argument("--target-latency-ms", type=float, help="or: the largest nprobe within this median latency")
+    b.add_argument("--ray-address", help="spread the work over Ray: local, auto or ray://head:10001")
+
+    e = isub.add_parser("embed", help="embed images (webdataset tars or folders) into LAION-layout shards")
+    e.add_argument("inputs", nargs="+", help="img2dataset .tar shards, folders of them, or folders of images")
+    e.add_argument("--out", required=True, help="folder to write img_emb/ and metadata/ into (resumable)")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
+    e.add_argument("--shard-size", type=_positive, default=10_000, help="images per shard for folder inputs")
+    e.add_argument("--ray-address", help="embed with Ray Data actors: local, auto or ray://head:10001")
+    e.add_argument("--no-progress", action="store_true")
+
+    r = isub.add_parser("remove", help="take rows out of a bundle (opt-outs, takedowns) without a rebuild")
+    r.add_argument("bundle")
+    rsrc = r.add_mutually_exclusive_group(required=True)
+    rsrc.add_argument("--ids", help="file of row ids, one per line")
+    rsrc.add_argument("--urls", help="file of urls, one per line")
+    rsrc.add_argument("--hashes", help="file of hashes, one per line (matched against hash/sha256/md5 columns)")
+    r.add_argument("--reason", default="", help="recorded in the manifest's history")
+
+    a = isub.add_parser("append", help="add rows from new embedding shards, reusing the trained quantizer")
+    a.add_argument("bundle")
+    a.add_argument("--embeddings", required=True, help="LAION-layout folder of the new rows (same model)")
+    a.add_argument("--model", help="the model that made them (refused unless it is the bundle's)")
+
+    mg = isub.add_parser("merge", help="join two bundles built separately into a new one")
+    mg.add_argument("a")
+    mg.add_argument("b")
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--overwrite", action="store_true")
+
     i = isub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest")
@@ -114,17 +157,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             return run_demo(Path(args.out), model=args.model, device=args.device)
-        if args.index_command == "build":
-            return cmd_build(args)
-        if args.index_command == "info":
-            return cmd_info(args)
-        return cmd_verify(args)
+        return {"build": cmd_build, "info": cmd_info, "verify": cmd_verify, "embed": cmd_embed,
+                "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge}[args.index_command](args)
     except ProvenanceError as exc:
         print(f"provenance-guard: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("provenance-guard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def collect_images(inputs: Sequence[str], recursive: bool) -> list[Path]:
@@ -210,6 +255,21 @@ def _print_result(path: Path, result, show: int) -> None:
 
 
 def cmd_build(args) -> int:
+    if args.embeddings:
+        from .index_builder.build import BuildOptions, build_from_embeddings
+        from .index_builder.choose import parse_size
+
+        opts = BuildOptions(
+            model=args.model, max_memory=parse_size(args.max_memory), index_key=args.index_key,
+            rerank=None if args.rerank == "none" else args.rerank,
+            max_rerank_memory=parse_size(args.max_rerank_memory) if args.max_rerank_memory else None,
+            target_recall=args.target_recall, target_latency_ms=args.target_latency_ms, bundle_id=args.bundle_id,
+            bundle_version=args.bundle_version, description=args.description, warn=args.warn, block=args.block,
+            overwrite=args.overwrite, ray_address=args.ray_address, progress=not args.no_progress)
+        report = build_from_embeddings(args.embeddings, args.out, opts)
+        for line in report.lines():
+            print(line)
+        return EXIT_OK
     from .index_builder.images import build_from_images
 
     report = build_from_images(args.images, args.out, args.model, device=args.device, batch_size=args.batch_size,
@@ -219,6 +279,60 @@ def cmd_build(args) -> int:
     print(f"built {report.out}: {report.rows} rows in {report.seconds:.1f} s")
     for s in report.skipped:
         print(f"  skipped: {terminal_safe(s)}")
+    return EXIT_OK
+
+
+def cmd_embed(args) -> int:
+    from .index_builder.embed_images import embed_to_shards
+
+    report = embed_to_shards(args.inputs, args.out, args.model, device=args.device, batch_size=args.batch_size,
+                             shard_size=args.shard_size, ray_address=args.ray_address, progress=not args.no_progress)
+    print(f"wrote {report.shards} shards ({report.rows:,} rows) to {report.out}"
+          + (f"; {report.resumed} were already done" if report.resumed else ""))
+    for s in report.skipped:
+        print(f"  skipped: {terminal_safe(s)}")
+    print(f"next: provenance-guard index build --embeddings {report.out} --model {args.model} --out BUNDLE")
+    return EXIT_OK
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def cmd_remove(args) -> int:
+    from .index_builder.maintain import remove_rows
+
+    if args.ids:
+        try:
+            ids = [int(x) for x in _lines(args.ids)]
+        except ValueError as exc:
+            raise ConfigError(f"{args.ids}: every line must be a row id (a whole number): {exc}") from exc
+        report = remove_rows(args.bundle, ids=ids, reason=args.reason)
+    elif args.urls:
+        report = remove_rows(args.bundle, urls=_lines(args.urls), reason=args.reason)
+    else:
+        report = remove_rows(args.bundle, hashes=_lines(args.hashes), reason=args.reason)
+    print(f"removed {report.changed} rows from {report.out}: version {report.version}, {report.rows:,} rows remain"
+          + (f"; {report.note}" if report.note else ""))
+    return EXIT_OK
+
+
+def cmd_append(args) -> int:
+    from .index_builder.maintain import append_rows
+
+    report = append_rows(args.bundle, args.embeddings, args.model)
+    print(f"appended {report.changed:,} rows to {report.out}: version {report.version}, {report.rows:,} rows")
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from .index_builder.maintain import merge_bundles
+
+    report = merge_bundles(args.a, args.b, args.out, overwrite=args.overwrite)
+    print(f"merged into {report.out}: {report.rows:,} rows, version {report.version} ({report.note})")
     return EXIT_OK
 
 

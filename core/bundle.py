@@ -4,15 +4,18 @@ A bundle is a folder::
 
     manifest.json      what the bundle is (see Manifest); written last, so a folder without it is no bundle
     index.faiss        the FAISS index over the rows (inner product on unit vectors = cosine)
-    index.ivfdata      inverted lists of a large IVF index, kept on disk (optional)
+    index.ivfdata      inverted lists of a large IVF index, kept on disk and memory-mapped (optional)
+    trained.index      the trained, empty index, so rows can be appended without retraining (IVF bundles)
     metadata.arrow     Arrow IPC file, one row per vector: url, caption and every column the source had,
                        in record batches of ``metadata.batch_rows`` rows so row i is found in O(1)
-    vectors.f16.npy    the unit vectors as float16 for exact re-ranking (optional: without it scores are
-                       the index's approximations and every result says so)
+    vectors.f16.npy    the unit vectors as float16 for exact re-ranking, or vectors.i8.npy + vectors.scale.npy
+                       (int8 codes with one scale per row); optional: without them scores are the index's
+                       approximations and every result says so
+    removed.npy        sorted row ids taken out (opt-outs, takedowns); FAISS never returns them (optional)
 
 Opening costs O(1) in the bundle's size: the manifest is read, files are checked against their recorded
 sizes, and index, metadata and vectors are memory-mapped read-only. Row ids are positions (0-based) in the
-order rows were added.
+order rows were added; removal keeps positions, so ids stay stable across versions.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ import json
 import os
 import shutil
 import struct
+import sys
+import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
@@ -42,6 +48,11 @@ INDEX_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"
 METADATA_FILE = "metadata.arrow"
 VECTORS_FILE = "vectors.f16.npy"
+VECTORS_I8_FILE = "vectors.i8.npy"
+SCALES_FILE = "vectors.scale.npy"
+TRAINED_FILE = "trained.index"
+REMOVED_FILE = "removed.npy"
+RERANK_DTYPES = ("float16", "int8")
 
 # Column names of the producers in the field (LAION release, clip-retrieval, LAION-400M, img2dataset),
 # mapped onto the two every surface shows; all other columns are kept under their own names.
@@ -71,11 +82,15 @@ class Manifest:
     index_factory: str = "Flat"
     index_file: str = INDEX_FILE
     ivfdata_file: Optional[str] = None
+    trained_file: Optional[str] = None
     search_params: dict[str, Any] = field(default_factory=dict)
     rerank_file: Optional[str] = VECTORS_FILE
     rerank_dtype: str = "float16"
+    rerank_scale_file: Optional[str] = None
     metadata_file: str = METADATA_FILE
     metadata_batch_rows: int = METADATA_BATCH_ROWS
+    removed_file: Optional[str] = None
+    removed_count: int = 0
     warn: float = DEFAULT_WARN
     block: float = DEFAULT_BLOCK
     description: str = ""
@@ -95,6 +110,11 @@ class Manifest:
         """True when reported scores are exact cosines: a flat index, or stored vectors to re-rank with."""
         return self.flat or self.rerank_file is not None
 
+    def data_files(self) -> list[str]:
+        """Every file of the bundle but the manifest."""
+        return [f for f in (self.index_file, self.ivfdata_file, self.trained_file, self.metadata_file,
+                            self.rerank_file, self.rerank_scale_file, self.removed_file) if f]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -104,10 +124,11 @@ class Manifest:
             "metric": self.metric,
             "count": self.count,
             "index": {"factory": self.index_factory, "file": self.index_file, "ivfdata": self.ivfdata_file,
-                      "search_params": self.search_params},
+                      "trained": self.trained_file, "search_params": self.search_params},
             "rerank": {"file": self.rerank_file, "dtype": self.rerank_dtype if self.rerank_file else None,
-                       "scores": "exact" if self.exact else "approximate"},
+                       "scale_file": self.rerank_scale_file, "scores": "exact" if self.exact else "approximate"},
             "metadata": {"file": self.metadata_file, "batch_rows": self.metadata_batch_rows},
+            "removed": {"file": self.removed_file, "count": self.removed_count},
             "thresholds": {"warn": self.warn, "block": self.block},
             "build": self.build,
             "files": self.files,
@@ -126,6 +147,7 @@ class Manifest:
             )
         try:
             rerank = data.get("rerank") or {}
+            removed = data.get("removed") or {}
             return cls(
                 bundle_id=str(data["bundle"]["id"]),
                 bundle_version=str(data["bundle"]["version"]),
@@ -138,11 +160,15 @@ class Manifest:
                 index_factory=str(data["index"]["factory"]),
                 index_file=str(data["index"]["file"]),
                 ivfdata_file=data["index"].get("ivfdata"),
+                trained_file=data["index"].get("trained"),
                 search_params=dict(data["index"].get("search_params") or {}),
                 rerank_file=rerank.get("file"),
-                rerank_dtype=str(rerank.get("dtype", "float16")),
+                rerank_dtype=str(rerank.get("dtype") or "float16"),
+                rerank_scale_file=rerank.get("scale_file"),
                 metadata_file=str(data["metadata"]["file"]),
                 metadata_batch_rows=int(data["metadata"]["batch_rows"]),
+                removed_file=removed.get("file"),
+                removed_count=int(removed.get("count") or 0),
                 warn=float(data["thresholds"]["warn"]),
                 block=float(data["thresholds"]["block"]),
                 build=dict(data.get("build") or {}),
@@ -169,6 +195,30 @@ def read_manifest(path: Union[str, Path]) -> Manifest:
     return Manifest.from_json(data, str(mpath))
 
 
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet_stdout():
+    """Silence C-level writes to stdout (faiss printf()s while opening and merging on-disk inverted lists),
+    which would otherwise corrupt `check --json` output or a host's console."""
+    with _STDOUT_LOCK:
+        sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a descriptor
+            yield
+            return
+        saved = os.dup(fd)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), fd)
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,17 +227,61 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def search_parameters(index, params: dict[str, Any], removed: Optional["np.ndarray"] = None):
+    """A faiss SearchParameters tree for index: the bundle's nprobe/efSearch and, when rows were removed, a
+    selector that keeps them out of every result. Returns (params or None, objects to keep alive)."""
+    import faiss
+
+    keep: list[Any] = []
+    sel = None
+    if removed is not None and len(removed):
+        batch = faiss.IDSelectorBatch(removed.astype("int64"))
+        sel = faiss.IDSelectorNot(batch)
+        keep += [batch, sel]
+
+    def build(idx):
+        idx = faiss.downcast_index(idx)
+        if isinstance(idx, faiss.IndexPreTransform):
+            inner = build(idx.index)
+            p = faiss.SearchParametersPreTransform()
+            p.index_params = inner
+        elif isinstance(idx, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = int(params.get("nprobe", idx.nprobe))
+            quantizer = faiss.downcast_index(idx.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                qp = faiss.SearchParametersHNSW()
+                qp.efSearch = int(params.get("quantizer_efSearch", quantizer.hnsw.efSearch))
+                p.quantizer_params = qp
+                keep.append(qp)
+        elif isinstance(idx, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = int(params.get("efSearch", idx.hnsw.efSearch))
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        keep.append(p)
+        return p
+
+    return build(index), keep
+
+
 class Bundle:
     """An opened, validated bundle: memory-mapped index, metadata and re-rank vectors (read-only).
 
     Searching and reading rows are safe from many threads at once.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, index, vectors, metadata_reader):
+    def __init__(self, path: Path, manifest: Manifest, index, vectors, scales, metadata_reader,
+                 removed: "np.ndarray"):
         self.path = path
         self.manifest = manifest
         self.index = index
         self.vectors = vectors
+        self.scales = scales
+        self.removed = removed
+        self.params, self._keep = search_parameters(index, manifest.search_params, removed)
         self._metadata = metadata_reader
         self._batches: dict[int, Any] = {}
 
@@ -210,7 +304,12 @@ class Bundle:
 
     @property
     def count(self) -> int:
+        """Row positions, removed rows included (ids stay stable)."""
         return self.manifest.count
+
+    @property
+    def live_count(self) -> int:
+        return self.manifest.count - len(self.removed)
 
     @property
     def exact(self) -> bool:
@@ -227,14 +326,14 @@ class Bundle:
         manifest = read_manifest(path)
         cls._check_files(path, manifest)
         index = cls._open_index(path, manifest)
-        vectors = cls._open_vectors(path, manifest)
+        vectors, scales = cls._open_vectors(path, manifest)
         reader = cls._open_metadata(path, manifest)
-        return cls(path, manifest, index, vectors, reader)
+        removed = cls._open_removed(path, manifest)
+        return cls(path, manifest, index, vectors, scales, reader, removed)
 
     @staticmethod
     def _check_files(path: Path, m: Manifest) -> None:
-        needed = [m.index_file, m.metadata_file] + [f for f in (m.ivfdata_file, m.rerank_file) if f]
-        for name in needed:
+        for name in m.data_files():
             if name not in m.files:
                 raise ManifestError(f"{path / MANIFEST}: file {name} is used but not listed under \"files\"; "
                                     f"rebuild the bundle")
@@ -258,7 +357,8 @@ class Bundle:
         flags = faiss.IO_FLAG_READ_ONLY
         flags |= faiss.IO_FLAG_ONDISK_SAME_DIR if m.ivfdata_file else faiss.IO_FLAG_MMAP_IFC
         try:
-            index = faiss.read_index(str(fpath), flags)
+            with quiet_stdout():
+                index = faiss.read_index(str(fpath), flags)
         except RuntimeError as exc:
             raise IndexCorruptError(
                 f"{fpath} is not a readable FAISS index ({str(exc).splitlines()[0][:160]}); the file is truncated "
@@ -288,21 +388,30 @@ class Bundle:
         import numpy as np
 
         if not m.rerank_file:
-            return None
-        fpath = path / m.rerank_file
-        try:
-            vectors = np.load(fpath, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            raise BundleFileError(f"{fpath} is not a readable .npy file ({exc}); rebuild the bundle") from exc
-        if vectors.ndim != 2 or vectors.shape[1] != m.dim:
-            raise DimensionMismatchError(
-                f"{fpath} holds vectors of shape {vectors.shape} but the manifest says {m.dim}-d; rebuild the bundle"
-            )
-        if vectors.shape[0] != m.count:
-            raise RowCountMismatchError(
-                f"{fpath} holds {vectors.shape[0]:,} vectors but the manifest says {m.count:,} rows; rebuild the bundle"
-            )
-        return vectors
+            return None, None
+        if m.rerank_dtype not in RERANK_DTYPES:
+            raise ManifestError(f"{path / MANIFEST}: re-rank dtype {m.rerank_dtype!r} is unknown; rebuild the bundle")
+        arrays = []
+        for name, ndim in ((m.rerank_file, 2), (m.rerank_scale_file, 1)):
+            if name is None:
+                arrays.append(None)
+                continue
+            fpath = path / name
+            try:
+                arr = np.load(fpath, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise BundleFileError(f"{fpath} is not a readable .npy file ({exc}); rebuild the bundle") from exc
+            if arr.ndim != ndim or (ndim == 2 and arr.shape[1] != m.dim):
+                raise DimensionMismatchError(
+                    f"{fpath} holds an array of shape {arr.shape} but the manifest says {m.dim}-d vectors; "
+                    f"rebuild the bundle")
+            if arr.shape[0] != m.count:
+                raise RowCountMismatchError(
+                    f"{fpath} holds {arr.shape[0]:,} rows but the manifest says {m.count:,}; rebuild the bundle")
+            arrays.append(arr)
+        if m.rerank_dtype == "int8" and arrays[1] is None:
+            raise ManifestError(f"{path / MANIFEST}: int8 re-rank vectors need their scale file; rebuild the bundle")
+        return arrays[0], arrays[1]
 
     @staticmethod
     def _open_metadata(path: Path, m: Manifest):
@@ -323,16 +432,41 @@ class Bundle:
             )
         return reader
 
+    @staticmethod
+    def _open_removed(path: Path, m: Manifest) -> "np.ndarray":
+        import numpy as np
+
+        if not m.removed_file:
+            return np.zeros(0, dtype=np.int64)
+        removed = np.load(path / m.removed_file)
+        if removed.ndim != 1 or len(removed) != m.removed_count:
+            raise RowCountMismatchError(f"{path / m.removed_file} holds {removed.shape} ids but the manifest says "
+                                        f"{m.removed_count} removed rows; rebuild the bundle")
+        return removed.astype(np.int64)
+
     # reading ------------------------------------------------------------------------------------------
+    def is_removed(self, ids) -> "np.ndarray":
+        import numpy as np
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.removed):
+            return np.zeros(ids.shape, dtype=bool)
+        pos = np.searchsorted(self.removed, ids).clip(0, len(self.removed) - 1)
+        return self.removed[pos] == ids
+
     def rows(self, ids: Iterable[int]) -> list[dict[str, Any]]:
-        """Metadata of the given row ids, each a dict of every column."""
+        """Metadata of the given row ids, each a dict of every column; a removed row gives {"removed": True}."""
+        ids = [int(i) for i in ids]
+        gone = self.is_removed(ids) if len(self.removed) else [False] * len(ids)
         out = []
         size = self.manifest.metadata_batch_rows
         names = self._metadata.schema.names
-        for i in ids:
-            i = int(i)
+        for i, removed in zip(ids, gone):
             if not 0 <= i < self.count:
                 raise IndexError(f"row {i} is outside bundle {self.id} (0..{self.count - 1})")
+            if removed:
+                out.append({"removed": True})
+                continue
             batch, j = self._batch(i // size), i % size
             out.append({name: batch.column(c)[j].as_py() for c, name in enumerate(names)})
         return out
@@ -344,6 +478,11 @@ class Bundle:
             batch = self._batches[n] = self._metadata.get_batch(n)
         return batch
 
+    def metadata_batches(self):
+        """Every metadata record batch in row order (for rewriting a bundle)."""
+        for n in range(self._metadata.num_record_batches):
+            yield self._metadata.get_batch(n)
+
     @property
     def columns(self) -> list[str]:
         return list(self._metadata.schema.names)
@@ -353,12 +492,14 @@ class Bundle:
         import numpy as np
 
         if self.vectors is None:
-            raise BundleError(f"bundle {self.id} stores no re-rank vectors")
+            raise BundleError(f"bundle {self.id} stores no re-rank vectors; rebuild it with re-rank vectors")
         ids = np.asarray(ids, dtype=np.int64)
-        order = np.argsort(ids)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        out[order] = self.vectors[ids[order]]
-        return out
+        if len(ids) > 4096:  # large gathers read the file in order
+            order = np.argsort(ids)
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+            out[order] = decode_rerank(self.vectors[ids[order]], None if self.scales is None else self.scales[ids[order]])
+            return out
+        return decode_rerank(self.vectors[ids], None if self.scales is None else self.scales[ids])
 
     def verify(self) -> list[str]:
         """Recompute every file's sha256; returns the problems found (empty when the bundle is intact)."""
@@ -378,7 +519,82 @@ class Bundle:
                 sorted(self.manifest.files.items())]
 
 
-# writing ----------------------------------------------------------------------------------------------
+# re-rank vectors -----------------------------------------------------------------------------------------
+
+def rerank_file_names(dtype: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(vectors file, scale file) for a re-rank dtype (float16, int8, or None for no vectors)."""
+    if dtype is None:
+        return None, None
+    if dtype == "float16":
+        return VECTORS_FILE, None
+    if dtype == "int8":
+        return VECTORS_I8_FILE, SCALES_FILE
+    raise ConfigError(f"re-rank vectors {dtype!r}: give float16, int8 or none")
+
+
+def encode_rerank(vectors: "np.ndarray", dtype: str) -> tuple["np.ndarray", Optional["np.ndarray"]]:
+    """Unit float32 rows -> (codes, per-row scales or None). int8 keeps one float32 scale per row
+    (max |x| / 127), so a row's cosine with itself stays >= 0.999."""
+    import numpy as np
+
+    if dtype == "float16":
+        return vectors.astype("<f2"), None
+    scale = np.abs(vectors).max(axis=1) / 127.0
+    scale = np.maximum(scale, 1e-12).astype("<f4")
+    codes = np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype("i1")
+    return codes, scale
+
+
+def decode_rerank(codes: "np.ndarray", scales: Optional["np.ndarray"]) -> "np.ndarray":
+    import numpy as np
+    import torch
+
+    if scales is None:
+        # numpy widens float16 element by element (~40 us per 30k values); torch uses F16C, ~15x faster.
+        return torch.from_numpy(np.ascontiguousarray(codes)).float().numpy()
+    return codes.astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+
+
+def _npy_header(rows: int, dim: Optional[int], dtype: str, length: int = 128) -> bytes:
+    """A .npy v1 header of a fixed length, so it can be rewritten in place once the row count is known."""
+    shape = (rows, dim) if dim is not None else (rows,)
+    body = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode("latin1")
+    pad = length - 10 - len(body) - 1
+    if pad < 0:
+        raise ValueError("npy header too long")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + body + b" " * pad + b"\n"
+
+
+class RerankAppender:
+    """Streams re-rank vectors into .npy files whose headers are fixed up on close."""
+
+    def __init__(self, folder: Path, dim: int, dtype: str):
+        self.dim, self.dtype, self.rows = dim, dtype, 0
+        self.vec_name, self.scale_name = rerank_file_names(dtype)
+        self._descr = "<f2" if dtype == "float16" else "|i1"
+        self._vec = open(folder / self.vec_name, "wb")
+        self._vec.write(_npy_header(0, dim, self._descr))
+        self._scale = open(folder / self.scale_name, "wb") if self.scale_name else None
+        if self._scale:
+            self._scale.write(_npy_header(0, None, "<f4"))
+
+    def add(self, vectors: "np.ndarray") -> None:
+        codes, scales = encode_rerank(vectors, self.dtype)
+        self._vec.write(codes.tobytes())
+        if self._scale is not None:
+            self._scale.write(scales.tobytes())
+        self.rows += len(vectors)
+
+    def close(self) -> None:
+        for handle, dim, descr in ((self._vec, self.dim, self._descr), (self._scale, None, "<f4")):
+            if handle is None or handle.closed:
+                continue
+            handle.seek(0)
+            handle.write(_npy_header(self.rows, dim, descr))
+            handle.close()
+
+
+# metadata --------------------------------------------------------------------------------------------------
 
 def normalize_metadata(table: "pa.Table") -> "pa.Table":
     """Rename the producer's url/caption columns to ``url``/``caption`` (strings); keep every other column."""
@@ -403,14 +619,86 @@ def normalize_metadata(table: "pa.Table") -> "pa.Table":
     return table.select(order)
 
 
-def _npy_header(rows: int, dim: int, dtype: str = "<f2", length: int = 128) -> bytes:
-    """A .npy v1 header of a fixed length, so it can be rewritten in place once the row count is known."""
-    body = repr({"descr": dtype, "fortran_order": False, "shape": (rows, dim)}).encode("latin1")
-    pad = length - 10 - len(body) - 1
-    if pad < 0:
-        raise ValueError("npy header too long")
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + body + b" " * pad + b"\n"
+class MetadataWriter:
+    """Writes metadata rows to an Arrow IPC file in record batches of exactly ``batch_rows`` rows (the last
+    may be shorter), under the schema of the first rows; later rows are conformed to it."""
 
+    def __init__(self, path: Path, batch_rows: int = METADATA_BATCH_ROWS, schema: Optional["pa.Schema"] = None):
+        self.path, self.batch_rows = path, batch_rows
+        self.rows = 0
+        self._schema = schema
+        self._writer = None
+        self._sink = None
+        self._pending: list["pa.Table"] = []
+        self._pending_rows = 0
+
+    def write(self, table: Union["pa.Table", list[dict[str, Any]]]) -> None:
+        import pyarrow as pa
+
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table))
+        table = normalize_metadata(table)
+        if self._schema is None:
+            self._schema = table.schema
+        else:
+            table = self._conform(table)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= self.batch_rows:
+            merged = pa.concat_tables(self._pending)
+            self._flush(merged.slice(0, self.batch_rows))
+            rest = merged.slice(self.batch_rows)
+            self._pending, self._pending_rows = [rest], rest.num_rows
+
+    def _conform(self, table: "pa.Table") -> "pa.Table":
+        import pyarrow as pa
+
+        extra = [n for n in table.column_names if n not in self._schema.names]
+        if extra:
+            raise ConfigError(f"metadata columns {extra} appeared after the first rows; every shard must have "
+                              f"the columns of the first ({self._schema.names})")
+        cols = []
+        for f in self._schema:
+            if f.name in table.column_names:
+                col = table.column(f.name)
+                cols.append(col if col.type == f.type else col.cast(f.type, safe=False))
+            else:
+                cols.append(pa.nulls(table.num_rows, f.type))
+        return pa.Table.from_arrays(cols, schema=self._schema)
+
+    def _flush(self, table: "pa.Table") -> None:
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._writer = ipc.new_file(self._sink, self._schema)
+        for batch in table.combine_chunks().to_batches(max_chunksize=self.batch_rows):
+            self._writer.write_batch(batch)
+
+    def close(self) -> int:
+        import pyarrow as pa
+
+        if self._schema is None:
+            self._schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
+        if self._pending_rows or self._writer is None:
+            self._flush(pa.concat_tables(self._pending) if self._pending else self._schema.empty_table())
+            self._pending, self._pending_rows = [], 0
+        self._writer.close()
+        self._sink.close()
+        return self.rows
+
+    def abort(self) -> None:
+        for handle in (self._writer, self._sink):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # noqa: BLE001 - closing half-written files on the way out
+                pass
+
+
+# the writer --------------------------------------------------------------------------------------------------
 
 class BundleWriter:
     """Streams rows into a new bundle in a private temporary folder and publishes it with a rename.
@@ -423,33 +711,27 @@ class BundleWriter:
 
     def __init__(self, out: Union[str, Path], *, model: str, dim: int, bundle_id: Optional[str] = None,
                  bundle_version: Optional[str] = None, description: str = "", warn: float = DEFAULT_WARN,
-                 block: float = DEFAULT_BLOCK, rerank: bool = True, overwrite: bool = False,
-                 work_dir: Optional[Union[str, Path]] = None):
+                 block: float = DEFAULT_BLOCK, rerank: Optional[str] = "float16", overwrite: bool = False):
         from .policy import validate_thresholds
 
         validate_thresholds(warn, block)
+        rerank_file_names(rerank)
         self.out = Path(out).expanduser()
         if self.out.exists() and not overwrite:
             raise ConfigError(f"{self.out} already exists; pass --overwrite to replace it (the old bundle keeps "
                               f"serving until the new one is complete)")
-        self.model = model
         self.dim = int(dim)
-        self.bundle_id = bundle_id or self.out.name
-        self.bundle_version = bundle_version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.description = description
-        self.warn, self.block = warn, block
-        self.rerank = rerank
+        self.manifest = Manifest(
+            bundle_id=bundle_id or self.out.name,
+            bundle_version=bundle_version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+            description=description, model=model, dim=self.dim, count=0, warn=warn, block=block,
+            rerank_file=None, rerank_dtype=rerank or "float16",
+        )
         self.count = 0
-        self.tmp = Path(work_dir) if work_dir else self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True, exist_ok=bool(work_dir))
-        self._vec = open(self.tmp / VECTORS_FILE, "wb") if rerank else None
-        if self._vec:
-            self._vec.write(_npy_header(0, self.dim))
-        self._meta_writer = None
-        self._meta_sink = None
-        self._schema = None
-        self._pending: list["pa.Table"] = []
-        self._pending_rows = 0
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        self._rerank = RerankAppender(self.tmp, self.dim, rerank) if rerank else None
+        self._meta = MetadataWriter(self.tmp / METADATA_FILE)
         self._flat = None
         self._build_flat = True
 
@@ -473,17 +755,16 @@ class BundleWriter:
         if table.num_rows != len(vectors):
             raise RowCountMismatchError(f"{len(vectors)} vectors came with {table.num_rows} metadata rows; "
                                         f"every vector needs exactly one metadata row")
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
-        if self._vec:
-            self._vec.write(vectors.astype("<f2").tobytes())
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        if self._rerank:
+            self._rerank.add(vectors)
         if self._build_flat:
             import faiss
 
             if self._flat is None:
                 self._flat = faiss.IndexFlatIP(self.dim)
             self._flat.add(vectors)
-        self._add_metadata(normalize_metadata(table))
+        self._meta.write(table)
         self.count += len(vectors)
 
     def no_flat_index(self) -> None:
@@ -491,66 +772,22 @@ class BundleWriter:
         self._build_flat = False
         self._flat = None
 
-    def _add_metadata(self, table: "pa.Table") -> None:
-        import pyarrow as pa
-
-        if self._schema is None:
-            self._schema = table.schema
-        else:
-            table = self._conform(table)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        while self._pending_rows >= METADATA_BATCH_ROWS:
-            merged = pa.concat_tables(self._pending)
-            self._write_batch(merged.slice(0, METADATA_BATCH_ROWS))
-            rest = merged.slice(METADATA_BATCH_ROWS)
-            self._pending, self._pending_rows = [rest], rest.num_rows
-
-    def _conform(self, table: "pa.Table") -> "pa.Table":
-        import pyarrow as pa
-
-        cols = []
-        for f in self._schema:
-            if f.name in table.column_names:
-                col = table.column(f.name)
-                cols.append(col if col.type == f.type else col.cast(f.type, safe=False))
-            else:
-                cols.append(pa.nulls(table.num_rows, f.type))
-        extra = [n for n in table.column_names if n not in self._schema.names]
-        if extra:
-            raise ConfigError(f"metadata columns {extra} appeared after the first rows; every shard must have "
-                              f"the columns of the first ({self._schema.names})")
-        return pa.Table.from_arrays(cols, schema=self._schema)
-
-    def _write_batch(self, table: "pa.Table") -> None:
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
-        if self._meta_writer is None:
-            self._meta_sink = pa.OSFile(str(self.tmp / METADATA_FILE), "wb")
-            self._meta_writer = ipc.new_file(self._meta_sink, self._schema)
-        table = table.combine_chunks()
-        for batch in table.to_batches(max_chunksize=METADATA_BATCH_ROWS):
-            self._meta_writer.write_batch(batch)
-
     def finish(self, index=None, *, factory: str = "Flat", search_params: Optional[dict[str, Any]] = None,
-               ivfdata: Optional[Union[str, Path]] = None, build: Optional[dict[str, Any]] = None) -> Path:
-        """Write index, metadata, vectors and manifest; publish the folder at ``out``; return ``out``."""
+               ivfdata: Optional[Union[str, Path]] = None, trained=None,
+               build: Optional[dict[str, Any]] = None) -> Path:
+        """Write index, metadata, vectors and manifest; publish the folder at ``out``; return ``out``.
+
+        ``ivfdata``: the on-disk inverted lists ``index`` points to (moved into the bundle);
+        ``trained``: the trained empty index, kept so rows can be appended later.
+        """
         import faiss
-        import pyarrow as pa
 
         if self.count == 0:
             self.abort()
             raise ConfigError("no rows were added: the bundle would be empty; check the input folder or shards")
-        if self._pending_rows or self._meta_writer is None:
-            self._write_batch(pa.concat_tables(self._pending) if self._pending else pa.table({}))
-            self._pending, self._pending_rows = [], 0
-        self._meta_writer.close()
-        self._meta_sink.close()
-        if self._vec:
-            self._vec.seek(0)
-            self._vec.write(_npy_header(self.count, self.dim))
-            self._vec.close()
+        self._meta.close()
+        if self._rerank:
+            self._rerank.close()
         if index is None:
             if not self._build_flat:
                 raise ConfigError("finish() needs an index when no_flat_index() was called")
@@ -558,36 +795,48 @@ class BundleWriter:
         if index.d != self.dim or index.ntotal != self.count:
             raise RowCountMismatchError(f"the index holds {index.ntotal} x {index.d}-d vectors but {self.count} x "
                                         f"{self.dim}-d rows were added")
+        m = self.manifest
+        if ivfdata is not None and Path(ivfdata).resolve() != (self.tmp / IVFDATA_FILE).resolve():
+            shutil.move(str(ivfdata), self.tmp / IVFDATA_FILE)
         faiss.write_index(index, str(self.tmp / INDEX_FILE))
+        if trained is not None:
+            faiss.write_index(trained, str(self.tmp / TRAINED_FILE))
         self._flat = None
-        ivf_name = None
-        if ivfdata is not None:
-            ivf_name = IVFDATA_FILE
-            if Path(ivfdata).resolve() != (self.tmp / IVFDATA_FILE).resolve():
-                shutil.move(str(ivfdata), self.tmp / IVFDATA_FILE)
-        manifest = Manifest(
-            bundle_id=self.bundle_id, bundle_version=self.bundle_version, description=self.description,
-            model=self.model, dim=self.dim, count=self.count, index_factory=factory, ivfdata_file=ivf_name,
-            search_params=dict(search_params or {}), rerank_file=VECTORS_FILE if self.rerank else None,
-            warn=self.warn, block=self.block,
-            build={"created": utc_now(), "tool": f"provenance-guard {_tool_version()}", **(build or {})},
-        )
-        for name in [INDEX_FILE, METADATA_FILE] + ([VECTORS_FILE] if self.rerank else []) + (
-                [IVFDATA_FILE] if ivf_name else []):
-            fpath = self.tmp / name
-            manifest.files[name] = {"size": fpath.stat().st_size, "sha256": sha256_file(fpath)}
-        write_manifest(self.tmp, manifest)
+        m.count, m.index_factory, m.search_params = self.count, factory, dict(search_params or {})
+        m.ivfdata_file = IVFDATA_FILE if ivfdata is not None else None
+        m.trained_file = TRAINED_FILE if trained is not None else None
+        if self._rerank:
+            m.rerank_file, m.rerank_scale_file = self._rerank.vec_name, self._rerank.scale_name
+        m.build = {"created": utc_now(), "tool": f"provenance-guard {_tool_version()}", **(build or {})}
+        finalize(self.tmp, m)
         publish(self.tmp, self.out)
         return self.out
 
     def abort(self) -> None:
-        for handle in (self._vec, self._meta_writer, self._meta_sink):
+        self._meta.abort()
+        if self._rerank:
             try:
-                if handle is not None:
-                    handle.close()
+                self._rerank.close()
             except Exception:  # noqa: BLE001 - closing half-written files on the way out
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def finalize(folder: Path, manifest: Manifest, hashed: Optional[dict[str, dict[str, Any]]] = None,
+             hash_files: bool = True) -> None:
+    """Record size and sha256 of every data file of manifest in folder, then write manifest.json durably.
+    ``hashed`` carries entries already known (files copied unchanged from a previous version);
+    ``hash_files=False`` writes sizes only (a provisional manifest, to open a bundle still being built)."""
+    manifest.files = {}
+    for name in manifest.data_files():
+        fpath = folder / name
+        known = (hashed or {}).get(name)
+        if known and known.get("size") == fpath.stat().st_size:
+            manifest.files[name] = dict(known)
+        else:
+            manifest.files[name] = {"size": fpath.stat().st_size,
+                                    "sha256": sha256_file(fpath) if hash_files else None}
+    write_manifest(folder, manifest)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -142,7 +142,7 @@ def test_bundle_without_rerank_vectors_says_approximate(tmp_path):
     index = faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
     index.train(vecs)
     index.add(vecs)
-    with BundleWriter(tmp_path / "a", model="m/t", dim=16, rerank=False) as w:
+    with BundleWriter(tmp_path / "a", model="m/t", dim=16, rerank=None) as w:
         w.no_flat_index()
         w.add(vecs, [{"url": str(i)} for i in range(3000)])
         w.finish(index, factory="IVF8,PQ4x4", search_params={"nprobe": 8})

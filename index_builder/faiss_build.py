@@ -1,0 +1,175 @@
+"""FAISS work of a large build: train on a bounded sample, add rows into per-shard parts, merge the parts
+into on-disk inverted lists, and measure and tune recall against exact search.
+
+Adding into a *copy* of the trained empty index per shard keeps RAM bounded by one shard's codes whatever
+the total, makes every completed shard a checkpoint a killed build resumes from, and is what Ray workers
+do in parallel; ``merge_parts`` then streams all parts into ``index.ivfdata`` (faiss.contrib.ondisk).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+
+def train(factory: str, d: int, sample: "np.ndarray"):
+    """A trained, empty index for factory (inner product), trained on sample (float32 unit rows)."""
+    import faiss
+
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(inner, faiss.IndexIVFPQ):
+        # Polysemous training (a Hamming-order permutation of PQ codes) costs most of the training time and
+        # only serves polysemous search, which is not used.
+        inner.do_polysemous_training = False
+    if not index.is_trained:
+        index.train(sample)
+    return index
+
+
+def add_part(trained_path: Path, vectors: Iterable[tuple[int, "np.ndarray"]], out_path: Path) -> int:
+    """Add (first id, rows) batches to a copy of the trained index; write it to out_path atomically."""
+    import faiss
+    import numpy as np
+
+    index = faiss.read_index(str(trained_path))
+    rows = 0
+    for first, x in vectors:
+        index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
+        rows += len(x)
+    tmp = out_path.with_suffix(".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(out_path)
+    return rows
+
+
+def merge_parts(trained_path: Path, parts: list[Path], folder: Path, ivfdata_name: str, shift_ids: bool = False):
+    """Merge the inverted lists of parts (part indices, or populated bundle indices whose lists are on disk
+    beside them) into folder/ivfdata_name; returns the populated index. As faiss.contrib.ondisk.merge_ondisk,
+    but each input is read with the flags it needs and nothing is loaded whole."""
+    import faiss
+
+    from ..core.bundle import quiet_stdout
+
+    index = faiss.read_index(str(trained_path))
+    target = folder / ivfdata_name
+    if target.exists():
+        target.unlink()  # a merge interrupted earlier
+    sources, lists = [], []
+    with quiet_stdout():
+        for part in parts:
+            # A part's lists are inside it (map them); a published bundle's are on disk beside it (open
+            # those; MMAP together with ONDISK_SAME_DIR crashes faiss 1.15).
+            ondisk = (part.parent / "index.ivfdata").is_file() and part.name == "index.faiss"
+            flags = (faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY) if ondisk else faiss.IO_FLAG_MMAP
+            src = faiss.read_index(str(part), flags)
+            ivf = faiss.extract_index_ivf(src)
+            sources.append(src)
+            lists.append(ivf.invlists)
+        ivf = faiss.extract_index_ivf(index)
+        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(target))
+        vec = faiss.InvertedListsPtrVector()
+        for inv in lists:
+            vec.push_back(inv)
+        ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), shift_ids)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    del sources
+    return index
+
+
+def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]], k: int) -> "np.ndarray":
+    """Ids of the exact top-k inner products of queries over all rows (streamed in (first id, rows) batches)."""
+    import numpy as np
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    best_s = torch.full((len(queries), k), -float("inf"))
+    best_i = torch.full((len(queries), k), -1, dtype=torch.int64)
+    for first, x in batches:
+        s = q @ torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).T
+        ids = torch.arange(first, first + x.shape[0], dtype=torch.int64)
+        kk = min(k, s.shape[1])
+        top_s, top_j = s.topk(kk, dim=1)
+        cat_s = torch.cat([best_s, top_s], 1)
+        cat_i = torch.cat([best_i, ids[top_j]], 1)
+        order = cat_s.topk(k, dim=1).indices
+        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+    return best_i.numpy()
+
+
+@dataclass
+class Recall:
+    nprobe: Optional[int]
+    near_dup_r1: float
+    near_dup_r10: float
+    held_out_r1: float
+    held_out_r10: float
+    latency_ms: float
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _recalls(found: "np.ndarray", truth: "np.ndarray") -> tuple[float, float]:
+    """recall@1 and recall@10 of found against exact truth (-1 pads bundles of fewer than 10 rows)."""
+    r1 = float((found[:, 0] == truth[:, 0]).mean())
+    hits = total = 0
+    for f, t in zip(found, truth):
+        valid = {int(i) for i in t[:10] if i >= 0}
+        hits += len(valid & {int(i) for i in f[:10]})
+        total += len(valid)
+    return r1, hits / max(total, 1)
+
+
+@dataclass
+class Tuning:
+    chosen: Recall
+    tried: list[Recall] = field(default_factory=list)
+    note: str = ""
+
+
+def measure(search: Callable[["np.ndarray"], "np.ndarray"], near: "np.ndarray", near_truth: "np.ndarray",
+            held: "np.ndarray", held_truth: "np.ndarray", nprobe: Optional[int]) -> Recall:
+    """Recall of search (queries -> ids, best first, >= 10 columns) and its median latency per query."""
+    found_near = search(near)
+    found_held = search(held)
+    times = []
+    for i in range(min(50, len(held))):
+        t0 = time.perf_counter()
+        search(held[i:i + 1])
+        times.append(time.perf_counter() - t0)
+    n1, n10 = _recalls(found_near, near_truth)
+    h1, h10 = _recalls(found_held, held_truth)
+    return Recall(nprobe, n1, n10, h1, h10, statistics.median(times) * 1e3)
+
+
+def tune_nprobe(make_search: Callable[[Optional[int]], Callable], nlist: int, near, near_truth, held, held_truth,
+                target_recall: float, target_latency_ms: Optional[float]) -> Tuning:
+    """Smallest nprobe (powers of two) whose near-duplicate recall@1 reaches target_recall, among those whose
+    median latency stays within target_latency_ms when that is given. nlist 0 (no IVF): one measurement."""
+    if not nlist:
+        r = measure(make_search(None), near, near_truth, held, held_truth, None)
+        return Tuning(r, [r], "exhaustive index: nothing to tune")
+    tried: list[Recall] = []
+    nprobe = 1
+    while nprobe <= nlist:
+        r = measure(make_search(nprobe), near, near_truth, held, held_truth, nprobe)
+        if target_latency_ms is not None and r.latency_ms > target_latency_ms and tried:
+            best = tried[-1]
+            return Tuning(best, tried + [r], f"latency target {target_latency_ms} ms stops at nprobe={best.nprobe}; "
+                                             f"near-duplicate recall@1 there is {best.near_dup_r1:.3f}")
+        tried.append(r)
+        if r.near_dup_r1 >= target_recall:
+            return Tuning(r, tried, f"recall target {target_recall} reached at nprobe={nprobe}")
+        nprobe *= 2
+    best = tried[-1]
+    return Tuning(best, tried, f"recall target {target_recall} not reached even scanning every list; "
+                               f"near-duplicate recall@1 is {best.near_dup_r1:.3f}")

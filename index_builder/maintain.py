@@ -1,0 +1,318 @@
+"""Changing a published bundle without rebuilding it: remove rows, append rows, merge two bundles.
+
+Each operation writes a new version of the bundle in a temporary folder beside it and publishes it with a
+rename, so readers see the old version or the new one, never a mix; files that do not change are
+hard-linked, not copied (bundle files are never modified in place). Each is recorded in the manifest's
+build history and bumps the bundle version.
+
+- remove: row ids (or the rows whose url or hash is listed) go into removed.npy; FAISS is given a selector
+  that skips them, so they are never returned, and their metadata reads as {"removed": true}. Ids of the
+  other rows do not change.
+- append: new LAION-layout shards, embedded with the bundle's model, are added with the bundle's trained
+  quantizer (no retraining) after the existing rows.
+- merge: bundle B's rows follow A's; same model required. When both were trained with the same quantizer,
+  their inverted lists are merged; otherwise B's stored vectors are added through A's quantizer.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, Manifest,
+                           MetadataWriter, encode_rerank, finalize, publish, read_manifest, rerank_file_names,
+                           sha256_file, utc_now)
+from ..core.errors import ConfigError, DimensionMismatchError
+from .faiss_build import add_part, merge_parts
+from .shards import iter_vectors, metadata_schema, read_metadata, scan_shards
+
+
+@dataclass
+class ChangeReport:
+    out: Path
+    version: str
+    rows: int
+    changed: int
+    note: str = ""
+
+
+def _new_version() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _stage(bundle_path: Path) -> Path:
+    tmp = bundle_path.parent / f".{bundle_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _history(m: Manifest, entry: dict) -> None:
+    m.build.setdefault("history", []).append({"at": utc_now(), **entry})
+
+
+def _publish_change(tmp: Path, out: Path, manifest: Manifest, old_files: dict) -> None:
+    try:
+        finalize(tmp, manifest, hashed=old_files)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# remove ---------------------------------------------------------------------------------------------------
+
+def ids_for(bundle: Bundle, *, ids: Optional[list[int]] = None, urls: Optional[list[str]] = None,
+            hashes: Optional[list[str]] = None, hash_columns: tuple[str, ...] = ("hash", "sha256", "md5")) -> tuple[
+        list[int], int]:
+    """Row ids named directly, or by url or hash (scanning metadata); returns (ids, how many were not found)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if ids is not None:
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        ok = wanted[(wanted >= 0) & (wanted < bundle.count)]
+        return ok.tolist(), len(wanted) - len(ok)
+    if urls is not None:
+        columns, values = ["url"], urls
+    else:
+        columns = [c for c in hash_columns if c in bundle.columns]
+        if not columns:
+            raise ConfigError(f"bundle {bundle.id} has no hash column ({', '.join(hash_columns)}); its columns are "
+                              f"{bundle.columns}; remove by --ids or --urls instead")
+        values = hashes or []
+    value_set = pa.array(sorted(set(values)), type=pa.string())
+    found_ids, found_values = [], set()
+    offset = 0
+    for batch in bundle.metadata_batches():
+        for col in columns:
+            arr = batch.column(batch.schema.get_field_index(col)).cast(pa.string())
+            mask = pc.is_in(arr, value_set=value_set).to_numpy(zero_copy_only=False)
+            hits = np.nonzero(mask)[0]
+            found_ids.extend((hits + offset).tolist())
+            found_values.update(arr.take(pa.array(hits)).to_pylist())
+        offset += batch.num_rows
+    return sorted(set(found_ids)), len(set(values) - found_values)
+
+
+def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=None, reason: str = "") -> ChangeReport:
+    import numpy as np
+
+    bundle_path = Path(bundle_path)
+    bundle = Bundle.open(bundle_path)
+    rows, missing = ids_for(bundle, ids=ids, urls=urls, hashes=hashes)
+    removed = np.union1d(bundle.removed, np.asarray(rows, dtype=np.int64)).astype(np.int64)
+    newly = len(removed) - len(bundle.removed)
+    m = read_manifest(bundle_path)
+    old_files = dict(m.files)
+    tmp = _stage(bundle_path)
+    for name in m.data_files():
+        if name != m.removed_file:
+            _link(bundle_path / name, tmp / name)
+    np.save(tmp / REMOVED_FILE, removed)
+    m.removed_file, m.removed_count = REMOVED_FILE, int(len(removed))
+    old_files.pop(REMOVED_FILE, None)
+    m.bundle_version = _new_version()
+    kind = "ids" if ids is not None else ("urls" if urls is not None else "hashes")
+    _history(m, {"op": "remove", "by": kind, "rows": newly, "not_found": missing, "reason": reason})
+    _publish_change(tmp, bundle_path, m, old_files)
+    return ChangeReport(bundle_path, m.bundle_version, bundle.count - len(removed), newly,
+                        f"{missing} listed {kind} matched no row" if missing else "")
+
+
+# append and merge -----------------------------------------------------------------------------------------
+
+def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Optional[Bundle], object]], total: int) -> None:
+    """Re-rank vectors of the new version: each source is (bundle whose vectors are copied) or (None, batches)."""
+    import numpy as np
+
+    vec_name, scale_name = rerank_file_names(m.rerank_dtype if m.rerank_file else None)
+    if not vec_name:
+        return
+    vec = np.lib.format.open_memmap(tmp / vec_name, mode="w+", dtype=np.float16 if m.rerank_dtype == "float16"
+                                    else np.int8, shape=(total, m.dim))
+    scale = (np.lib.format.open_memmap(tmp / scale_name, mode="w+", dtype=np.float32, shape=(total,))
+             if scale_name else None)
+    pos = 0
+    for bundle, batches in sources:
+        if bundle is not None:
+            step = 100_000
+            for start in range(0, bundle.count, step):
+                x = bundle.vector(np.arange(start, min(start + step, bundle.count)))
+                codes, scales = encode_rerank(x, m.rerank_dtype)
+                vec[pos:pos + len(x)] = codes
+                if scale is not None:
+                    scale[pos:pos + len(x)] = scales
+                pos += len(x)
+        else:
+            for _, x in batches:
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                codes, scales = encode_rerank(x, m.rerank_dtype)
+                vec[pos:pos + len(x)] = codes
+                if scale is not None:
+                    scale[pos:pos + len(x)] = scales
+                pos += len(x)
+    vec.flush()
+    if scale is not None:
+        scale.flush()
+
+
+def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = False, extra_index: Optional[Path] = None):
+    """base's index with more rows: through base's trained quantizer into on-disk lists (IVF), or added to a
+    full in-memory copy (exhaustive indices). Returns the index; writes index.ivfdata into tmp for IVF."""
+    import faiss
+    import numpy as np
+
+    m = base.manifest
+    if m.trained_file:
+        _link(base.path / m.trained_file, tmp / TRAINED_FILE)
+    if m.ivfdata_file:
+        if not m.trained_file:
+            raise ConfigError(f"bundle {base.id} keeps no trained quantizer ({TRAINED_FILE}); rebuild it with this "
+                              f"release to append or merge")
+        parts = [base.path / m.index_file]
+        if extra_index is not None:
+            parts.append(extra_index)
+        else:
+            part = tmp / "part_new.index"
+            add_part(tmp / TRAINED_FILE, extra_batches, part)
+            parts.append(part)
+        index = merge_parts(tmp / TRAINED_FILE, parts, tmp, IVFDATA_FILE, shift_ids=shift_ids)
+        for p in parts[1:]:
+            if p.parent == tmp:
+                p.unlink()
+        return index
+    index = faiss.read_index(str(base.path / m.index_file))
+    for _, x in extra_batches:
+        index.add(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return index
+
+
+def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str] = None) -> ChangeReport:
+    import faiss
+
+    bundle_path = Path(bundle_path)
+    bundle = Bundle.open(bundle_path)
+    m = read_manifest(bundle_path)
+    if model and model != m.model:
+        raise ConfigError(f"--model {model} differs from the bundle's {m.model}: appended rows must come from the "
+                          f"same model")
+    shards = scan_shards(source)
+    if shards[0].dim != m.dim:
+        raise DimensionMismatchError(f"{source} holds {shards[0].dim}-d embeddings but bundle {m.bundle_id} is "
+                                     f"{m.dim}-d ({m.model}); embed them with the bundle's model")
+    new_rows = sum(s.rows for s in shards)
+    old_files = dict(m.files)
+    tmp = _stage(bundle_path)
+    try:
+        def offset_batches():
+            for first, x in iter_vectors(shards):
+                yield first + bundle.count, x
+
+        index = _combined_index(tmp, bundle, offset_batches())
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        del index
+        _write_vectors(tmp, m, [(bundle, None), (None, iter_vectors(shards))], bundle.count + new_rows)
+        writer = MetadataWriter(tmp / METADATA_FILE, m.metadata_batch_rows,
+                                schema=metadata_schema(shards, base=bundle._metadata.schema))
+        for batch in bundle.metadata_batches():
+            writer.write(_table(batch))
+        for s in shards:
+            writer.write(read_metadata(s))
+        writer.close()
+        if m.removed_file:
+            _link(bundle_path / m.removed_file, tmp / m.removed_file)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file):
+        old_files.pop(name, None)
+    m.count = bundle.count + new_rows
+    m.bundle_version = _new_version()
+    _history(m, {"op": "append", "rows": new_rows, "source": str(source)})
+    _publish_change(tmp, bundle_path, m, old_files)
+    return ChangeReport(bundle_path, m.bundle_version, m.count, new_rows)
+
+
+def _table(batch):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])
+
+
+def merge_bundles(a_path: Union[str, Path], b_path: Union[str, Path], out: Union[str, Path],
+                  overwrite: bool = False) -> ChangeReport:
+    import faiss
+    import numpy as np
+    import pyarrow as pa
+
+    a, b = Bundle.open(a_path), Bundle.open(b_path)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    if a.model != b.model or a.dim != b.dim:
+        raise ConfigError(f"bundles {a.id} ({a.model}, {a.dim}-d) and {b.id} ({b.model}, {b.dim}-d) come from "
+                          f"different models: their scores are not comparable; check them side by side instead "
+                          f"(--index A --index B)")
+    m = read_manifest(a.path)
+    same_quantizer = (m.trained_file and b.manifest.trained_file and m.ivfdata_file and b.manifest.ivfdata_file
+                      and m.files[m.trained_file]["sha256"] == b.manifest.files[b.manifest.trained_file]["sha256"])
+    if not same_quantizer and b.vectors is None and m.ivfdata_file:
+        raise ConfigError(f"bundle {b.id} stores no vectors and was trained with another quantizer than {a.id}; "
+                          f"rebuild both from their shards with one build instead")
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        if same_quantizer:
+            index = _combined_index(tmp, a, None, shift_ids=True, extra_index=b.path / b.manifest.index_file)
+        else:
+            def b_batches():
+                for start in range(0, b.count, 100_000):
+                    ids = np.arange(start, min(start + 100_000, b.count))
+                    yield a.count + start, b.vector(ids) if b.vectors is not None else _reconstruct(b, ids)
+
+            index = _combined_index(tmp, a, b_batches())
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        del index
+        _write_vectors(tmp, m, [(a, None), (b, None)], a.count + b.count)
+        schema = pa.unify_schemas([a._metadata.schema, b._metadata.schema], promote_options="permissive")
+        writer = MetadataWriter(tmp / METADATA_FILE, m.metadata_batch_rows, schema=schema)
+        for bundle in (a, b):
+            for batch in bundle.metadata_batches():
+                writer.write(_table(batch))
+        writer.close()
+        removed = np.union1d(a.removed, b.removed + a.count).astype(np.int64)
+        m.removed_file, m.removed_count = (REMOVED_FILE, int(len(removed))) if len(removed) else (None, 0)
+        if len(removed):
+            np.save(tmp / REMOVED_FILE, removed)
+        m.count = a.count + b.count
+        m.bundle_id = out.name
+        m.bundle_version = _new_version()
+        _history(m, {"op": "merge", "from": [f"{a.id}@{a.version}", f"{b.id}@{b.version}"],
+                     "rows": [a.count, b.count], "lists": "merged" if same_quantizer else "re-added"})
+        finalize(tmp, m)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ChangeReport(out, m.bundle_version, m.count, b.count,
+                        "inverted lists merged" if same_quantizer else f"{b.id}'s rows re-added through {a.id}'s index")
+
+
+def _reconstruct(bundle: Bundle, ids):
+    """Vectors of an exhaustive bundle without re-rank vectors, read back from its index."""
+    import numpy as np
+
+    return np.stack([bundle.index.reconstruct(int(i)) for i in ids]).astype(np.float32)
