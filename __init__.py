@@ -12,6 +12,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+_COMFYUI = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY")
+
 
 def __getattr__(name: str) -> Any:
     # The public API (Checker, Bundle, ...) resolves from core on first use, so importing stays cheap.
@@ -20,6 +22,11 @@ def __getattr__(name: str) -> Any:
 
     if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _COMFYUI:
+        # ComfyUI reads these off this module when it loads custom_nodes/; that is when we register.
+        nodes = importlib.import_module(".comfyui_nodes", __name__)
+        nodes.register_with_comfyui()
+        return getattr(nodes, name)
     try:
         core = importlib.import_module(".core", __name__)
     except ImportError:

@@ -565,6 +565,45 @@ def _npy_header(rows: int, dim: Optional[int], dtype: str, length: int = 128) ->
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + body + b" " * pad + b"\n"
 
 
+class RerankFileWriter:
+    """Re-rank vector files of a known row count, written at row offsets with pwrite (so parallel workers
+    can each write their slice, and nothing is memory-mapped: a build's RSS stays its real memory)."""
+
+    def __init__(self, folder: Path, rows: int, dim: int, dtype: str, create: bool = True):
+        import numpy as np
+
+        self.dim, self.dtype = dim, dtype
+        self.vec_name, self.scale_name = rerank_file_names(dtype)
+        self._files = []
+        for name, shape, descr in ((self.vec_name, (rows, dim), "<f2" if dtype == "float16" else "|i1"),
+                                   (self.scale_name, (rows,), "<f4")):
+            if name is None:
+                continue
+            path = folder / name
+            if create or not path.is_file():
+                with open(path, "wb") as f:
+                    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+                    header = f.tell()
+                    f.truncate(header + int(np.prod(shape)) * np.dtype(descr).itemsize)
+            with open(path, "rb") as f:
+                np.lib.format.read_magic(f)
+                np.lib.format.read_array_header_1_0(f)
+                header = f.tell()
+            self._files.append((os.open(path, os.O_RDWR), header, np.dtype(descr).itemsize * (dim if len(shape) == 2 else 1)))
+
+    def write(self, first: int, vectors: "np.ndarray") -> None:
+        """Unit float32 rows for ids first..first+len-1."""
+        codes, scales = encode_rerank(vectors, self.dtype)
+        for (fd, header, row_bytes), arr in zip(self._files, (codes, scales)):
+            os.pwrite(fd, arr.tobytes(), header + first * row_bytes)
+
+    def close(self) -> None:
+        for fd, _, _ in self._files:
+            os.fsync(fd)
+            os.close(fd)
+        self._files = []
+
+
 class RerankAppender:
     """Streams re-rank vectors into .npy files whose headers are fixed up on close."""
 

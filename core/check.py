@@ -17,7 +17,7 @@ from .bundle import Bundle, utc_now
 from .config import DEFAULT_BATCH_SIZE
 from .embed import Embedder, get_embedder
 from .errors import ConfigError, DimensionMismatchError, ImageInputError, ProvenanceError
-from .images import ImageInput, Pixels, to_pixels
+from .images import ImageInput, Pixels, pixels_sha256, to_pixels
 from .models import ModelSpec
 from .policy import Policy, verdict_for, worst
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
@@ -216,20 +216,27 @@ class Checker:
         )
 
     def _failure(self, policy: Policy, message: str, record: Optional[GenerationRecord], image: dict) -> CheckResult:
-        verdict = policy.failure_verdict()
-        action = "blocked (fail mode closed)" if verdict == "block" else "not checked (fail mode open)"
         thresholds = []
         if self._bundles is not None:
             try:
                 thresholds = self._thresholds(self._bundles, policy)
             except ConfigError:
                 thresholds = []
-        return CheckResult(
-            verdict=verdict, max_score=None, matches=[], model=self.model_override, thresholds=thresholds,
-            fail_mode=policy.fail_mode, image=image, generation=record,
-            warnings=[f"image {action}: {message}"], error=message, checked_at=utc_now(), tool_version=_tool_version(),
-        )
+        return failed_result(policy, message, record, image, self.model_override, thresholds)
+
+
+def failed_result(policy: Policy, message: str, record: Optional[GenerationRecord] = None,
+                  image: Optional[dict] = None, model: Optional[str] = None,
+                  thresholds: Optional[list[BundleThresholds]] = None) -> CheckResult:
+    """The result of a check that could not run: 'unchecked' (fail mode open) or 'block' (closed)."""
+    verdict = policy.failure_verdict()
+    action = "blocked (fail mode closed)" if verdict == "block" else "not checked (fail mode open)"
+    return CheckResult(
+        verdict=verdict, max_score=None, matches=[], model=model, thresholds=list(thresholds or []),
+        fail_mode=policy.fail_mode, image=dict(image or {}), generation=record,
+        warnings=[f"image {action}: {message}"], error=message, checked_at=utc_now(), tool_version=_tool_version(),
+    )
 
 
 def _image_info(p: Pixels) -> dict:
-    return {"source": p.source, "width": p.width, "height": p.height}
+    return {"source": p.source, "width": p.width, "height": p.height, "pixels_sha256": pixels_sha256(p)}

@@ -249,6 +249,14 @@ def to_pixels(inputs: Iterable[ImageInput] | "torch.Tensor" | "np.ndarray", max_
     return out
 
 
+def pixels_sha256(p: Pixels) -> str:
+    """sha256 of the 8-bit RGB pixels (HxWx3, row-major): the same for an in-graph tensor and the PNG it is
+    saved as, so a record can be matched to its image after saving."""
+    import hashlib
+
+    return hashlib.sha256(p.tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def find_images(root: Union[str, Path], recursive: bool = True) -> list[Path]:
     """Image files (png, jpg, jpeg, webp; any case) under root, sorted, so row order is reproducible."""
     root = Path(root)

@@ -145,13 +145,40 @@ def write_record(image: Union[str, Path], result: CheckResult, png: bool = True,
     return written
 
 
+BATCH_SCHEMA = "provenance-guard/check-batch"
+
+
+def batch_record(results: list[CheckResult]) -> dict[str, Any]:
+    """The record of a batch whose images share one set of PNG chunks (ComfyUI's EXTRA_PNGINFO): one result
+    as it is; several as {"schema": check-batch, "records": [...]}, each naming its pixels' sha256."""
+    if len(results) == 1:
+        return results[0].to_json()
+    return {"schema": BATCH_SCHEMA, "schema_version": 1, "records": [r.to_json() for r in results]}
+
+
 def read_record(image: Union[str, Path]) -> Optional[CheckResult]:
-    """The record in the PNG chunk, else in the sidecar, else None."""
+    """The record in the PNG chunk, else in the sidecar, else None. A batch record yields the entry whose
+    pixels_sha256 is this image's."""
     image = Path(image)
     text = png_text_chunks(image.read_bytes()).get(RECORD_KEY) if image.is_file() else None
     if text is None and sidecar_path(image).is_file():
         text = sidecar_path(image).read_text(encoding="utf-8")
-    return CheckResult.from_json(json.loads(text)) if text else None
+    if not text:
+        return None
+    data = json.loads(text)
+    if isinstance(data, dict) and data.get("schema") == BATCH_SCHEMA:
+        records = data.get("records") or []
+        digest = _pixels_digest(image)
+        chosen = next((r for r in records if (r.get("image") or {}).get("pixels_sha256") == digest), None)
+        return CheckResult.from_json(chosen) if chosen else None
+    return CheckResult.from_json(data)
+
+
+def _pixels_digest(image: Path) -> Optional[str]:
+    from .images import pixels_sha256, to_pixels
+
+    (p,) = to_pixels([image])
+    return None if isinstance(p, Exception) else pixels_sha256(p)
 
 
 # generation records ---------------------------------------------------------------------------------------

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE, Bundle, Manifest,
-                           MetadataWriter, encode_rerank, finalize, publish, rerank_file_names,
+                           MetadataWriter, RerankFileWriter, finalize, publish, rerank_file_names,
                            search_parameters, utc_now)
 from ..core.config import DEFAULT_BLOCK, DEFAULT_WARN
 from ..core.errors import ConfigError
 from ..core.models import ModelSpec
 from .choose import IndexChoice, choice_from_key, choose_index, human, parse_size
 from .faiss_build import Tuning, add_part, exact_topk, merge_parts, train, tune_nprobe
-from .shards import Shard, iter_vectors, metadata_schema, read_metadata, read_vectors, scan_shards
+from .shards import Shard, iter_vectors, metadata_schema, read_metadata, read_rows, read_vectors, scan_shards
 
 ADD_BATCH_ROWS = 100_000
 TUNE_QUERIES = 200
@@ -136,52 +136,46 @@ def part_path(work: Path, number: int) -> Path:
 
 
 def process_shard(shard: Shard, work: str, total_rows: int, dim: int, rerank: Optional[str], ivf: bool) -> int:
-    """Write a shard's re-rank vectors into their slice and, for IVF, its part index; returns its rows."""
+    """Write a shard's re-rank vectors into their rows and, for IVF, its part index; returns its rows."""
     import numpy as np
 
     work_path = Path(work)
-    vec_name, scale_name = rerank_file_names(rerank)
-    vec = np.load(work_path / vec_name, mmap_mode="r+") if vec_name else None
-    scale = np.load(work_path / scale_name, mmap_mode="r+") if scale_name else None
+    vectors = RerankFileWriter(work_path, total_rows, dim, rerank, create=False) if rerank else None
 
     def batches():
         for start in range(0, shard.rows, ADD_BATCH_ROWS):
             x = read_vectors(shard, start, start + ADD_BATCH_ROWS)
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            first = shard.offset + start
-            if vec is not None:
-                codes, scales = encode_rerank(x, rerank)
-                vec[first:first + len(x)] = codes
-                if scale is not None:
-                    scale[first:first + len(x)] = scales
-            yield first, x
+            if vectors is not None:
+                vectors.write(shard.offset + start, x)
+            yield shard.offset + start, x
 
-    if ivf:
-        rows = add_part(work_path / TRAINED_FILE, batches(), part_path(work_path, shard.number))
-    else:
-        rows = sum(len(x) for _, x in batches())
-    for arr in (vec, scale):
-        if arr is not None:
-            arr.flush()
-    return rows
+    try:
+        if ivf:
+            return add_part(work_path / TRAINED_FILE, batches(), part_path(work_path, shard.number))
+        return sum(len(x) for _, x in batches())
+    finally:
+        if vectors is not None:
+            vectors.close()
 
 
 # the build ------------------------------------------------------------------------------------------------
 
 def _sample(shards: list[Shard], rows: int, seed: int = 0):
+    """rows random rows across all shards, unit float32 (reads only those rows)."""
     import numpy as np
 
     total = sum(s.rows for s in shards)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(total, size=min(rows, total), replace=False))
-    out = []
+    ids = np.sort(np.random.default_rng(seed).choice(total, size=min(rows, total), replace=False))
+    out = np.empty((len(ids), shards[0].dim), dtype=np.float32)
+    pos = 0
     for s in shards:
         local = ids[(ids >= s.offset) & (ids < s.offset + s.rows)] - s.offset
         if len(local):
-            out.append(read_vectors(s, 0, s.rows)[local] if len(local) > s.rows // 4
-                       else np.stack([read_vectors(s, int(i), int(i) + 1)[0] for i in local]))
-    x = np.concatenate(out).astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            out[pos:pos + len(local)] = read_rows(s, local)
+            pos += len(local)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def _rerank_dtype(opts: BuildOptions, n: int, d: int) -> Optional[str]:
@@ -248,10 +242,7 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     vec_name, scale_name = rerank_file_names(rerank)
     if vec_name and not (work / vec_name).is_file():
-        np.lib.format.open_memmap(work / vec_name, mode="w+", dtype=np.float16 if rerank == "float16" else np.int8,
-                                  shape=(n, d)).flush()
-        if scale_name:
-            np.lib.format.open_memmap(work / scale_name, mode="w+", dtype=np.float32, shape=(n,)).flush()
+        RerankFileWriter(work, n, d, rerank).close()
     (work / "parts").mkdir(exist_ok=True)
     todo = [s for s in shards if s.number not in state.done]
     bar = _progress(n, "adding", opts)

@@ -26,7 +26,7 @@ from ..core.errors import ConfigError
 PQ_BYTES = (8, 16, 24, 32, 48, 64, 96, 128)
 EXACT_MAX_ROWS = 200_000
 IVF_FLAT_MAX_ROWS = 2_000_000
-TRAIN_POINTS_PER_LIST = 50
+TRAIN_POINTS_PER_LIST = 40
 
 
 @dataclass
@@ -109,8 +109,9 @@ def choose_index(n: int, d: int, budget: int) -> IndexChoice:
         over = (f"; the budget {human(budget)} is below the smallest index ({human(need)}), so it is exceeded by "
                 f"{human(need - budget)}: expect near-duplicate recall@1 to rely on exact re-ranking of more "
                 f"candidates and held-out recall@10 around 0.5-0.7 (measured below)")
-    # OPQ rotates into a dimension that m divides; never above d (it would only add memory).
-    d_out = (d // m) * m if d >= m else m
+    # OPQ rotates into 4 dimensions per PQ byte (what PQ resolves well), never above d: k-means and
+    # encoding then work in fewer dimensions, and exact re-ranking restores the precision given up.
+    d_out = min((d // m) * m, 4 * m) if d >= m else m
     factory = f"OPQ{m}_{d_out},IVF{nlist}_HNSW32,PQ{m}x8"
     return IndexChoice(factory, True, nlist, n * (m + 8) + coarse, train_rows,
                        note=f"product quantisation to {m} bytes per vector, lists on disk{over}")

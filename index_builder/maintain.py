@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, Manifest,
-                           MetadataWriter, encode_rerank, finalize, publish, read_manifest, rerank_file_names,
+                           MetadataWriter, RerankFileWriter, finalize, publish, read_manifest,
                            sha256_file, utc_now)
 from ..core.errors import ConfigError, DimensionMismatchError
 from .faiss_build import add_part, merge_parts
@@ -138,35 +138,20 @@ def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Optional[Bundle],
     """Re-rank vectors of the new version: each source is (bundle whose vectors are copied) or (None, batches)."""
     import numpy as np
 
-    vec_name, scale_name = rerank_file_names(m.rerank_dtype if m.rerank_file else None)
-    if not vec_name:
+    if not m.rerank_file:
         return
-    vec = np.lib.format.open_memmap(tmp / vec_name, mode="w+", dtype=np.float16 if m.rerank_dtype == "float16"
-                                    else np.int8, shape=(total, m.dim))
-    scale = (np.lib.format.open_memmap(tmp / scale_name, mode="w+", dtype=np.float32, shape=(total,))
-             if scale_name else None)
+    writer = RerankFileWriter(tmp, total, m.dim, m.rerank_dtype)
     pos = 0
-    for bundle, batches in sources:
-        if bundle is not None:
-            step = 100_000
-            for start in range(0, bundle.count, step):
-                x = bundle.vector(np.arange(start, min(start + step, bundle.count)))
-                codes, scales = encode_rerank(x, m.rerank_dtype)
-                vec[pos:pos + len(x)] = codes
-                if scale is not None:
-                    scale[pos:pos + len(x)] = scales
-                pos += len(x)
-        else:
+    try:
+        for bundle, batches in sources:
+            if bundle is not None:
+                batches = ((start, bundle.vector(np.arange(start, min(start + 100_000, bundle.count))))
+                           for start in range(0, bundle.count, 100_000))
             for _, x in batches:
-                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-                codes, scales = encode_rerank(x, m.rerank_dtype)
-                vec[pos:pos + len(x)] = codes
-                if scale is not None:
-                    scale[pos:pos + len(x)] = scales
+                writer.write(pos, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
                 pos += len(x)
-    vec.flush()
-    if scale is not None:
-        scale.flush()
+    finally:
+        writer.close()
 
 
 def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = False, extra_index: Optional[Path] = None):

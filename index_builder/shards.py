@@ -121,20 +121,39 @@ def scan_shards(source: str) -> list[Shard]:
 
 
 def read_vectors(shard: Shard, start: int = 0, stop: Optional[int] = None) -> "np.ndarray":
-    """Rows [start, stop) of a shard as float32 (memory-mapped where the file is local)."""
+    """Rows [start, stop) of a shard as a private float32 array. Plain reads, not a memory map: a build
+    streams gigabytes through here, and mapped pages would count as the process's resident memory."""
     import numpy as np
 
     stop = shard.rows if stop is None else min(stop, shard.rows)
+    itemsize = np.dtype(shard.dtype).itemsize
     fs, path = _fs_of(shard.npy)
+    offset = shard.header_bytes + start * shard.dim * itemsize
     if _is_local(fs):
-        arr = np.load(path, mmap_mode="r")[start:stop]
+        arr = np.fromfile(path, dtype=shard.dtype, count=(stop - start) * shard.dim, offset=offset)
     else:
-        itemsize = np.dtype(shard.dtype).itemsize
         with fs.open(path, "rb") as f:
-            f.seek(shard.header_bytes + start * shard.dim * itemsize)
-            data = f.read((stop - start) * shard.dim * itemsize)
-        arr = np.frombuffer(data, dtype=shard.dtype).reshape(stop - start, shard.dim)
-    return np.array(arr, dtype=np.float32)  # a private copy: callers normalise in place
+            f.seek(offset)
+            arr = np.frombuffer(f.read((stop - start) * shard.dim * itemsize), dtype=shard.dtype)
+    return arr.reshape(stop - start, shard.dim).astype(np.float32)
+
+
+def read_rows(shard: Shard, rows: "np.ndarray") -> "np.ndarray":
+    """The given local rows (sorted) of a shard as float32, reading only those rows where the file is local."""
+    import numpy as np
+
+    fs, path = _fs_of(shard.npy)
+    if not _is_local(fs) or len(rows) > shard.rows // 4:
+        out = []
+        for start in range(0, shard.rows, 100_000):
+            block = rows[(rows >= start) & (rows < start + 100_000)]
+            if len(block):
+                out.append(read_vectors(shard, start, start + 100_000)[block - start])
+        return np.concatenate(out) if out else np.zeros((0, shard.dim), np.float32)
+    row_bytes = shard.dim * np.dtype(shard.dtype).itemsize
+    with open(path, "rb") as f:
+        data = b"".join(os.pread(f.fileno(), row_bytes, shard.header_bytes + int(r) * row_bytes) for r in rows)
+    return np.frombuffer(data, dtype=shard.dtype).reshape(len(rows), shard.dim).astype(np.float32)
 
 
 def read_metadata(shard: Shard) -> "pa.Table":

@@ -1,0 +1,44 @@
+"""ComfyUI glue: the node mappings, the web extension folder, and start-up registration (the
+models/provenance folder; studio enforcement when configured). Everything the check itself does is in
+core/; importing this package loads neither torch nor faiss nor any model."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .nodes_provenance import FOLDER, NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./comfyui_nodes/web"  # relative to the repository root, which ComfyUI loads
+
+_registered = False
+
+
+def register_with_comfyui() -> None:
+    """Register models/provenance with folder_paths and, if configured, studio enforcement. Outside ComfyUI
+    (no folder_paths module) this does nothing; it runs once."""
+    global _registered
+    if _registered:
+        return
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    _registered = True
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
+    os.makedirs(default, exist_ok=True)
+    from . import enforce
+
+    try:
+        config = enforce.load_config(folder_paths.get_user_directory())
+    except (OSError, ValueError) as exc:
+        logging.getLogger("provenance_guard").error("provenance-guard: %s is unreadable (%s); studio "
+                                                    "enforcement is OFF", enforce.CONFIG_FILE, exc)
+        return
+    if config:
+        from server import PromptServer
+
+        enforce.register(PromptServer.instance, config)
+
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "register_with_comfyui"]

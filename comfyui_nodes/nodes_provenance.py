@@ -1,0 +1,244 @@
+"""ComfyUI node: Provenance Check (category "provenance").
+
+Checks every image of the batch against a bundle from models/provenance/ (or a path), and acts on the
+images whose verdict is block, as on_match says:
+  warn    pass every image through; flags, scores and the report say which matched;
+  block   the matching images are dropped from the output; when none is left the output is ComfyUI's
+          ExecutionBlocker, so a downstream Save Image writes nothing and the prompt still ends cleanly;
+  replace the matching images come back black, as diffusers' safety checker does;
+  error   the prompt fails with a message naming the closest match.
+A check that cannot run follows the fail mode: open -> unchecked (passed through, with a warning),
+closed -> treated as a block. The record goes into EXTRA_PNGINFO, so Save Image writes a "provenance"
+PNG chunk beside "prompt" and "workflow". Models and bundles are cached across runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Optional
+
+CATEGORY = "provenance"
+FOLDER = "provenance"
+NO_BUNDLE = "(no bundle in models/provenance)"
+ON_MATCH = ["warn", "block", "replace", "error"]
+CHUNK = 16  # images per forward pass, and per progress-bar step, in large batches
+
+_CHECKERS: dict[tuple, Any] = {}
+_CHECKERS_LOCK = threading.Lock()
+
+
+def bundle_folders() -> list[str]:
+    """Bundle folders (holding manifest.json) under every registered models/provenance path."""
+    try:
+        import folder_paths
+
+        roots = folder_paths.get_folder_paths(FOLDER)
+    except (ImportError, KeyError):
+        return []
+    found = []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            if "manifest.json" in filenames:
+                found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []  # a bundle's own folder holds no further bundles
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip builds in progress
+    return sorted(set(found))
+
+
+def resolve_bundle(bundle: str, bundle_path: str = "") -> str:
+    from ..core.errors import ConfigError
+
+    if bundle_path.strip():
+        return bundle_path.strip()
+    if bundle == NO_BUNDLE or not bundle:
+        raise ConfigError("no bundle: put a bundle folder (made by 'provenance-guard index build') into "
+                          "ComfyUI/models/provenance/, or give bundle_path")
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(FOLDER):
+        candidate = os.path.join(root, bundle)
+        if os.path.isfile(os.path.join(candidate, "manifest.json")):
+            return candidate
+    raise ConfigError(f"bundle {bundle!r} is no longer in models/provenance; refresh the node or pick another")
+
+
+def _device() -> str:
+    try:
+        import comfy.model_management as mm
+
+        return str(mm.get_torch_device())
+    except (ImportError, AttributeError):
+        return "auto"
+
+
+def get_checker(path: str, model_override: str):
+    from ..core.check import Checker
+
+    key = (path, model_override or "", _device())
+    with _CHECKERS_LOCK:
+        if key not in _CHECKERS:
+            _CHECKERS[key] = Checker(path, model=model_override or None, device=key[2])
+        return _CHECKERS[key]
+
+
+def _interrupt_point() -> None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def _progress(total: int, node_id):
+    try:
+        import comfy.utils
+
+        return comfy.utils.ProgressBar(total, node_id=node_id)
+    except (ImportError, TypeError):
+        return None
+
+
+def _blocker(message: str):
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)
+
+
+def ui_payload(results) -> dict:
+    """What the front-end draws on the node (raw strings; the front-end escapes them)."""
+    from ..core.report import worst_of
+
+    return {"verdict": worst_of(results), "images": [
+        {"verdict": r.verdict, "max_score": r.max_score, "error": r.error, "warnings": r.warnings,
+         "matches": [{"score": round(m.score, 4), "verdict": m.verdict, "url": m.url, "caption": m.caption,
+                      "bundle": m.bundle_id, "row_id": m.row_id} for m in r.matches[:5]]}
+        for r in results]}
+
+
+class ProvenanceCheck:
+    """Provenance Check: is any generated image too close to a known training image?"""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("IMAGE", "BOOLEAN", "FLOAT", "STRING")
+    RETURN_NAMES = ("images", "flagged", "max_similarity", "report")
+    OUTPUT_IS_LIST = (False, True, True, False)
+    OUTPUT_TOOLTIPS = ("the images, as on_match leaves them", "per image: verdict reached block",
+                       "per image: best exact cosine (-1 when unchecked)", "the verdicts and matches as text")
+    DESCRIPTION = ("Embeds each image with CLIP, searches a LAION/reference bundle, and warns, blocks, blacks out "
+                   "or fails on images too close to a known training image.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        bundles = bundle_folders() or [NO_BUNDLE]
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "the generated images"}),
+                "bundle": (bundles, {"tooltip": "a bundle folder under models/provenance"}),
+                "on_match": (ON_MATCH, {"default": "warn", "tooltip": "what to do with images whose verdict is block"}),
+                "fail_mode": (["open", "closed"], {"default": "open",
+                                                   "tooltip": "a check that cannot run: open = pass with a warning, "
+                                                              "closed = treat as block"}),
+                "use_bundle_thresholds": ("BOOLEAN", {"default": True,
+                                                      "tooltip": "use the thresholds in the bundle's manifest"}),
+                "warn": ("FLOAT", {"default": 0.90, "min": -1.0, "max": 1.0, "step": 0.005}),
+                "block": ("FLOAT", {"default": 0.95, "min": -1.0, "max": 1.0, "step": 0.005}),
+                "top_k": ("INT", {"default": 5, "min": 1, "max": 100}),
+            },
+            "optional": {
+                "clip_vision": ("CLIP_VISION", {"tooltip": "embed with this loaded CLIP vision model when it is "
+                                                           "the bundle's model"}),
+                "model_override": ("STRING", {"default": "", "tooltip": "load the bundle's model from a local "
+                                                                        "file or folder (open_clip spec)"}),
+                "bundle_path": ("STRING", {"default": "", "tooltip": "a bundle folder path or server URL; "
+                                                                     "overrides the list"}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
+                   on_match="warn", fail_mode="open", model_override="", **_):
+        """Re-run when the bundle on disk changes (a new version after a takedown), never NaN."""
+        try:
+            path = resolve_bundle(bundle or "", bundle_path or "")
+            stamp = os.stat(os.path.join(path, "manifest.json")).st_mtime_ns if os.path.isdir(path) else path
+        except Exception:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
+            stamp = "unresolved"
+        return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
+                           fail_mode, model_override])
+
+    def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
+              block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", prompt=None,
+              extra_pnginfo=None, unique_id=None):
+        from ..core.check import failed_result
+        from ..core.errors import ConfigError, ProvenanceError
+        from ..core.policy import Policy
+        from ..core.report import block_message, is_flagged, text_report
+        from ..core.result import CheckResult
+
+        policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
+                        fail_mode=fail_mode, top_k=int(top_k))
+        results: list[CheckResult] = []
+        try:
+            checker = get_checker(resolve_bundle(bundle, bundle_path), model_override)
+            embedder = None
+            if clip_vision is not None:
+                from .clip_vision import ComfyClipVisionEmbedder
+
+                embedder = ComfyClipVisionEmbedder(clip_vision, checker.open()[0].model)
+            bar = _progress(len(images), unique_id) if len(images) > CHUNK else None
+            for start in range(0, len(images), CHUNK):
+                _interrupt_point()
+                results += checker.check(images[start:start + CHUNK], policy=policy, embedder=embedder)
+                if bar is not None:
+                    bar.update(min(CHUNK, len(images) - start))
+        except ConfigError as exc:
+            from ..core.images import pixels_sha256, to_pixels
+
+            results = [failed_result(policy, str(exc), model=model_override or None,
+                                     image={} if isinstance(p, Exception) else {"pixels_sha256": pixels_sha256(p)})
+                       for p in to_pixels(images)]
+        except ProvenanceError as exc:
+            raise RuntimeError(f"Provenance Check: {exc}") from exc
+        for i, r in enumerate(results):
+            r.image["source"] = f"ComfyUI node {unique_id} image {i}"
+        flagged = [is_flagged(r) for r in results]
+        report = text_report(results)
+        ui = {"provenance": [ui_payload(results)]}
+
+        if on_match == "error" and any(flagged):
+            first = results[flagged.index(True)]
+            raise RuntimeError(f"Provenance Check: {block_message(first)}")
+
+        out = images
+        kept = list(range(len(images)))
+        if on_match == "replace" and any(flagged):
+            out = images.clone()
+            for i, f in enumerate(flagged):
+                if f:
+                    out[i] = 0.0
+        elif on_match == "block" and any(flagged):
+            kept = [i for i, f in enumerate(flagged) if not f]
+            out = images[kept] if kept else _blocker(
+                "Provenance Check blocked every image: " + block_message(results[flagged.index(True)]))
+        self._record(extra_pnginfo, [results[i] for i in kept])
+        scores = [-1.0 if r.max_score is None else float(r.max_score) for r in results]
+        return {"ui": ui, "result": (out, flagged, scores, report)}
+
+    @staticmethod
+    def _record(extra_pnginfo, results) -> None:
+        """Put the record where Save Image writes its PNG text chunks (one chunk per key, JSON-encoded)."""
+        if not isinstance(extra_pnginfo, dict) or not results:
+            return
+        from ..core.record import batch_record
+
+        extra_pnginfo["provenance"] = batch_record(results)
+
+
+NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck}
+NODE_DISPLAY_NAME_MAPPINGS = {"ProvenanceCheck": "Provenance Check"}
