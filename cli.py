@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--write-record", choices=("none", "png", "sidecar", "both"), default="none",
                    help="write the result into the PNG 'provenance' chunk and/or IMAGE.provenance.json")
     c.add_argument("--show", type=int, default=3, help="matches listed per image in the table (default 3)")
+    c.add_argument("--report", metavar="HTML", help="write a self-contained HTML report of the flagged images")
+    c.add_argument("--report-all", action="store_true", help="list passing images in the report too")
+    c.add_argument("--jsonl", metavar="FILE", help="write one result per line (schema v1) to FILE")
+    c.add_argument("--audit-log", metavar="FILE",
+                   help="append one line per check to this append-only log (default: $PROVENANCE_GUARD_AUDIT_LOG)")
     c.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     c.add_argument("--no-progress", action="store_true")
 
@@ -141,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     v = isub.add_parser("verify", help="open a bundle and check the sha256 of every file")
     v.add_argument("bundle")
 
+    sv = sub.add_parser("serve", help="serve bundles over HTTP: clip-retrieval's API with exact scores, /v1/check")
+    sv.add_argument("--index", action="append", required=True, metavar="NAME=BUNDLE",
+                    help="a bundle to serve under NAME (repeat for several; NAME defaults to the folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=1234)
+    sv.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: "
+                                                   "$PROVENANCE_GUARD_TOKEN); required beyond loopback")
+    sv.add_argument("--allow-image-url", action="store_true", help="let /knn-service fetch image_url queries")
+    sv.add_argument("--max-request-mb", type=float, default=20.0)
+    sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
+    sv.add_argument("--max-batch", type=_positive, default=32, help="images per forward pass across requests")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--audit-log", help="append one line per checked image (default: $PROVENANCE_GUARD_AUDIT_LOG)")
+    sv.add_argument("--warn", type=_float01)
+    sv.add_argument("--block", type=_float01)
+    sv.add_argument("--fail-mode", choices=("open", "closed"), default="open")
+    sv.add_argument("--log-level", default="info")
+
     d = sub.add_parser("demo", help="the main job on built-in samples: build a bundle, check, write records")
     d.add_argument("--out", default="demo-out", help="working folder (default ./demo-out)")
     d.add_argument("--model", help="open_clip model spec; default: a tiny CLIP built locally (no download)")
@@ -153,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -194,8 +220,12 @@ def collect_images(inputs: Sequence[str], recursive: bool) -> list[Path]:
 
 
 def cmd_check(args) -> int:
+    import hashlib
+
     from tqdm import tqdm
 
+    from .core import html_report
+    from .core.audit import AuditLog, audit_entry, from_env
     from .core.check import Checker
     from .core.policy import Policy, reaches
     from .core.record import read_generation, write_record
@@ -205,37 +235,66 @@ def cmd_check(args) -> int:
     checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size)
     bundles = checker.open()
     checker.embedders()
+    audit = AuditLog(args.audit_log) if args.audit_log else from_env()
+    jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
+    by_id = {b.id: b for b in bundles if hasattr(b, "manifest")}
+    report_rows: list = []
     if not args.json:
         _print_header(bundles, checker, policy)
     flagged = unchecked = 0
     bar = tqdm(total=len(paths), unit="img", desc="checking", file=sys.stderr,
                disable=True if args.no_progress else None, leave=False)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        records = [read_generation(p) for p in chunk]
-        results = checker.check(chunk, records)
-        for path, result in zip(chunk, results):
-            result.image["source"] = str(path)
-            if args.write_record != "none" and result.checked:
-                write_record(path, result, png=args.write_record in ("png", "both"),
-                             sidecar=args.write_record in ("sidecar", "both"))
-            unchecked += not result.checked
-            flagged += reaches(result.verdict, args.fail_on)
-            bar.clear()
-            if args.json:
-                print(result.dumps(), flush=True)
-            else:
-                _print_result(path, result, args.show)
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
+            records = [read_generation(p) for p in chunk]
+            results = checker.check(chunk, records)
+            entries = []
+            for path, result in zip(chunk, results):
+                result.image["source"] = str(path)
+                try:
+                    result.image["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                except OSError:
+                    pass
+                if args.write_record != "none" and result.checked:
+                    write_record(path, result, png=args.write_record in ("png", "both"),
+                                 sidecar=args.write_record in ("sidecar", "both"))
+                unchecked += not result.checked
+                flagged += reaches(result.verdict, args.fail_on)
+                entries.append(audit_entry(result))
+                if jsonl:
+                    jsonl.write(result.dumps() + "\n")
+                if args.report and (args.report_all or result.verdict != "pass"):
+                    refs = {(m.bundle_id, m.row_id): ref for m in result.matches[:5] if m.bundle_id in by_id
+                            for ref in [html_report.local_reference(by_id[m.bundle_id], m)] if ref}
+                    report_rows.append(html_report.ReportRow(result, path, refs))
+                elif args.report:
+                    report_rows.append(html_report.ReportRow(result, None))
+                bar.clear()
+                if args.json:
+                    print(result.dumps(), flush=True)
+                else:
+                    _print_result(path, result, args.show)
+            if audit:
+                audit.append(entries)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if jsonl:
+            jsonl.close()
+    if args.report:
+        html_report.write(args.report, report_rows, len(paths), include_passing=args.report_all)
     if not args.json:
-        print(f"\n{len(paths)} image(s): {flagged} reached '{args.fail_on}', {unchecked} could not be checked")
+        print(f"\n{len(paths)} image(s): {flagged} reached '{args.fail_on}', {unchecked} could not be checked"
+              + (f"; report: {args.report}" if args.report else ""))
     if unchecked:
         return EXIT_UNCHECKED
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
 def _print_header(bundles, checker, policy) -> None:
+    for r in checker.remote:
+        print(f"remote index {r.url} (checked through the index server)")
     for b in bundles:
         warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
         scores = "exact cosine" if b.exact else "approximate (no re-rank vectors)"
@@ -333,6 +392,31 @@ def cmd_merge(args) -> int:
 
     report = merge_bundles(args.a, args.b, args.out, overwrite=args.overwrite)
     print(f"merged into {report.out}: {report.rows:,} rows, version {report.version} ({report.note})")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from .index_server.app import ServerConfig, serve
+
+    indices = {}
+    for item in args.index:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        if not name or name in indices:
+            raise ConfigError(f"--index {item!r}: give NAME=BUNDLE with a unique NAME")
+        indices[name] = path
+    config = ServerConfig(indices=indices, token=args.token or os.environ.get("PROVENANCE_GUARD_TOKEN"),
+                          allow_image_url=args.allow_image_url, max_request_bytes=int(args.max_request_mb * 2**20),
+                          max_images_per_request=args.max_images, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, device=args.device,
+                          audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
+                          warn=args.warn, block=args.block, fail_mode=args.fail_mode)
+    print(f"serving {', '.join(f'{n}={p}' for n, p in indices.items())} on http://{args.host}:{args.port}"
+          + (" (token required)" if config.token else ""), file=sys.stderr, flush=True)
+    serve(config, args.host, args.port, log_level=args.log_level)
     return EXIT_OK
 
 

@@ -10,6 +10,8 @@ PACKAGES = {  # import name -> pip requirement
     "pyarrow": "pyarrow>=14",
     "safetensors": "safetensors",
     "huggingface_hub": "huggingface_hub",
+    "fsspec": "fsspec",
+    "requests": "requests",
 }
 
 

@@ -547,11 +547,14 @@ def encode_rerank(vectors: "np.ndarray", dtype: str) -> tuple["np.ndarray", Opti
 
 def decode_rerank(codes: "np.ndarray", scales: Optional["np.ndarray"]) -> "np.ndarray":
     import numpy as np
-    import torch
 
     if scales is None:
-        # numpy widens float16 element by element (~40 us per 30k values); torch uses F16C, ~15x faster.
-        return torch.from_numpy(np.ascontiguousarray(codes)).float().numpy()
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            # numpy widens float16 element by element (~40 us per 30k values); torch uses F16C, ~15x faster.
+            # Only when a check already loaded torch: importing it costs ~0.5 GB, which a build must not pay.
+            return torch.from_numpy(np.ascontiguousarray(codes)).float().numpy()
+        return np.asarray(codes, dtype=np.float32)
     return codes.astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
 
 

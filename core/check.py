@@ -21,6 +21,7 @@ from .images import ImageInput, Pixels, pixels_sha256, to_pixels
 from .models import ModelSpec
 from .policy import Policy, verdict_for, worst
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
+from .remote import RemoteBundle, is_remote
 from .search import search
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,12 +62,13 @@ class Checker:
 
     def __init__(self, bundles: Union[BundleLike, Sequence[BundleLike]], *, model: Optional[str] = None,
                  device: str = "auto", policy: Optional[Policy] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: Optional[int] = None):
+                 max_pixels: Optional[int] = None, token: Optional[str] = None):
         if isinstance(bundles, (str, Path, Bundle)):
             bundles = [bundles]
         if not bundles:
             raise ConfigError("no bundle given; pass --index BUNDLE (a folder made by 'provenance-guard index build')")
-        self._sources = list(bundles)
+        self._sources = [b for b in bundles if not is_remote(b)]
+        self.remote = [RemoteBundle(b, token=token) for b in bundles if is_remote(b)]
         self.model_override = model
         self.device = device
         self.policy = policy or Policy()
@@ -77,7 +79,8 @@ class Checker:
 
     # opening --------------------------------------------------------------------------------------------
     def open(self) -> list[Bundle]:
-        """Open every bundle (raises the first BundleError); later calls return the opened bundles."""
+        """Open every local bundle (raises the first BundleError); later calls return the opened bundles.
+        Remote bundles (self.remote) are reached per check."""
         with self._lock:
             if self._bundles is None:
                 opened = [b if isinstance(b, Bundle) else Bundle.open(b) for b in self._sources]
@@ -97,7 +100,7 @@ class Checker:
         return self.model_override or bundle.model
 
     def embedders(self) -> dict[str, Embedder]:
-        """Load (once per process) the model of every bundle; raises ModelLoadError on failure."""
+        """Load (once per process) the model of every local bundle; raises ModelLoadError on failure."""
         return {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
 
     # checking -------------------------------------------------------------------------------------------
@@ -122,31 +125,44 @@ class Checker:
             if isinstance(p, ImageInputError):
                 results[i] = self._failure(policy, str(p), records[i], {"source": f"image {i}"})
         if good:
+            batch = [pixels[i] for i in good]
             try:
                 bundles = self.open()
-                if embedder is not None:
-                    vectors = {embedder.spec.raw: embedder.embed_pixels([pixels[i] for i in good], self.batch_size)}
-                    models = {b.id: embedder.spec.raw for b in bundles}
-                    t_embed = time.perf_counter()
-                else:
-                    embs = self.embedders()
-                    vectors = {spec: e.embed_pixels([pixels[i] for i in good], self.batch_size)
-                               for spec, e in embs.items()}
-                    models = {b.id: self.model_for(b) for b in bundles}
-                    t_embed = time.perf_counter()
-                timings = {"embed": (t_embed - t0) * 1e3}
-                per_image = self._search_all(bundles, models, vectors, policy, timings)
+                per_image: list[list[Match]] = [[] for _ in good]
+                timings: dict[str, float] = {}
+                models: dict[str, str] = {}
+                thresholds = self._thresholds(bundles, policy)
+                if bundles:
+                    if embedder is not None:
+                        vectors = {embedder.spec.raw: embedder.embed_pixels(batch, self.batch_size)}
+                        models = {b.id: embedder.spec.raw for b in bundles}
+                    else:
+                        vectors = {spec: e.embed_pixels(batch, self.batch_size) for spec, e in self.embedders().items()}
+                        models = {b.id: self.model_for(b) for b in bundles}
+                    timings["embed"] = (time.perf_counter() - t0) * 1e3
+                    per_image = self._search_all(bundles, models, vectors, policy, timings)
+                for remote in self.remote:
+                    t_remote = time.perf_counter()
+                    found, remote_thresholds = remote.search(batch, policy)
+                    timings["remote"] = timings.get("remote", 0.0) + (time.perf_counter() - t_remote) * 1e3
+                    thresholds += remote_thresholds
+                    models[remote.id] = f"remote {remote.url}"
+                    for slot, matches in enumerate(found):
+                        per_image[slot].extend(matches)
+                if self.remote:
+                    for matches in per_image:
+                        matches.sort(key=lambda m: -m.score)
+                        del matches[policy.top_k:]
             except ProvenanceError as exc:
                 for i in good:
-                    p = pixels[i]
-                    results[i] = self._failure(policy, str(exc), records[i], _image_info(p))
+                    results[i] = self._failure(policy, str(exc), records[i], _image_info(pixels[i]))
             else:
                 timings["total"] = (time.perf_counter() - t0) * 1e3
                 timings["batch_images"] = len(good)
-                model_names = sorted(set(models.values()))
+                model_names = " + ".join(sorted(set(models.values())))
                 for slot, i in enumerate(good):
-                    results[i] = self._result(per_image[slot], bundles, policy, records[i],
-                                              _image_info(pixels[i]), " + ".join(model_names), timings)
+                    results[i] = self._result(per_image[slot], thresholds, policy, records[i],
+                                              _image_info(pixels[i]), model_names, timings)
         return results  # type: ignore[return-value]
 
     def check_embeddings(self, vectors: "np.ndarray", records: Optional[Sequence[Optional[GenerationRecord]]] = None,
@@ -160,14 +176,18 @@ class Checker:
         records = list(records) if records is not None else [None] * len(vectors)
         try:
             bundles = self.open()
+            if self.remote:
+                raise ConfigError("precomputed embeddings can only be checked against local bundles; the index "
+                                  "server takes them at POST /knn-service (embedding_input)")
             spec = model or self.model_override
             models = {b.id: spec or b.model for b in bundles}
             timings: dict[str, float] = {}
             per_image = self._search_all(bundles, models, {m: vectors for m in set(models.values())}, policy, timings)
+            thresholds = self._thresholds(bundles, policy)
         except ProvenanceError as exc:
             return [self._failure(policy, str(exc), r, {"source": "embedding"}) for r in records]
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        return [self._result(per_image[n], bundles, policy, records[n], {"source": "embedding"},
+        return [self._result(per_image[n], thresholds, policy, records[n], {"source": "embedding"},
                              " + ".join(sorted(set(models.values()))), timings) for n in range(len(vectors))]
 
     def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, "np.ndarray"],
@@ -202,15 +222,16 @@ class Checker:
             out.append(BundleThresholds(b.id, b.version, warn, block, b.exact))
         return out
 
-    def _result(self, matches: list[Match], bundles: list[Bundle], policy: Policy,
+    def _result(self, matches: list[Match], thresholds: list[BundleThresholds], policy: Policy,
                 record: Optional[GenerationRecord], image: dict, model: str, timings: dict) -> CheckResult:
         warnings = []
-        if any(not b.exact for b in bundles):
-            warnings.append("scores from " + ", ".join(b.id for b in bundles if not b.exact) +
+        approximate = [t.bundle_id for t in thresholds if not t.exact]
+        if approximate:
+            warnings.append("scores from " + ", ".join(approximate) +
                             " are index approximations: those bundles store no vectors for exact re-ranking")
         return CheckResult(
             verdict=worst(m.verdict for m in matches), max_score=matches[0].score if matches else None,
-            matches=matches, model=model, thresholds=self._thresholds(bundles, policy), fail_mode=policy.fail_mode,
+            matches=matches, model=model, thresholds=thresholds, fail_mode=policy.fail_mode,
             image=image, generation=record, warnings=warnings, timings_ms=dict(timings), checked_at=utc_now(),
             tool_version=_tool_version(),
         )

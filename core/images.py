@@ -218,6 +218,9 @@ def to_pixels(inputs: Iterable[ImageInput] | "torch.Tensor" | "np.ndarray", max_
     out: list[Pixels | ImageInputError] = []
     for n, item in enumerate(items):
         source = str(item) if isinstance(item, (str, os.PathLike)) else f"image {n}"
+        if isinstance(item, Pixels):
+            out.append(item)
+            continue
         try:
             if isinstance(item, torch.Tensor):
                 images = _tensor_images(item, source)

@@ -99,7 +99,7 @@ def with_png_text(data: bytes, key: str, text: str) -> bytes:
     return b"".join(parts)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -134,13 +134,13 @@ def write_record(image: Union[str, Path], result: CheckResult, png: bool = True,
     written = []
     data = image.read_bytes() if png else b""
     if png and data.startswith(PNG_SIGNATURE):
-        _atomic_write(image, with_png_text(data, RECORD_KEY, text))
+        atomic_write(image, with_png_text(data, RECORD_KEY, text))
         written.append(image)
     elif png:
         sidecar = True
     if sidecar:
         path = sidecar_path(image)
-        _atomic_write(path, json.dumps(result.to_json(), ensure_ascii=False, indent=2).encode("utf-8"))
+        atomic_write(path, json.dumps(result.to_json(), ensure_ascii=False, indent=2).encode("utf-8"))
         written.append(path)
     return written
 

@@ -229,9 +229,8 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     if not (work / TRAINED_FILE).is_file():
         bar = _progress(1, f"training {choice.factory} on {choice.train_rows:,} rows", opts, unit="index")
-        sample = _sample(shards, choice.train_rows) if choice.train_rows else np.zeros((0, d), np.float32)
-        index = train(choice.factory, d, sample)
-        del sample
+        index = train(choice.factory, d, _sample(shards, choice.train_rows) if choice.train_rows
+                      else np.zeros((0, d), np.float32))
         faiss.write_index(index, str(work / ".trained.tmp"))
         os.replace(work / ".trained.tmp", work / TRAINED_FILE)
         bar.update(1)

@@ -18,7 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def train(factory: str, d: int, sample: "np.ndarray"):
-    """A trained, empty index for factory (inner product), trained on sample (float32 unit rows)."""
+    """A trained, empty index for factory (inner product), trained on sample (float32 unit rows).
+
+    A pre-transform (OPQ) is trained and applied first and the raw sample released before the IVF/PQ
+    stage trains, so peak memory is about the sample plus one transformed copy, not three copies."""
     import faiss
 
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -28,8 +31,20 @@ def train(factory: str, d: int, sample: "np.ndarray"):
         # Polysemous training (a Hamming-order permutation of PQ codes) costs most of the training time and
         # only serves polysemous search, which is not used.
         inner.do_polysemous_training = False
-    if not index.is_trained:
-        index.train(sample)
+    if index.is_trained:
+        return index
+    if isinstance(index, faiss.IndexPreTransform):
+        x = sample
+        del sample
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            if not vt.is_trained:
+                vt.train(x)
+            x = vt.apply(x)
+        faiss.downcast_index(index.index).train(x)
+        index.is_trained = True
+        return index
+    index.train(sample)
     return index
 
 
@@ -88,21 +103,19 @@ def merge_parts(trained_path: Path, parts: list[Path], folder: Path, ivfdata_nam
 def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]], k: int) -> "np.ndarray":
     """Ids of the exact top-k inner products of queries over all rows (streamed in (first id, rows) batches)."""
     import numpy as np
-    import torch
 
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    best_s = torch.full((len(queries), k), -float("inf"))
-    best_i = torch.full((len(queries), k), -1, dtype=torch.int64)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
     for first, x in batches:
-        s = q @ torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).T
-        ids = torch.arange(first, first + x.shape[0], dtype=torch.int64)
+        s = q @ np.ascontiguousarray(x, dtype=np.float32).T
         kk = min(k, s.shape[1])
-        top_s, top_j = s.topk(kk, dim=1)
-        cat_s = torch.cat([best_s, top_s], 1)
-        cat_i = torch.cat([best_i, ids[top_j]], 1)
-        order = cat_s.topk(k, dim=1).indices
-        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
-    return best_i.numpy()
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        cat_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+        cat_i = np.concatenate([best_i, top + first], 1)
+        order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+    return best_i
 
 
 @dataclass

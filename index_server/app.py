@@ -1,0 +1,437 @@
+"""The FastAPI application of `provenance-guard serve`.
+
+clip-retrieval back's API:
+  GET  /indices-list                 -> ["name", ...]
+  POST /knn-service  {indice_name, num_images, modality, one of text | image (base64) | image_url |
+                      embedding_input, deduplicate, num_result_ids, ...}
+                     -> [{id, similarity, url, caption, ...every metadata column}], best first. similarity is
+                        the exact cosine (clip back returns the PQ estimate: an image scored 0.94 against
+                        itself there). Options this server does not implement (safety model, violence
+                        detector, aesthetic mixing, mclip) are ignored: no aesthetic vector is ever mixed in.
+  POST /metadata     {indice_name, ids} -> [{id, metadata}]
+This server's own:
+  POST /v1/check     multipart (images=files..., indices, generation, top_k, warn, block, fail_mode) or JSON
+                     {images: [base64...], ...} -> {"results": [check-result v1 ...]}
+  GET  /healthz, GET /metrics (Prometheus)
+Every route but /healthz needs "Authorization: Bearer <token>" when a token is set; one must be set to
+listen beyond loopback. Bodies over the size limit get 413; undecodable images 400.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..core.errors import ConfigError, ImageInputError, ProvenanceError
+
+MAX_NUM_IMAGES = 1000
+DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
+
+
+@dataclass
+class ServerConfig:
+    indices: dict[str, str]
+    token: Optional[str] = None
+    allow_image_url: bool = False
+    max_request_bytes: int = 20 << 20
+    max_images_per_request: int = 64
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    device: str = "auto"
+    audit_log: Optional[str] = None
+    warn: Optional[float] = None
+    block: Optional[float] = None
+    fail_mode: str = "open"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class State:
+    """Opened bundles, their checkers, and one batcher per model."""
+
+    def __init__(self, config: ServerConfig):
+        from ..core.audit import AuditLog
+        from ..core.bundle import Bundle
+        from .metrics import Metrics
+
+        self.config = config
+        self.bundles = {name: Bundle.open(path) for name, path in config.indices.items()}
+        self.metrics = Metrics()
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._batchers: dict[str, Any] = {}
+        self._checkers: dict[tuple, Any] = {}
+        self._lock = asyncio.Lock()
+        import threading
+
+        self._tlock = threading.Lock()
+
+    def bundle(self, name: Optional[str]):
+        if name is None and len(self.bundles) == 1:
+            return next(iter(self.bundles.values()))
+        if name not in self.bundles:
+            raise HTTPProblem(404, f"unknown index {name!r}; GET /indices-list names the indices served")
+        return self.bundles[name]
+
+    def batcher(self, model: str):
+        from ..core.embed import get_embedder
+        from .batcher import EmbedBatcher
+
+        with self._tlock:
+            if model not in self._batchers:
+                self._batchers[model] = EmbedBatcher(get_embedder(model, self.config.device), self.config.max_batch,
+                                                     self.config.batch_wait_ms, on_batch=self.metrics.batch)
+            return self._batchers[model]
+
+    def checker(self, names: tuple[str, ...]):
+        from ..core.check import Checker
+
+        with self._tlock:
+            if names not in self._checkers:
+                self._checkers[names] = Checker([self.bundles[n] for n in names], device=self.config.device)
+            return self._checkers[names]
+
+    def close(self) -> None:
+        for b in self._batchers.values():
+            b.close()
+
+
+def _b64(data: str, what: str) -> bytes:
+    try:
+        if "," in data[:100] and data.lstrip().startswith("data:"):
+            data = data.split(",", 1)[1]
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPProblem(400, f"{what} is not valid base64 ({exc})") from exc
+
+
+def _pixels(blobs: list[bytes]):
+    from ..core.images import to_pixels
+
+    pixels = to_pixels(blobs)
+    for n, p in enumerate(pixels):
+        if isinstance(p, ImageInputError):
+            raise HTTPProblem(400, f"image {n}: {p}")
+    return pixels
+
+
+def _fetch_url(url: str, limit: int) -> bytes:
+    import requests
+
+    if not url.lower().startswith(("http://", "https://")):
+        raise HTTPProblem(400, "image_url must be http(s)")
+    try:
+        with requests.get(url, timeout=(3, 10), stream=True) as resp:
+            resp.raise_for_status()
+            data = b""
+            for chunk in resp.iter_content(65536):
+                data += chunk
+                if len(data) > limit:
+                    raise HTTPProblem(413, f"image_url body is over {limit} bytes")
+            return data
+    except requests.RequestException as exc:
+        raise HTTPProblem(400, f"image_url could not be fetched: {exc}") from exc
+
+
+def knn(state: State, body: dict) -> list[dict]:
+    """clip-retrieval's /knn-service over one bundle, exact cosines."""
+    import numpy as np
+
+    from ..core.search import search
+
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the body must be a JSON object")
+    bundle = state.bundle(body.get("indice_name"))
+    if body.get("modality", "image") != "image":
+        raise HTTPProblem(400, "this server holds image embeddings only: use modality \"image\" (text queries "
+                               "are embedded with the model and searched against the images)")
+    try:
+        num = int(body.get("num_images", 40))
+        num_ids = int(body.get("num_result_ids") or num)
+    except (TypeError, ValueError):
+        raise HTTPProblem(400, "num_images and num_result_ids must be whole numbers")
+    if not 1 <= num <= MAX_NUM_IMAGES:
+        raise HTTPProblem(400, f"num_images must be between 1 and {MAX_NUM_IMAGES}")
+    if body.get("embedding_input") is not None:
+        try:
+            q = np.asarray(body["embedding_input"], dtype=np.float32).reshape(1, -1)
+        except (TypeError, ValueError):
+            raise HTTPProblem(400, "embedding_input must be a list of numbers")
+        if q.shape[1] != bundle.dim:
+            raise HTTPProblem(400, f"embedding_input has {q.shape[1]} numbers but index "
+                                   f"{bundle.id} holds {bundle.dim}-d vectors of {bundle.model}")
+        norm = float(np.linalg.norm(q))
+        if not np.isfinite(norm) or norm == 0:
+            raise HTTPProblem(400, "embedding_input must be a finite, non-zero vector")
+        q /= norm
+    elif body.get("text"):
+        q = state.batcher(bundle.model).embedder.embed_text([str(body["text"])])
+    elif body.get("image") or body.get("image_url"):
+        if body.get("image"):
+            blob = _b64(str(body["image"]), "image")
+        elif not state.config.allow_image_url:
+            raise HTTPProblem(400, "image_url is off on this server (start it with --allow-image-url); send the "
+                                   "image as base64 in \"image\"")
+        else:
+            blob = _fetch_url(str(body["image_url"]), state.config.max_request_bytes)
+        q = state.batcher(bundle.model).embed_pixels(_pixels([blob]))
+    else:
+        raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
+    want = max(num, num_ids) if body.get("deduplicate", True) else num
+    matches = search(bundle, q, min(want * 2 if body.get("deduplicate", True) else want, bundle.live_count)).matches[0]
+    if body.get("deduplicate", True) and bundle.vectors is not None and matches:
+        vecs = bundle.vector([m.row_id for m in matches])
+        kept, kept_vecs = [], []
+        for m, v in zip(matches, vecs):
+            if all(float(v @ k) < DEDUP_COSINE for k in kept_vecs):
+                kept.append(m)
+                kept_vecs.append(v)
+        matches = kept
+    out = []
+    for m in matches[:num]:
+        row = {k: _json_value(v) for k, v in m.metadata.items()}
+        row.update({"id": m.row_id, "similarity": round(m.score, 6), "url": m.url, "caption": m.caption})
+        out.append(row)
+    return out
+
+
+def metadata(state: State, body: dict) -> list[dict]:
+    if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
+        raise HTTPProblem(400, "give {\"indice_name\": ..., \"ids\": [...]}")
+    bundle = state.bundle(body.get("indice_name"))
+    try:
+        ids = [int(i) for i in body["ids"]][:MAX_NUM_IMAGES]
+    except (TypeError, ValueError):
+        raise HTTPProblem(400, "ids must be whole numbers")
+    bad = [i for i in ids if not 0 <= i < bundle.count]
+    if bad:
+        raise HTTPProblem(400, f"ids {bad[:5]} are outside index {bundle.id} (0..{bundle.count - 1})")
+    return [{"id": i, "metadata": {k: _json_value(v) for k, v in row.items()}} for i, row in zip(ids, bundle.rows(ids))]
+
+
+def _json_value(v):
+    from ..core.result import _jsonable
+
+    return _jsonable(v)
+
+
+def check(state: State, blobs: list[bytes], options: dict) -> dict:
+    from ..core.policy import Policy
+    from ..core.result import GenerationRecord
+
+    if not blobs:
+        raise HTTPProblem(400, "no images: send them as multipart files named images, or JSON {\"images\": [base64]}")
+    if len(blobs) > state.config.max_images_per_request:
+        raise HTTPProblem(413, f"{len(blobs)} images in one request; at most {state.config.max_images_per_request}")
+    names = options.get("indices") or list(state.bundles)
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    for n in names:
+        state.bundle(n)
+    try:
+        policy = Policy(warn=_opt_float(options.get("warn"), state.config.warn),
+                        block=_opt_float(options.get("block"), state.config.block),
+                        fail_mode=options.get("fail_mode") or state.config.fail_mode,
+                        top_k=int(options.get("top_k") or 10))
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise HTTPProblem(400, str(exc))
+    generation = options.get("generation")
+    if isinstance(generation, str) and generation.strip():
+        try:
+            generation = json.loads(generation)
+        except json.JSONDecodeError as exc:
+            raise HTTPProblem(400, f"generation is not JSON: {exc}")
+    records = generation if isinstance(generation, list) else [generation] * len(blobs)
+    if len(records) != len(blobs):
+        raise HTTPProblem(400, f"{len(records)} generation records for {len(blobs)} images")
+    records = [GenerationRecord.from_json(r) if isinstance(r, dict) else None for r in records]
+    pixels = _pixels(blobs)
+    checker = state.checker(tuple(names))
+    models = {checker.model_for(b) for b in checker.open()}
+    if len(models) != 1:
+        raise HTTPProblem(400, f"indices {names} use different models ({sorted(models)}); check them in two requests")
+    results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
+    for blob, r in zip(blobs, results):
+        r.image["sha256"] = hashlib.sha256(blob).hexdigest()
+        r.image["source"] = "upload"
+    state.metrics.verdicts(r.verdict for r in results)
+    if state.audit:
+        from ..core.audit import audit_entry
+
+        state.audit.append([audit_entry(r, source="server upload", user=options.get("user")) for r in results])
+    return {"results": [r.to_json() for r in results]}
+
+
+def _opt_float(value, default):
+    if value in (None, ""):
+        return default
+    return float(value)
+
+
+def create_app(config: ServerConfig):
+    from contextlib import asynccontextmanager
+
+    state = State(config)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state.close()
+
+    app = FastAPI(title="provenance-guard index server", lifespan=lifespan)
+    app.state.pg = state
+
+    def problem(status: int, message: str):
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = request.url.path
+        status = 500
+        try:
+            if config.token and path != "/healthz":
+                header = request.headers.get("authorization", "")
+                given = header[7:] if header.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(given.encode(), config.token.encode()):
+                    status = 401
+                    return problem(401, "missing or wrong token: send \"Authorization: Bearer <token>\"")
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.max_request_bytes:
+                status = 413
+                return problem(413, f"request body of {int(length):,} bytes is over the limit of "
+                                    f"{config.max_request_bytes:,}")
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            state.metrics.request(path if path in KNOWN_PATHS else "other", request.method, status,
+                                  time.perf_counter() - t0)
+
+    async def body_bytes(request: Request) -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > config.max_request_bytes:
+                raise HTTPProblem(413, f"request body is over the limit of {config.max_request_bytes:,} bytes")
+        return bytes(data)
+
+    async def json_body(request: Request):
+        raw = await body_bytes(request)
+        try:
+            return json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPProblem(400, f"the body is not JSON: {exc}")
+
+    async def guarded(fn, *args):
+        try:
+            return JSONResponse(await run_in_threadpool(fn, *args))
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message)
+        except ProvenanceError as exc:
+            return problem(400 if isinstance(exc, (ConfigError, ImageInputError)) else 500, str(exc))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "indices": len(state.bundles)}
+
+    @app.get("/indices-list")
+    async def indices_list():
+        return list(state.bundles)
+
+    @app.get("/v1/indices")
+    async def indices_info():
+        return {name: {"id": b.id, "version": b.version, "model": b.model, "dim": b.dim, "rows": b.live_count,
+                       "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact}
+                for name, b in state.bundles.items()}
+
+    @app.post("/knn-service")
+    async def knn_service(request: Request):
+        try:
+            body = await json_body(request)
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message)
+        return await guarded(knn, state, body)
+
+    @app.post("/metadata")
+    async def metadata_route(request: Request):
+        try:
+            body = await json_body(request)
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message)
+        return await guarded(metadata, state, body)
+
+    @app.post("/v1/check")
+    async def check_route(request: Request):
+        try:
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith("multipart/form-data"):
+                raw = await body_bytes(request)
+
+                async def replay():
+                    return {"type": "http.request", "body": raw, "more_body": False}
+
+                form = await Request(request.scope, replay).form(max_files=config.max_images_per_request + 1)
+                blobs = [await f.read() for f in form.getlist("images") if hasattr(f, "read")]
+                options = {k: v for k, v in form.items() if k != "images" and isinstance(v, str)}
+            else:
+                body = await json_body(request)
+                if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+                    raise HTTPProblem(400, "give {\"images\": [base64, ...]} or a multipart form with images")
+                blobs = [_b64(str(x), f"images[{n}]") for n, x in enumerate(body["images"])]
+                options = {k: v for k, v in body.items() if k != "images"}
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a garbled multipart body
+            return problem(400, f"the form could not be read: {exc}")
+        return await guarded(check, state, blobs, options)
+
+    @app.get("/metrics")
+    async def metrics():
+        gauges = {"provenance_guard_indices": len(state.bundles),
+                  "provenance_guard_models_loaded": len(state._batchers)}
+        gauges.update({f'provenance_guard_index_rows{{index="{n}"}}': b.live_count for n, b in state.bundles.items()})
+        return PlainTextResponse(state.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+KNOWN_PATHS = {"/healthz", "/indices-list", "/v1/indices", "/knn-service", "/metadata", "/v1/check", "/metrics"}
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish (graceful shutdown), then uvicorn
+    re-raises the signal, so the process ends as killed by it, as service managers expect."""
+    import uvicorn
+
+    if not config.token and not is_loopback(host):
+        raise ConfigError(f"listening on {host} (beyond this machine) needs a token: pass --token or set "
+                          f"PROVENANCE_GUARD_TOKEN, and send it as 'Authorization: Bearer <token>'")
+    app = create_app(config)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=15,
+                                  access_log=False)).run()

@@ -1,0 +1,259 @@
+"""The index server started on 127.0.0.1 inside the test (the real command, a real HTTP socket): clip-retrieval
+request and response shapes, /v1/check, auth, limits, batching, metrics, graceful shutdown; the remote
+backend against it, and what a client does when it is down."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from provenance_guard.core.bundle import Bundle
+from provenance_guard.core.check import Checker
+from provenance_guard.core.errors import ConfigError
+from provenance_guard.core.policy import Policy
+from provenance_guard.demo import sample_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(name: str) -> bytes:
+    buf = io.BytesIO()
+    sample_image(name).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def start(bundle: Path, *extra: str, env_token: bool = False):
+    port = free_port()
+    env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    if env_token:
+        env["PROVENANCE_GUARD_TOKEN"] = TOKEN
+    proc = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={bundle}",
+                             "--port", str(port), "--log-level", "warning", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=1).ok:
+                return proc, base
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read().decode(errors="replace")[-3000:])
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
+
+
+@pytest.fixture(scope="module")
+def server(built_bundle, tmp_path_factory):
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    proc, base = start(built_bundle, "--batch-wait-ms", "150", "--max-request-mb", "2", "--audit-log", str(audit))
+    yield base, audit
+    assert stop(proc) in CLEAN_EXIT
+
+
+def test_clip_retrieval_indices_list_and_embedding_query(server, built_bundle):
+    base, _ = server
+    assert requests.get(f"{base}/indices-list").json() == ["refs"]
+    bundle = Bundle.open(built_bundle)
+    body = {"embedding_input": bundle.vector([2])[0].tolist(), "modality": "image", "num_images": 3,
+            "indice_name": "refs", "deduplicate": True, "use_safety_model": False, "use_violence_detector": False,
+            "aesthetic_score": "", "aesthetic_weight": ""}
+    out = requests.post(f"{base}/knn-service", json=body).json()
+    assert isinstance(out, list) and len(out) == 3
+    assert out[0]["id"] == 2 and out[0]["similarity"] > 0.999  # exact cosine: a row scores ~1 against itself
+    assert {"id", "similarity", "url", "caption", "path", "sha256"} <= set(out[0])
+    assert [r["similarity"] for r in out] == sorted((r["similarity"] for r in out), reverse=True)
+
+
+def test_knn_with_image_and_text(server):
+    base, _ = server
+    image = base64.b64encode(png("rocket")).decode()
+    out = requests.post(f"{base}/knn-service", json={"image": image, "indice_name": "refs", "num_images": 2,
+                                                     "modality": "image"}).json()
+    assert out[0]["url"] == "rocket.png" and out[0]["similarity"] > 0.999
+    out = requests.post(f"{base}/knn-service", json={"text": "a rocket", "indice_name": "refs",
+                                                     "num_images": 4, "modality": "image"}).json()
+    assert len(out) == 4 and all(-1 <= r["similarity"] <= 1 for r in out)
+    r = requests.post(f"{base}/knn-service", json={"image_url": "http://127.0.0.1:9/x.png", "indice_name": "refs"})
+    assert r.status_code == 400 and "--allow-image-url" in r.json()["error"]
+    r = requests.post(f"{base}/knn-service", json={"embedding_input": [0.1] * 3, "indice_name": "refs"})
+    assert r.status_code == 400 and "64-d" in r.json()["error"]
+    r = requests.post(f"{base}/knn-service", json={"text": "x", "indice_name": "nope"})
+    assert r.status_code == 404
+
+
+def test_metadata(server):
+    base, _ = server
+    out = requests.post(f"{base}/metadata", json={"indice_name": "refs", "ids": [0, 3]}).json()
+    assert [o["id"] for o in out] == [0, 3] and out[0]["metadata"]["url"] == "astronaut.png"
+    assert requests.post(f"{base}/metadata", json={"indice_name": "refs", "ids": [99]}).status_code == 400
+
+
+def test_v1_check_multipart_and_json(server):
+    import jsonschema
+
+    schema = json.loads((ROOT / "core/schema/check-result.v1.json").read_text())
+    base, audit = server
+    files = [("images", ("a.png", png("astronaut"), "image/png")), ("images", ("c.png", png("camera"), "image/png"))]
+    out = requests.post(f"{base}/v1/check", files=files,
+                        data={"generation": json.dumps({"prompt": "an astronaut", "seed": 7})}).json()
+    results = out["results"]
+    assert [r["verdict"] for r in results] == ["block", "pass"]
+    for r in results:
+        jsonschema.validate(r, schema)
+    assert results[0]["generation"]["seed"] == 7 and results[0]["image"]["sha256"]
+    body = {"images": [base64.b64encode(png("coffee")).decode()], "top_k": 2}
+    out = requests.post(f"{base}/v1/check", json=body).json()
+    assert out["results"][0]["matches"][0]["url"] == "coffee.png" and len(out["results"][0]["matches"]) == 2
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {"image_sha256", "user", "host", "bundles", "verdict", "top_match"} <= set(lines[-1])
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
+    base, _ = server
+    big = b"x" * (3 << 20)
+    assert requests.post(f"{base}/v1/check", files=[("images", ("big.png", big, "image/png"))]).status_code == 413
+    r = requests.post(f"{base}/v1/check", files=[("images", ("bad.png", b"\x89PNG garbage", "image/png"))])
+    assert r.status_code == 400 and "image 0" in r.json()["error"]
+    assert requests.post(f"{base}/v1/check", json={"images": ["***not base64***"]}).status_code == 400
+    assert requests.post(f"{base}/v1/check", data=b"{", headers={"Content-Type": "application/json"}).status_code == 400
+    assert requests.post(f"{base}/v1/check", files=[("other", ("x", b"1"))]).status_code == 400
+    assert requests.post(f"{base}/knn-service", json={"text": "still fine", "indice_name": "refs"}).ok
+
+
+def test_concurrent_requests_are_batched_and_counted(server):
+    base, _ = server
+    before = requests.get(f"{base}/metrics").text
+
+    def counter(text, name):
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    results = []
+
+    def one(name):
+        r = requests.post(f"{base}/v1/check", files=[("images", ("i.png", png(name), "image/png"))])
+        results.append(r.json()["results"][0]["verdict"])
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ["astronaut", "camera"] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["block"] * 4 + ["pass"] * 4
+    after = requests.get(f"{base}/metrics").text
+    images = counter(after, "provenance_guard_embed_batch_images_total") - \
+        counter(before, "provenance_guard_embed_batch_images_total")
+    batches = counter(after, "provenance_guard_embed_batches_total") - counter(before, "provenance_guard_embed_batches_total")
+    assert images == 8 and batches < 8  # several requests shared a forward pass
+    assert 'provenance_guard_checks_total{verdict="block"}' in after
+    assert 'provenance_guard_requests_total{path="/v1/check",method="POST",status="200"}' in after
+
+
+def test_remote_backend_matches_local(server, built_bundle):
+    base, _ = server
+    images = [sample_image("chelsea"), sample_image("coins")]
+    remote = Checker(f"{base}/refs").check(images)
+    local = Checker(built_bundle, device="cpu").check(images)
+    assert [r.verdict for r in remote] == [r.verdict for r in local] == ["block", "pass"]
+    assert remote[0].matches[0].url == local[0].matches[0].url == "chelsea.png"
+    assert abs(remote[0].max_score - local[0].max_score) < 1e-4
+    assert remote[0].model.startswith("remote ")
+
+
+@pytest.mark.parametrize("mode,verdict", [("open", "unchecked"), ("closed", "block")])
+def test_server_down_follows_fail_mode(mode, verdict):
+    checker = Checker(f"http://127.0.0.1:{free_port()}/refs", policy=Policy(fail_mode=mode))
+    checker.remote[0].backoff = 0.01
+    (r,) = checker.check([sample_image("camera")])
+    assert r.verdict == verdict and "unavailable after 4 tries" in r.error
+
+
+def test_token_auth(built_bundle):
+    proc, base = start(built_bundle, env_token=True)
+    try:
+        assert requests.get(f"{base}/healthz").ok  # probes need no token
+        assert requests.get(f"{base}/indices-list").status_code == 401
+        assert requests.get(f"{base}/indices-list", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert requests.get(f"{base}/indices-list", headers={"Authorization": f"Bearer {TOKEN}"}).ok
+        checker = Checker(f"{base}/refs", token="wrong")
+        (r,) = checker.check([sample_image("camera")])
+        assert r.verdict == "unchecked" and "refused the token" in r.error
+        (r,) = Checker(f"{base}/refs", token=TOKEN).check([sample_image("astronaut")])
+        assert r.verdict == "block"
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+
+
+def test_non_loopback_needs_a_token(built_bundle):
+    from provenance_guard.index_server.app import ServerConfig, serve
+
+    with pytest.raises(ConfigError, match="needs a token"):
+        serve(ServerConfig(indices={"refs": str(built_bundle)}), "0.0.0.0", free_port())
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={built_bundle}",
+                          "--host", "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PROVENANCE_GUARD_TOKEN"})
+    assert out.returncode == 2 and "needs a token" in out.stderr
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(built_bundle):
+    proc, base = start(built_bundle, "--batch-wait-ms", "400")
+    got = {}
+
+    def slow():
+        got["r"] = requests.post(f"{base}/v1/check", files=[("images", ("i.png", png("astronaut"), "image/png"))])
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.25)  # the request is waiting in the batcher
+    proc.send_signal(signal.SIGTERM)
+    t.join(timeout=60)
+    assert got["r"].status_code == 200 and got["r"].json()["results"][0]["verdict"] == "block"
+    assert proc.wait(timeout=30) in CLEAN_EXIT
+
+
+def test_audit_log_concurrent_writers_never_interleave(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    code = ("import sys; from provenance_guard.core.audit import AuditLog\n"
+            "a = AuditLog(sys.argv[1]); w = sys.argv[2]\n"
+            "for i in range(150): a.append([{'writer': w, 'i': i, 'pad': 'x' * 3000}])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(log), str(n)]) for n in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 600
+    entries = [json.loads(line) for line in lines]
+    for w in "0123":
+        assert [e["i"] for e in entries if e["writer"] == w] == list(range(150))
