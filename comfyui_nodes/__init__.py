@@ -34,11 +34,12 @@ def register_with_comfyui() -> None:
     except (OSError, ValueError) as exc:
         logging.getLogger("provenance_guard").error("provenance-guard: %s is unreadable (%s); studio "
                                                     "enforcement is OFF", enforce.CONFIG_FILE, exc)
-        return
-    if config:
-        from server import PromptServer
+        config = None
+    from server import PromptServer
 
+    if config:
         enforce.register(PromptServer.instance, config)
+    PromptServer.instance.add_on_prompt_handler(enforce.record_slot)
 
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "register_with_comfyui"]

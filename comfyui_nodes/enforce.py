@@ -74,12 +74,27 @@ def enforce_prompt(json_data: dict, config: dict[str, Any]) -> dict:
     return json_data
 
 
+def record_slot(json_data: dict) -> dict:
+    """Give a queued graph that holds a Provenance Check an EXTRA_PNGINFO dict, so the node has somewhere to
+    put the record for Save Image even when an API client sent no extra_data (the UI always sends one)."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if isinstance(prompt, dict) and any(isinstance(n, dict) and n.get("class_type") == "ProvenanceCheck"
+                                        for n in prompt.values()):
+        extra = json_data.get("extra_data")
+        if not isinstance(extra, dict):
+            extra = json_data["extra_data"] = {}
+        if not isinstance(extra.get("extra_pnginfo"), dict):
+            extra["extra_pnginfo"] = {}
+    return json_data
+
+
 def bundle_choice_ok(config: dict[str, Any], folders: list[str]) -> bool:
     bundle = str(config["bundle"])
     return _is_path(bundle) or bundle in folders
 
 
 def register(server, config: dict[str, Any]) -> None:
+    """Enforcement first, so the record slot also covers the checks it inserts (register_record_slot)."""
     server.add_on_prompt_handler(lambda json_data: enforce_prompt(json_data, config))
     log.info("provenance-guard: studio enforcement on: every Save Image is preceded by a blocking check "
              "against %s", config["bundle"])

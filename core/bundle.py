@@ -284,6 +284,7 @@ class Bundle:
         self.params, self._keep = search_parameters(index, manifest.search_params, removed)
         self._metadata = metadata_reader
         self._batches: dict[int, Any] = {}
+        self._fds: dict[str, int] = {}
 
     # identity -----------------------------------------------------------------------------------------
     @property
@@ -488,18 +489,36 @@ class Bundle:
         return list(self._metadata.schema.names)
 
     def vector(self, ids) -> "np.ndarray":
-        """Stored unit vectors of ids as float32 (requires re-rank vectors)."""
+        """Stored unit vectors of ids as float32 (requires re-rank vectors).
+
+        Rows are read with pread, not through the memory map: for a check's few random rows that is faster
+        (no page fault per row, ~60 us for 40 rows from the page cache), and a long-running server's
+        resident memory does not grow towards the size of the file."""
         import numpy as np
 
         if self.vectors is None:
             raise BundleError(f"bundle {self.id} stores no re-rank vectors; rebuild it with re-rank vectors")
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) > 4096:  # large gathers read the file in order
-            order = np.argsort(ids)
-            out = np.empty((len(ids), self.dim), dtype=np.float32)
-            out[order] = decode_rerank(self.vectors[ids[order]], None if self.scales is None else self.scales[ids[order]])
-            return out
-        return decode_rerank(self.vectors[ids], None if self.scales is None else self.scales[ids])
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        codes = self._gather(self.vectors, ids)
+        scales = None if self.scales is None else self._gather(self.scales, ids)
+        return decode_rerank(codes, scales)
+
+    def _gather(self, arr, ids) -> "np.ndarray":
+        import numpy as np
+
+        fd = self._fds.get(arr.filename)
+        if fd is None:
+            fd = self._fds.setdefault(arr.filename, os.open(arr.filename, os.O_RDONLY))
+        row_bytes = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
+        shape = (len(ids),) + arr.shape[1:]
+        if not len(ids):
+            return np.zeros(shape, arr.dtype)
+        first = int(ids[0])
+        if int(ids[-1]) - first + 1 == len(ids) and (len(ids) == 1 or bool(np.all(np.diff(ids) == 1))):
+            data = os.pread(fd, row_bytes * len(ids), arr.offset + first * row_bytes)
+        else:
+            data = b"".join(os.pread(fd, row_bytes, arr.offset + int(i) * row_bytes) for i in ids)
+        return np.frombuffer(data, dtype=arr.dtype).reshape(shape)
 
     def verify(self) -> list[str]:
         """Recompute every file's sha256; returns the problems found (empty when the bundle is intact)."""
@@ -553,7 +572,8 @@ def decode_rerank(codes: "np.ndarray", scales: Optional["np.ndarray"]) -> "np.nd
         if torch is not None:
             # numpy widens float16 element by element (~40 us per 30k values); torch uses F16C, ~15x faster.
             # Only when a check already loaded torch: importing it costs ~0.5 GB, which a build must not pay.
-            return torch.from_numpy(np.ascontiguousarray(codes)).float().numpy()
+            codes = codes if codes.flags.writeable and codes.flags.c_contiguous else np.array(codes)
+            return torch.from_numpy(codes).float().numpy()
         return np.asarray(codes, dtype=np.float32)
     return codes.astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
 

@@ -71,13 +71,15 @@ class BuildReport:
     tuning: Optional[Tuning] = None
     resumed_shards: int = 0
     peak_rss_bytes: int = 0
+    rss_by_phase: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"built {self.out}: {self.rows:,} rows, {self.factory} ({self.note}), re-rank vectors: "
                f"{self.rerank or 'none (approximate scores)'}",
                "phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + f"; total {self.seconds:.1f} s",
-               f"peak RSS {human(self.peak_rss_bytes)}" + (f"; resumed after {self.resumed_shards} finished shards"
-                                                           if self.resumed_shards else "")]
+               f"peak RSS {human(self.peak_rss_bytes)} (peak so far after " +
+               ", ".join(f"{k} {human(v)}" for k, v in self.rss_by_phase.items()) + ")" +
+               (f"; resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")]
         if self.tuning:
             r = self.tuning.chosen
             out.append(f"search: nprobe={r.nprobe}; near-duplicate recall@1 {r.near_dup_r1:.3f} @10 {r.near_dup_r10:.3f}; "
@@ -221,8 +223,11 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
           f"({choice.note})" + (f"; resuming: {len(state.done)} shards already done" if resumed else ""),
           file=sys.stderr)
 
+    rss_by_phase: dict[str, int] = {}
+
     def phase(name: str, t0: float) -> None:
         state.phases[name] = state.phases.get(name, 0.0) + time.perf_counter() - t0
+        rss_by_phase[name] = peak_rss()
         state.save()
 
     # train
@@ -309,7 +314,7 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     state.phases["publish"] = 0.0
     report = BuildReport(out, n, choice.factory, choice.note, rerank, 0.0, dict(state.phases), tuning,
-                         resumed_shards, peak_rss())
+                         resumed_shards, peak_rss(), rss_by_phase)
     manifest.build = {
         "created": utc_now(), "tool": _tool(), "sources": [{"kind": "embeddings", "path": str(source),
                                                            "shards": len(shards), "rows": n}],
@@ -365,7 +370,8 @@ def tune_bundle(folder: Path, shards: list[Shard], choice: IndexChoice, opts: Bu
 
     def normalised():
         for first, x in iter_vectors(shards, ADD_BATCH_ROWS):
-            yield first, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            yield first, x
 
     bar = _progress(1, "exact search for recall", opts, unit="pass")
     truth = exact_topk(np.concatenate([near, held]), normalised(), 10)

@@ -100,21 +100,26 @@ def merge_parts(trained_path: Path, parts: list[Path], folder: Path, ivfdata_nam
     return index
 
 
-def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]], k: int) -> "np.ndarray":
-    """Ids of the exact top-k inner products of queries over all rows (streamed in (first id, rows) batches)."""
+def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]], k: int,
+               chunk: int = 20_000) -> "np.ndarray":
+    """Ids of the exact top-k inner products of queries over all rows (streamed in (first id, rows) batches,
+    scored chunk rows at a time so the score matrix stays small)."""
     import numpy as np
 
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for first, x in batches:
-        s = q @ np.ascontiguousarray(x, dtype=np.float32).T
-        kk = min(k, s.shape[1])
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        cat_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
-        cat_i = np.concatenate([best_i, top + first], 1)
-        order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+    for first, rows in batches:
+        for start in range(0, len(rows), chunk):
+            x = rows[start:start + chunk]
+            s = x @ q.T  # chunk x queries
+            s = np.ascontiguousarray(s.T)
+            kk = min(k, s.shape[1])
+            top = np.argpartition(s, s.shape[1] - kk, axis=1)[:, -kk:]
+            cat_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+            cat_i = np.concatenate([best_i, top + first + start], 1)
+            order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
     return best_i
 
 

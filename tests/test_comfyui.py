@@ -244,6 +244,18 @@ def test_studio_enforcement_inserts_a_blocking_check(pack, comfy, monkeypatch):
     assert enforce_prompt(bad, config)["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-failed", 0]
 
 
+def test_record_slot_for_api_clients_without_extra_data(pack):
+    from provenance_guard.comfyui_nodes.enforce import record_slot
+
+    assert pack.NODE_CLASS_MAPPINGS  # what ComfyUI reads at load, which registers the handlers
+    graph = json.loads((ROOT / "examples/txt2img_provenance_api.json").read_text())
+    assert record_slot({"prompt": graph})["extra_data"] == {"extra_pnginfo": {}}
+    kept = {"prompt": graph, "extra_data": {"extra_pnginfo": {"workflow": {"x": 1}}}}
+    assert record_slot(kept)["extra_data"]["extra_pnginfo"] == {"workflow": {"x": 1}}
+    assert "extra_data" not in record_slot({"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}})
+    assert len(PromptServer.instance.on_prompt_handlers) == 1  # registered at load, enforcement off
+
+
 def test_enforcement_registers_a_prompt_handler_at_load(comfy, monkeypatch):
     (comfy.tmp / "user").mkdir()
     (comfy.tmp / "user" / "provenance_guard.json").write_text(json.dumps({"enforce": {"bundle": "studio-refs"}}))
@@ -252,9 +264,12 @@ def test_enforcement_registers_a_prompt_handler_at_load(comfy, monkeypatch):
         module = load_pack(name)
         assert module.NODE_CLASS_MAPPINGS  # ComfyUI reading the mappings runs the registration
         handlers = PromptServer.instance.on_prompt_handlers
-        assert len(handlers) == 1
-        out = handlers[0]({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}})
-        assert out["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-9", 0]
+        assert len(handlers) == 2  # enforcement, then the record slot
+        data = {"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}}
+        for handler in handlers:
+            data = handler(data)
+        assert data["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-9", 0]
+        assert data["extra_data"]["extra_pnginfo"] == {}  # where the inserted check puts its record
     finally:
         for key in [k for k in sys.modules if k.startswith(name)]:
             del sys.modules[key]

@@ -61,6 +61,7 @@ def _upload(base: str, path: Path) -> str:
 def comfyui(tmp_path_factory, built_bundle, tiny_model):
     tmp = tmp_path_factory.mktemp("comfy")
     (tmp / "nodes").mkdir()
+    (tmp / "custom_nodes").mkdir()  # ComfyUI's own folder under --base-directory; the pack comes via the yaml
     os.symlink(ROOT, tmp / "nodes" / "provenance-guard")
     (tmp / "models" / "provenance").mkdir(parents=True)
     shutil.copytree(built_bundle, tmp / "models" / "provenance" / "studio-refs")
@@ -120,6 +121,10 @@ def test_real_comfyui_checks_blocks_and_records(comfyui, tmp_path):
     base, tmp = comfyui
     info = _request(f"{base}/object_info/ProvenanceCheck")["ProvenanceCheck"]
     assert info["category"] == "provenance" and "studio-refs" in info["input"]["required"]["bundle"][0]
+    scripts = [e for e in _request(f"{base}/extensions") if e.endswith("/provenance.js")]
+    assert len(scripts) == 1  # the front-end extension is served from WEB_DIRECTORY
+    with urllib.request.urlopen(base + scripts[0], timeout=10) as resp:
+        assert b"provenance-guard.ProvenanceCheck" in resp.read()
     copy, other = tmp_path / "copy.png", tmp_path / "other.png"
     sample_image("astronaut").convert("RGB").save(copy)
     sample_image("camera").convert("RGB").save(other)
