@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rerank", choices=("float16", "int8", "none"), default="float16",
                    help="re-rank vectors stored for exact scores (--embeddings; default float16)")
     b.add_argument("--max-rerank-memory", help="budget for re-rank vectors: float16, else int8, else none")
-    b.add_argument("--target-recall", type=_float01, default=0.99,
-                   help="near-duplicate recall@1 to tune nprobe for (--embeddings; default 0.99)")
+    b.add_argument("--target-recall", type=_float01, default=0.999,
+                   help="near-duplicate recall@1 to tune nprobe for (--embeddings; default 0.999)")
     b.add_argument("--target-latency-ms", type=float, help="or: the largest nprobe within this median latency")
     b.add_argument("--ray-address", help="spread the work over Ray: local, auto or ray://head:10001")
 

@@ -319,6 +319,18 @@ class Bundle:
     def __repr__(self) -> str:
         return f"Bundle({self.id!r} v{self.version}, {self.count} rows, {self.manifest.index_factory}, {self.path})"
 
+    def close(self) -> None:
+        """Release the file descriptors of re-rank reads (memory maps go with the object)."""
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        self.close()
+
     # opening ------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Union[str, Path]) -> "Bundle":

@@ -359,21 +359,20 @@ def create_app(config: ServerConfig):
                        "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact}
                 for name, b in state.bundles.items()}
 
-    @app.post("/knn-service")
-    async def knn_service(request: Request):
+    async def json_call(request: Request, fn):
         try:
             body = await json_body(request)
         except HTTPProblem as exc:
             return problem(exc.status, exc.message)
-        return await guarded(knn, state, body)
+        return await guarded(fn, state, body)
+
+    @app.post("/knn-service")
+    async def knn_service(request: Request):
+        return await json_call(request, knn)
 
     @app.post("/metadata")
     async def metadata_route(request: Request):
-        try:
-            body = await json_body(request)
-        except HTTPProblem as exc:
-            return problem(exc.status, exc.message)
-        return await guarded(metadata, state, body)
+        return await json_call(request, metadata)
 
     @app.post("/v1/check")
     async def check_route(request: Request):

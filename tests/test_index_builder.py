@@ -302,3 +302,23 @@ def test_ray_build_equals_local_build(tmp_path):
     assert (a.path / "index.ivfdata").read_bytes() == (b.path / "index.ivfdata").read_bytes()
     q = a.vector(np.arange(0, 2400, 37))
     assert top1(a, q) == top1(b, q)
+
+
+def test_ray_data_embedding_equals_local(tmp_path, tiny_model, references):
+    """index embed with --ray-address local: Ray Data actors holding the model give the local shards."""
+    pytest.importorskip("ray")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert cli(["index", "embed", str(references), "--out", str(local), "--model", tiny_model, "--no-progress"]) == 0
+    try:
+        assert cli(["index", "embed", str(references), "--out", str(remote), "--model", tiny_model,
+                    "--ray-address", "local", "--no-progress"]) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    a = np.load(local / "img_emb/img_emb_0000.npy").astype(np.float32)
+    b = np.load(remote / "img_emb/img_emb_0000.npy").astype(np.float32)
+    assert a.shape == b.shape == (6, 64)
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    assert pq.read_table(local / "metadata/metadata_0000.parquet").equals(
+        pq.read_table(remote / "metadata/metadata_0000.parquet"))
