@@ -60,9 +60,9 @@ def make_shards(folder: Path, rows: int, d: int = 768) -> None:
 
     if (folder / "done").is_file():
         return
-    shutil.rmtree(folder, ignore_errors=True)
     per = 100_000
-    write_shards(folder, [per] * (rows // per) + ([rows % per] if rows % per else []), d=d)
+    write_shards(folder, [per] * (rows // per) + ([rows % per] if rows % per else []), d=d, keep=False,
+                 skip_existing=True)
     (folder / "done").write_text("ok")
 
 

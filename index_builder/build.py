@@ -90,6 +90,17 @@ class BuildReport:
         return out
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise): the training sample is gone once the
+    index is trained, and the merge's mapped lists should not stack on top of it in resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def peak_rss() -> int:
     """Peak resident memory of this process and its finished children, in bytes (Linux reports KiB)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -240,6 +251,8 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
                       else np.zeros((0, d), np.float32))
         faiss.write_index(index, str(work / ".trained.tmp"))
         os.replace(work / ".trained.tmp", work / TRAINED_FILE)
+        del index
+        release_freed_memory()
         bar.update(1)
         bar.close()
         phase("train", t0)
@@ -267,6 +280,7 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
             state.save()
             bar.update(shard.rows)
     bar.close()
+    release_freed_memory()
     if todo:
         phase("add", t0)
 

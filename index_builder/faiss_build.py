@@ -7,6 +7,7 @@ do in parallel; ``merge_parts`` then streams all parts into ``index.ivfdata`` (f
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -65,9 +66,78 @@ def add_part(trained_path: Path, vectors: Iterable[tuple[int, "np.ndarray"]], ou
 
 
 def merge_parts(trained_path: Path, parts: list[Path], folder: Path, ivfdata_name: str, shift_ids: bool = False):
-    """Merge the inverted lists of parts (part indices, or populated bundle indices whose lists are on disk
-    beside them) into folder/ivfdata_name; returns the populated index. As faiss.contrib.ondisk.merge_ondisk,
-    but each input is read with the flags it needs and nothing is loaded whole."""
+    """Merge the inverted lists of parts into folder/ivfdata_name; returns the populated index.
+
+    Parts written by add_part are merged by streaming: one part in memory at a time, its lists written
+    with pwrite into their final slots, so neither the parts nor the output are memory-mapped and the
+    merge's resident memory is one part, whatever the total. Published bundles (lists already on disk, as
+    in append and merge) go through faiss's merge_from_multiple."""
+    if any(_is_ondisk(p) for p in parts) or shift_ids:
+        return _merge_with_faiss(trained_path, parts, folder, ivfdata_name, shift_ids)
+    return _merge_streaming(trained_path, parts, folder / ivfdata_name)
+
+
+def _is_ondisk(part: Path) -> bool:
+    return part.name == "index.faiss" and (part.parent / "index.ivfdata").is_file()
+
+
+def _merge_streaming(trained_path: Path, parts: list[Path], target: Path):
+    import faiss
+    import numpy as np
+
+    index = faiss.read_index(str(trained_path))
+    ivf = faiss.extract_index_ivf(index)
+    nlist, code_size = ivf.nlist, ivf.code_size
+
+    def lists_of(part: Path):
+        src = faiss.read_index(str(part))
+        return src, faiss.extract_index_ivf(src).invlists
+
+    sizes = np.zeros((len(parts), nlist), dtype=np.int64)
+    for n, part in enumerate(parts):
+        src, inv = lists_of(part)
+        sizes[n] = [inv.list_size(i) for i in range(nlist)]
+        del src
+    totals = sizes.sum(0)
+    slot = totals * (code_size + 8)
+    offsets = np.concatenate([[0], np.cumsum(slot)[:-1]])
+    if target.exists():
+        target.unlink()  # a merge interrupted earlier
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, int(slot.sum()))
+        written = np.zeros(nlist, dtype=np.int64)
+        for n, part in enumerate(parts):
+            src, inv = lists_of(part)
+            for i in np.nonzero(sizes[n])[0]:
+                count = int(sizes[n, i])
+                codes = faiss.rev_swig_ptr(inv.get_codes(int(i)), count * code_size)
+                ids = faiss.rev_swig_ptr(inv.get_ids(int(i)), count)
+                base = int(offsets[i])
+                os.pwrite(fd, codes.tobytes(), base + int(written[i]) * code_size)
+                os.pwrite(fd, ids.tobytes(), base + int(totals[i]) * code_size + int(written[i]) * 8)
+                written[i] += count
+            del src
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    invlists = faiss.OnDiskInvertedLists()
+    invlists.nlist, invlists.code_size = nlist, code_size
+    invlists.filename = str(target)
+    invlists.totsize = int(slot.sum())
+    invlists.read_only = True
+    for i in range(nlist):
+        one = faiss.OnDiskOneList()
+        one.size = one.capacity = int(totals[i])
+        one.offset = int(offsets[i])
+        invlists.lists.push_back(one)
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    index.ntotal = ivf.ntotal = int(totals.sum())
+    return index
+
+
+def _merge_with_faiss(trained_path: Path, parts: list[Path], folder: Path, ivfdata_name: str, shift_ids: bool):
     import faiss
 
     from ..core.bundle import quiet_stdout
@@ -81,12 +151,10 @@ def merge_parts(trained_path: Path, parts: list[Path], folder: Path, ivfdata_nam
         for part in parts:
             # A part's lists are inside it (map them); a published bundle's are on disk beside it (open
             # those; MMAP together with ONDISK_SAME_DIR crashes faiss 1.15).
-            ondisk = (part.parent / "index.ivfdata").is_file() and part.name == "index.faiss"
-            flags = (faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY) if ondisk else faiss.IO_FLAG_MMAP
+            flags = (faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY) if _is_ondisk(part) else faiss.IO_FLAG_MMAP
             src = faiss.read_index(str(part), flags)
-            ivf = faiss.extract_index_ivf(src)
             sources.append(src)
-            lists.append(ivf.invlists)
+            lists.append(faiss.extract_index_ivf(src).invlists)
         ivf = faiss.extract_index_ivf(index)
         invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(target))
         vec = faiss.InvertedListsPtrVector()

@@ -102,9 +102,14 @@ def scan_shards(source: str) -> list[Shard]:
         if n not in parquets:
             raise ConfigError(f"{source}: img_emb_{n:04d}.npy has no metadata/metadata_{n:04d}.parquet: rows after "
                               f"it would be joined to the wrong metadata; fetch the missing parquet")
-        shape, dtype, header = _npy_header(*_fs_of(npys[n]))
+        nfs, npath = _fs_of(npys[n])
+        shape, dtype, header = _npy_header(nfs, npath)
         if len(shape) != 2 or dtype not in ("float16", "float32"):
             raise ConfigError(f"{npys[n]}: holds {dtype} of shape {shape}; LAION embeddings are 2-d float16/float32")
+        expected = header + shape[0] * shape[1] * (2 if dtype == "float16" else 4)
+        if nfs.size(npath) != expected:
+            raise RowCountMismatchError(f"shard {n}: {npys[n]} is {nfs.size(npath):,} bytes but its header promises "
+                                        f"{expected:,}: the file is truncated; download it again")
         pfs, ppath = _fs_of(parquets[n])
         with pfs.open(ppath, "rb") as f:
             rows = pq.ParquetFile(f).metadata.num_rows

@@ -38,15 +38,19 @@ def metadata(first: int, n: int, convention: str) -> pa.Table:
 
 
 def write_shards(folder: Path, rows_per_shard: list[int], d: int = 64, dtype=np.float16, convention: str = "laion5b",
-                 seed: int = 0, first_id: int = 0) -> np.ndarray:
-    """Write shards 0..len(rows_per_shard)-1 under folder; returns all vectors (float32, in id order)."""
+                 seed: int = 0, first_id: int = 0, keep: bool = True, skip_existing: bool = False):
+    """Write shards 0..len(rows_per_shard)-1 under folder; returns all vectors (float32, in id order), or
+    None with keep=False (a benchmark's 10M rows would not fit in memory)."""
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
     (folder / "metadata").mkdir(parents=True, exist_ok=True)
     out, first = [], first_id
     for n, rows in enumerate(rows_per_shard):
-        x = vectors(rows, d, seed * 1000 + n)
-        np.save(folder / "img_emb" / f"img_emb_{n:04d}.npy", x.astype(dtype))
-        pq.write_table(metadata(first, rows, convention), folder / "metadata" / f"metadata_{n:04d}.parquet")
-        out.append(x.astype(dtype).astype(np.float32))
+        npy, parquet = folder / "img_emb" / f"img_emb_{n:04d}.npy", folder / "metadata" / f"metadata_{n:04d}.parquet"
+        if not (skip_existing and npy.is_file() and parquet.is_file()):
+            x = vectors(rows, d, seed * 1000 + n)
+            np.save(npy, x.astype(dtype))
+            pq.write_table(metadata(first, rows, convention), parquet)
+            if keep:
+                out.append(x.astype(dtype).astype(np.float32))
         first += rows
-    return np.concatenate(out)
+    return np.concatenate(out) if keep else None

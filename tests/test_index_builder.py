@@ -77,6 +77,11 @@ def test_misaligned_input_is_refused_naming_the_shard(tmp_path):
     with pytest.raises(ConfigError, match="img_emb_0002.npy has no metadata/metadata_0002.parquet"):
         scan_shards(str(src))
     write_shards(src, [100, 100, 100], d=16)
+    data = (src / "img_emb/img_emb_0001.npy").read_bytes()
+    (src / "img_emb/img_emb_0001.npy").write_bytes(data[:-100])  # a download cut short
+    with pytest.raises(RowCountMismatchError, match="shard 1: .* truncated"):
+        scan_shards(str(src))
+    write_shards(src, [100, 100, 100], d=16)
     np.save(src / "img_emb/img_emb_0002.npy", np.zeros((100, 24), np.float16))
     with pytest.raises(DimensionMismatchError, match="shard 2: .* is 24-d but the shards before it are 16-d"):
         scan_shards(str(src))
