@@ -65,8 +65,6 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     args = ap.parse_args()
 
-    import torch  # noqa: F401 - loaded in every checking process (it embeds); re-ranking uses its F16C casts
-
     from provenance_guard.core.bundle import Bundle
     from provenance_guard.core.check import Checker
 

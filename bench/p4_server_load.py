@@ -77,8 +77,9 @@ def try_clip_back() -> str:
     py = venv / "bin" / "python"
     if not py.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "clip-retrieval"], capture_output=True, text=True,
-                          timeout=1800)
+    # clip (a dependency) still imports pkg_resources, gone from setuptools 81.
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "clip-retrieval", "setuptools<81"],
+                          capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
         return f"clip-retrieval did not install in its own environment ({tail[:300]})"

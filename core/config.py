@@ -18,7 +18,8 @@ FAIL_MODES = ("open", "closed")
 DEFAULT_BATCH_SIZE = 32
 # ~ 12k x 8k: large enough for any upscaled generation, small enough that decoding cannot exhaust RAM.
 DEFAULT_MAX_PIXELS = 100_000_000
-# How many candidates per requested match an approximate index returns for exact re-ranking.
+# An approximate index returns k + (factor - 1) * min(k, 10) candidates for exact re-ranking: 4 x k for
+# a check's top-10, a few dozen extra for long result lists.
 RERANK_CANDIDATES_FACTOR = 4
 METADATA_BATCH_ROWS = 65536
 

@@ -26,8 +26,9 @@ class SearchOutput:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def search(bundle: Bundle, queries: "np.ndarray", k: int) -> SearchOutput:
-    """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first."""
+def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True) -> SearchOutput:
+    """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first.
+    With metadata=False the matches carry ids and scores only (join later with ``join_metadata``)."""
     import numpy as np
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -39,7 +40,8 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int) -> SearchOutput:
     k = max(1, min(int(k), bundle.live_count))
     flat_index = bundle.manifest.flat
     rerank = bundle.vectors is not None and not flat_index
-    candidates = min(bundle.count, k * RERANK_CANDIDATES_FACTOR) if rerank else k
+    # PQ mis-orders the top of the list: a few dozen extra candidates, re-scored exactly, put it right.
+    candidates = min(bundle.count, k + (RERANK_CANDIDATES_FACTOR - 1) * min(k, 10)) if rerank else k
     t0 = time.perf_counter()
     scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
     t1 = time.perf_counter()
@@ -48,21 +50,21 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int) -> SearchOutput:
     if rerank:
         scores, ids = _rerank(bundle, queries, ids, k)
     t2 = time.perf_counter()
-    wanted = sorted({int(i) for row in ids for i in row if i >= 0})
-    meta = dict(zip(wanted, bundle.rows(wanted)))
-    out: list[list[Match]] = []
-    for row_scores, row_ids in zip(scores, ids):
-        matches = []
-        for s, i in zip(row_scores, row_ids):
-            if i < 0:
-                continue
-            md = dict(meta[int(i)])
-            url, caption = md.pop("url", None), md.pop("caption", None)
-            matches.append(Match(score=float(s), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version,
-                                 row_id=int(i), url=url, caption=caption, metadata=md))
-        out.append(matches)
+    out = [[Match(score=float(sc), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version, row_id=int(i))
+            for sc, i in zip(row_scores, row_ids) if i >= 0] for row_scores, row_ids in zip(scores, ids)]
+    if metadata:
+        join_metadata(bundle, [m for ms in out for m in ms])
     t3 = time.perf_counter()
     return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3})
+
+
+def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
+    """Fill url, caption and the other columns of matches (of this bundle) from its metadata."""
+    wanted = sorted({m.row_id for m in matches})
+    rows = dict(zip(wanted, bundle.rows(wanted)))
+    for m in matches:
+        md = dict(rows[m.row_id])
+        m.url, m.caption, m.metadata = md.pop("url", None), md.pop("caption", None), md
 
 
 def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", k: int):

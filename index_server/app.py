@@ -151,7 +151,7 @@ def knn(state: State, body: dict) -> list[dict]:
     """clip-retrieval's /knn-service over one bundle, exact cosines."""
     import numpy as np
 
-    from ..core.search import search
+    from ..core.search import join_metadata, search
 
     if not isinstance(body, dict):
         raise HTTPProblem(400, "the body must be a JSON object")
@@ -191,16 +191,22 @@ def knn(state: State, body: dict) -> list[dict]:
         q = state.batcher(bundle.model).embed_pixels(_pixels([blob]))
     else:
         raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
-    want = max(num, num_ids) if body.get("deduplicate", True) else num
-    matches = search(bundle, q, min(want * 2 if body.get("deduplicate", True) else want, bundle.live_count)).matches[0]
-    if body.get("deduplicate", True) and bundle.vectors is not None and matches:
+    dedup = bool(body.get("deduplicate", True))
+    want = max(num, num_ids) * 2 if dedup else num
+    matches = search(bundle, q, min(want, bundle.live_count), metadata=False).matches[0]
+    if dedup and bundle.vectors is not None and matches:
+        # clip-retrieval's de-duplication: drop a result too close to a better one (vectorised greedy pass).
         vecs = bundle.vector([m.row_id for m in matches])
-        kept, kept_vecs = [], []
-        for m, v in zip(matches, vecs):
-            if all(float(v @ k) < DEDUP_COSINE for k in kept_vecs):
-                kept.append(m)
-                kept_vecs.append(v)
-        matches = kept
+        sims = vecs @ vecs.T
+        kept: list[int] = []
+        for i in range(len(matches)):
+            if not kept or float(sims[i, kept].max()) < DEDUP_COSINE:
+                kept.append(i)
+                if len(kept) == num:
+                    break
+        matches = [matches[i] for i in kept]
+    matches = matches[:num]
+    join_metadata(bundle, matches)
     out = []
     for m in matches[:num]:
         row = {k: _json_value(v) for k, v in m.metadata.items()}

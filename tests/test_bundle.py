@@ -256,3 +256,13 @@ def test_open_is_constant_time_in_rows(tmp_path):
     read = _rchar() - before
     assert b.count == n and size > 20_000_000
     assert read < 200_000, f"opening read {read} bytes of a {size}-byte bundle"
+
+
+def test_float16_rerank_decode_is_exact_for_every_code():
+    from provenance_guard.core.bundle import decode_rerank
+
+    every = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    for codes in (every, every[:, ::2], every.T):  # contiguous, strided and transposed (memory-mapped slices)
+        got = decode_rerank(codes, None)
+        assert got.dtype == np.float32 and got.shape == codes.shape
+        np.testing.assert_array_equal(got, codes.astype(np.float32))  # NaNs compare equal here

@@ -257,3 +257,28 @@ def test_audit_log_concurrent_writers_never_interleave(tmp_path):
     entries = [json.loads(line) for line in lines]
     for w in "0123":
         assert [e["i"] for e in entries if e["writer"] == w] == list(range(150))
+
+
+def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
+    """Rows within clip-retrieval's 0.94 cosine of a better result are dropped unless deduplicate is false."""
+    import pyarrow as pa
+
+    from provenance_guard.core.bundle import BundleWriter
+    from provenance_guard.index_server.app import ServerConfig, State, knn
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((40, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    twins = base[:5] + 0.01 * rng.standard_normal((5, 16)).astype(np.float32)
+    vecs = np.vstack([base, twins / np.linalg.norm(twins, axis=1, keepdims=True)])
+    with BundleWriter(tmp_path / "b", model="m/t", dim=16) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(len(vecs))], "caption": ["<b>c</b>"] * len(vecs)}))
+        w.finish()
+    state = State(ServerConfig(indices={"b": str(tmp_path / "b")}))
+    query = {"embedding_input": base[0].tolist(), "indice_name": "b", "num_images": 5}
+    deduped = knn(state, query)
+    ids = [r["id"] for r in deduped]
+    assert ids[0] in (0, 40) and not {0, 40} <= set(ids) and len(ids) == 5
+    assert deduped[0]["url"] in ("u0", "u40") and deduped[0]["caption"] == "<b>c</b>"
+    both = [r["id"] for r in knn(state, {**query, "deduplicate": False})]
+    assert {0, 40} <= set(both) and len(both) == 5
