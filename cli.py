@@ -398,7 +398,14 @@ def cmd_merge(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    from .index_server.app import ServerConfig, serve
+    try:
+        import threadpoolctl  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from .index_server.app import ServerConfig, serve
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"the index server needs {exc.name}, which is not installed: pip install "
+                          f"'provenance-guard[server]' (or, in a clone, pip install '.[server]')") from exc
 
     indices = {}
     for item in args.index:

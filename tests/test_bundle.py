@@ -266,3 +266,17 @@ def test_float16_rerank_decode_is_exact_for_every_code():
         got = decode_rerank(codes, None)
         assert got.dtype == np.float32 and got.shape == codes.shape
         np.testing.assert_array_equal(got, codes.astype(np.float32))  # NaNs compare equal here
+
+
+@pytest.mark.parametrize("rerank", ["float16", "int8"])
+def test_mapped_and_pread_row_reads_agree(tmp_path, rerank):
+    vecs = unit(3000, 24, seed=11)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=24, rerank=rerank) as w:
+        w.add(vecs, pa.table({"url": [str(i) for i in range(len(vecs))]}))
+        w.finish()
+    b = Bundle.open(tmp_path / "b")
+    ids = [2999, 0, 17, 18, 19, 1500, 17]  # unsorted, a contiguous run, a repeat
+    by_pread = b.vector(ids)
+    b.mapped_reads = True
+    np.testing.assert_array_equal(b.vector(ids), by_pread)
+    np.testing.assert_allclose(by_pread, vecs[ids], atol=2e-2 if rerank == "int8" else 2e-3)

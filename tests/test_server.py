@@ -282,3 +282,12 @@ def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
     assert deduped[0]["url"] in ("u0", "u40") and deduped[0]["caption"] == "<b>c</b>"
     both = [r["id"] for r in knn(state, {**query, "deduplicate": False})]
     assert {0, 40} <= set(both) and len(both) == 5
+
+
+def test_serve_without_the_server_extras_says_what_to_install(built_bundle, monkeypatch, capsys):
+    from provenance_guard.cli import main as cli
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # as if `pip install .[server]` never ran
+    assert cli(["serve", "--index", f"refs={built_bundle}", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "threadpoolctl" in err and "provenance-guard[server]" in err
