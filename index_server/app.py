@@ -210,7 +210,7 @@ def knn(state: State, body: dict) -> list[dict]:
     matches = matches[:num]
     join_metadata(bundle, matches)
     out = []
-    for m in matches[:num]:
+    for m in matches:
         row = {k: _json_value(v) for k, v in m.metadata.items()}
         row.update({"id": m.row_id, "similarity": round(m.score, 6), "url": m.url, "caption": m.caption})
         out.append(row)
@@ -397,7 +397,7 @@ def create_app(config: ServerConfig):
 
 class Guard:
     """Token and declared-size checks before a request reaches a route, and request metrics after it.
-    Plain ASGI: starlette's BaseHTTPMiddleware cost a third of the server's time per knn request."""
+    Plain ASGI: starlette's BaseHTTPMiddleware would run every request through an extra task and stream."""
 
     def __init__(self, app, config: ServerConfig, metrics, problem):
         self.app, self.config, self.metrics, self.problem = app, config, metrics, problem
@@ -454,7 +454,10 @@ def is_loopback(host: str) -> bool:
 def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests finish (graceful shutdown), then uvicorn
     re-raises the signal, so the process ends as killed by it, as service managers expect."""
+    import gc
+
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
     if not config.token and not is_loopback(host):
         raise ConfigError(f"listening on {host} (beyond this machine) needs a token: pass --token or set "
@@ -463,11 +466,7 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
     # Concurrency here comes from requests, each on its own thread: numpy's and faiss's BLAS and OpenMP pools
     # of one. Pools of N spin between calls and contend across request threads (40% of the CPU of a knn
     # request on 2 cores). Libraries loaded later (torch, for /v1/check) keep their own pools for batches.
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(1)
-    import gc
-
     # The opened bundles, models and libraries never become garbage: keep them out of every collection
     # (full collections over them were a tenth of the server's time under load).
     gc.freeze()
