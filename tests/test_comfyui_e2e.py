@@ -148,3 +148,62 @@ def test_real_comfyui_checks_blocks_and_records(comfyui, tmp_path):
     assert not list((tmp / "output").glob("copy_*.png"))
     report = history["outputs"]["2"]["provenance"][0]
     assert report["verdict"] == "block" and report["images"][0]["matches"][0]["url"] == "astronaut.png"
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def test_front_end_draws_escaped_report_on_the_node(comfyui, tmp_path, tiny_model):
+    """The pack's web extension in ComfyUI's own front end, in headless Chromium: after a run the node is
+    tinted by verdict and shows the matches inside its bounds; captions with HTML stay text, only http(s)
+    urls become links (new tab). Needs playwright (pip) and a Chromium (CHROMIUM=... or on PATH)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium: install one or set CHROMIUM")
+    import pyarrow as pa
+
+    from provenance_guard.core.bundle import BundleWriter
+    from provenance_guard.core.embed import get_embedder
+
+    base, tmp = comfyui
+    vecs = get_embedder(tiny_model, device="cpu").embed([sample_image("astronaut"), sample_image("camera")])
+    with BundleWriter(tmp / "models" / "provenance" / "html-refs", model=tiny_model, dim=vecs.shape[1],
+                      warn=0.985, block=0.995) as w:
+        w.add(vecs, pa.table({"url": ["https://example.com/a.jpg?<b>1</b>", "javascript:window.__pwned=2"],
+                              "caption": ['<img src=x onerror="window.__pwned=1">astronaut', "<script>x</script>"]}))
+        w.finish()
+    copy = tmp_path / "copy.png"
+    sample_image("astronaut").convert("RGB").save(copy)
+    graph = _graph(_upload(base, copy), "block", "browser")
+    graph["2"]["inputs"]["bundle"] = "html-refs"
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(base)
+            page.wait_for_function("window.app && window.app.graph && window.app.extensions?.length", timeout=120_000)
+            assert "provenance-guard.ProvenanceCheck" in page.evaluate("window.app.extensions.map(e => e.name)")
+            page.evaluate("async (g) => { await window.app.loadApiJson(g, 'provenance'); }", graph)
+            page.evaluate("async () => { await window.app.queuePrompt(0); }")
+            page.wait_for_function("() => window.app.graph.getNodeById(2)?._provenanceWidget", timeout=120_000)
+            node = page.evaluate("""() => {
+                const n = window.app.graph.getNodeById(2), el = n._provenanceWidget.element;
+                const box = el.getBoundingClientRect(), inner = el.firstChild;
+                return {bgcolor: n.bgcolor, text: el.innerText, pwned: window.__pwned ?? null,
+                        tags: [...el.querySelectorAll('img, script')].length,
+                        links: [...el.querySelectorAll('a')].map(a => [a.getAttribute('href'), a.target]),
+                        fits: inner.scrollHeight <= box.height + 1 || inner.scrollHeight > inner.clientHeight};
+            }""")
+        finally:
+            browser.close()
+    assert node["bgcolor"] == "#b71c1c" and node["text"].startswith("image 0: BLOCK")
+    assert '<img src=x onerror="window.__pwned=1">astronaut' in node["text"] and "<script>x</script>" in node["text"]
+    assert node["pwned"] is None and node["tags"] == 0
+    assert node["links"] == [["https://example.com/a.jpg?<b>1</b>", "_blank"], [None, ""]]
+    assert node["fits"]  # shown whole or scrollable inside the node, never spilling over it

@@ -3,7 +3,11 @@
 // http(s) urls, opened in a new tab. On a front end without DOM widgets, the node is just tinted.
 import { app } from "../../scripts/app.js";
 
+// Node tint (dark) and text colour (light) per verdict: text drawn on the tinted node must stay readable.
 const COLORS = { pass: "#2e7d32", warn: "#b26a00", block: "#b71c1c", unchecked: "#616161" };
+const TEXT = { pass: "#a5d6a7", warn: "#ffe082", block: "#ffcdd2", unchecked: "#e0e0e0" };
+const LINE_PX = 16;
+const MAX_PX = 260;
 
 function el(tag, text, style) {
   const e = document.createElement(tag);
@@ -24,25 +28,41 @@ function safeLink(url) {
 }
 
 function render(payload) {
-  const root = el("div", null, { font: "12px sans-serif", color: "#ddd", overflowY: "auto", maxHeight: "260px",
-                                 padding: "4px" });
+  // Fills the height the node gives the widget and scrolls beyond it: nothing spills out of the node.
+  const root = el("div", null, { font: `12px/${LINE_PX}px sans-serif`, color: "#eee", overflowY: "auto",
+                                 height: "100%", padding: "4px", boxSizing: "border-box" });
   (payload.images || []).forEach((img, i) => {
     const head = el("div", `image ${i}: ${String(img.verdict).toUpperCase()}` +
       (img.max_score === null || img.max_score === undefined ? "" : `  max ${Number(img.max_score).toFixed(4)}`),
-      { fontWeight: "bold", color: COLORS[img.verdict] || "#ddd", marginTop: "4px" });
+      { fontWeight: "bold", color: TEXT[img.verdict] || "#eee", marginTop: "4px" });
     root.appendChild(head);
-    if (img.error) root.appendChild(el("div", img.error, { color: "#ef9a9a" }));
+    if (img.error) root.appendChild(el("div", img.error, { color: "#ffcdd2" }));
     const list = el("ol", null, { margin: "2px 0 2px 18px", padding: "0" });
     (img.matches || []).forEach((m) => {
       const li = el("li");
       li.appendChild(el("span", `${Number(m.score).toFixed(4)} ${m.verdict} `));
       if (m.url) li.appendChild(safeLink(String(m.url)));
-      if (m.caption) li.appendChild(el("div", m.caption, { color: "#aaa", whiteSpace: "normal" }));
+      if (m.caption) li.appendChild(el("div", m.caption, { color: "#ccc", whiteSpace: "normal" }));
       list.appendChild(li);
     });
     root.appendChild(list);
   });
   return root;
+}
+
+// The widget's height before the browser lays it out, from the text (about CHARS_PER_LINE characters fit
+// a line of a default-width node), capped so a long batch scrolls inside the node instead of growing it.
+const CHARS_PER_LINE = 42;
+function reportHeight(payload) {
+  const lines = (text) => Math.max(1, Math.ceil(String(text).length / CHARS_PER_LINE));
+  let total = 0;
+  (payload.images || []).forEach((img) => {
+    total += 1 + (img.error ? lines(img.error) : 0);
+    (img.matches || []).forEach((m) => {
+      total += lines(`${m.score} ${m.verdict} ${m.url || ""}`) + (m.caption ? lines(m.caption) : 0);
+    });
+  });
+  return Math.min(MAX_PX, total * LINE_PX + 16);
 }
 
 app.registerExtension({
@@ -57,12 +77,19 @@ app.registerExtension({
       this.bgcolor = COLORS[payload.verdict] || this.bgcolor;
       if (typeof this.addDOMWidget !== "function") return;
       const content = render(payload);
+      this._provenanceHeight = reportHeight(payload);
       if (this._provenanceWidget) {
         this._provenanceWidget.element.replaceChildren(content);
       } else {
-        const holder = el("div");
+        const holder = el("div", null, { height: "100%" });
         holder.appendChild(content);
-        this._provenanceWidget = this.addDOMWidget("provenance_report", "provenance", holder, { serialize: false });
+        this._provenanceWidget = this.addDOMWidget("provenance_report", "provenance", holder, {
+          serialize: false, getMinHeight: () => this._provenanceHeight });
+      }
+      // Grow the node to hold the report (never shrink what the user sized); older front ends skip this.
+      if (typeof this.computeSize === "function" && typeof this.setSize === "function") {
+        const want = this.computeSize();
+        this.setSize([Math.max(this.size[0], want[0]), Math.max(this.size[1], want[1])]);
       }
       this.setDirtyCanvas?.(true, true);
     };
