@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import modules.scripts as scripts
 
-from ..core.check import failed_result
+from ..core.check import failed_result, shared_checker
 from ..core.errors import ConfigError, ProvenanceError
 from ..core.policy import BLOCK, UNCHECKED, WARN, Policy
 from ..core.report import block_message, is_flagged, placeholder_image, result_html, short, summary_line
@@ -38,8 +37,6 @@ FAIL_MODES = ["open", "closed"]
 # The order of ui()'s components = the order of alwayson_scripts args in the API (README documents it).
 ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode"]
 
-_CHECKERS: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
 LAST_HTML: dict[str, str] = {}  # tab -> the panel's HTML of the last generation
 
 
@@ -75,15 +72,6 @@ def resolve_bundle(bundle: str, bundle_path: str) -> str:
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise ConfigError(f"bundle {bundle!r} is not in {settings.models_dir()}; pick another or give its path")
     return path
-
-
-def get_checker(path: str):
-    from ..core.check import Checker
-
-    with _LOCK:
-        if path not in _CHECKERS:
-            _CHECKERS[path] = Checker(path)
-        return _CHECKERS[path]
 
 
 def _tab(p) -> str:
@@ -192,7 +180,7 @@ class ProvenanceGuardScript(scripts.Script):
         if not state.bundle:
             return [failed_result(state.policy, state.notes[0] if state.notes else "no bundle", rec)
                     for rec in records]
-        return get_checker(state.bundle).check(_to_bhwc(images), records=records, policy=state.policy)
+        return shared_checker(state.bundle).check(_to_bhwc(images), records=records, policy=state.policy)
 
     @staticmethod
     def _generation(p, i: int):

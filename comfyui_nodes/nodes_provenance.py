@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from typing import Any, Optional
 
 CATEGORY = "provenance"
 FOLDER = "provenance"
 NO_BUNDLE = "(no bundle in models/provenance)"
 ON_MATCH = ["warn", "block", "replace", "error"]
 CHUNK = 16  # images per forward pass, and per progress-bar step, in large batches
-
-_CHECKERS: dict[tuple, Any] = {}
-_CHECKERS_LOCK = threading.Lock()
 
 
 def bundle_folders() -> list[str]:
@@ -72,16 +67,6 @@ def _device() -> str:
         return str(mm.get_torch_device())
     except (ImportError, AttributeError):
         return "auto"
-
-
-def get_checker(path: str, model_override: str):
-    from ..core.check import Checker
-
-    key = (path, model_override or "", _device())
-    with _CHECKERS_LOCK:
-        if key not in _CHECKERS:
-            _CHECKERS[key] = Checker(path, model=model_override or None, device=key[2])
-        return _CHECKERS[key]
 
 
 def _interrupt_point() -> None:
@@ -175,7 +160,7 @@ class ProvenanceCheck:
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
               block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", prompt=None,
               extra_pnginfo=None, unique_id=None):
-        from ..core.check import failed_result
+        from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
         from ..core.policy import Policy
         from ..core.report import block_message, is_flagged, text_report
@@ -185,7 +170,8 @@ class ProvenanceCheck:
                         fail_mode=fail_mode, top_k=int(top_k))
         results: list[CheckResult] = []
         try:
-            checker = get_checker(resolve_bundle(bundle, bundle_path), model_override)
+            checker = shared_checker(resolve_bundle(bundle, bundle_path), model=model_override or None,
+                                     device=_device())
             embedder = None
             if clip_vision is not None:
                 from .clip_vision import ComfyClipVisionEmbedder

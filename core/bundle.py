@@ -179,6 +179,16 @@ class Manifest:
             raise ManifestError(f"{where}: field {exc} is missing or malformed; rebuild the bundle") from exc
 
 
+def manifest_stamp(path: Union[str, Path]) -> Optional[tuple]:
+    """Changes whenever a bundle is published at this path or its manifest is rewritten (every change to a
+    bundle ends that way); None where there is no manifest to stat (a server URL, a missing folder)."""
+    try:
+        st = os.stat(Path(path).expanduser() / MANIFEST)
+    except (OSError, ValueError):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 def read_manifest(path: Union[str, Path]) -> Manifest:
     path = Path(path)
     mpath = path / MANIFEST

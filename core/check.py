@@ -1,9 +1,10 @@
 """The pipeline: images -> embed -> search + re-rank (every bundle) -> merge -> verdict -> CheckResult.
 
-``Checker`` is what every surface holds: the CLI, the ComfyUI node, the A1111 script and the server build
-one per (bundles, model, device) and call ``check`` with a batch. Bundles and models open on first use
-(or with ``open()``), once; a failure to open is not remembered, so a bundle repaired on disk is picked up
-by the next call. Under the fail mode, any failure becomes a result (``unchecked`` or ``block``) rather
+``Checker`` is what every surface holds: the CLI and the server build one per (bundles, model, device);
+the ComfyUI node and the A1111 script, which check run after run, take ``shared_checker``'s, opened anew
+when a new version of its bundle is published (a takedown applies to the next run). Bundles and models
+open on first use (or with ``open()``), once; a failure to open is not remembered, so a bundle repaired on
+disk is picked up by the next call. Under the fail mode, any failure becomes a result (``unchecked`` or ``block``) rather
 than an exception, so a host never loses its UI over a check.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
-from .bundle import Bundle, utc_now
+from .bundle import Bundle, manifest_stamp, utc_now
 from .config import DEFAULT_BATCH_SIZE
 from .embed import Embedder, get_embedder
 from .errors import ConfigError, DimensionMismatchError, ImageInputError, ProvenanceError
@@ -244,6 +245,25 @@ class Checker:
             except ConfigError:
                 thresholds = []
         return failed_result(policy, message, record, image, self.model_override, thresholds)
+
+
+_SHARED: dict[tuple, tuple[Optional[tuple], Checker]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "auto") -> Checker:
+    """The process's Checker for one bundle (folder or server URL), for hosts that check run after run.
+
+    The bundle stays open between runs; when a new version is published at its path (``index remove``
+    after a takedown, ``append``, a rebuild) the next call opens that one, so no restart is needed. Models
+    stay loaded either way (``get_embedder``)."""
+    key = (str(bundle), model or "", device)
+    stamp = manifest_stamp(str(bundle))
+    with _SHARED_LOCK:
+        cached = _SHARED.get(key)
+        if cached is None or cached[0] != stamp:
+            _SHARED[key] = (stamp, Checker(str(bundle), model=model, device=device))
+        return _SHARED[key][1]
 
 
 def failed_result(policy: Policy, message: str, record: Optional[GenerationRecord] = None,

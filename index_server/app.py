@@ -18,12 +18,12 @@ listen beyond loopback. Bodies over the size limit get 413; undecodable images 4
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import ConfigError, ImageInputError, ProvenanceError
 
+log = logging.getLogger("provenance_guard.server")
 MAX_NUM_IMAGES = 1000
 DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
 
@@ -62,32 +63,57 @@ class HTTPProblem(Exception):
 
 
 class State:
-    """Opened bundles, their checkers, and one batcher per model."""
+    """Opened bundles, their checkers, and one batcher per model. A new version of a bundle published at its
+    path (``index remove`` after a takedown, ``append``) is served from the next request on."""
 
     def __init__(self, config: ServerConfig):
+        import threading
+
         from ..core.audit import AuditLog
-        from ..core.bundle import Bundle
         from .metrics import Metrics
 
         self.config = config
-        self.bundles = {name: Bundle.open(path) for name, path in config.indices.items()}
-        for b in self.bundles.values():
-            b.mapped_reads = True
+        self._tlock = threading.Lock()
+        self._stamps: dict[str, Optional[tuple]] = {}
+        self.bundles = {name: self._open(name) for name in config.indices}
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
-        self._lock = asyncio.Lock()
-        import threading
 
-        self._tlock = threading.Lock()
+    def _open(self, name: str):
+        from ..core.bundle import Bundle, manifest_stamp
+
+        path = self.config.indices[name]
+        self._stamps[name] = manifest_stamp(path)
+        bundle = Bundle.open(path)
+        bundle.mapped_reads = True
+        return bundle
 
     def bundle(self, name: Optional[str]):
         if name is None and len(self.bundles) == 1:
-            return next(iter(self.bundles.values()))
+            name = next(iter(self.bundles))
         if name not in self.bundles:
             raise HTTPProblem(404, f"unknown index {name!r}; GET /indices-list names the indices served")
+        self._follow(name)
         return self.bundles[name]
+
+    def _follow(self, name: str) -> None:
+        from ..core.bundle import manifest_stamp
+        from ..core.errors import BundleError
+
+        if manifest_stamp(self.config.indices[name]) == self._stamps[name]:
+            return
+        with self._tlock:
+            if manifest_stamp(self.config.indices[name]) == self._stamps[name]:
+                return
+            try:
+                self.bundles[name] = self._open(name)
+            except BundleError as exc:  # publishing is atomic, so a damaged copy: keep the last good one, say so once
+                log.error("index %s: the new version at %s does not open (%s); still serving version %s",
+                          name, self.config.indices[name], exc, self.bundles[name].version)
+                return
+            self._checkers = {k: v for k, v in self._checkers.items() if name not in k}
 
     def batcher(self, model: str):
         from ..core.embed import get_embedder
@@ -102,6 +128,8 @@ class State:
     def checker(self, names: tuple[str, ...]):
         from ..core.check import Checker
 
+        for n in names:
+            self._follow(n)
         with self._tlock:
             if names not in self._checkers:
                 self._checkers[names] = Checker([self.bundles[n] for n in names], device=self.config.device)

@@ -125,7 +125,6 @@ def webui(tmp_path, monkeypatch, built_bundle):
     yield types.SimpleNamespace(cls=classes[0], registry=registry, shared=shared, gradio=gradio, models=models)
     from provenance_guard.a1111_extension import script as glue
 
-    glue._CHECKERS.clear()
     glue.LAST_HTML.clear()
 
 

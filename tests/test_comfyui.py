@@ -314,7 +314,6 @@ def test_clip_vision_input_is_used_when_it_is_the_bundle_model(pack, comfy, tiny
     assert fake.calls == 0
     data["embedding"]["model"] = "ViT-B-32/openai"
     manifest.write_text(json.dumps(data))
-    pack.comfyui_nodes.nodes_provenance._CHECKERS.clear()
     out, _ = run(pack, tensor("astronaut", "camera"), clip_vision=fake)
     assert out["result"][1] == [True, False] and fake.calls == 2
 
@@ -330,3 +329,15 @@ def test_loading_the_pack_loads_no_model_or_index():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_takedown_applies_to_the_next_run_without_a_restart(pack, comfy):
+    from provenance_guard.index_builder.maintain import remove_rows
+
+    out, _ = run(pack, tensor("astronaut"), on_match="warn")
+    top = out["ui"]["provenance"][0]["images"][0]["matches"][0]
+    assert out["result"][1] == [True] and top["url"] == "astronaut.png"
+    remove_rows(comfy.models / "provenance" / "studio-refs", urls=["astronaut.png"], reason="opt-out")
+    out, _ = run(pack, tensor("astronaut"), on_match="warn")
+    urls = [m["url"] for m in out["ui"]["provenance"][0]["images"][0]["matches"]]
+    assert out["result"][1] == [False] and "astronaut.png" not in urls

@@ -291,3 +291,20 @@ def test_serve_without_the_server_extras_says_what_to_install(built_bundle, monk
     assert cli(["serve", "--index", f"refs={built_bundle}", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "threadpoolctl" in err and "provenance-guard[server]" in err
+
+
+def test_a_takedown_is_served_from_the_next_request_without_a_restart(bundle_copy):
+    from provenance_guard.index_builder.maintain import remove_rows
+
+    proc, base = start(bundle_copy)
+    try:
+        astronaut = Bundle.open(bundle_copy).vector([0])[0].tolist()
+        query = {"embedding_input": astronaut, "indice_name": "refs", "num_images": 3, "modality": "image"}
+        assert requests.post(f"{base}/knn-service", json=query).json()[0]["url"] == "astronaut.png"
+        remove_rows(bundle_copy, urls=["astronaut.png"], reason="takedown")
+        assert "astronaut.png" not in [r["url"] for r in requests.post(f"{base}/knn-service", json=query).json()]
+        image = base64.b64encode(png("astronaut")).decode()
+        (result,) = requests.post(f"{base}/v1/check", json={"images": [image]}).json()["results"]
+        assert result["verdict"] != "block" and "astronaut.png" not in [m["url"] for m in result["matches"]]
+    finally:
+        assert stop(proc) in CLEAN_EXIT
