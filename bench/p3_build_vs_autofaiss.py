@@ -60,6 +60,13 @@ def make_shards(folder: Path, rows: int, d: int = 768) -> None:
 
     if (folder / "done").is_file():
         return
+    # Shards, then a bundle of about the same size beside them: refuse up front rather than fill a shared disk.
+    need = 2.2 * rows * d * 2
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if free < need:
+        sys.exit(f"{rows:,} x {d} rows need about {need / 2**30:.0f} GiB free under {folder.parent}, "
+                 f"{free / 2**30:.0f} GiB are: free space there or pass a smaller --rows")
     per = 100_000
     write_shards(folder, [per] * (rows // per) + ([rows % per] if rows % per else []), d=d, keep=False,
                  skip_existing=True)

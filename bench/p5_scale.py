@@ -1,8 +1,9 @@
 """P5: scale. 10M x 768 float16 vectors (generated shards on disk, ~15 GB) built under a 4 GB budget;
 peak RSS of the build (its own process, os.wait4); and the time to open a bundle at 1M and at 10M rows,
 each in a fresh process (median of 5). Targets: build peak RSS <= 4 GB; open < 1 s for both.
+The 10M shards and bundle (~32 GB) are deleted at the end unless --keep is given.
 
-    .venv/bin/python bench/p5_scale.py [--rows 10000000] [--budget 4G] [--small bench/out/p3-ours]
+    .venv/bin/python bench/p5_scale.py [--rows 10000000] [--budget 4G] [--small bench/out/p3-ours] [--keep]
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--budget", default="4G")
     ap.add_argument("--small", default=str(OUT / "p3-ours"), help="a 1M bundle to time opening")
     ap.add_argument("--cap-minutes", type=float, default=180)
+    ap.add_argument("--keep", action="store_true", help="keep the generated shards and bundle for another run")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     shards = OUT / f"p5-shards-{args.rows}"
@@ -59,6 +61,10 @@ def main() -> None:
         if (path / "manifest.json").is_file():
             print(f"open {label}: {open_seconds(path) * 1e3:.1f} ms (median of 5 fresh processes)")
     print(f"P5 peak RSS {rss / 2**30:.2f} GiB (target <= 4 GiB)")
+    if not args.keep:
+        for path in (shards, out):
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"deleted {shards.name} and {out.name} (--keep keeps them)")
 
 
 if __name__ == "__main__":
