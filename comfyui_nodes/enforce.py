@@ -94,7 +94,8 @@ def bundle_choice_ok(config: dict[str, Any], folders: list[str]) -> bool:
 
 
 def register(server, config: dict[str, Any]) -> None:
-    """Enforcement first, so the record slot also covers the checks it inserts (register_record_slot)."""
+    """Registered before ``record_slot`` (register_with_comfyui), so the slot also covers the checks that
+    enforcement inserts."""
     server.add_on_prompt_handler(lambda json_data: enforce_prompt(json_data, config))
     log.info("provenance-guard: studio enforcement on: every Save Image is preceded by a blocking check "
              "against %s", config["bundle"])

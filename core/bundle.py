@@ -533,8 +533,11 @@ class Bundle:
         import numpy as np
 
         fd = self._fds.get(arr.filename)
-        if fd is None:
-            fd = self._fds.setdefault(arr.filename, os.open(arr.filename, os.O_RDONLY))
+        if fd is None:  # threads share a bundle: the first to open wins, a loser closes its own
+            mine = os.open(arr.filename, os.O_RDONLY)
+            fd = self._fds.setdefault(arr.filename, mine)
+            if fd != mine:
+                os.close(mine)
         row_bytes = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
         shape = (len(ids),) + arr.shape[1:]
         if not len(ids):

@@ -4,8 +4,8 @@
 the ComfyUI node and the A1111 script, which check run after run, take ``shared_checker``'s, opened anew
 when a new version of its bundle is published (a takedown applies to the next run). Bundles and models
 open on first use (or with ``open()``), once; a failure to open is not remembered, so a bundle repaired on
-disk is picked up by the next call. Under the fail mode, any failure becomes a result (``unchecked`` or ``block``) rather
-than an exception, so a host never loses its UI over a check.
+disk is picked up by the next call. Under the fail mode, any failure becomes a result (``unchecked`` or
+``block``) rather than an exception, so a host never loses its UI over a check.
 """
 from __future__ import annotations
 

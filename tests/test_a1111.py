@@ -329,3 +329,15 @@ def test_install_py_pins_torch_and_honours_skip_install(monkeypatch, tmp_path):
     launch.args.skip_install = True
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     assert calls == []
+
+
+def test_a_takedown_applies_to_the_next_generation_without_a_restart(webui):
+    from provenance_guard.index_builder.maintain import remove_rows
+
+    _, processed, _, _ = generate(webui, ["astronaut"], args())
+    assert "Provenance: block" in processed.infotexts[0]
+    remove_rows(webui.models / "provenance" / "studio-refs", urls=["astronaut.png"], reason="opt-out")
+    _, processed, saved, _ = generate(webui, ["astronaut"], args())
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert "Provenance: block" not in processed.infotexts[0]
+    assert "astronaut.png" not in [m["url"] for m in record["matches"]]
