@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .core.config import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_TOP_K, DEFAULT_WARN
 from .core.errors import EXIT_CONFIG, EXIT_FLAGGED, EXIT_OK, EXIT_UNCHECKED, ConfigError, ProvenanceError
+from .core.policy import fmt_threshold
 
 DEFAULT_MODEL = "ViT-L-14/openai"
 
@@ -299,7 +300,7 @@ def _print_header(bundles, checker, policy) -> None:
         warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
         scores = "exact cosine" if b.exact else "approximate (no re-rank vectors)"
         print(f"bundle {b.id} v{b.version}: {b.count:,} rows, {b.manifest.index_factory}, model "
-              f"{checker.model_for(b)}; warn >= {warn:.3f}, block >= {block:.3f} ({scores})")
+              f"{checker.model_for(b)}; warn >= {fmt_threshold(warn)}, block >= {fmt_threshold(block)} ({scores})")
     print()
 
 
@@ -444,7 +445,7 @@ def cmd_info(args) -> int:
     params = ", ".join(f"{k}={v}" for k, v in m.search_params.items()) or "none (exhaustive)"
     print(f"search      {params}")
     print(f"scores      {'exact cosine' if m.exact else 'approximate (no re-rank vectors)'}")
-    print(f"thresholds  warn >= {m.warn:.3f}, block >= {m.block:.3f}")
+    print(f"thresholds  warn >= {fmt_threshold(m.warn)}, block >= {fmt_threshold(m.block)}")
     print(f"built       {m.build.get('created', '?')} by {m.build.get('tool', '?')}")
     print("files")
     for name, size, _digest in bundle.files_table():

@@ -43,6 +43,20 @@ REFERENCES = {
 UNRELATED = ("camera", "coins", "retina", "logo", "colorwheel")
 
 
+def tiny_model_cfg() -> dict:
+    """TINY_MODEL_CFG in the installed open_clip's terms: open_clip < 2.21 (A1111's and Forge's pin) names
+    average pooling ``global_average_pool``, later releases ``pool_type: avg``."""
+    import dataclasses
+
+    from open_clip.model import CLIPVisionCfg
+
+    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    if "pool_type" not in {f.name for f in dataclasses.fields(CLIPVisionCfg)}:
+        del cfg["vision_cfg"]["pool_type"]
+        cfg["vision_cfg"]["global_average_pool"] = True
+    return cfg
+
+
 def make_tiny_model(folder: Path, seed: int = 0) -> str:
     """Write a tiny open_clip model (config + safetensors weights) to folder; returns its spec."""
     import open_clip
@@ -53,10 +67,11 @@ def make_tiny_model(folder: Path, seed: int = 0) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "open_clip_model.safetensors"
     if not weights.is_file():
+        cfg = tiny_model_cfg()
         torch.manual_seed(seed)
-        model = open_clip.model.CLIP(**json.loads(json.dumps(TINY_MODEL_CFG)))
+        model = open_clip.model.CLIP(**json.loads(json.dumps(cfg)))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        config = {"model_cfg": TINY_MODEL_CFG,
+        config = {"model_cfg": cfg,
                   "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
                                      "std": [0.26862954, 0.26130258, 0.27577711],
                                      "interpolation": "bicubic", "resize_mode": "shortest"}}

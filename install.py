@@ -1,37 +1,79 @@
-"""Run by A1111/Forge at start-up (launch.py) for extensions installed from URL: installs what is missing
-with launch.run_pip, never torch, and nothing at all under --skip-install."""
-import importlib.util
+"""Run by A1111/Forge at start-up (launch.py) for extensions installed from URL: installs what is missing with
+launch.run_pip, and nothing at all under --skip-install.
+
+Versions are read with importlib.metadata (what pip sees: torch "2.14.1", not torch.__version__'s
+"2.14.1+cu130"), so nothing heavy is imported at every start. The webui's own torch, torchvision and numpy are
+pinned for every install, so pip never replaces them; under numpy 1.x (the webuis pin 1.26.2) pyarrow stays
+below 26, the first release that needs numpy 2 (and says so only at import time, so pip cannot tell).
+open_clip is never upgraded: the webuis pin 2.20.0 and reinstall it at every start; the extension works with it.
+"""
+import importlib.metadata as metadata
+import os
+import re
+import tempfile
 
 import launch
 
-PACKAGES = {  # import name -> pip requirement
-    "open_clip": "open_clip_torch>=2.24",
-    "faiss": "faiss-cpu>=1.8",
-    "pyarrow": "pyarrow>=14",
-    "safetensors": "safetensors",
-    "huggingface_hub": "huggingface_hub",
-    "fsspec": "fsspec",
-    "requests": "requests",
+# distribution -> (import name, requirement)
+PACKAGES = {
+    "open_clip_torch": ("open_clip", "open_clip_torch>=2.20"),
+    "faiss-cpu": ("faiss", "faiss-cpu>=1.8"),
+    "pyarrow": ("pyarrow", "pyarrow>=14"),
+    "safetensors": ("safetensors", "safetensors"),
+    "huggingface_hub": ("huggingface_hub", "huggingface_hub"),
+    "fsspec": ("fsspec", "fsspec"),
+    "requests": ("requests", "requests"),
 }
+PINNED = ("torch", "torchvision", "numpy")
+PYARROW_FOR_NUMPY1 = "pyarrow>=14,<26"
+
+
+def installed(dist: str):
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def release(version: str) -> tuple:
+    """'26.0.1' -> (26, 0, 1); '2.14.1+cu130' -> (2, 14, 1)."""
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def wanted() -> list:
+    """The requirements to install now: missing packages, and a pyarrow that cannot work beside numpy 1."""
+    numpy = installed("numpy")
+    numpy1 = numpy is not None and release(numpy) < (2,)
+    out = []
+    for dist, (module, requirement) in PACKAGES.items():
+        if dist == "pyarrow" and numpy1:
+            pyarrow = installed("pyarrow")
+            if pyarrow is None or release(pyarrow) >= (26,):
+                out.append(PYARROW_FOR_NUMPY1)
+            continue
+        if not importable(module):
+            out.append(requirement)
+    return out
 
 
 def main() -> None:
     if getattr(getattr(launch, "args", None), "skip_install", False):
         return
-    import os
-    import tempfile
-
-    import torch
-    import torchvision
-
-    # Dependencies such as open_clip ask for torch; this pins the webui's own so pip never replaces it.
+    todo = wanted()
+    if not todo:
+        return
     fd, constraints = tempfile.mkstemp(suffix=".txt", prefix="provenance-guard-")
     with os.fdopen(fd, "w") as f:
-        f.write(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}\n")
+        f.write("".join(f"{dist}=={installed(dist)}\n" for dist in PINNED if installed(dist)))
     try:
-        for module, requirement in PACKAGES.items():
-            if importlib.util.find_spec(module) is None:
-                launch.run_pip(f'install "{requirement}" -c "{constraints}"', f"{requirement} for provenance-guard")
+        for requirement in todo:
+            launch.run_pip(f'install "{requirement}" -c "{constraints}"', f"{requirement} for provenance-guard")
     finally:
         os.unlink(constraints)
 

@@ -1,17 +1,24 @@
-"""The always-visible "Provenance Guard" script of txt2img and img2img (A1111 1.6+ and Forge).
+"""The always-visible "Provenance Guard" script of txt2img and img2img (A1111 1.10 and Forge).
 
 Hooks, and why these:
+- process: reads and validates the arguments (a setting the webui cannot use is a failure under the fail
+  mode, never ignored) and registers the infotext fields as callables: the webui calls them for each image
+  with that image's position (so each infotext carries its own verdict) and once for the grid with
+  ``use_main_prompt`` (which gets the batch's: the worst verdict with a count, "block 1 of 3").
 - postprocess_batch_list: the whole batch, as tensors, before anything is saved or face-restored: the one
-  forward pass per batch happens here. Blocked images are blacked out in the batch right away, so the
-  "save before face restoration / color correction" copies never hold an original either.
-- postprocess_image (and Forge's postprocess_image_after_composite): per image, before the saver and the
-  gallery get it: a blocked image is replaced by a black placeholder carrying the notice (A1111 swallows
-  exceptions raised in hooks, so blocking never relies on raising); the verdict goes into the infotext
-  (extra_generation_params, set just before the webui renders that image's infotext) and the record into
-  image.info, which the on_before_image_saved callback copies into the PNG's "provenance" chunk.
-- postprocess: comments under the gallery, the per-image results in the response info (API), the panel.
-Any unexpected error inside a hook is caught and applied as the fail mode: under "closed" the batch is
-blocked, under "open" it is marked unchecked.
+  forward pass per batch. Withheld images are blacked out in the batch right away, so the "save before face
+  restoration / color correction" copies and the mask composites never hold an original.
+- postprocess_image_after_composite: per image, after every script's postprocess_image, the inpaint overlay
+  and color correction, just before the image is saved and shown, whatever order scripts run in (Forge
+  orders hooks by load order and its callback-order settings). An image that changed since the batch check
+  is checked again here, on these final pixels; a withheld image is replaced by a black placeholder carrying
+  the notice (the webui swallows exceptions in hooks, so blocking never relies on raising); the record goes
+  into image.info, which the on_before_image_saved callback copies into the PNG's "provenance" chunk. A
+  script whose own postprocess_image_after_composite runs after this one and changes pixels is not seen.
+- postprocess: the per-image results and the batch summary in the response info (what API clients read,
+  and what javascript/provenance_guard.js draws the panel under the gallery from).
+Any unexpected error inside a hook is caught and applied as the fail mode. Under fail mode closed an image
+that could not be checked is withheld whatever the action (core.policy.host_action).
 """
 from __future__ import annotations
 
@@ -19,25 +26,27 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import modules.scripts as scripts
 
 from ..core.check import failed_result, shared_checker
-from ..core.errors import ConfigError, ProvenanceError
-from ..core.policy import BLOCK, UNCHECKED, WARN, Policy
-from ..core.report import block_message, is_flagged, placeholder_image, result_html, short, summary_line
-from ..core.result import CheckResult
+from ..core.errors import ConfigError
+from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, host_action
+from ..core.report import batch_summary, block_message, placeholder_image, short, summary_line
+from ..core.result import CheckResult, GenerationRecord
 from . import settings
 
 log = logging.getLogger("provenance_guard")
 
-ACTIONS = ["warn", "block"]
-FAIL_MODES = ["open", "closed"]
+ACTIONS = settings.ACTIONS
+FAIL_MODES = settings.FAIL_MODES
 # The order of ui()'s components = the order of alwayson_scripts args in the API (README documents it).
 ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode"]
-
-LAST_HTML: dict[str, str] = {}  # tab -> the panel's HTML of the last generation
+HIGHRES_COPY = ("a copy of this image from before highres fix was saved before any check could run "
+                "('Save a copy of image before applying highres fix' is on); turn that setting off so no "
+                "unchecked copy reaches the outputs")
+INFOTEXT_FIELDS = ("Provenance", "Provenance similarity", "Provenance bundle")
 
 
 @dataclass
@@ -46,10 +55,20 @@ class RunState:
 
     action: str
     policy: Policy
-    bundle: str
+    bundle: str = ""
+    error: Optional[str] = None  # a setting or bundle that makes every check of this run fail
+    warnings: list[str] = field(default_factory=list)
     results: dict[int, CheckResult] = field(default_factory=dict)  # global image index -> result
-    blocked: set[int] = field(default_factory=set)
-    notes: list[str] = field(default_factory=list)
+    withheld: set[int] = field(default_factory=set)
+
+    def record(self, index: int, result: CheckResult) -> CheckResult:
+        for warning in self.warnings:
+            if warning not in result.warnings:
+                result.warnings.append(warning)
+        self.results[index] = result
+        if host_action(result, self.action) != "pass":
+            self.withheld.add(index)
+        return result
 
 
 def parse_args(args) -> dict[str, Any]:
@@ -60,22 +79,47 @@ def parse_args(args) -> dict[str, Any]:
     return values
 
 
+def run_state(values: dict[str, Any]) -> RunState:
+    """The run's state from validated arguments; what cannot be used becomes state.error (fail mode applies,
+    and a fail mode that is itself unusable counts as closed)."""
+    fail_mode = values.get("fail_mode")
+    problems = []
+    if fail_mode not in FAIL_MODES:
+        problems.append(f"fail mode {fail_mode!r} is not one of {', '.join(FAIL_MODES)}")
+        fail_mode = "closed"
+    action = values.get("action")
+    if action not in ACTIONS:
+        problems.append(f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    policy = Policy(fail_mode=fail_mode)
+    if not problems and not values.get("use_bundle_thresholds"):
+        try:
+            policy = Policy(warn=float(values["warn"]), block=float(values["block"]), fail_mode=fail_mode)
+        except (ConfigError, TypeError, ValueError) as exc:
+            problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
+    state = RunState(action=action if action in ACTIONS else BLOCK, policy=policy)
+    if problems:
+        state.error = ("Provenance Guard settings cannot be used: " + "; ".join(problems) +
+                       ". Fix them in Settings > Provenance Guard or in the script's arguments")
+        return state
+    try:
+        state.bundle = resolve_bundle(values.get("bundle") or "", values.get("bundle_path") or "")
+    except ConfigError as exc:
+        state.error = str(exc)
+    return state
+
+
 def resolve_bundle(bundle: str, bundle_path: str) -> str:
     if bundle_path and str(bundle_path).strip():
         return str(bundle_path).strip()
     if not bundle:
         raise ConfigError("no bundle chosen: put a bundle folder (made by 'provenance-guard index build') into "
-                          "the webui's models/provenance/ and pick it, or give a path in Settings > Provenance")
+                          "the webui's models/provenance/ and pick it, or give a path in Settings > Provenance Guard")
     if os.path.isabs(bundle) or "://" in bundle:
         return bundle
     path = os.path.join(settings.models_dir(), bundle)
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise ConfigError(f"bundle {bundle!r} is not in {settings.models_dir()}; pick another or give its path")
     return path
-
-
-def _tab(p) -> str:
-    return "img2img" if hasattr(p, "init_images") else "txt2img"
 
 
 def _to_bhwc(images):
@@ -91,9 +135,54 @@ def _to_bhwc(images):
     return torch.stack(out)
 
 
-class ProvenanceGuardScript(scripts.Script):
-    sorting_priority = 90  # after most postprocessing scripts, so the check sees the final pixels
+def _host() -> str:
+    import importlib.util
 
+    return "forge" if importlib.util.find_spec("modules_forge") is not None else "a1111"
+
+
+def _global_index(p, position: int) -> int:
+    return int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1) + int(position)
+
+
+def infotext_value(state: RunState, name: str) -> Callable[..., Optional[str]]:
+    """A callable for p.extra_generation_params[name]: create_infotext calls it with its locals (p, index =
+    the image's position in its batch, use_main_prompt for the grid)."""
+
+    def value(**kwargs) -> Optional[str]:
+        if kwargs.get("use_main_prompt"):
+            return infotext_fields(list(state.results.values()), batch=True).get(name)
+        result = state.results.get(_global_index(kwargs.get("p"), kwargs.get("index") or 0))
+        return infotext_fields([result], batch=False).get(name) if result is not None else None
+
+    return value
+
+
+def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, Optional[str]]:
+    """The infotext fields of one image, or of a batch (the worst verdict with a count; the best score)."""
+    if not results:
+        return {}
+    scores = [r.max_score for r in results if r.max_score is not None]
+    first = next((r for r in results if r.thresholds), None)
+    return {
+        "Provenance": batch_summary(results) if batch else results[0].verdict,
+        "Provenance similarity": f"{max(scores):.4f}" if scores else None,
+        "Provenance bundle": (f"{first.thresholds[0].bundle_id}@{first.thresholds[0].bundle_version}"
+                              if first else None),
+    }
+
+
+def result_summary(index: int, r: CheckResult) -> dict[str, Any]:
+    """One image's entry in the response info ("Provenance results"), which the panel is drawn from."""
+    return {"index": index, "verdict": r.verdict, "max_score": r.max_score, "error": r.error,
+            "warnings": list(r.warnings),
+            "top": ({"url": r.top.url, "caption": r.top.caption, "score": r.top.score, "bundle": r.top.bundle_id}
+                    if r.top else None),
+            "matches": [{"score": round(m.score, 6), "verdict": m.verdict, "url": m.url, "caption": m.caption,
+                         "bundle": m.bundle_id, "row_id": m.row_id} for m in r.matches[:5]]}
+
+
+class ProvenanceGuardScript(scripts.Script):
     def title(self):
         return "Provenance Guard"
 
@@ -107,9 +196,9 @@ class ProvenanceGuardScript(scripts.Script):
             with gr.Row():
                 enabled = gr.Checkbox(label="Check generated images against training images",
                                       value=settings.default("enabled"), elem_id=self.elem_id("enabled"))
-                action = gr.Radio(ACTIONS, value=settings.default("action"), label="On a match",
+                action = gr.Radio(ACTIONS, value=settings.choice("action"), label="On a match",
                                   elem_id=self.elem_id("action"))
-                fail_mode = gr.Radio(FAIL_MODES, value=settings.default("fail_mode"),
+                fail_mode = gr.Radio(FAIL_MODES, value=settings.choice("fail_mode"),
                                      label="If the check cannot run", elem_id=self.elem_id("fail_mode"))
             with gr.Row():
                 bundle = gr.Dropdown(settings.bundle_choices(), value=settings.default("bundle") or None,
@@ -121,10 +210,11 @@ class ProvenanceGuardScript(scripts.Script):
                 use_bundle = gr.Checkbox(label="Use the bundle's thresholds",
                                          value=settings.default("use_bundle_thresholds"),
                                          elem_id=self.elem_id("use_bundle_thresholds"))
-                warn = gr.Slider(-1.0, 1.0, value=settings.default("warn"), step=0.005, label="Warn at similarity",
+                warn = gr.Slider(-1.0, 1.0, value=settings.default("warn"), step=0.001, label="Warn at similarity",
                                  elem_id=self.elem_id("warn"))
-                block = gr.Slider(-1.0, 1.0, value=settings.default("block"), step=0.005,
+                block = gr.Slider(-1.0, 1.0, value=settings.default("block"), step=0.001,
                                   label="Block at similarity", elem_id=self.elem_id("block"))
+            # Filled by javascript/provenance_guard.js from this generation's info (never from a shared route).
             gr.HTML("", elem_id=f"provenance_guard_panel_{'img2img' if is_img2img else 'txt2img'}")
         self.infotext_fields = []
         return [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode]
@@ -135,57 +225,42 @@ class ProvenanceGuardScript(scripts.Script):
         p._provenance = None
         if not values["enabled"]:
             return
-        use_bundle = bool(values["use_bundle_thresholds"])
-        try:
-            policy = Policy(warn=None if use_bundle else float(values["warn"]),
-                            block=None if use_bundle else float(values["block"]), fail_mode=values["fail_mode"])
-        except ConfigError as exc:
-            policy = Policy(fail_mode="closed" if values["fail_mode"] == "closed" else "open")
-            log.error("provenance-guard: %s; using the bundle's thresholds", exc)
-        action = values["action"] if values["action"] in ACTIONS else "warn"
-        state = RunState(action=action, policy=policy, bundle="")
-        try:
-            state.bundle = resolve_bundle(values["bundle"], values["bundle_path"])
-        except ConfigError as exc:
-            state.notes.append(str(exc))
-        p._provenance = state
+        state = run_state(values)
         try:
             from modules import shared
 
-            if action == "block" and getattr(p, "enable_hr", False) and \
-                    getattr(shared.opts, "save_images_before_highres_fix", False):
-                p.comment("Provenance Guard: 'Save a copy of image before applying highres fix' is on; that copy is "
-                          "written before any check can run. Turn it off so blocked images never reach the outputs.")
+            if getattr(p, "enable_hr", False) and getattr(shared.opts, "save_images_before_highres_fix", False):
+                state.warnings.append(HIGHRES_COPY)
+                p.comment(f"Provenance Guard: {HIGHRES_COPY}.")
         except ImportError:
             pass
+        p._provenance = state
+        for name in INFOTEXT_FIELDS:
+            p.extra_generation_params[name] = infotext_value(state, name)
 
     def postprocess_batch_list(self, p, pp, *args, **kwargs):
         state: Optional[RunState] = getattr(p, "_provenance", None)
         if state is None or not pp.images:
             return
-        first = getattr(p, "iteration", 0) * getattr(p, "batch_size", len(pp.images))
+        first = _global_index(p, 0)
+        records = [self._generation(p, i) for i in range(len(pp.images))]
         try:
-            results = self._check(state, pp.images, p)
+            results = self._check(state, _to_bhwc(pp.images), records)
         except Exception as exc:  # noqa: BLE001 - a hook must not let a failure pass images unchecked
             log.exception("provenance-guard: the check failed")
-            results = [failed_result(state.policy, f"internal error: {exc}") for _ in pp.images]
+            results = [failed_result(state.policy, f"internal error: {exc}", rec) for rec in records]
         for i, r in enumerate(results):
-            state.results[first + i] = r
-            if state.action == "block" and is_flagged(r):
-                state.blocked.add(first + i)
+            state.record(first + i, r)
+            if first + i in state.withheld:
                 pp.images[i] = pp.images[i] * 0  # no original survives into any later save
 
-    def _check(self, state: RunState, images, p) -> list[CheckResult]:
-        records = [self._generation(p, i) for i in range(len(images))]
-        if not state.bundle:
-            return [failed_result(state.policy, state.notes[0] if state.notes else "no bundle", rec)
-                    for rec in records]
-        return shared_checker(state.bundle).check(_to_bhwc(images), records=records, policy=state.policy)
+    def _check(self, state: RunState, images, records: list[GenerationRecord]) -> list[CheckResult]:
+        if state.error:
+            return [failed_result(state.policy, state.error, rec) for rec in records]
+        return shared_checker(state.bundle).check(images, records=records, policy=state.policy)
 
     @staticmethod
-    def _generation(p, i: int):
-        from ..core.result import GenerationRecord
-
+    def _generation(p, i: int) -> GenerationRecord:
         def pick(name):
             values = getattr(p, name, None)
             return values[i] if isinstance(values, list) and i < len(values) else values
@@ -194,74 +269,71 @@ class ProvenanceGuardScript(scripts.Script):
                                 sampler=getattr(p, "sampler_name", None), steps=getattr(p, "steps", None),
                                 cfg=getattr(p, "cfg_scale", None), width=getattr(p, "width", None),
                                 height=getattr(p, "height", None), model=getattr(p, "sd_model_name", None),
-                                model_hash=getattr(p, "sd_model_hash", None), source="a1111")
+                                model_hash=getattr(p, "sd_model_hash", None), source=_host())
 
-    def _index(self, p, pp) -> int:
-        # Forge and A1111 1.10 give pp.index (global); earlier A1111 only sets p.batch_index.
+    @staticmethod
+    def _index(p, pp) -> int:
+        # Forge gives pp.index (global); A1111 sets p.batch_index (the position in the batch).
         index = getattr(pp, "index", None)
         if index is not None:
             return int(index)
-        return getattr(p, "iteration", 0) * getattr(p, "batch_size", 1) + int(getattr(p, "batch_index", 0))
+        return _global_index(p, getattr(p, "batch_index", 0) or 0)
 
-    def postprocess_image(self, p, pp, *args):
+    def postprocess_image_after_composite(self, p, pp, *args):
         state: Optional[RunState] = getattr(p, "_provenance", None)
         if state is None:
             return
         index = self._index(p, pp)
         result = state.results.get(index)
         if result is None:  # the batch hook never ran for this image (should not happen): fail mode
-            result = failed_result(state.policy, "this image was not checked")
-            state.results[index] = result
-            if state.action == "block" and is_flagged(result):
-                state.blocked.add(index)
-        params = p.extra_generation_params
-        params["Provenance"] = result.verdict
-        params["Provenance similarity"] = None if result.max_score is None else f"{result.max_score:.4f}"
-        params["Provenance bundle"] = (f"{result.thresholds[0].bundle_id}@{result.thresholds[0].bundle_version}"
-                                       if result.thresholds else None)
-        record = result.dumps()
-        if index in state.blocked:
+            result = state.record(index, failed_result(state.policy, "this image was not checked",
+                                                       self._generation(p, getattr(p, "batch_index", 0) or 0)))
+        elif index not in state.withheld and result.checked:
+            result = self._recheck_if_changed(state, p, pp, index, result)
+        if index in state.withheld:
             pp.image = placeholder_image(pp.image.width, pp.image.height, block_message(result))
         elif result.verdict in (WARN, BLOCK):
             p.comment(f"Provenance Guard, image {index + 1}: {summary_line(result)}")
         elif result.verdict == UNCHECKED:
             p.comment(f"Provenance Guard, image {index + 1}: not checked — {short(result.error, 200)}")
-        pp.image.info["provenance"] = record
+        pp.image.info["provenance"] = result.dumps()
 
-    def postprocess_image_after_composite(self, p, pp, *args):
-        """Forge: after the inpaint overlay, the placeholder is put back (the overlay may have drawn on it)."""
-        state: Optional[RunState] = getattr(p, "_provenance", None)
-        if state is None:
-            return
-        index = self._index(p, pp)
-        if index in state.blocked:
-            result = state.results[index]
-            pp.image = placeholder_image(pp.image.width, pp.image.height, block_message(result))
-            pp.image.info["provenance"] = result.dumps()
+    def _recheck_if_changed(self, state: RunState, p, pp, index: int, result: CheckResult) -> CheckResult:
+        """Check the final pixels again when another script, face restoration, the overlay or color
+        correction changed them after the batch check."""
+        from ..core.images import pixels_sha256, to_pixels
+
+        (final,) = to_pixels([pp.image])
+        if isinstance(final, Exception) or pixels_sha256(final) == result.image.get("pixels_sha256"):
+            return result
+        try:
+            (again,) = self._check(state, [final], [result.generation])
+        except Exception as exc:  # noqa: BLE001 - as in the batch hook
+            log.exception("provenance-guard: the check of the final image failed")
+            again = failed_result(state.policy, f"internal error: {exc}", result.generation)
+        again.warnings.append("checked on the final pixels: they changed after generation (face restoration, "
+                              "inpaint overlay, color correction or another script)")
+        return state.record(index, again)
+
+    def postprocess_image(self, p, pp, *args):
+        # Webuis without postprocess_image_after_composite (A1111 before 1.8) act here instead.
+        if not hasattr(scripts.Script, "postprocess_image_after_composite"):
+            self.postprocess_image_after_composite(p, pp, *args)
 
     def postprocess(self, p, processed, *args):
         state: Optional[RunState] = getattr(p, "_provenance", None)
         if state is None:
             return
         ordered = [state.results[i] for i in sorted(state.results)]
-        summary = [{"index": i, "verdict": r.verdict, "max_score": r.max_score,
-                    "top": ({"url": r.top.url, "caption": r.top.caption, "score": r.top.score, "bundle": r.top.bundle_id}
-                            if r.top else None), "error": r.error} for i, r in sorted(state.results.items())]
         extra = getattr(processed, "extra_generation_params", None)
         if isinstance(extra, dict):
-            extra["Provenance results"] = json.dumps(summary, ensure_ascii=False)
-        if state.blocked:
+            # The response info's top level is the batch's (the per-image values are in each infotext).
+            extra.update(infotext_fields(ordered, batch=True))
+            extra["Provenance results"] = json.dumps([result_summary(i, r) for i, r in sorted(state.results.items())],
+                                                     ensure_ascii=False)
+        if state.withheld:
             processed.comments = (getattr(processed, "comments", "") or "") + \
-                f"\nProvenance Guard blocked {len(state.blocked)} image(s); the originals were not saved."
-        LAST_HTML[_tab(p)] = panel_html(ordered)
-
-
-def panel_html(results: list[CheckResult]) -> str:
-    """The panel under the gallery (every text escaped by core.report)."""
-    if not results:
-        return ""
-    body = "".join(f"<div><b>image {n + 1}</b> {result_html(r)}</div>" for n, r in enumerate(results))
-    return f'<div class="provenance-guard-panel">{body}</div>'
+                f"\nProvenance Guard blocked {len(state.withheld)} image(s); the originals were not saved."
 
 
 def before_image_saved(params) -> None:
@@ -269,12 +341,3 @@ def before_image_saved(params) -> None:
     record = getattr(params.image, "info", {}).get("provenance") if params.image is not None else None
     if record and isinstance(params.pnginfo, dict):
         params.pnginfo["provenance"] = record
-
-
-def add_routes(_demo, app) -> None:
-    """script_callbacks.on_app_started: GET /provenance-guard/panel?tab=txt2img -> the last panel HTML."""
-
-    def panel(tab: str = "txt2img"):
-        return {"html": LAST_HTML.get(tab, "")}
-
-    app.add_api_route("/provenance-guard/panel", panel, methods=["GET"])

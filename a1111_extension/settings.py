@@ -1,24 +1,35 @@
-"""The "Provenance" settings section (shared.opts): the defaults a studio sets once, and the bundle list."""
+"""The "Provenance Guard" settings section (shared.opts): the defaults a studio sets once, with the widgets
+the webui draws for them (sliders for thresholds, radios for choices), and the bundle list.
+
+The webui's settings page draws str, int and bool options by itself and refuses to start on any other type
+without a component (a float threshold without one crashed A1111 and hung Forge at start), so every option
+names its component. Values are validated where they are used (script.run_state): a setting edited into
+config.json or posted through the API that is not one of the choices fails the check under the fail mode.
+"""
 from __future__ import annotations
 
 import os
 from typing import Any
 
-SECTION = ("provenance_guard", "Provenance")
+SECTION = ("provenance_guard", "Provenance Guard")
+CATEGORY = "postprocessing"
+ACTIONS = ["warn", "block"]
+FAIL_MODES = ["open", "closed"]
 DEFAULTS: dict[str, Any] = {
     "enabled": False, "bundle": "", "bundle_path": "", "use_bundle_thresholds": True, "warn": 0.90,
     "block": 0.95, "action": "warn", "fail_mode": "open",
 }
 LABELS = {
     "enabled": "Check every generated image by default",
-    "bundle": "Default bundle (a folder name under models/provenance)",
-    "bundle_path": "Default bundle path or server URL (overrides the folder name)",
+    "bundle": "Default bundle (a folder under models/provenance)",
+    "bundle_path": "Default bundle path or index server URL (overrides the folder)",
     "use_bundle_thresholds": "Use the bundle's own thresholds",
     "warn": "Warn at similarity (exact cosine)",
     "block": "Block at similarity (exact cosine)",
-    "action": "On a match: warn or block",
+    "action": "On a match",
     "fail_mode": "If a check cannot run: open (pass, marked unchecked) or closed (block)",
 }
+CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES}
 
 
 def option_name(key: str) -> str:
@@ -34,6 +45,13 @@ def default(key: str) -> Any:
         return DEFAULTS[key]
 
 
+def choice(key: str) -> str:
+    """A choice setting's value, or its default where the stored value is not one of the choices (a UI
+    widget cannot show it; the run itself still refuses it)."""
+    value = default(key)
+    return value if value in CHOICES[key] else DEFAULTS[key]
+
+
 def models_dir() -> str:
     from modules import paths
 
@@ -47,10 +65,36 @@ def bundle_choices() -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "manifest.json")))
 
 
-def on_ui_settings() -> None:
-    """script_callbacks.on_ui_settings: register the section."""
+def options() -> dict[str, Any]:
+    """key -> shared.OptionInfo, each with the component the webui draws it with."""
+    import gradio as gr
     from modules import shared
 
-    for key, value in DEFAULTS.items():
-        info = shared.OptionInfo(value, LABELS[key], section=SECTION)
-        shared.opts.add_option(option_name(key), info)
+    def info(key: str, component=None, args=None, **kw):
+        return shared.OptionInfo(DEFAULTS[key], LABELS[key], component, args, **kw)
+
+    threshold = {"minimum": -1.0, "maximum": 1.0, "step": 0.001}
+    return {
+        "enabled": info("enabled"),
+        "bundle": info("bundle", gr.Dropdown, lambda: {"choices": bundle_choices(), "allow_custom_value": True}),
+        "bundle_path": info("bundle_path"),
+        "use_bundle_thresholds": info("use_bundle_thresholds"),
+        "warn": info("warn", gr.Slider, threshold),
+        "block": info("block", gr.Slider, threshold),
+        "action": info("action", gr.Radio, {"choices": ACTIONS}),
+        "fail_mode": info("fail_mode", gr.Radio, {"choices": FAIL_MODES}),
+    }
+
+
+def on_ui_settings() -> None:
+    """script_callbacks.on_ui_settings: register the section, under the Postprocessing category."""
+    from modules import shared
+
+    items = {option_name(k): v for k, v in options().items()}
+    if hasattr(shared, "options_section"):  # A1111 >= 1.7 and Forge: (id, label, category)
+        items = shared.options_section(SECTION + (CATEGORY,), items)
+    else:
+        for item in items.values():
+            item.section = SECTION
+    for key, item in items.items():
+        shared.opts.add_option(key, item)

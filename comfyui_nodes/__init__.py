@@ -1,6 +1,7 @@
 """ComfyUI glue: the node mappings, the web extension folder, and start-up registration (the
-models/provenance folder; studio enforcement when configured). Everything the check itself does is in
-core/; importing this package loads neither torch nor faiss nor any model."""
+models/provenance folder; studio enforcement when configured, refusing every prompt when it is configured
+but cannot run). Everything the check itself does is in core/; importing this package loads neither torch
+nor faiss nor any model."""
 from __future__ import annotations
 
 import logging
@@ -27,19 +28,27 @@ def register_with_comfyui() -> None:
     default = os.path.join(folder_paths.models_dir, FOLDER)
     folder_paths.add_model_folder_path(FOLDER, default)
     os.makedirs(default, exist_ok=True)
+    from server import PromptServer
+
     from . import enforce
 
     try:
         config = enforce.load_config(folder_paths.get_user_directory())
-    except (OSError, ValueError) as exc:
-        logging.getLogger("provenance_guard").error("provenance-guard: %s is unreadable (%s); studio "
-                                                    "enforcement is OFF", enforce.CONFIG_FILE, exc)
-        config = None
-    from server import PromptServer
-
-    if config:
-        enforce.register(PromptServer.instance, config)
+        if config:
+            enforce.register(PromptServer.instance, config, _node_classes())
+    except Exception as exc:  # noqa: BLE001 - configured but unusable: refuse every prompt, never run unchecked
+        reason = (f"Provenance Guard studio enforcement is configured but cannot run: {exc}. Every prompt is refused "
+                  f"until it is fixed (then restart ComfyUI)")
+        logging.getLogger("provenance_guard").error("provenance-guard: %s", reason)
+        PromptServer.instance.add_on_prompt_handler(enforce.refuse_all(reason))
     PromptServer.instance.add_on_prompt_handler(enforce.record_slot)
+
+
+def _node_classes() -> dict:
+    """ComfyUI's NODE_CLASS_MAPPINGS: the dict itself, which keeps gaining the packs loaded after this one."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
 
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "register_with_comfyui"]

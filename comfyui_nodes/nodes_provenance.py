@@ -8,13 +8,16 @@ images whose verdict is block, as on_match says:
   replace the matching images come back black, as diffusers' safety checker does;
   error   the prompt fails with a message naming the closest match.
 A check that cannot run follows the fail mode: open -> unchecked (passed through, with a warning),
-closed -> treated as a block. The record goes into EXTRA_PNGINFO, so Save Image writes a "provenance"
+closed -> withheld whatever on_match says (with warn it is dropped, as block does: core.policy.host_action).
+The record goes into EXTRA_PNGINFO, so Save Image writes a "provenance"
 PNG chunk beside "prompt" and "workflow". Models and bundles are cached across runs.
 """
 from __future__ import annotations
 
 import json
 import os
+
+from .enforce import ProvenanceGuardRefusal
 
 CATEGORY = "provenance"
 FOLDER = "provenance"
@@ -162,12 +165,19 @@ class ProvenanceCheck:
               extra_pnginfo=None, unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
-        from ..core.policy import Policy
+        from ..core.policy import Policy, host_action
+        from ..core.record import parse_comfyui_prompt
         from ..core.report import block_message, is_flagged, text_report
         from ..core.result import CheckResult
 
         policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
                         fail_mode=fail_mode, top_k=int(top_k))
+        # prompt -> output: the sampler, prompts and model this node's images come from, traced in the graph.
+        try:
+            record = parse_comfyui_prompt(prompt, from_node=unique_id) if isinstance(prompt, dict) else None
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            record = None
+        records = [record] * len(images)
         results: list[CheckResult] = []
         try:
             checker = shared_checker(resolve_bundle(bundle, bundle_path), model=model_override or None,
@@ -180,38 +190,40 @@ class ProvenanceCheck:
             bar = _progress(len(images), unique_id) if len(images) > CHUNK else None
             for start in range(0, len(images), CHUNK):
                 _interrupt_point()
-                results += checker.check(images[start:start + CHUNK], policy=policy, embedder=embedder)
+                results += checker.check(images[start:start + CHUNK], records=records[start:start + CHUNK],
+                                         policy=policy, embedder=embedder)
                 if bar is not None:
                     bar.update(min(CHUNK, len(images) - start))
         except ConfigError as exc:
             from ..core.images import pixels_sha256, to_pixels
 
-            results = [failed_result(policy, str(exc), model=model_override or None,
+            results = [failed_result(policy, str(exc), record, model=model_override or None,
                                      image={} if isinstance(p, Exception) else {"pixels_sha256": pixels_sha256(p)})
                        for p in to_pixels(images)]
         except ProvenanceError as exc:
             raise RuntimeError(f"Provenance Check: {exc}") from exc
         for i, r in enumerate(results):
             r.image["source"] = f"ComfyUI node {unique_id} image {i}"
+        # Under fail mode closed an image that could not be checked is withheld even when on_match is warn.
+        actions = [host_action(r, on_match, blocking="block") for r in results]
         flagged = [is_flagged(r) for r in results]
         report = text_report(results)
         ui = {"provenance": [ui_payload(results)]}
 
-        if on_match == "error" and any(flagged):
-            first = results[flagged.index(True)]
+        if "error" in actions:
+            first = results[actions.index("error")]
             raise RuntimeError(f"Provenance Check: {block_message(first)}")
 
         out = images
-        kept = list(range(len(images)))
-        if on_match == "replace" and any(flagged):
+        kept = [i for i, a in enumerate(actions) if a != "block"]
+        if "replace" in actions:
             out = images.clone()
-            for i, f in enumerate(flagged):
-                if f:
+            for i, a in enumerate(actions):
+                if a == "replace":
                     out[i] = 0.0
-        elif on_match == "block" and any(flagged):
-            kept = [i for i, f in enumerate(flagged) if not f]
-            out = images[kept] if kept else _blocker(
-                "Provenance Check blocked every image: " + block_message(results[flagged.index(True)]))
+        if len(kept) < len(images):
+            out = out[kept] if kept else _blocker(
+                "Provenance Check blocked every image: " + block_message(results[actions.index("block")]))
         self._record(extra_pnginfo, [results[i] for i in kept])
         scores = [-1.0 if r.max_score is None else float(r.max_score) for r in results]
         return {"ui": ui, "result": (out, flagged, scores, report)}
@@ -226,5 +238,6 @@ class ProvenanceCheck:
         extra_pnginfo["provenance"] = batch_record(results)
 
 
-NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck}
-NODE_DISPLAY_NAME_MAPPINGS = {"ProvenanceCheck": "Provenance Check"}
+NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck, "ProvenanceGuardRefusal": ProvenanceGuardRefusal}
+NODE_DISPLAY_NAME_MAPPINGS = {"ProvenanceCheck": "Provenance Check",
+                              "ProvenanceGuardRefusal": "Provenance Guard (refused prompt)"}

@@ -9,6 +9,7 @@ disk is picked up by the next call. Under the fail mode, any failure becomes a r
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from .config import DEFAULT_BATCH_SIZE
 from .embed import Embedder, get_embedder
 from .errors import ConfigError, DimensionMismatchError, ImageInputError, ProvenanceError
 from .images import ImageInput, Pixels, pixels_sha256, to_pixels
+from .logs import quiet_third_party
 from .models import ModelSpec
 from .policy import Policy, verdict_for, worst
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 BundleLike = Union[str, Path, Bundle]
+log = logging.getLogger("provenance_guard")
 
 
 def _tool_version() -> str:
@@ -63,7 +66,7 @@ class Checker:
 
     def __init__(self, bundles: Union[BundleLike, Sequence[BundleLike]], *, model: Optional[str] = None,
                  device: str = "auto", policy: Optional[Policy] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: Optional[int] = None, token: Optional[str] = None):
+                 max_pixels: Optional[int] = None, token: Optional[str] = None, announce: bool = False):
         if isinstance(bundles, (str, Path, Bundle)):
             bundles = [bundles]
         if not bundles:
@@ -77,6 +80,8 @@ class Checker:
         self.max_pixels = max_pixels
         self._bundles: Optional[list[Bundle]] = None
         self._lock = threading.Lock()
+        # Hosts log one line of their own (model, device, bundle) when the model first loads.
+        self.announce, self._announced = announce, False
 
     # opening --------------------------------------------------------------------------------------------
     def open(self) -> list[Bundle]:
@@ -102,7 +107,14 @@ class Checker:
 
     def embedders(self) -> dict[str, Embedder]:
         """Load (once per process) the model of every local bundle; raises ModelLoadError on failure."""
-        return {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
+        loaded = {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
+        if self.announce and not self._announced:
+            self._announced = True
+            for b in self._bundles or []:
+                e = loaded[self.model_for(b)]
+                log.info("provenance-guard: checking with %s on %s (%s) against bundle %s v%s, %s rows, at %s",
+                         e.spec.raw, e.device, e.precision, b.id, b.version, f"{b.live_count:,}", b.path)
+        return loaded
 
     # checking -------------------------------------------------------------------------------------------
     def check(self, images: Union[Sequence[ImageInput], "torch.Tensor", "np.ndarray"],
@@ -259,10 +271,11 @@ def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "a
     stay loaded either way (``get_embedder``)."""
     key = (str(bundle), model or "", device)
     stamp = manifest_stamp(str(bundle))
+    quiet_third_party()
     with _SHARED_LOCK:
         cached = _SHARED.get(key)
         if cached is None or cached[0] != stamp:
-            _SHARED[key] = (stamp, Checker(str(bundle), model=model, device=device))
+            _SHARED[key] = (stamp, Checker(str(bundle), model=model, device=device, announce=cached is None))
         return _SHARED[key][1]
 
 

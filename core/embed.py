@@ -61,6 +61,7 @@ class Embedder:
                                  device=device).view(3, 1, 1)
         self.std = torch.tensor(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
                                 device=device).view(3, 1, 1)
+        self.preprocess_cfg = dict(preprocess_cfg)
         self.interpolation = preprocess_cfg.get("interpolation", "bicubic")
         self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
         self.dim = self._output_dim()
@@ -158,20 +159,12 @@ class Embedder:
 
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                name = self.spec.arch if self.spec.kind in ("tag", "file") else "local-dir:" + self._config_dir()
-                self._tokenizer = open_clip.get_tokenizer(name)
+                self._tokenizer = open_clip.get_tokenizer(getattr(self.model, "provenance_guard_arch", None)
+                                                          or self.spec.arch)
         tokens = self._tokenizer(list(texts)).to(self.device)
         with torch.inference_mode():
             feats = self.model.encode_text(tokens).float()
             return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
-
-    def _config_dir(self) -> str:
-        if self.spec.kind == "local-dir":
-            return self.spec.source
-        from huggingface_hub import try_to_load_from_cache
-        import os
-
-        return os.path.dirname(try_to_load_from_cache(self.spec.source, "open_clip_config.json"))
 
 
 _EMBEDDERS: dict[tuple[str, str], Embedder] = {}

@@ -54,3 +54,11 @@ class ImageInputError(ProvenanceError):
     """An image could not be read or is not acceptable (unknown type, too many pixels)."""
 
     exit_code = EXIT_UNCHECKED
+
+
+class BundleBusyError(BundleError):
+    """Another maintenance operation holds the bundle's lock (and --no-wait was given)."""
+
+
+class DiskFullError(ProvenanceError):
+    """The disk filled up while writing; temporary files were removed and the old bundle is untouched."""

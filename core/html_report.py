@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from .policy import fmt_threshold
 from .report import match_html, short
 from .result import CheckResult
 
@@ -82,7 +83,7 @@ def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard r
         f'<button data-filter="{v}">{v} ({counts.get(v, 0)})</button>' for v in VERDICT_ORDER
         if counts.get(v) and (include_passing or v != "pass")]
     summary = ", ".join(f"{counts[v]} {v}" for v in VERDICT_ORDER if counts.get(v))
-    bundles = sorted({f"{t.bundle_id} v{t.bundle_version} (warn {t.warn:.3f}, block {t.block:.3f})"
+    bundles = sorted({f"{t.bundle_id} v{t.bundle_version} (warn {fmt_threshold(t.warn)}, block {fmt_threshold(t.block)})"
                       for r in rows for t in r.result.thresholds})
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

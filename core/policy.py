@@ -4,18 +4,31 @@ A score s of a match gives ``block`` when s >= block, ``warn`` when s >= warn, e
 cannot run (bundle missing or broken, model not loadable, image unreadable) gives ``unchecked`` under the
 ``open`` fail mode (the default: an artist's UI keeps working, with a warning) and ``block`` under
 ``closed`` (a studio's publishing gate: nothing unchecked goes out).
+
+What a host does with a verdict (``host_action``): a host's action on a match is warn (let it through,
+annotated) or a blocking one (drop, placeholder, black, error). One rule holds for every host: under fail
+mode closed an image that could not be checked is withheld whatever the action, since "closed" promises that
+nothing unchecked goes out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .config import DEFAULT_FAIL_MODE, DEFAULT_TOP_K, FAIL_MODES
 from .errors import ConfigError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .result import CheckResult
+
 PASS, WARN, BLOCK, UNCHECKED = "pass", "warn", "block", "unchecked"
 # Order of severity for merging verdicts of several matches or bundles.
 SEVERITY = {PASS: 0, WARN: 1, BLOCK: 2}
+
+
+def fmt_threshold(value: float) -> str:
+    """A threshold as configured: 0.995 prints 0.995, never a rounding of it (0.99 would misstate a block)."""
+    return format(float(value), ".10g")
 
 
 def validate_thresholds(warn: float, block: float) -> None:
@@ -81,3 +94,15 @@ class Policy:
 
     def failure_verdict(self) -> str:
         return BLOCK if self.fail_mode == "closed" else UNCHECKED
+
+
+def host_action(result: "CheckResult", action: str, blocking: str = BLOCK) -> str:
+    """What a host does with this image: "pass" (let it through, annotated) or its blocking action.
+
+    ``action`` is the host's setting for a match (warn, or one of its blocking actions); ``blocking`` is what
+    that host does to withhold an image when its action is warn (A1111's placeholder, ComfyUI's drop)."""
+    if result.verdict != BLOCK:
+        return "pass"
+    if action == WARN:
+        return blocking if result.error is not None else "pass"
+    return action

@@ -28,6 +28,14 @@ SIDECAR_SUFFIX = ".provenance.json"
 
 # PNG chunks ---------------------------------------------------------------------------------------------
 
+# A compressed text chunk inflates to at most this (Pillow's own MAX_TEXT_CHUNK): a 1 MB zTXt bomb would
+# otherwise inflate to 2 GB. Uncompressed chunks are bounded by the file; all text read from one file is
+# bounded by MAX_TEXT_TOTAL.
+MAX_TEXT_CHUNK = 1 << 20
+MAX_TEXT_TOTAL = 16 << 20
+_TEXT_TYPES = (b"tEXt", b"zTXt", b"iTXt")
+
+
 def _iter_chunks(data: bytes):
     """(type, body, start, end) of each chunk; stops at IEND or at a damaged chunk."""
     pos = len(PNG_SIGNATURE)
@@ -43,28 +51,87 @@ def _iter_chunks(data: bytes):
         pos = end
 
 
-def png_text_chunks(data: bytes) -> dict[str, str]:
-    """Every tEXt, zTXt and iTXt chunk of a PNG as {key: text} (later chunks win)."""
-    if not data.startswith(PNG_SIGNATURE):
-        return {}
+def _iter_text_chunks(fp):
+    """(type, body) of each text chunk of an open PNG file, seeking past image data; bodies over the budget
+    are skipped unread."""
+    if fp.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        return
+    budget = MAX_TEXT_TOTAL
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return
+        (length,) = struct.unpack(">I", head[:4])
+        ctype = head[4:]
+        if ctype in _TEXT_TYPES and length <= budget:
+            body = fp.read(length)
+            if len(body) < length:
+                return
+            budget -= length
+            yield ctype, body
+            fp.seek(4, os.SEEK_CUR)
+        elif ctype == b"IEND":
+            return
+        else:
+            fp.seek(length + 4, os.SEEK_CUR)
+
+
+def _inflate(data: bytes) -> Optional[bytes]:
+    """zlib data inflated, or None when it is damaged or would inflate beyond MAX_TEXT_CHUNK."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_TEXT_CHUNK + 1)
+    except zlib.error:
+        return None
+    return None if len(out) > MAX_TEXT_CHUNK or inflater.unconsumed_tail else out
+
+
+def _text_of(ctype: bytes, body: bytes) -> Optional[tuple[str, str]]:
+    try:
+        if ctype == b"tEXt":
+            key, _, text = body.partition(b"\0")
+            return key.decode("latin-1"), text.decode("latin-1")
+        if ctype == b"zTXt":
+            key, _, rest = body.partition(b"\0")
+            inflated = _inflate(rest[1:])
+            return None if inflated is None else (key.decode("latin-1"), inflated.decode("latin-1"))
+        key, _, rest = body.partition(b"\0")
+        compressed = rest[0]
+        _lang, _, rest = rest[2:].partition(b"\0")
+        _tkey, _, text = rest.partition(b"\0")
+        if compressed:
+            text = _inflate(text)
+            if text is None:
+                return None
+        return key.decode("latin-1"), text.decode("utf-8")
+    except (UnicodeDecodeError, IndexError):
+        return None
+
+
+def png_text_chunks(source: Union[bytes, str, os.PathLike]) -> dict[str, str]:
+    """Every tEXt, zTXt and iTXt chunk of a PNG (bytes or a file path) as {key: text}, later chunks winning.
+    Memory is bounded: compressed chunks inflate to MAX_TEXT_CHUNK at most (larger ones are skipped, as are
+    damaged ones, so one bad chunk hides no other), and at most MAX_TEXT_TOTAL bytes of text are read."""
     out: dict[str, str] = {}
-    for ctype, body, _, _ in _iter_chunks(data):
+    if isinstance(source, (bytes, bytearray)):
+        if not source.startswith(PNG_SIGNATURE):
+            return {}
+        chunks = ((ctype, body) for ctype, body, _, _ in _iter_chunks(bytes(source)) if ctype in _TEXT_TYPES)
+        fp = None
+    else:
         try:
-            if ctype == b"tEXt":
-                key, _, text = body.partition(b"\0")
-                out[key.decode("latin-1")] = text.decode("latin-1")
-            elif ctype == b"zTXt":
-                key, _, rest = body.partition(b"\0")
-                out[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
-            elif ctype == b"iTXt":
-                key, _, rest = body.partition(b"\0")
-                compressed, _method = rest[0], rest[1]
-                _lang, _, rest = rest[2:].partition(b"\0")
-                _tkey, _, text = rest.partition(b"\0")
-                text = zlib.decompress(text) if compressed else text
-                out[key.decode("latin-1")] = text.decode("utf-8")
-        except (zlib.error, UnicodeDecodeError, IndexError):
-            continue  # one damaged text chunk must not hide the others
+            fp = open(source, "rb")
+        except OSError:
+            return {}
+        chunks = _iter_text_chunks(fp)
+    try:
+        for ctype, body in chunks:
+            entry = _text_of(ctype, body)
+            if entry is not None:
+                out[entry[0]] = entry[1]
+    finally:
+        if fp is not None:
+            fp.close()
     return out
 
 
@@ -75,8 +142,10 @@ def _chunk(ctype: bytes, body: bytes) -> bytes:
 def _itxt(key: str, text: str) -> bytes:
     raw = text.encode("utf-8")
     packed = zlib.compress(raw, 9)
-    # Compress only when it pays; an uncompressed record stays greppable.
-    body = key.encode("latin-1") + b"\0" + (b"\x01\x00" + b"\0\0" + packed if len(packed) < len(raw) * 0.7
+    # Compress only when it pays (an uncompressed record stays greppable), and never beyond what readers
+    # inflate (ours and Pillow's refuse compressed text over MAX_TEXT_CHUNK).
+    compress = len(packed) < len(raw) * 0.7 and len(raw) <= MAX_TEXT_CHUNK
+    body = key.encode("latin-1") + b"\0" + (b"\x01\x00" + b"\0\0" + packed if compress
                                             else b"\x00\x00" + b"\0\0" + raw)
     return _chunk(b"iTXt", body)
 
@@ -99,7 +168,24 @@ def with_png_text(data: bytes, key: str, text: str) -> bytes:
     return b"".join(parts)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask can only be read by
+    setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data in one rename. A new file gets the mode any file written by this process
+    gets (0666 less the umask); a replaced one keeps its mode."""
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -107,9 +193,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         try:
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            mode = os.stat(path).st_mode & 0o777
         except FileNotFoundError:
-            pass
+            mode = 0o666 & ~current_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -160,8 +247,8 @@ def read_record(image: Union[str, Path]) -> Optional[CheckResult]:
     """The record in the PNG chunk, else in the sidecar, else None. A batch record yields the entry whose
     pixels_sha256 is this image's."""
     image = Path(image)
-    text = png_text_chunks(image.read_bytes()).get(RECORD_KEY) if image.is_file() else None
-    if text is None and sidecar_path(image).is_file():
+    text = png_text_chunks(image).get(RECORD_KEY) if image.is_file() else None
+    if text is None and sidecar_path(image).is_file() and sidecar_path(image).stat().st_size <= MAX_TEXT_TOTAL:
         text = sidecar_path(image).read_text(encoding="utf-8")
     if not text:
         return None
@@ -231,53 +318,103 @@ def parse_a1111_parameters(text: str) -> GenerationRecord:
 
 _SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 _LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader", "unCLIPCheckpointLoader",
-            "ImageOnlyCheckpointLoader")
+            "ImageOnlyCheckpointLoader", "DiffusersLoader")
+_MAX_GRAPH_NODES = 10_000
 
 
-def parse_comfyui_prompt(prompt: Union[str, dict]) -> GenerationRecord:
-    """ComfyUI API graph (the PNG ``prompt`` chunk) -> GenerationRecord of its first sampler."""
+def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = None) -> GenerationRecord:
+    """ComfyUI API graph (the hidden PROMPT, or the PNG ``prompt`` chunk) -> GenerationRecord.
+
+    With ``from_node`` (the id of the node that checks the image) the record describes the sampler that
+    node's images come from, found by walking the graph upstream from it, and the model loader upstream of
+    that sampler; without it (a saved PNG), the graph's first sampler. Prompt texts are followed through
+    conditioning nodes to their text encoders. KSampler(Advanced) and SamplerCustom(Advanced) graphs are
+    read (seed, steps, cfg, sampler and scheduler through their RandomNoise/CFGGuider/KSamplerSelect/
+    BasicScheduler inputs)."""
     graph = json.loads(prompt) if isinstance(prompt, str) else prompt
-    if not isinstance(graph, dict):
-        return GenerationRecord(source="comfyui")
+    rec = GenerationRecord(source="comfyui")
+    if not isinstance(graph, dict) or len(graph) > _MAX_GRAPH_NODES:
+        return rec
+    graph = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
 
     def node(ref) -> Optional[dict]:
         if isinstance(ref, list) and ref:
             return graph.get(str(ref[0]))
         return None
 
+    def inputs_of(n: Optional[dict]) -> dict:
+        inp = n.get("inputs") if n else None
+        return inp if isinstance(inp, dict) else {}
+
+    def upstream(start: str, through: Optional[tuple[str, ...]] = None):
+        """Node ids upstream of start, nearest first (breadth first), following only the input names in
+        through when given."""
+        seen, queue = {start}, [start]
+        while queue:
+            current = queue.pop(0)
+            for key, value in inputs_of(graph.get(current)).items():
+                if through is not None and key not in through:
+                    continue
+                if isinstance(value, list) and value and str(value[0]) in graph and str(value[0]) not in seen:
+                    seen.add(str(value[0]))
+                    queue.append(str(value[0]))
+                    yield str(value[0])
+
     def text_of(ref, depth: int = 0) -> Optional[str]:
         n = node(ref)
-        if not n or depth > 8:
+        if not n or depth > 16:
             return None
-        inputs = n.get("inputs", {})
+        inputs = inputs_of(n)
         for key in ("text", "text_g", "prompt", "string", "value"):
             v = inputs.get(key)
             if isinstance(v, str):
                 return v
             if isinstance(v, list):
                 return text_of(v, depth + 1)
-        for key in ("conditioning", "conditioning_1", "positive"):
+        for key in ("conditioning", "conditioning_1", "conditioning_to", "positive"):
             if key in inputs:
                 return text_of(inputs[key], depth + 1)
         return None
 
-    sampler = next((n for _, n in sorted(graph.items(), key=lambda kv: str(kv[0]))
-                    if isinstance(n, dict) and n.get("class_type") in _SAMPLERS), None)
-    loader = next((n for n in graph.values() if isinstance(n, dict) and n.get("class_type") in _LOADERS), None)
-    rec = GenerationRecord(source="comfyui")
-    if sampler:
-        inp = sampler.get("inputs", {})
-        seed = inp.get("seed", inp.get("noise_seed"))
-        rec.seed = seed if isinstance(seed, int) else None
-        rec.steps = inp.get("steps") if isinstance(inp.get("steps"), int) else None
-        rec.cfg = float(inp["cfg"]) if isinstance(inp.get("cfg"), (int, float)) else None
-        rec.sampler = inp.get("sampler_name") if isinstance(inp.get("sampler_name"), str) else None
-        rec.scheduler = inp.get("scheduler") if isinstance(inp.get("scheduler"), str) else None
-        rec.prompt = text_of(inp.get("positive"))
-        rec.negative_prompt = text_of(inp.get("negative"))
-    if loader:
-        inp = loader.get("inputs", {})
-        name = inp.get("ckpt_name", inp.get("unet_name"))
+    def value(inputs: dict, key: str, kind, via: tuple[str, ...] = ()):
+        """inputs[key] when it is a kind, else the same key on the node an input of via links to."""
+        v = inputs.get(key)
+        if isinstance(v, kind) and not isinstance(v, bool):
+            return v
+        for link in via:
+            found = inputs_of(node(inputs.get(link))).get(key)
+            if isinstance(found, kind) and not isinstance(found, bool):
+                return found
+        return None
+
+    if from_node is not None and str(from_node) in graph:
+        sampler_id = next((i for i in upstream(str(from_node)) if graph[i].get("class_type") in _SAMPLERS), None)
+    else:
+        sampler_id = next((i for i, n in sorted(graph.items()) if n.get("class_type") in _SAMPLERS), None)
+    if sampler_id is None:
+        return rec
+    inp = inputs_of(graph[sampler_id])
+    guider = inputs_of(node(inp.get("guider")))
+    seed = value(inp, "seed", int)
+    rec.seed = seed if seed is not None else value(inp, "noise_seed", int, via=("noise",))
+    rec.steps = value(inp, "steps", int, via=("sigmas",))
+    cfg = value(inp, "cfg", (int, float))
+    cfg = cfg if cfg is not None else value(guider, "cfg", (int, float))
+    rec.cfg = float(cfg) if cfg is not None else None
+    rec.sampler = value(inp, "sampler_name", str, via=("sampler",))
+    rec.scheduler = value(inp, "scheduler", str, via=("sigmas",))
+    conditioning = inp if "positive" in inp else guider
+    rec.prompt = text_of(conditioning.get("positive"))
+    rec.negative_prompt = text_of(conditioning.get("negative"))
+    model_from = sampler_id if "model" in inp else next(
+        (i for i in upstream(sampler_id) if "model" in inputs_of(graph[i])), sampler_id)
+    loader_id = next((i for i in upstream(model_from, through=("model", "unet", "guider"))
+                      if graph[i].get("class_type") in _LOADERS), None)
+    if loader_id is None:
+        loader_id = next((i for i in upstream(sampler_id) if graph[i].get("class_type") in _LOADERS), None)
+    if loader_id is not None:
+        linp = inputs_of(graph[loader_id])
+        name = linp.get("ckpt_name", linp.get("unet_name", linp.get("model_path")))
         rec.model = name if isinstance(name, str) else None
     return rec
 
@@ -288,7 +425,7 @@ def _exif_user_comment(path: Path) -> Optional[str]:
     try:
         with Image.open(path) as img:
             exif = img.getexif().get_ifd(0x8769)
-    except (OSError, SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001 - damaged files and decompression bombs alike just have no parameters
         return None
     raw = exif.get(0x9286)
     if isinstance(raw, bytes):
@@ -310,17 +447,18 @@ def read_generation(image: Union[str, Path]) -> Optional[GenerationRecord]:
     """The generation parameters A1111/Forge or ComfyUI stored in the image file, or None."""
     image = Path(image)
     try:
-        data = image.read_bytes()
+        with open(image, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
     except OSError:
         return None
-    if data.startswith(PNG_SIGNATURE):
-        chunks = png_text_chunks(data)
+    if head == PNG_SIGNATURE:
+        chunks = png_text_chunks(image)
         if "parameters" in chunks:
             return parse_a1111_parameters(chunks["parameters"])
         if "prompt" in chunks:
             try:
                 return parse_comfyui_prompt(chunks["prompt"])
-            except (json.JSONDecodeError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError, RecursionError):
                 return None
         return None
     text = _exif_user_comment(image)

@@ -9,7 +9,7 @@ import html
 from typing import Optional
 from urllib.parse import urlparse
 
-from .policy import BLOCK, UNCHECKED, WARN, reaches
+from .policy import BLOCK, UNCHECKED, WARN, fmt_threshold, reaches
 from .result import CheckResult, Match
 
 
@@ -44,7 +44,7 @@ def block_message(result: CheckResult) -> str:
     top = result.top
     where = f" — closest training image: {short(top.caption, 100)!r} ({short(top.url, 100)}) in {top.bundle_id}" if top else ""
     threshold = next((t.block for t in result.thresholds if top and t.bundle_id == top.bundle_id), None)
-    limit = f" (block threshold {threshold:.2f})" if threshold is not None else ""
+    limit = f" (block threshold {fmt_threshold(threshold)})" if threshold is not None else ""
     return (f"Blocked: too close to a known training image, similarity {result.max_score:.3f}{limit}{where}. "
             f"Try another seed, a different prompt or less img2img strength.")
 
@@ -98,22 +98,82 @@ def worst_of(results: list[CheckResult]) -> str:
     return max((r.verdict for r in results), key=lambda v: order.get(v, -1), default="pass")
 
 
-def placeholder_image(width: int, height: int, message: str):
-    """A black image of the given size carrying message as text (what a blocked image is replaced by)."""
-    import textwrap
+# What a batch's one-line summary leads with: an unchecked image outranks passing ones.
+_SUMMARY_ORDER = {BLOCK: 3, WARN: 2, UNCHECKED: 1, "pass": 0}
 
-    from PIL import Image, ImageDraw, ImageFont
+
+def batch_summary(results: list[CheckResult]) -> str:
+    """A batch in a few words: its most serious verdict and how many images have it ("block 1 of 3")."""
+    if not results:
+        return ""
+    top = max((r.verdict for r in results), key=lambda v: _SUMMARY_ORDER.get(v, -1))
+    return f"{top} {sum(r.verdict == top for r in results)} of {len(results)}"
+
+
+SHORT_BLOCK_NOTICES = ("Blocked: too close to a known training image", "Blocked")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> Optional[list[str]]:
+    """Words of text in lines no wider than width pixels, or None when a single word does not fit."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if draw.textlength(trial, font=font) <= width:
+            line = trial
+            continue
+        if not line or draw.textlength(word, font=font) > width:
+            return None
+        lines.append(line)
+        line = word
+    if line:
+        lines.append(line)
+    return lines
+
+
+def fit_notice(width: int, height: int, message: str) -> tuple[int, list[str]]:
+    """(font size, lines) of the longest notice that fits a width x height image whole, at the largest
+    size that fits: the full message, else a short notice, else "Blocked"; (0, []) when nothing fits."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    margin = max(1, min(width, height) // 24)
+    inner_w, inner_h = width - 2 * margin, height - 2 * margin
+    largest = max(6, min(width, height) // 16)
+    for text in (" ".join(str(message).split()),) + SHORT_BLOCK_NOTICES:
+        size = largest
+        while size >= 6:
+            font = _font(size)
+            lines = _wrap(draw, text, font, inner_w)
+            line_h = size + max(1, size // 4)
+            if lines and len(lines) * line_h <= inner_h:
+                return size, lines
+            size = size - 1 if size <= 12 else int(size * 0.85)
+    return 0, []
+
+
+def placeholder_image(width: int, height: int, message: str):
+    """A black image of the given size carrying message as text (what a blocked image is replaced by). The
+    notice is fitted to the size: whole words only, shortened ("Blocked") where the message cannot fit."""
+    from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), "black")
-    draw = ImageDraw.Draw(img)
-    size = max(10, min(img.width, img.height) // 28)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
-        font = ImageFont.load_default()
-    chars = max(12, int(img.width / (size * 0.6)) - 2)
-    y = size
-    for line in textwrap.wrap(" ".join(str(message).split()), chars)[: max(1, img.height // (size + 4) - 1)]:
-        draw.text((size // 2, y), line, fill=(230, 230, 230), font=font)
-        y += size + 4
+    size, lines = fit_notice(img.width, img.height, message)
+    if lines:
+        draw = ImageDraw.Draw(img)
+        font = _font(size)
+        margin = max(1, min(img.width, img.height) // 24)
+        y = margin
+        for line in lines:
+            draw.text((margin, y), line, fill=(230, 230, 230), font=font)
+            y += size + max(1, size // 4)
     return img

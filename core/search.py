@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .bundle import Bundle
 from .config import RERANK_CANDIDATES_FACTOR
-from .errors import DimensionMismatchError
+from .errors import DimensionMismatchError, IndexCorruptError
 from .result import Match
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,10 +45,15 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True)
     t0 = time.perf_counter()
     scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
     t1 = time.perf_counter()
+    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= bundle.count):
+        raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) returned row ids outside 0..{bundle.count - 1}: "
+                                f"its index is damaged; run 'provenance-guard index verify {bundle.path}' and copy "
+                                f"the bundle again or rebuild it")
     # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
     exact = bundle.exact
     if rerank:
         scores, ids = _rerank(bundle, queries, ids, k)
+    _check_scores(bundle, scores, ids, SCORE_SLACK if rerank or flat_index else APPROXIMATE_SLACK)
     t2 = time.perf_counter()
     out = [[Match(score=float(sc), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version, row_id=int(i))
             for sc, i in zip(row_scores, row_ids) if i >= 0] for row_scores, row_ids in zip(scores, ids)]
@@ -56,6 +61,25 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True)
         join_metadata(bundle, [m for ms in out for m in ms])
     t3 = time.perf_counter()
     return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3})
+
+
+# Cosines of unit vectors lie in [-1, 1]; float16 storage and float32 sums stray by far less than SCORE_SLACK.
+# An index's own approximations (PQ, SQ) stray further (1.02 seen) but never by whole units.
+SCORE_SLACK = 1e-3
+APPROXIMATE_SLACK = 0.5
+
+
+def _check_scores(bundle: Bundle, scores: "np.ndarray", ids: "np.ndarray", slack: float) -> None:
+    """A score that is no cosine (NaN, infinite, beyond 1) means damaged index or vector bytes: a same-size
+    bit flip in index.faiss once scored 1.68e26 and blocked an unrelated image. Report it, never act on it."""
+    import numpy as np
+
+    found = scores[ids >= 0]
+    if found.size and not (np.isfinite(found).all() and float(np.abs(found).max()) <= 1.0 + slack):
+        bad = found[~np.isfinite(found) | (np.abs(found) > 1.0 + slack)][0]
+        raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) scored a match {float(bad)!r}, which is no cosine: "
+                                f"its index or re-rank vectors are damaged; run 'provenance-guard index verify "
+                                f"{bundle.path}' and copy the bundle again or rebuild it")
 
 
 def join_metadata(bundle: Bundle, matches: list[Match]) -> None:

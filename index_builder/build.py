@@ -12,28 +12,35 @@ Phases (each with a progress bar; the report at the end gives their times):
            record recall@1/@10 on near-duplicate and held-out queries;
 7. publish manifest, then an atomic rename onto --out (an existing bundle there serves until then).
 
-All work happens in ``.<out>.build/`` beside --out; a build whose inputs or options changed starts afresh.
+All work happens in ``.<out>.build/`` beside --out (the bundle being made in ``bundle/``, the state in
+``state.json``). Each phase writes its output whole (temporary name, rename) before it is recorded as
+complete, so a build killed at any moment, SIGKILL included, resumes from its last completed phase (and
+within ``add``, after its last added shard) to the same bundle; a build whose inputs or options changed starts
+afresh. The build holds out's maintenance lock (core/bundle/lock.py) from start to publish, and refuses to
+start without the disk space it needs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE, Bundle, Manifest,
-                           MetadataWriter, RerankFileWriter, finalize, publish, rerank_file_names,
-                           search_parameters, utc_now)
+from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE, Bundle, BundleLock, Manifest,
+                           MetadataWriter, RerankFileWriter, finalize, publish, read_manifest, rerank_file_names,
+                           search_parameters, space_for, utc_now)
 from ..core.config import DEFAULT_BLOCK, DEFAULT_WARN
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, ProvenanceError
 from ..core.models import ModelSpec
 from .choose import IndexChoice, choice_from_key, choose_index, human
-from .faiss_build import Tuning, add_part, exact_topk, merge_parts, train, tune_nprobe
+from .faiss_build import Recall, Tuning, add_part, exact_topk, merge_parts, train, tune_nprobe
 from .shards import Shard, iter_vectors, metadata_schema, read_metadata, read_rows, read_vectors, scan_shards
 
 ADD_BATCH_ROWS = 100_000
@@ -59,6 +66,7 @@ class BuildOptions:
     overwrite: bool = False
     ray_address: Optional[str] = None
     progress: bool = True
+    wait: bool = True
 
 
 @dataclass
@@ -111,37 +119,60 @@ def peak_rss() -> int:
 # state ----------------------------------------------------------------------------------------------------
 
 class State:
-    """state.json of a build folder: what the build is (fingerprint) and which shards are finished."""
+    """A build's state file: what the build is (fingerprint), which shards are added, which phases are
+    complete (each phase's output is written whole before the phase is recorded), and the tuning result."""
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any]):
-        self.path = folder / "state.json"
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path = path
         self.fingerprint = fingerprint
         self.done: set[int] = set()
         self.phases: dict[str, float] = {}
+        self.completed: list[str] = []
+        self.tuning: Optional[dict[str, Any]] = None
+        self.publishing = False
 
     @classmethod
-    def load_or_reset(cls, folder: Path, fingerprint: dict[str, Any]) -> tuple["State", bool]:
-        state = cls(folder, fingerprint)
-        if (folder / "state.json").is_file():
-            try:
-                data = json.loads((folder / "state.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                data = {}
-            if data.get("fingerprint") == fingerprint:
-                state.done = set(data.get("done", []))
-                state.phases = dict(data.get("phases", {}))
-                return state, True
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        state.save()
-        return state, False
+    def load(cls, path: Path, fingerprint: dict[str, Any]) -> Optional["State"]:
+        """The state of this very build, or None (no state, another build's, or unreadable)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+            return None
+        state = cls(path, fingerprint)
+        state.done = set(data.get("done", []))
+        state.phases = dict(data.get("phases", {}))
+        state.completed = list(data.get("completed", []))
+        state.tuning = data.get("tuning")
+        state.publishing = bool(data.get("publishing"))
+        return state
+
+    def complete(self, phase: str) -> None:
+        if phase not in self.completed:
+            self.completed.append(phase)
+        self.save()
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": sorted(self.done),
-                                   "phases": self.phases}))
+                                   "phases": self.phases, "completed": self.completed, "tuning": self.tuning,
+                                   "publishing": self.publishing}))
         os.replace(tmp, self.path)
+
+
+# Test hook: a build SIGKILLs itself at the named checkpoint (after-train, after-add, after-index-written,
+# after-index, after-metadata, after-tune, before-publish, after-publish), as a crash or an OOM kill would.
+ENV_KILL_AT = "PROVENANCE_GUARD_KILL_AT"
+
+
+def checkpoint(name: str) -> None:
+    if os.environ.get(ENV_KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 # per-shard work (also what a Ray task runs) -----------------------------------------------------------------
@@ -212,40 +243,79 @@ def _progress(total: int, desc: str, opts: BuildOptions, unit: str = "row"):
 
 
 def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
-    """Build (or resume building) a bundle from LAION-layout shards at source; see the module docstring."""
-    import faiss
-    import numpy as np
+    """Build (or resume building) a bundle from LAION-layout shards at source; see the module docstring.
+    Holds out's maintenance lock throughout: a removal published meanwhile would be lost in the new bundle."""
+    out = Path(out).expanduser()
+    with BundleLock(out, "index build", wait=opts.wait):
+        return _build(source, out, opts)
+
+
+def _build(source: str, out: Path, opts: BuildOptions) -> BuildReport:
 
     t_start = time.perf_counter()
     ModelSpec.parse(opts.model)
-    out = Path(out).expanduser()
-    if out.exists() and not opts.overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it (it keeps serving until the new "
-                          f"bundle is complete)")
     shards = scan_shards(source)
     n, d = sum(s.rows for s in shards), shards[0].dim
     choice: IndexChoice = (choice_from_key(opts.index_key, n, d, opts.max_memory) if opts.index_key
                            else choose_index(n, d, opts.max_memory))
     rerank = _rerank_dtype(opts, n, d)
-    work = out.parent / f".{out.name}.build"
+    home = out.parent / f".{out.name}.build"
+    work = home / "bundle"
     fingerprint = {"source": str(source), "shards": [[s.number, s.rows, s.npy] for s in shards],
                    "factory": choice.factory, "rerank": rerank, "model": opts.model, "dim": d}
-    state, resumed = State.load_or_reset(work, fingerprint)
+    state = State.load(home / "state.json", fingerprint)
+    if state is not None and state.publishing and not work.exists():
+        # Killed after publishing, before cleaning up: the bundle at out is this build's.
+        try:
+            published = read_manifest(out).build.get("fingerprint") == fingerprint_digest(fingerprint)
+        except ProvenanceError:
+            published = False
+        if published:
+            shutil.rmtree(home, ignore_errors=True)
+            return _published_report(out, n, choice, rerank, state, t_start)
+        state = None
+    if out.exists() and not opts.overwrite and state is None:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it (it keeps serving until the new "
+                          f"bundle is complete)")
+    resumed = state is not None
+    if state is None:
+        shutil.rmtree(home, ignore_errors=True)
+        work.mkdir(parents=True)
+        state = State(home / "state.json", fingerprint)
+        state.save()
     resumed_shards = len(state.done)
     print(f"{n:,} vectors of {d}-d in {len(shards)} shards; budget {human(opts.max_memory)} -> {choice.factory} "
-          f"({choice.note})" + (f"; resuming: {len(state.done)} shards already done" if resumed else ""),
+          f"({choice.note})" + (f"; resuming after {', '.join(state.completed) or 'nothing'} "
+                                f"({len(state.done)} shards added)" if resumed else ""),
           file=sys.stderr)
+    needed = _bundle_size_estimate(n, d, choice, rerank)
+    with space_for(out.parent, 0 if resumed else needed, f"building {out}"):
+        return _phases(shards, n, d, choice, rerank, out, work, home, state, resumed_shards, opts, t_start)
+
+
+def _bundle_size_estimate(n: int, d: int, choice: IndexChoice, rerank: Optional[str]) -> int:
+    """Bytes the build writes: the index (about twice while parts are merged), re-rank vectors, metadata."""
+    index = choice.bytes_needed or n * d * 4
+    vectors = {"float16": n * d * 2, "int8": n * (d + 4), None: 0}[rerank]
+    return 2 * index + vectors + n * 256
+
+
+def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Optional[str], out: Path, work: Path,
+            home: Path, state: State, resumed_shards: int, opts: BuildOptions, t_start: float) -> BuildReport:
+    import faiss
+    import numpy as np
 
     rss_by_phase: dict[str, int] = {}
 
     def phase(name: str, t0: float) -> None:
         state.phases[name] = state.phases.get(name, 0.0) + time.perf_counter() - t0
         rss_by_phase[name] = peak_rss()
-        state.save()
+        state.complete(name)
+        checkpoint(f"after-{name}")
 
     # train
     t0 = time.perf_counter()
-    if not (work / TRAINED_FILE).is_file():
+    if "train" not in state.completed:
         bar = _progress(1, f"training {choice.factory} on {choice.train_rows:,} rows", opts, unit="index")
         index = train(choice.factory, d, _sample(shards, choice.train_rows) if choice.train_rows
                       else np.zeros((0, d), np.float32))
@@ -260,57 +330,66 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
     # add
     t0 = time.perf_counter()
     vec_name, scale_name = rerank_file_names(rerank)
-    if vec_name and not (work / vec_name).is_file():
-        RerankFileWriter(work, n, d, rerank).close()
-    (work / "parts").mkdir(exist_ok=True)
-    todo = [s for s in shards if s.number not in state.done]
-    bar = _progress(n, "adding", opts)
-    bar.update(sum(s.rows for s in shards if s.number in state.done))
-    if todo and opts.ray_address:
-        from .distributed import run_shards_on_ray
+    if "add" not in state.completed:
+        if vec_name and not (work / vec_name).is_file():
+            RerankFileWriter(work, n, d, rerank).close()
+        (work / "parts").mkdir(exist_ok=True)
+        todo = [s for s in shards if s.number not in state.done]
+        bar = _progress(n, "adding", opts)
+        bar.update(sum(s.rows for s in shards if s.number in state.done))
+        if todo and opts.ray_address:
+            from .distributed import run_shards_on_ray
 
-        for shard in run_shards_on_ray(opts.ray_address, todo, str(work), n, d, rerank, choice.ivf):
-            state.done.add(shard.number)
-            state.save()
-            bar.update(shard.rows)
-    else:
-        for shard in todo:
-            process_shard(shard, str(work), n, d, rerank, choice.ivf)
-            state.done.add(shard.number)
-            state.save()
-            bar.update(shard.rows)
-    bar.close()
-    release_freed_memory()
-    if todo:
+            for shard in run_shards_on_ray(opts.ray_address, todo, str(work), n, d, rerank, choice.ivf):
+                state.done.add(shard.number)
+                state.save()
+                bar.update(shard.rows)
+        else:
+            for shard in todo:
+                process_shard(shard, str(work), n, d, rerank, choice.ivf)
+                state.done.add(shard.number)
+                state.save()
+                bar.update(shard.rows)
+        bar.close()
+        release_freed_memory()
         phase("add", t0)
 
     # index
     t0 = time.perf_counter()
-    bar = _progress(1, "writing the index", opts, unit="index")
-    if choice.ivf:
-        index = merge_parts(work / TRAINED_FILE, [part_path(work, s.number) for s in shards], work, IVFDATA_FILE)
-    else:
-        index = faiss.read_index(str(work / TRAINED_FILE))
-        for _, x in iter_vectors(shards, ADD_BATCH_ROWS):
-            index.add(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
-    faiss.write_index(index, str(work / INDEX_FILE))
-    del index
+    if "index" not in state.completed:
+        bar = _progress(1, "writing the index", opts, unit="index")
+        if choice.ivf:
+            index = merge_parts(work / TRAINED_FILE, [part_path(work, s.number) for s in shards], work, IVFDATA_FILE)
+        else:
+            index = faiss.read_index(str(work / TRAINED_FILE))
+            for _, x in iter_vectors(shards, ADD_BATCH_ROWS):
+                index.add(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+        faiss.write_index(index, str(work / ".index.tmp"))
+        os.replace(work / ".index.tmp", work / INDEX_FILE)
+        del index
+        bar.update(1)
+        bar.close()
+        state.phases["index"] = state.phases.get("index", 0.0) + time.perf_counter() - t0
+        state.complete("index")
+        checkpoint("after-index-written")
+    # The parts go only once the index that holds their rows is recorded as complete.
     shutil.rmtree(work / "parts", ignore_errors=True)
-    bar.update(1)
-    bar.close()
-    phase("index", t0)
+    rss_by_phase.setdefault("index", peak_rss())
+    checkpoint("after-index")
 
     # metadata
     t0 = time.perf_counter()
-    bar = _progress(n, "metadata", opts)
-    writer = MetadataWriter(work / METADATA_FILE, schema=metadata_schema(shards))
-    for shard in shards:
-        table = read_metadata(shard)
-        writer.write(table)
-        bar.update(table.num_rows)
-    writer.close()
-    bar.close()
-    phase("metadata", t0)
+    if "metadata" not in state.completed:
+        bar = _progress(n, "metadata", opts)
+        writer = MetadataWriter(work / ".metadata.tmp", schema=metadata_schema(shards))
+        for shard in shards:
+            table = read_metadata(shard)
+            writer.write(table)
+            bar.update(table.num_rows)
+        writer.close()
+        os.replace(work / ".metadata.tmp", work / METADATA_FILE)
+        bar.close()
+        phase("metadata", t0)
 
     # tune
     t0 = time.perf_counter()
@@ -321,10 +400,15 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
         trained_file=TRAINED_FILE, rerank_file=vec_name, rerank_dtype=rerank or "float16",
         rerank_scale_file=scale_name, warn=opts.warn, block=opts.block,
     )
-    finalize(work, manifest, hash_files=False)
-    tuning = tune_bundle(work, shards, choice, opts)
+    if "tune" not in state.completed:
+        finalize(work, manifest, hash_files=False)
+        tuning = tune_bundle(work, shards, choice, opts)
+        state.tuning = {"chosen": tuning.chosen.as_dict(), "tried": [r.as_dict() for r in tuning.tried],
+                        "note": tuning.note}
+        phase("tune", t0)
+    tuning = Tuning(Recall(**state.tuning["chosen"]), [Recall(**r) for r in state.tuning["tried"]],
+                    state.tuning["note"])
     manifest.search_params = _params(choice, tuning.chosen.nprobe)
-    phase("tune", t0)
 
     # publish
     t0 = time.perf_counter()
@@ -332,20 +416,35 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
     report = BuildReport(out, n, choice.factory, choice.note, rerank, 0.0, dict(state.phases), tuning,
                          resumed_shards, peak_rss(), rss_by_phase)
     manifest.build = {
-        "created": utc_now(), "tool": _tool(), "sources": [{"kind": "embeddings", "path": str(source),
+        "created": utc_now(), "tool": _tool(), "sources": [{"kind": "embeddings", "path": str(state.fingerprint["source"]),
                                                            "shards": len(shards), "rows": n}],
         "choice": {"factory": choice.factory, "note": choice.note, "budget_bytes": opts.max_memory,
                    "index_bytes": choice.bytes_needed, "train_rows": choice.train_rows},
         "recall": tuning.chosen.as_dict(), "tuning": [r.as_dict() for r in tuning.tried],
         "tuning_note": tuning.note, "target_recall": opts.target_recall, "phases_s": state.phases,
         "peak_rss_bytes": report.peak_rss_bytes, "history": [{"op": "build", "at": utc_now(), "rows": n}],
+        "fingerprint": fingerprint_digest(state.fingerprint),
     }
-    (work / "state.json").unlink()
     finalize(work, manifest)
+    state.publishing = True
+    state.save()
+    checkpoint("before-publish")
     publish(work, out)
+    checkpoint("after-publish")
+    shutil.rmtree(home, ignore_errors=True)
     report.phases["publish"] = time.perf_counter() - t0
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _published_report(out: Path, n: int, choice: IndexChoice, rerank: Optional[str], state: State,
+                      t_start: float) -> BuildReport:
+    tuning = None
+    if state.tuning:
+        tuning = Tuning(Recall(**state.tuning["chosen"]), [Recall(**r) for r in state.tuning["tried"]],
+                        state.tuning["note"])
+    return BuildReport(out, n, choice.factory, choice.note + "; it was already published", rerank,
+                       time.perf_counter() - t_start, dict(state.phases), tuning, len(state.done), peak_rss(), {})
 
 
 def _tool() -> str:
@@ -404,5 +503,8 @@ def tune_bundle(folder: Path, shards: list[Shard], choice: IndexChoice, opts: Bu
             return np.array([[m.row_id for m in ms] + [-1] * (10 - len(ms)) for ms in found])
         return run
 
-    return tune_nprobe(make_search, choice.nlist if choice.ivf else 0, near, near_truth, held, held_truth,
-                       opts.target_recall, opts.target_latency_ms)
+    try:
+        return tune_nprobe(make_search, choice.nlist if choice.ivf else 0, near, near_truth, held, held_truth,
+                           opts.target_recall, opts.target_latency_ms)
+    finally:
+        bundle.close()

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.bundle.writer import human
 from ..core.errors import ConfigError
 
 # Beyond 128 bytes, OPQ/PQ training time grows much faster than candidate recall, which exact re-ranking
@@ -47,14 +48,6 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"memory size {text!r}: give a number with K, M, G or T (e.g. 4G)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
     return int(float(m.group(1)) * scale)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def nlist_for(n: int) -> int:

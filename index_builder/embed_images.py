@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Union
 
 from ..core.config import DEFAULT_BATCH_SIZE
 from ..core.errors import ConfigError, ImageInputError
-from ..core.images import IMAGE_SUFFIXES, find_images
+from ..core.images import find_images
 from .shards import shard_done, write_shard
 
 PLAN = "plan.json"

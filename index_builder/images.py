@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from ..core.bundle import BundleWriter
+from ..core.bundle import BundleWriter, space_for
 from ..core.config import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_WARN
 from ..core.embed import get_embedder
 from ..core.errors import ConfigError, ImageInputError
@@ -39,7 +39,8 @@ def _caption(path: Path) -> str:
 def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: str, *, device: str = "auto",
                       batch_size: int = DEFAULT_BATCH_SIZE, bundle_id: Optional[str] = None,
                       bundle_version: Optional[str] = None, description: str = "", warn: float = DEFAULT_WARN,
-                      block: float = DEFAULT_BLOCK, overwrite: bool = False, progress: bool = True) -> BuildReport:
+                      block: float = DEFAULT_BLOCK, overwrite: bool = False, progress: bool = True,
+                      wait: bool = True) -> BuildReport:
     """Embed every image under folder with model and publish an exact (flat) bundle at out."""
     import time
 
@@ -54,9 +55,14 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
         raise ConfigError(f"--images {folder}: no .png, .jpg, .jpeg or .webp files found (searched recursively)")
     embedder = get_embedder(model, device)
     skipped: list[str] = []
-    with BundleWriter(out, model=embedder.spec.raw, dim=embedder.dim, bundle_id=bundle_id,
-                      bundle_version=bundle_version, description=description, warn=warn, block=block,
-                      overwrite=overwrite) as writer:
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A flat index (float32) and float16 re-rank vectors per row, metadata and slack.
+    needed = len(files) * (embedder.dim * 6 + 2048) + (1 << 20)
+    with space_for(out.parent, needed, f"building {out}"), \
+            BundleWriter(out, model=embedder.spec.raw, dim=embedder.dim, bundle_id=bundle_id,
+                         bundle_version=bundle_version, description=description, warn=warn, block=block,
+                         overwrite=overwrite, wait=wait) as writer:
         bar = tqdm(total=len(files), unit="img", desc="embedding", disable=not progress, file=sys.stderr)
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]

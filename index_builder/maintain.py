@@ -15,18 +15,17 @@ build history and bumps the bundle version.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
-import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, Manifest,
-                           MetadataWriter, RerankFileWriter, finalize, publish, read_manifest,
-                           sha256_file, utc_now)
+from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, BundleLock,
+                           Manifest, MetadataWriter, RerankFileWriter, finalize, publish, space_for, staging,
+                           sweep_leftovers, utc_now)
 from ..core.errors import ConfigError, DimensionMismatchError
 from .faiss_build import add_part, merge_parts
 from .shards import iter_vectors, metadata_schema, read_metadata, scan_shards
@@ -45,10 +44,8 @@ def _new_version() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def _stage(bundle_path: Path) -> Path:
-    tmp = bundle_path.parent / f".{bundle_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
+def _bundle_bytes(bundle: Bundle) -> int:
+    return sum(int(info.get("size", 0)) for info in bundle.manifest.files.values())
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -63,12 +60,8 @@ def _history(m: Manifest, entry: dict) -> None:
 
 
 def _publish_change(tmp: Path, out: Path, manifest: Manifest, old_files: dict) -> None:
-    try:
-        finalize(tmp, manifest, hashed=old_files)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finalize(tmp, manifest, hashed=old_files)
+    publish(tmp, out)
 
 
 # remove ---------------------------------------------------------------------------------------------------
@@ -107,27 +100,38 @@ def ids_for(bundle: Bundle, *, ids: Optional[list[int]] = None, urls: Optional[l
     return sorted(set(found_ids)), len(set(values) - found_values)
 
 
-def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=None, reason: str = "") -> ChangeReport:
+def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=None, reason: str = "",
+                wait: bool = True) -> ChangeReport:
+    """Take rows out of the bundle at bundle_path and publish the new version. Runs under the bundle's
+    maintenance lock: removed.npy and the manifest's history are read and written by one run at a time."""
     import numpy as np
 
-    bundle_path = Path(bundle_path)
-    bundle = Bundle.open(bundle_path)
-    rows, missing = ids_for(bundle, ids=ids, urls=urls, hashes=hashes)
-    removed = np.union1d(bundle.removed, np.asarray(rows, dtype=np.int64)).astype(np.int64)
-    newly = len(removed) - len(bundle.removed)
-    m = read_manifest(bundle_path)
-    old_files = dict(m.files)
-    tmp = _stage(bundle_path)
-    for name in m.data_files():
-        if name != m.removed_file:
-            _link(bundle_path / name, tmp / name)
-    np.save(tmp / REMOVED_FILE, removed)
-    m.removed_file, m.removed_count = REMOVED_FILE, int(len(removed))
-    old_files.pop(REMOVED_FILE, None)
-    m.bundle_version = _new_version()
+    bundle_path = Path(bundle_path).expanduser()
     kind = "ids" if ids is not None else ("urls" if urls is not None else "hashes")
-    _history(m, {"op": "remove", "by": kind, "rows": newly, "not_found": missing, "reason": reason})
-    _publish_change(tmp, bundle_path, m, old_files)
+    with BundleLock(bundle_path, f"index remove ({kind})", wait=wait):
+        sweep_leftovers(bundle_path)
+        bundle = Bundle.open(bundle_path)
+        try:
+            rows, missing = ids_for(bundle, ids=ids, urls=urls, hashes=hashes)
+            removed = np.union1d(bundle.removed, np.asarray(rows, dtype=np.int64)).astype(np.int64)
+            newly = len(removed) - len(bundle.removed)
+            m = copy.deepcopy(bundle.manifest)
+            old_files = dict(m.files)
+            # Unchanged files are hard links; a copy where links fail (another file system) needs their size.
+            needed = removed.nbytes + (1 << 20)
+            with space_for(bundle_path.parent, needed, f"removing rows from {bundle_path}"), \
+                    staging(bundle_path) as tmp:
+                for name in m.data_files():
+                    if name != m.removed_file:
+                        _link(bundle_path / name, tmp / name)
+                np.save(tmp / REMOVED_FILE, removed)
+                m.removed_file, m.removed_count = REMOVED_FILE, int(len(removed))
+                old_files.pop(REMOVED_FILE, None)
+                m.bundle_version = _new_version()
+                _history(m, {"op": "remove", "by": kind, "rows": newly, "not_found": missing, "reason": reason})
+                _publish_change(tmp, bundle_path, m, old_files)
+        finally:
+            bundle.close()
     return ChangeReport(bundle_path, m.bundle_version, bundle.count - len(removed), newly,
                         f"{missing} listed {kind} matched no row" if missing else "")
 
@@ -185,12 +189,23 @@ def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = Fa
     return index
 
 
-def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str] = None) -> ChangeReport:
+def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str] = None,
+                wait: bool = True) -> ChangeReport:
+    """Add the rows of LAION-layout shards at source to the bundle, under the bundle's maintenance lock."""
+    bundle_path = Path(bundle_path).expanduser()
+    with BundleLock(bundle_path, "index append", wait=wait):
+        sweep_leftovers(bundle_path)
+        bundle = Bundle.open(bundle_path)
+        try:
+            return _append(bundle_path, bundle, source, model)
+        finally:
+            bundle.close()
+
+
+def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str]) -> ChangeReport:
     import faiss
 
-    bundle_path = Path(bundle_path)
-    bundle = Bundle.open(bundle_path)
-    m = read_manifest(bundle_path)
+    m = copy.deepcopy(bundle.manifest)
     if model and model != m.model:
         raise ConfigError(f"--model {model} differs from the bundle's {m.model}: appended rows must come from the "
                           f"same model")
@@ -200,8 +215,9 @@ def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str]
                                      f"{m.dim}-d ({m.model}); embed them with the bundle's model")
     new_rows = sum(s.rows for s in shards)
     old_files = dict(m.files)
-    tmp = _stage(bundle_path)
-    try:
+    # The new version rewrites index, vectors and metadata: about the old size plus the new rows again.
+    needed = int(_bundle_bytes(bundle) * (1 + new_rows / max(bundle.count, 1))) + (16 << 20)
+    with space_for(bundle_path.parent, needed, f"appending to {bundle_path}"), staging(bundle_path) as tmp:
         def offset_batches():
             for first, x in iter_vectors(shards):
                 yield first + bundle.count, x
@@ -219,15 +235,12 @@ def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str]
         writer.close()
         if m.removed_file:
             _link(bundle_path / m.removed_file, tmp / m.removed_file)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file):
-        old_files.pop(name, None)
-    m.count = bundle.count + new_rows
-    m.bundle_version = _new_version()
-    _history(m, {"op": "append", "rows": new_rows, "source": str(source)})
-    _publish_change(tmp, bundle_path, m, old_files)
+        for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file):
+            old_files.pop(name, None)
+        m.count = bundle.count + new_rows
+        m.bundle_version = _new_version()
+        _history(m, {"op": "append", "rows": new_rows, "source": str(source)})
+        _publish_change(tmp, bundle_path, m, old_files)
     return ChangeReport(bundle_path, m.bundle_version, m.count, new_rows)
 
 
@@ -238,28 +251,39 @@ def _table(batch):
 
 
 def merge_bundles(a_path: Union[str, Path], b_path: Union[str, Path], out: Union[str, Path],
-                  overwrite: bool = False) -> ChangeReport:
+                  overwrite: bool = False, wait: bool = True) -> ChangeReport:
+    """Bundle B's rows after A's, published at out (under out's maintenance lock: out may be A itself)."""
+    out = Path(out).expanduser()
+    with BundleLock(out, "index merge", wait=wait):
+        sweep_leftovers(out)
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+        a, b = Bundle.open(a_path), Bundle.open(b_path)
+        try:
+            return _merge(a, b, out)
+        finally:
+            a.close()
+            b.close()
+
+
+def _merge(a: Bundle, b: Bundle, out: Path) -> ChangeReport:
     import faiss
     import numpy as np
     import pyarrow as pa
 
-    a, b = Bundle.open(a_path), Bundle.open(b_path)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     if a.model != b.model or a.dim != b.dim:
         raise ConfigError(f"bundles {a.id} ({a.model}, {a.dim}-d) and {b.id} ({b.model}, {b.dim}-d) come from "
                           f"different models: their scores are not comparable; check them side by side instead "
                           f"(--index A --index B)")
-    m = read_manifest(a.path)
+    m = copy.deepcopy(a.manifest)
     same_quantizer = (m.trained_file and b.manifest.trained_file and m.ivfdata_file and b.manifest.ivfdata_file
                       and m.files[m.trained_file]["sha256"] == b.manifest.files[b.manifest.trained_file]["sha256"])
     if not same_quantizer and b.vectors is None and m.ivfdata_file:
         raise ConfigError(f"bundle {b.id} stores no vectors and was trained with another quantizer than {a.id}; "
                           f"rebuild both from their shards with one build instead")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    needed = _bundle_bytes(a) + _bundle_bytes(b) + (16 << 20)
+    with space_for(out.parent, needed, f"merging into {out}"), staging(out) as tmp:
         if same_quantizer:
             index = _combined_index(tmp, a, None, shift_ids=True, extra_index=b.path / b.manifest.index_file)
         else:
@@ -289,9 +313,6 @@ def merge_bundles(a_path: Union[str, Path], b_path: Union[str, Path], out: Union
                      "rows": [a.count, b.count], "lists": "merged" if same_quantizer else "re-added"})
         finalize(tmp, m)
         publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ChangeReport(out, m.bundle_version, m.count, b.count,
                         "inverted lists merged" if same_quantizer else f"{b.id}'s rows re-added through {a.id}'s index")
 

@@ -29,4 +29,3 @@ from provenance_guard.a1111_extension import settings as _settings  # noqa: E402
 ProvenanceGuardScript = _glue.ProvenanceGuardScript
 script_callbacks.on_ui_settings(_settings.on_ui_settings)
 script_callbacks.on_before_image_saved(_glue.before_image_saved)
-script_callbacks.on_app_started(_glue.add_routes)

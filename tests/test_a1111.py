@@ -3,6 +3,7 @@ modules.script_callbacks and gradio with the webui's signatures; the scripts/ fi
 webui loads it (importlib from its path); the processing loop driven as modules/processing.py does."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -22,10 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Script:
-    """modules.scripts.Script's surface used by extensions."""
+    """modules.scripts.Script's surface used by extensions (A1111 1.10 / Forge)."""
 
     def elem_id(self, item_id):
         return f"script_provenance_guard_{item_id}"
+
+    def postprocess_image(self, p, pp, *args):
+        pass
+
+    def postprocess_image_after_composite(self, p, pp, *args):
+        pass
 
 
 class PostprocessImageArgs:  # A1111 <= 1.9
@@ -45,14 +52,43 @@ class PostprocessBatchListArgs:
 
 
 class OptionInfo:
+    """modules.options.OptionInfo's constructor (A1111 1.10 / Forge)."""
+
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
-                 refresh=None):
-        self.default, self.label, self.section = default, label, section
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):
+        self.default, self.label, self.component, self.component_args = default, label, component, component_args
+        self.section, self.category_id = section, category_id
+
+
+def options_section(section_identifier, options_dict):
+    """modules.options.options_section, as in the webui."""
+    for v in options_dict.values():
+        if len(section_identifier) == 2:
+            v.section = section_identifier
+        elif len(section_identifier) == 3:
+            v.section = section_identifier[0:2]
+            v.category_id = section_identifier[2]
+    return options_dict
+
+
+def draw_setting(key, info):
+    """What modules/ui_settings.py does with each option when it builds the settings page: a default that is
+    not str, int or bool needs a component, else the webui refuses to start ("bad options item type")."""
+    args = info.component_args() if callable(info.component_args) else info.component_args or {}
+    if info.component is None:
+        if type(info.default) not in (str, int, bool):
+            raise Exception(f"bad options item type: {type(info.default)} for key {key}")
+        return None
+    if isinstance(info.section, tuple) and len(info.section) != 2:
+        raise Exception(f"section {info.section} must be (id, label)")
+    return info.component(label=info.label, value=info.default, elem_id=f"setting_{key}", **args)
 
 
 class Options:
     def __init__(self):
         self.data_labels = {}
+        self.save_images_before_highres_fix = False
 
     def add_option(self, key, info):
         self.data_labels[key] = info
@@ -100,6 +136,7 @@ def webui(tmp_path, monkeypatch, built_bundle):
     shared = types.ModuleType("modules.shared")
     shared.opts = Options()
     shared.OptionInfo = OptionInfo
+    shared.options_section = options_section
     paths = types.ModuleType("modules.paths")
     paths.models_path = str(models)
     callbacks = types.ModuleType("modules.script_callbacks")
@@ -123,19 +160,17 @@ def webui(tmp_path, monkeypatch, built_bundle):
     for fn in registry["ui_settings"]:
         fn()
     yield types.SimpleNamespace(cls=classes[0], registry=registry, shared=shared, gradio=gradio, models=models)
-    from provenance_guard.a1111_extension import script as glue
-
-    glue.LAST_HTML.clear()
 
 
 class P:
     """A StableDiffusionProcessingTxt2Img as far as scripts see it."""
 
-    def __init__(self, n):
-        self.batch_size, self.iteration, self.n_iter = n, 0, 1
-        self.prompts = [f"prompt {i}" for i in range(n)]
+    def __init__(self, n, n_iter=1):
+        self.batch_size, self.iteration, self.n_iter = n, 0, n_iter
+        self.all_prompts = [f"prompt {i}" for i in range(n * n_iter)]
+        self.all_seeds = [1000 + i for i in range(n * n_iter)]
+        self.prompts, self.seeds = self.all_prompts[:n], self.all_seeds[:n]
         self.negative_prompts = ["lowres"] * n
-        self.seeds = [1000 + i for i in range(n)]
         self.sampler_name, self.steps, self.cfg_scale, self.width, self.height = "Euler a", 20, 7.0, 96, 96
         self.extra_generation_params = {}
         self.comments = []
@@ -145,11 +180,39 @@ class P:
         self.comments.append(text)
 
 
+def create_infotext(p, index=0, use_main_prompt=False):
+    """modules/processing.py create_infotext's handling of extra_generation_params: lists are indexed by the
+    image's position, callables get the function's locals (p, index, use_main_prompt, ...)."""
+    if use_main_prompt:
+        index = 0
+    generation_params = {"Steps": p.steps, **p.extra_generation_params}
+    for key, value in generation_params.items():
+        try:
+            if isinstance(value, list):
+                generation_params[key] = value[index]
+            elif callable(value):
+                generation_params[key] = value(**locals())
+        except Exception:
+            generation_params[key] = None
+    return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
+
+
 class Processed:
+    """modules.processing.Processed: keeps p's extra_generation_params dict itself; js() drops callables."""
+
     def __init__(self, p, images, infotexts):
         self.images, self.infotexts = images, infotexts
-        self.extra_generation_params = dict(p.extra_generation_params)
+        self.extra_generation_params = p.extra_generation_params
         self.comments = "\n".join(p.comments)
+
+    def js(self):
+        return json.dumps({"extra_generation_params": self.extra_generation_params, "infotexts": self.infotexts},
+                          default=lambda o: None)
+
+
+def is_placeholder(image) -> bool:
+    """Black with a light notice: most pixels are pure black."""
+    return float((np.asarray(image.convert("RGB")) == 0).all(axis=2).mean()) > 0.5
 
 
 def chw(name: str) -> torch.Tensor:
@@ -157,31 +220,42 @@ def chw(name: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def generate(web, names, args, forge=False):
-    """modules/processing.py's loop for one batch: batch hook, per-image hook, infotext, save."""
+def generate(web, names, args, forge=False, n_iter=1, change=None):
+    """modules/processing.py's loop: per batch the batch hooks, per image postprocess_image, the overlay,
+    postprocess_image_after_composite, the save (with its infotext); then the grid, Processed, postprocess.
+    ``change(i, image)`` stands for what happens between the batch check and the final image (face
+    restoration, the inpaint overlay, another script)."""
     script = web.cls()
-    p = P(len(names))
-    originals = [chw(n) for n in names]
+    p = P(len(names), n_iter)
+    originals = [chw(n) for n in names] * n_iter
     script.process(p, *args)
-    batch = PostprocessBatchListArgs([t.clone() for t in originals])
-    script.postprocess_batch_list(p, batch, *args, batch_number=0)
     saved, infotexts, gallery = [], [], []
-    for i, x in enumerate(batch.images):
-        p.batch_index = i
-        image = Image.fromarray((255.0 * x.permute(1, 2, 0).numpy()).astype(np.uint8))
-        pp = PostprocessImageArgsForge(image, i) if forge else PostprocessImageArgs(image)
-        script.postprocess_image(p, pp, *args)
-        if forge:
+    for iteration in range(n_iter):
+        p.iteration = iteration
+        p.prompts = p.all_prompts[iteration * p.batch_size:(iteration + 1) * p.batch_size]
+        p.seeds = p.all_seeds[iteration * p.batch_size:(iteration + 1) * p.batch_size]
+        batch = PostprocessBatchListArgs([t.clone() for t in originals[:len(names)]])
+        script.postprocess_batch_list(p, batch, *args, batch_number=iteration)
+        for i, x in enumerate(batch.images):
+            p.batch_index = i
+            image = Image.fromarray((255.0 * x.permute(1, 2, 0).numpy()).astype(np.uint8))
+            index = iteration * p.batch_size + i
+            pp = PostprocessImageArgsForge(image, index) if forge else PostprocessImageArgs(image)
+            script.postprocess_image(p, pp, *args)
+            if change is not None:
+                pp.image = change(index, pp.image)
             script.postprocess_image_after_composite(p, pp, *args)
-        infotext = ", ".join(f"{k}: {v}" for k, v in p.extra_generation_params.items() if v is not None)
-        params = ImageSaveParams(pp.image, p, f"{i:05d}.png", {"parameters": infotext})
-        for cb in web.registry["before_image_saved"]:
-            cb(params)
-        saved.append(params)
-        infotexts.append(infotext)
-        gallery.append(pp.image)
+            infotext = create_infotext(p, index=i)
+            params = ImageSaveParams(pp.image, p, f"{index:05d}.png", {"parameters": infotext})
+            for cb in web.registry["before_image_saved"]:
+                cb(params)
+            saved.append(params)
+            infotexts.append(infotext)
+            gallery.append(pp.image)
+    grid_infotext = create_infotext(p, use_main_prompt=True)
     processed = Processed(p, gallery, infotexts)
     script.postprocess(p, processed, *args)
+    processed.grid_infotext = grid_infotext
     return p, processed, saved, originals
 
 
@@ -197,37 +271,65 @@ def args(**kw):
 def test_settings_section_and_ui(webui):
     opts = webui.shared.opts
     assert opts.provenance_guard_action == "warn" and opts.provenance_guard_fail_mode == "open"
-    assert opts.data_labels["provenance_guard_block"].section == ("provenance_guard", "Provenance")
+    for key, info in opts.data_labels.items():
+        draw_setting(key, info)  # the settings page can be built: the webui starts
+        assert info.section == ("provenance_guard", "Provenance Guard") and info.category_id == "postprocessing"
+    kinds = {k: getattr(v.component, "__name__", None) for k, v in opts.data_labels.items()}
+    assert kinds["provenance_guard_warn"] == kinds["provenance_guard_block"] == "Slider"
+    assert kinds["provenance_guard_action"] == kinds["provenance_guard_fail_mode"] == "Radio"
+    assert opts.data_labels["provenance_guard_action"].component_args == {"choices": ["warn", "block"]}
+    with pytest.raises(Exception, match="bad options item type"):  # the stand-in refuses what the webui refuses
+        draw_setting("x", OptionInfo(0.9, "a float without a component"))
     script = webui.cls()
     assert script.title() == "Provenance Guard" and script.show(False) is sys.modules["modules.scripts"].AlwaysVisible
+    webui.gradio.made.clear()
     components = script.ui(False)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
     assert len(components) == len(ARG_NAMES) == 8
     dropdown = [c for c in webui.gradio.made if type(c).__name__ == "Dropdown"][0]
     assert dropdown.args[0] == ["studio-refs"]
-    # A studio's defaults come from the settings.
+    # A studio's defaults come from the settings; a stored value that is no choice is not shown.
     opts.provenance_guard_action = "block"
     webui.gradio.made.clear()
     script.ui(True)
     radio = [c for c in webui.gradio.made if type(c).__name__ == "Radio"][0]
     assert radio.kwargs["value"] == "block"
+    opts.provenance_guard_action = "blok"
+    webui.gradio.made.clear()
+    script.ui(True)
+    assert [c for c in webui.gradio.made if type(c).__name__ == "Radio"][0].kwargs["value"] == "warn"
 
 
 @pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
-def test_warn_saves_and_annotates(webui, forge):
+def test_warn_saves_and_annotates_each_image_with_its_own_verdict(webui, forge):
     p, processed, saved, originals = generate(webui, ["astronaut", "camera"], args(), forge=forge)
     assert len(saved) == 2
     np.testing.assert_array_equal(np.asarray(saved[0].image),
                                   (255.0 * originals[0].permute(1, 2, 0).numpy()).astype(np.uint8))
     assert "Provenance: block" in processed.infotexts[0] and "Provenance similarity: 0.99" in processed.infotexts[0]
     assert "Provenance: pass" in processed.infotexts[1] and "Provenance bundle: test-refs@" in processed.infotexts[1]
+    # The grid's infotext and the response info's top level are the batch's: the worst verdict with a count.
+    assert "Provenance: block 1 of 2" in processed.grid_infotext
+    info = json.loads(processed.js())
+    assert info["extra_generation_params"]["Provenance"] == "block 1 of 2"
+    assert info["infotexts"][1].count("Provenance: pass") == 1
     assert any("image 1: BLOCK" in c and "astronaut.png" in c for c in p.comments)
     record = json.loads(saved[0].pnginfo["provenance"])
     assert record["verdict"] == "block" and record["generation"]["seed"] == 1000
     assert record["generation"]["prompt"] == "prompt 0" and record["generation"]["source"] == "a1111"
-    results = json.loads(processed.extra_generation_params["Provenance results"])  # the API's info
+    results = json.loads(info["extra_generation_params"]["Provenance results"])  # the API's info
     assert [r["verdict"] for r in results] == ["block", "pass"] and results[0]["top"]["url"] == "astronaut.png"
+    assert results[0]["matches"][0]["url"] == "astronaut.png" and results[0]["matches"][0]["verdict"] == "block"
+
+
+def test_every_batch_of_n_iter_gets_its_own_verdicts(webui):
+    """The webui passes each image's position in its batch: the callable adds the batch's offset."""
+    p, processed, saved, _ = generate(webui, ["camera", "astronaut"], args(), n_iter=2)
+    verdicts = [t.split("Provenance: ")[1].split(",")[0] for t in processed.infotexts]
+    assert verdicts == ["pass", "block", "pass", "block"]
+    assert [json.loads(s.pnginfo["provenance"])["generation"]["seed"] for s in saved] == [1000, 1001, 1002, 1003]
+    assert "Provenance: block 2 of 4" in processed.grid_infotext
 
 
 @pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
@@ -244,6 +346,17 @@ def test_block_never_lets_the_original_reach_a_save(webui, forge):
     assert "blocked 1 image(s)" in processed.comments
 
 
+def test_the_final_pixels_are_checked_when_they_changed_after_the_batch(webui):
+    """Face restoration, the inpaint overlay or another script changed an image after the batch check: the
+    check sees the final pixels (postprocess_image_after_composite), whatever order hooks ran in."""
+    astronaut = sample_image("astronaut").convert("RGB").resize((96, 96))
+    p, processed, saved, _ = generate(webui, ["camera"], args(action="block"),
+                                      change=lambda i, image: astronaut.copy())
+    assert is_placeholder(saved[0].image)
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and any("final pixels" in w for w in record["warnings"])
+
+
 def test_record_written_into_a_real_png(webui, tmp_path):
     _, _, saved, _ = generate(webui, ["coffee"], args())
     from PIL import PngImagePlugin
@@ -257,13 +370,27 @@ def test_record_written_into_a_real_png(webui, tmp_path):
     assert "parameters" in chunks and read_record(path).matches[0].url == "coffee.png"
 
 
+@pytest.mark.parametrize("action", ["warn", "block"])
 @pytest.mark.parametrize("mode,verdict,saved_original", [("open", "unchecked", True), ("closed", "block", False)])
-def test_fail_modes(webui, mode, verdict, saved_original):
-    p, processed, saved, originals = generate(webui, ["camera"], args(bundle="gone", action="block", fail_mode=mode))
+def test_fail_modes_whatever_the_action(webui, action, mode, verdict, saved_original):
+    """One rule: under fail mode closed an image that could not be checked is withheld, whatever the action."""
+    p, processed, saved, originals = generate(webui, ["camera"], args(bundle="gone", action=action, fail_mode=mode))
     original = (255.0 * originals[0].permute(1, 2, 0).numpy()).astype(np.uint8)
     assert np.array_equal(np.asarray(saved[0].image), original) == saved_original
     assert f"Provenance: {verdict}" in processed.infotexts[0]
     assert "not in" in json.loads(saved[0].pnginfo["provenance"])["error"]
+
+
+@pytest.mark.parametrize("bad,expect", [(dict(action="blok"), "action 'blok'"),
+                                        (dict(fail_mode="clsoed", action="warn"), "fail mode 'clsoed'"),
+                                        (dict(use_bundle_thresholds=False, warn=0.99, block=0.9), "thresholds")])
+def test_settings_the_run_cannot_use_fail_it_closed_or_as_set(webui, bad, expect):
+    values = dict(fail_mode="closed")
+    values.update(bad)
+    p, processed, saved, _ = generate(webui, ["camera"], args(**values))
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and expect in record["error"] and "Settings > Provenance Guard" in record["error"]
+    assert is_placeholder(saved[0].image)
 
 
 def test_internal_error_under_closed_blocks(webui, monkeypatch):
@@ -271,10 +398,29 @@ def test_internal_error_under_closed_blocks(webui, monkeypatch):
 
     monkeypatch.setattr(glue.ProvenanceGuardScript, "_check", lambda *a: 1 / 0)
     p, processed, saved, originals = generate(webui, ["camera"], args(action="block", fail_mode="closed"))
-    assert np.mean(np.asarray(saved[0].image)) < 20 and "Provenance: block" in processed.infotexts[0]
+    assert is_placeholder(saved[0].image) and "Provenance: block" in processed.infotexts[0]
     assert "internal error" in json.loads(saved[0].pnginfo["provenance"])["error"]
     p, processed, saved, originals = generate(webui, ["camera"], args(action="block", fail_mode="open"))
-    assert "Provenance: unchecked" in processed.infotexts[0] and np.mean(np.asarray(saved[0].image)) > 20
+    assert "Provenance: unchecked" in processed.infotexts[0] and not is_placeholder(saved[0].image)
+
+
+def test_highres_copy_is_told_in_the_record_and_the_response(webui):
+    webui.shared.opts.save_images_before_highres_fix = True
+    script = webui.cls()
+    p = P(1)
+    p.enable_hr = True
+    script.process(p, *args())
+    assert p._provenance.warnings and "highres fix" in p.comments[0]
+    batch = PostprocessBatchListArgs([chw("camera")])
+    script.postprocess_batch_list(p, batch, batch_number=0)
+    p.batch_index = 0
+    pp = PostprocessImageArgs(Image.fromarray((255.0 * batch.images[0].permute(1, 2, 0).numpy()).astype(np.uint8)))
+    script.postprocess_image_after_composite(p, pp)
+    processed = Processed(p, [pp.image], [create_infotext(p, 0)])
+    script.postprocess(p, processed)
+    assert any("highres fix" in w for w in json.loads(pp.image.info["provenance"])["warnings"])
+    results = json.loads(json.loads(processed.js())["extra_generation_params"]["Provenance results"])
+    assert any("highres fix" in w for w in results[0]["warnings"])
 
 
 def test_disabled_does_nothing(webui):
@@ -282,53 +428,78 @@ def test_disabled_does_nothing(webui):
     assert "Provenance" not in processed.infotexts[0] and "provenance" not in saved[0].pnginfo
 
 
-def test_panel_escapes_captions(webui, tmp_path):
-    from provenance_guard.a1111_extension import script as glue
-
+def test_panel_data_is_per_generation_and_drawn_as_text(webui, tmp_path):
+    """The panel is drawn from this generation's info (no shared state, no route); the script only ever
+    inserts captions and urls as text and links http(s) alone."""
     from provenance_guard.core.bundle import Bundle, BundleWriter
 
-    bundle = webui.models / "provenance" / "studio-refs"
-    # A caption with markup, as LAION captions have, in a one-row bundle.
-
-    b = Bundle.open(bundle)
+    b = Bundle.open(webui.models / "provenance" / "studio-refs")
     with BundleWriter(tmp_path / "evil", model=b.model, dim=b.dim) as w:
         w.add(b.vector([0]), [{"url": "javascript:alert(1)", "caption": "<script>alert('x')</script><b>hi</b>"}])
         w.finish()
-    generate(webui, ["astronaut"], args(bundle_path=str(tmp_path / "evil")))
-    html = glue.LAST_HTML["txt2img"]
-    assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;hi&lt;/b&gt;" in html
-    assert "href=\"javascript" not in html
-    app = types.SimpleNamespace(routes={})
-    app.add_api_route = lambda path, fn, methods: app.routes.__setitem__(path, fn)
-    for cb in webui.registry["app_started"]:
-        cb(None, app)
-    assert app.routes["/provenance-guard/panel"]("txt2img")["html"] == html
+    _, processed, _, _ = generate(webui, ["astronaut"], args(bundle_path=str(tmp_path / "evil")))
+    results = json.loads(json.loads(processed.js())["extra_generation_params"]["Provenance results"])
+    assert results[0]["matches"][0]["caption"] == "<script>alert('x')</script><b>hi</b>"
+    assert webui.registry["app_started"] == []  # no route: nothing to reach without the webui's auth
+    js = (ROOT / "javascript" / "provenance_guard.js").read_text()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "outerHTML" not in js
+    assert "generation_info_" in js and 'protocol === "http:" || parsed.protocol === "https:"' in js
 
 
-def test_install_py_pins_torch_and_honours_skip_install(monkeypatch, tmp_path):
+_REAL_FIND_SPEC = importlib.util.find_spec
+_REAL_VERSION = importlib.metadata.version
+
+
+def run_install(monkeypatch, versions: dict, missing: set, skip: bool = False):
+    """Run install.py as the webui does, with the given installed versions and missing modules."""
+    import importlib.metadata as md
+
     calls = []
     launch = types.ModuleType("launch")
-    launch.args = types.SimpleNamespace(skip_install=False)
-    launch.run_pip = lambda command, desc: calls.append(command)
-    monkeypatch.setitem(sys.modules, "launch", launch)
-    real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real_find(name, *a))
-    constraints = {}
+    launch.args = types.SimpleNamespace(skip_install=skip)
 
-    def capture(command, desc):
-        calls.append(command)
+    def run_pip(command, desc):
         path = command.split('-c "')[1].rstrip('"')
-        constraints["text"] = Path(path).read_text()
+        calls.append((command, Path(path).read_text()))
 
-    launch.run_pip = capture
+    launch.run_pip = run_pip
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    real_find, real_version = _REAL_FIND_SPEC, _REAL_VERSION
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find(name, *a))
+
+    def version(dist):
+        if dist in versions:
+            if versions[dist] is None:
+                raise md.PackageNotFoundError(dist)
+            return versions[dist]
+        return real_version(dist)
+
+    monkeypatch.setattr(md, "version", version)
     spec = importlib.util.spec_from_file_location("install", ROOT / "install.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    assert len(calls) == 1 and "faiss-cpu" in calls[0]
-    assert f"torch=={torch.__version__}" in constraints["text"]
-    calls.clear()
-    launch.args.skip_install = True
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    assert calls == []
+    return calls
+
+
+def test_install_py_pins_what_pip_sees_and_installs_only_what_is_missing(monkeypatch):
+    calls = run_install(monkeypatch, {"torch": "2.14.1", "torchvision": "0.29.1", "numpy": "2.4.6"}, {"faiss"})
+    assert len(calls) == 1 and '"faiss-cpu>=1.8"' in calls[0][0]
+    # the version pip sees, never torch.__version__'s "+cu130" (pip could not resolve that)
+    assert calls[0][1].splitlines() == ["torch==2.14.1", "torchvision==0.29.1", "numpy==2.4.6"]
+    assert run_install(monkeypatch, {}, set()) == []  # everything there: nothing to do
+    assert run_install(monkeypatch, {}, {"faiss"}, skip=True) == []
+
+
+@pytest.mark.parametrize("pyarrow", [None, "26.0.1"])
+def test_install_py_keeps_pyarrow_below_26_beside_numpy_1(monkeypatch, pyarrow):
+    """pyarrow 26 needs numpy 2 but does not say so to pip: beside the webui's numpy 1.26 it is replaced."""
+    calls = run_install(monkeypatch, {"numpy": "1.26.2", "pyarrow": pyarrow}, {"pyarrow"} if pyarrow is None else set())
+    assert [c[0].split('"')[1] for c in calls] == ["pyarrow>=14,<26"] and "numpy==1.26.2" in calls[0][1]
+    assert run_install(monkeypatch, {"numpy": "1.26.2", "pyarrow": "25.0.1"}, set()) == []
+
+
+def test_install_py_imports_nothing_heavy():
+    text = (ROOT / "install.py").read_text()
+    assert "import torch" not in text and "import open_clip" not in text and "importlib.metadata" in text
 
 
 def test_a_takedown_applies_to_the_next_generation_without_a_restart(webui):

@@ -234,9 +234,9 @@ def test_dimension_mismatch_at_check_time(built_bundle, tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from provenance_guard.demo import TINY_MODEL_CFG
+    from provenance_guard.demo import tiny_model_cfg
 
-    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    cfg = tiny_model_cfg()
     cfg["embed_dim"] = 32
     folder = tmp_path / "narrow"
     folder.mkdir()

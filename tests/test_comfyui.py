@@ -47,6 +47,28 @@ class ProgressBar:
         ProgressBar.updates.append((self.node_id, value, self.total))
 
 
+def node_class(name, inputs, returns=(), output=False):
+    """A node class as ComfyUI declares one: INPUT_TYPES, RETURN_TYPES, OUTPUT_NODE."""
+    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: {"required": inputs}), "RETURN_TYPES": returns,
+                           "OUTPUT_NODE": output})
+
+
+# ComfyUI v0.3.64's built-in nodes as far as enforcement looks at them (nodes.py, comfy_extras/).
+BUILTIN_NODES = {
+    "CheckpointLoaderSimple": node_class("CheckpointLoaderSimple", {"ckpt_name": (["a"],)}, ("MODEL", "CLIP", "VAE")),
+    "KSampler": node_class("KSampler", {"model": ("MODEL",)}, ("LATENT",)),
+    "VAEDecode": node_class("VAEDecode", {"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",)),
+    "CLIPTextEncode": node_class("CLIPTextEncode", {"text": ("STRING",)}, ("CONDITIONING",)),
+    "EmptyLatentImage": node_class("EmptyLatentImage", {"width": ("INT",)}, ("LATENT",)),
+    "SaveImage": node_class("SaveImage", {"images": ("IMAGE",), "filename_prefix": ("STRING",)}, output=True),
+    "PreviewImage": node_class("PreviewImage", {"images": ("IMAGE",)}, output=True),
+    "SaveAnimatedWEBP": node_class("SaveAnimatedWEBP", {"images": ("IMAGE",), "fps": ("FLOAT",)}, output=True),
+    "SaveImageWebsocket": node_class("SaveImageWebsocket", {"images": ("IMAGE",)}, output=True),
+    "PreviewAny": node_class("PreviewAny", {"source": ("*",)}, output=True),
+    "MyStudioSaver": node_class("MyStudioSaver", {"pictures": ("IMAGE",), "caption": ("STRING",)}, output=True),
+}
+
+
 @pytest.fixture
 def comfy(tmp_path, monkeypatch, built_bundle):
     """Stand-in ComfyUI modules and a models/provenance folder holding the test bundle."""
@@ -79,9 +101,11 @@ def comfy(tmp_path, monkeypatch, built_bundle):
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.throw_exception_if_processing_interrupted = lambda: None
     comfy_pkg.utils, comfy_pkg.model_management = utils, mm
+    nodes_mod = types.ModuleType("nodes")
+    nodes_mod.NODE_CLASS_MAPPINGS = dict(BUILTIN_NODES)
     for name, mod in {"folder_paths": fp, "comfy_execution": comfy_execution,
                       "comfy_execution.graph_utils": graph_utils, "server": server, "comfy": comfy_pkg,
-                      "comfy.utils": utils, "comfy.model_management": mm}.items():
+                      "comfy.utils": utils, "comfy.model_management": mm, "nodes": nodes_mod}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     return types.SimpleNamespace(models=models, paths=paths, tmp=tmp_path)
 
@@ -222,26 +246,135 @@ def test_is_changed_is_never_nan(pack, comfy):
     assert not (isinstance(broken, float) and math.isnan(broken))
 
 
-def test_studio_enforcement_inserts_a_blocking_check(pack, comfy, monkeypatch):
+def enforced(config_env=None, graph=None, config=None):
     from provenance_guard.comfyui_nodes.enforce import enforce_prompt, load_config
 
-    monkeypatch.setenv("PROVENANCE_GUARD_ENFORCE", "studio-refs")
-    config = load_config(None)
-    assert config["fail_mode"] == "closed"
-    graph = json.loads((ROOT / "examples/txt2img_provenance_api.json").read_text())
+    config = config or load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": config_env or "studio-refs"})
+    return enforce_prompt({"prompt": graph, "client_id": "x"}, config, BUILTIN_NODES)["prompt"], config
+
+
+def example_graph():
+    return json.loads((ROOT / "examples/txt2img_provenance_api.json").read_text())
+
+
+def test_studio_enforcement_guards_every_output_node_that_receives_images(pack):
+    graph = example_graph()
     graph["11"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "raw"}}
-    data = enforce_prompt({"prompt": graph, "client_id": "x"}, config)
-    enforced = [k for k in data["prompt"] if k.startswith("provenance-guard-enforce-")]
-    assert sorted(enforced) == ["provenance-guard-enforce-11", "provenance-guard-enforce-9"]
-    check = data["prompt"]["provenance-guard-enforce-11"]
-    assert check["class_type"] == "ProvenanceCheck" and check["inputs"]["on_match"] == "block"
-    assert check["inputs"]["images"] == ["8", 0] and check["inputs"]["fail_mode"] == "closed"
-    assert data["prompt"]["11"]["inputs"]["images"] == ["provenance-guard-enforce-11", 0]
-    assert enforce_prompt(data, config) == data  # idempotent
-    # A graph the handler cannot rewrite is refused, never let through.
-    bad = {"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}}
-    monkeypatch.setattr("provenance_guard.comfyui_nodes.enforce._is_path", lambda b: 1 / 0)
-    assert enforce_prompt(bad, config)["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-failed", 0]
+    graph["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    graph["13"] = {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["8", 0], "fps": 6.0}}
+    graph["14"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
+    graph["15"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}}  # an IMAGE into a "*" input
+    graph["16"] = {"class_type": "MyStudioSaver", "inputs": {"pictures": ["8", 0], "caption": ["6", 0]}}
+    graph["17"] = {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}  # conditioning: not an image
+    prompt, config = enforced(graph=graph)
+    assert config["fail_mode"] == "closed"
+    for node_id, key in (("11", "images"), ("12", "images"), ("13", "images"), ("14", "images"), ("15", "source"),
+                         ("16", "pictures")):
+        check_id = prompt[node_id]["inputs"][key][0]
+        check = prompt[check_id]
+        assert check["class_type"] == "ProvenanceCheck" and check["inputs"]["images"] == ["8", 0], node_id
+        assert check["inputs"]["on_match"] == "block" and check["inputs"]["fail_mode"] == "closed"
+    assert prompt["16"]["inputs"]["caption"] == ["6", 0] and prompt["17"]["inputs"]["source"] == ["6", 0]
+    again, _ = enforced(graph=json.loads(json.dumps(prompt)))
+    assert again == prompt  # idempotent: the inserted checks count as enforcing
+
+
+def test_exempt_nodes_are_named_explicitly(pack):
+    from provenance_guard.comfyui_nodes.enforce import load_config
+
+    config = dict(load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": "studio-refs"}), exempt_nodes=["PreviewImage"])
+    graph = example_graph()
+    graph["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    prompt, _ = enforced(graph=graph, config=config)
+    assert prompt["12"]["inputs"]["images"] == ["8", 0]
+    assert prompt["9"]["inputs"]["images"][0].startswith("provenance-guard-enforce-")
+
+
+@pytest.mark.parametrize("upstream,trusted", [
+    ({"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}, False),  # an id is no proof
+    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
+                                                  "on_match": "warn", "fail_mode": "closed",
+                                                  "use_bundle_thresholds": True}}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
+                                                  "on_match": "block", "fail_mode": "closed",
+                                                  "use_bundle_thresholds": False, "warn": 1.0, "block": 1.0}}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "other", "bundle_path": "",
+                                                  "on_match": "block", "fail_mode": "closed",
+                                                  "use_bundle_thresholds": True}}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
+                                                  "on_match": "block", "fail_mode": "closed",
+                                                  "use_bundle_thresholds": True, "top_k": 3}}, True),
+])
+def test_already_enforced_is_decided_by_class_and_settings_not_by_id(pack, upstream, trusted):
+    graph = example_graph()
+    graph["provenance-guard-enforce-9"] = upstream
+    graph["9"]["inputs"]["images"] = ["provenance-guard-enforce-9", 0]
+    prompt, _ = enforced(graph=graph)
+    assert (prompt["9"]["inputs"]["images"] == ["provenance-guard-enforce-9", 0]) == trusted
+
+
+def refusal_reason(prompt) -> str:
+    from provenance_guard.comfyui_nodes.enforce import ProvenanceGuardRefusal
+
+    (node,) = prompt.values()
+    assert node["class_type"] == "ProvenanceGuardRefusal"
+    return ProvenanceGuardRefusal.VALIDATE_INPUTS(**node["inputs"])  # what ComfyUI's validation reports
+
+
+def test_a_graph_enforcement_cannot_rewrite_is_refused_with_the_reason(pack, monkeypatch):
+    monkeypatch.setattr("provenance_guard.comfyui_nodes.enforce.check_inputs", lambda *a: 1 / 0)
+    prompt, _ = enforced(graph=example_graph())
+    assert "could not insert its check" in refusal_reason(prompt) and "ZeroDivisionError" in refusal_reason(prompt)
+
+
+@pytest.mark.parametrize("text,why", [
+    ('{"enforce": {"bundle": "studio-refs"', "cannot be read as JSON"),
+    ('["studio-refs"]', "must hold a JSON object"),
+    ('{"enforce": "studio"}', '"enforce" must be an object'),
+    ('{"enforce": {"bundle": "studio-refs", "save_nodes": "SaveImage"}}', '"save_nodes" must be a list'),
+    ('{"enforce": {"bundle": "studio-refs", "fail_mode": "clsoed"}}', '"fail_mode" must be'),
+    ('{"enforce": {"bundle": "studio-refs", "exempt": ["SaveImage"]}}', "unknown key"),
+])
+@pytest.mark.parametrize("env", [None, "studio-refs"])
+def test_a_configuration_that_cannot_be_used_refuses_every_prompt(comfy, monkeypatch, text, why, env):
+    (comfy.tmp / "user").mkdir()
+    (comfy.tmp / "user" / "provenance_guard.json").write_text(text)
+    if env:
+        monkeypatch.setenv("PROVENANCE_GUARD_ENFORCE", env)
+    name = f"{comfy.tmp}/custom_nodes/provenance-guard-misconfigured"
+    try:
+        module = load_pack(name)
+        assert module.NODE_CLASS_MAPPINGS and "ProvenanceGuardRefusal" in module.NODE_CLASS_MAPPINGS
+        data = {"prompt": example_graph()}
+        for handler in PromptServer.instance.on_prompt_handlers:
+            data = handler(data)
+        reason = refusal_reason(data["prompt"])
+        assert why in reason and "Every prompt is refused" in reason
+    finally:
+        for key in [k for k in sys.modules if k.startswith(name)]:
+            del sys.modules[key]
+
+
+def test_an_empty_bundle_is_refused_and_the_variable_overrides_the_file(comfy):
+    from provenance_guard.comfyui_nodes.enforce import EnforcementConfigError, load_config
+
+    (comfy.tmp / "user").mkdir()
+    (comfy.tmp / "user" / "provenance_guard.json").write_text('{"enforce": {"bundle": ""}}')
+    with pytest.raises(EnforcementConfigError, match='"bundle" must name'):
+        load_config(str(comfy.tmp / "user"), environ={})
+    assert load_config(str(comfy.tmp / "user"), environ={"PROVENANCE_GUARD_ENFORCE": "x"})["bundle"] == "x"
+    with pytest.raises(EnforcementConfigError, match="set but empty"):
+        load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": ""})
+
+
+def test_a_config_file_with_a_utf8_bom_is_enforced(comfy):
+    from provenance_guard.comfyui_nodes.enforce import load_config
+
+    (comfy.tmp / "user").mkdir()
+    (comfy.tmp / "user" / "provenance_guard.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"enforce": {"bundle": "studio-refs"}}).encode())
+    assert load_config(str(comfy.tmp / "user"), environ={})["bundle"] == "studio-refs"
+    assert load_config(str(comfy.tmp / "nowhere"), environ={}) is None  # not configured: off
 
 
 def test_record_slot_for_api_clients_without_extra_data(pack):
@@ -265,10 +398,11 @@ def test_enforcement_registers_a_prompt_handler_at_load(comfy, monkeypatch):
         assert module.NODE_CLASS_MAPPINGS  # ComfyUI reading the mappings runs the registration
         handlers = PromptServer.instance.on_prompt_handlers
         assert len(handlers) == 2  # enforcement, then the record slot
-        data = {"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}}
+        data = {"prompt": {"8": {"class_type": "VAEDecode", "inputs": {}},
+                           "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}}
         for handler in handlers:
             data = handler(data)
-        assert data["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-9", 0]
+        assert data["prompt"]["9"]["inputs"]["images"] == ["provenance-guard-enforce-9-images", 0]
         assert data["extra_data"]["extra_pnginfo"] == {}  # where the inserted check puts its record
     finally:
         for key in [k for k in sys.modules if k.startswith(name)]:
@@ -341,3 +475,57 @@ def test_a_takedown_applies_to_the_next_run_without_a_restart(pack, comfy):
     out, _ = run(pack, tensor("astronaut"), on_match="warn")
     urls = [m["url"] for m in out["ui"]["provenance"][0]["images"][0]["matches"]]
     assert out["result"][1] == [False] and "astronaut.png" not in urls
+
+
+def test_the_record_links_prompt_to_output_through_the_graph(pack):
+    """The hidden PROMPT is traced upstream from this node to its sampler, text encoders and model."""
+    graph = example_graph()
+    graph["20"] = {"class_type": "KSampler", "inputs": {"seed": 7, "steps": 4, "cfg": 3.0, "sampler_name": "dpm",
+                                                         "scheduler": "karras", "model": ["4", 0],
+                                                         "positive": ["7", 0], "negative": ["6", 0],
+                                                         "latent_image": ["5", 0]}}
+    graph["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
+    (out, extra) = run(pack, tensor("astronaut"), prompt=graph, unique_id="10")
+    gen = extra["provenance"]["generation"]
+    assert gen["prompt"] == "a portrait photo of an astronaut, studio lighting" and gen["negative_prompt"] == "text, watermark"
+    assert (gen["seed"], gen["steps"], gen["cfg"], gen["sampler"], gen["scheduler"]) == (156680208700286, 20, 7.0,
+                                                                                         "euler", "normal")
+    assert gen["model"] == "v1-5-pruned-emaonly.safetensors" and gen["source"] == "comfyui"
+    # A second check fed by the other sampler records that sampler, not the graph's first one.
+    graph["22"] = {"class_type": "ProvenanceCheck", "inputs": {"images": ["21", 0]}}
+    (_, extra) = run(pack, tensor("camera"), prompt=graph, unique_id="22")
+    gen = extra["provenance"]["generation"]
+    assert (gen["seed"], gen["prompt"], gen["negative_prompt"]) == (7, "text, watermark",
+                                                                    "a portrait photo of an astronaut, studio lighting")
+
+
+def test_custom_sampler_graphs_are_traced_too(pack):
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 5.5}},
+        "5": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 12}},
+        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["5", 0], "guider": ["4", 0],
+                                                                 "sampler": ["6", 0], "sigmas": ["7", 0],
+                                                                 "latent_image": ["9", 0]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "ProvenanceCheck", "inputs": {"images": ["10", 0]}},
+    }
+    (_, extra) = run(pack, tensor("camera"), prompt=graph, unique_id="11")
+    gen = extra["provenance"]["generation"]
+    assert (gen["prompt"], gen["negative_prompt"], gen["seed"], gen["cfg"], gen["steps"]) == ("a lighthouse", "blurry",
+                                                                                              0, 5.5, 12)
+    assert (gen["sampler"], gen["scheduler"], gen["model"]) == ("euler_ancestral", "simple", "sd15.safetensors")
+
+
+def test_fail_closed_withholds_an_unchecked_image_even_with_on_match_warn(pack, comfy):
+    out, extra = run(pack, tensor("camera"), bundle_path=str(comfy.tmp / "gone"), on_match="warn",
+                     fail_mode="closed")
+    images, flagged, scores, report = out["result"]
+    assert isinstance(images, ExecutionBlocker) and flagged == [True] and "provenance" not in extra
+    out, _ = run(pack, tensor("camera"), bundle_path=str(comfy.tmp / "gone"), on_match="warn", fail_mode="open")
+    assert torch.is_tensor(out["result"][0]) and out["result"][1] == [False]

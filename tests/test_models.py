@@ -11,7 +11,7 @@ import torch
 from provenance_guard.core.embed import Embedder, clear_embedders, get_embedder
 from provenance_guard.core.errors import ConfigError, ModelLoadError
 from provenance_guard.core.models import ModelSpec, build_model
-from provenance_guard.demo import TINY_MODEL_CFG, sample_image
+from provenance_guard.demo import sample_image, tiny_model_cfg
 
 
 @pytest.mark.parametrize("raw,kind,arch,source", [
@@ -41,10 +41,10 @@ def tiny_arch(tmp_path_factory):
     import open_clip
 
     folder = tmp_path_factory.mktemp("arch")
-    (folder / "pg-tiny-test.json").write_text(json.dumps(TINY_MODEL_CFG))
+    (folder / "pg-tiny-test.json").write_text(json.dumps(tiny_model_cfg()))
     open_clip.add_model_config(folder / "pg-tiny-test.json")
     torch.manual_seed(1)
-    model = open_clip.model.CLIP(**TINY_MODEL_CFG)
+    model = open_clip.model.CLIP(**tiny_model_cfg())
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
 
@@ -98,7 +98,7 @@ def test_missing_and_wrong_files(tiny_arch, tmp_path):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="open_clip_config.json is missing"):
         build_model(ModelSpec.parse(f"local-dir:{empty}"), "cpu", "fp32")
-    (empty / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG}))
+    (empty / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_model_cfg()}))
     with pytest.raises(ModelLoadError, match="holds no weights"):
         build_model(ModelSpec.parse(f"local-dir:{empty}"), "cpu", "fp32")
 
@@ -155,11 +155,13 @@ def test_tensor_and_pil_give_the_same_embedding(tiny_model):
 
 def test_close_to_open_clip_own_preprocessing(tiny_model):
     """Our tensor preprocessing differs from open_clip's PIL transform only by the resampler."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
+    transform_module = pytest.importorskip("open_clip.transform")
+    if not hasattr(transform_module, "image_transform_v2"):
+        pytest.skip("open_clip < 2.24 has no image_transform_v2 to compare with")
     emb = get_embedder(tiny_model, "cpu")
     pil = sample_image("astronaut").convert("RGB")
-    transform = image_transform_v2(PreprocessCfg(**emb.model.visual.preprocess_cfg), is_train=False)
+    cfg = transform_module.PreprocessCfg(**emb.preprocess_cfg)
+    transform = transform_module.image_transform_v2(cfg, is_train=False)
     with torch.no_grad():
         ref = torch.nn.functional.normalize(emb.model.encode_image(transform(pil)[None]), dim=-1)[0].numpy()
     assert float(emb.embed([pil])[0] @ ref) > 0.99
