@@ -18,6 +18,8 @@ from .core.errors import EXIT_CONFIG, EXIT_FLAGGED, EXIT_OK, EXIT_UNCHECKED, Con
 from .core.policy import fmt_threshold
 
 DEFAULT_MODEL = "ViT-L-14/openai"
+NO_WAIT_HELP = ("when another maintenance run holds the bundle, fail at once (exit 2, naming it) instead of "
+                "waiting for it to finish")
 
 
 def _float01(text: str) -> float:
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="near-duplicate recall@1 to tune nprobe for (--embeddings; default 0.999)")
     b.add_argument("--target-latency-ms", type=float, help="or: the largest nprobe within this median latency")
     b.add_argument("--ray-address", help="spread the work over Ray: local, auto or ray://head:10001")
+    b.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     e = isub.add_parser("embed", help="embed images (webdataset tars or folders) into LAION-layout shards")
     e.add_argument("inputs", nargs="+", help="img2dataset .tar shards, folders of them, or folders of images")
@@ -129,17 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     rsrc.add_argument("--urls", help="file of urls, one per line")
     rsrc.add_argument("--hashes", help="file of hashes, one per line (matched against hash/sha256/md5 columns)")
     r.add_argument("--reason", default="", help="recorded in the manifest's history")
+    r.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     a = isub.add_parser("append", help="add rows from new embedding shards, reusing the trained quantizer")
     a.add_argument("bundle")
     a.add_argument("--embeddings", required=True, help="LAION-layout folder of the new rows (same model)")
     a.add_argument("--model", help="the model that made them (refused unless it is the bundle's)")
+    a.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     mg = isub.add_parser("merge", help="join two bundles built separately into a new one")
     mg.add_argument("a")
     mg.add_argument("b")
     mg.add_argument("--out", required=True)
     mg.add_argument("--overwrite", action="store_true")
+    mg.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     i = isub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
@@ -152,9 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a bundle to serve under NAME (repeat for several; NAME defaults to the folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=1234)
-    sv.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: "
-                                                   "$PROVENANCE_GUARD_TOKEN); required beyond loopback")
-    sv.add_argument("--allow-image-url", action="store_true", help="let /knn-service fetch image_url queries")
+    sv.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN'; visible in ps: prefer "
+                                                   "--token-file or $PROVENANCE_GUARD_TOKEN; required beyond loopback")
+    sv.add_argument("--token-file", help="read the token from this file (first line)")
+    sv.add_argument("--allow-image-url", action="store_true",
+                    help="let /knn-service fetch image_url queries (public addresses only; size and time capped)")
+    sv.add_argument("--allow-image-url-loopback", action="store_true", help=argparse.SUPPRESS)
+    sv.add_argument("--max-decode-mb", type=float, default=2048.0,
+                    help="decoded image memory all requests may hold at once; beyond it requests wait, then get "
+                         "503 with Retry-After (default 2048)")
+    sv.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json")
     sv.add_argument("--max-request-mb", type=float, default=20.0)
     sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
     sv.add_argument("--max-batch", type=_positive, default=32, help="images per forward pass across requests")
@@ -165,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--block", type=_float01)
     sv.add_argument("--fail-mode", choices=("open", "closed"), default="open")
     sv.add_argument("--log-level", default="info")
+
+    au = sub.add_parser("audit", help="verify an audit log")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    av = ausub.add_parser("verify", help="check the chain of an audit log; exit 1 at the first broken line")
+    av.add_argument("file")
 
     d = sub.add_parser("demo", help="the main job on built-in samples: build a bundle, check, write records")
     d.add_argument("--out", default="demo-out", help="working folder (default ./demo-out)")
@@ -180,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_check(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "audit":
+            return cmd_audit_verify(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -199,39 +219,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
 
 
-def collect_images(inputs: Sequence[str], recursive: bool) -> list[Path]:
+def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, Optional[str]]]:
+    """(path, problem) for every image to check: folders expanded; an input that is not a checkable image (a
+    missing path, a .gif, a folder without images) comes with the problem, to be reported as that input's
+    result, so one bad input never stops the others."""
     from .core.images import IMAGE_SUFFIXES, find_images
 
-    paths: list[Path] = []
+    out: list[tuple[Path, Optional[str]]] = []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             found = find_images(p, recursive=recursive)
             if not found:
-                raise ConfigError(f"{p}: no .png, .jpg, .jpeg or .webp files"
-                                  + ("" if recursive else " (add --recursive to descend into sub-folders)"))
-            paths.extend(found)
+                out.append((p, f"{p}: a folder without .png, .jpg, .jpeg or .webp files"
+                               + ("" if recursive else " (add --recursive to descend into sub-folders)")))
+            out.extend((f, None) for f in found)
         elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ConfigError(f"{p}: not a .png, .jpg, .jpeg or .webp file")
-            paths.append(p)
+            out.append((p, None if p.suffix.lower() in IMAGE_SUFFIXES else
+                        f"{p}: not a .png, .jpg, .jpeg or .webp file; convert it to one of those to check it"))
         else:
-            raise ConfigError(f"{p}: no such file or folder")
-    return paths
+            out.append((p, f"{p}: no such file or folder"))
+    return out
+
+
+def _file_sha256(path: Path) -> Optional[str]:
+    from .core.bundle import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def cmd_check(args) -> int:
-    import hashlib
-
     from tqdm import tqdm
 
     from .core import html_report
     from .core.audit import AuditLog, audit_entry, from_env
-    from .core.check import Checker
+    from .core.check import Checker, failed_result, mark_failed
     from .core.policy import Policy, reaches
     from .core.record import read_generation, write_record
 
-    paths = collect_images(args.images, args.recursive)
+    inputs = collect_inputs(args.images, args.recursive)
     policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k)
     checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size)
     bundles = checker.open()
@@ -243,23 +272,42 @@ def cmd_check(args) -> int:
     if not args.json:
         _print_header(bundles, checker, policy)
     flagged = unchecked = 0
-    bar = tqdm(total=len(paths), unit="img", desc="checking", file=sys.stderr,
+    bar = tqdm(total=len(inputs), unit="img", desc="checking", file=sys.stderr,
                disable=True if args.no_progress else None, leave=False)
+
+    def per_image(path: Path, result):
+        """The per-image steps after the check; any failure here is that image's failure (fail mode)."""
+        result.image["source"] = str(path)
+        try:
+            digest = _file_sha256(path)
+            if digest:
+                result.image["sha256"] = digest
+            if args.write_record != "none" and result.checked:
+                write_record(path, result, png=args.write_record in ("png", "both"),
+                             sidecar=args.write_record in ("sidecar", "both"))
+        except Exception as exc:  # noqa: BLE001 - one image's failure is reported as that image's result
+            mark_failed(result, policy, f"{path}: the record could not be written ({type(exc).__name__}: {exc})")
+        return result
+
     try:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            records = [read_generation(p) for p in chunk]
-            results = checker.check(chunk, records)
-            entries = []
-            for path, result in zip(chunk, results):
-                result.image["source"] = str(path)
+        for start in range(0, len(inputs), args.batch_size):
+            chunk = inputs[start:start + args.batch_size]
+            good = [path for path, problem in chunk if problem is None]
+            records = []
+            for path in good:
                 try:
-                    result.image["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-                except OSError:
-                    pass
-                if args.write_record != "none" and result.checked:
-                    write_record(path, result, png=args.write_record in ("png", "both"),
-                                 sidecar=args.write_record in ("sidecar", "both"))
+                    records.append(read_generation(path))
+                except Exception:  # noqa: BLE001 - unreadable parameters leave the record empty, never the run
+                    records.append(None)
+            try:
+                checked = iter(checker.check(good, records))
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure of one batch fails its images only
+                checked = iter([failed_result(policy, f"internal error: {type(exc).__name__}: {exc}", rec)
+                                for rec in records])
+            entries = []
+            for path, problem in chunk:
+                result = failed_result(policy, problem) if problem else next(checked)
+                result = per_image(path, result)
                 unchecked += not result.checked
                 flagged += reaches(result.verdict, args.fail_on)
                 entries.append(audit_entry(result))
@@ -268,7 +316,7 @@ def cmd_check(args) -> int:
                 if args.report and (args.report_all or result.verdict != "pass"):
                     refs = {(m.bundle_id, m.row_id): ref for m in result.matches[:5] if m.bundle_id in by_id
                             for ref in [html_report.local_reference(by_id[m.bundle_id], m)] if ref}
-                    report_rows.append(html_report.ReportRow(result, path, refs))
+                    report_rows.append(html_report.ReportRow(result, path if not problem else None, refs))
                 elif args.report:
                     report_rows.append(html_report.ReportRow(result, None))
                 bar.clear()
@@ -284,9 +332,9 @@ def cmd_check(args) -> int:
         if jsonl:
             jsonl.close()
     if args.report:
-        html_report.write(args.report, report_rows, len(paths), include_passing=args.report_all)
+        html_report.write(args.report, report_rows, len(inputs), include_passing=args.report_all)
     if not args.json:
-        print(f"\n{len(paths)} image(s): {flagged} reached '{args.fail_on}', {unchecked} could not be checked"
+        print(f"\n{len(inputs)} image(s): {flagged} reached '{args.fail_on}', {unchecked} could not be checked"
               + (f"; report: {args.report}" if args.report else ""))
     if unchecked:
         return EXIT_UNCHECKED
@@ -325,7 +373,8 @@ def cmd_build(args) -> int:
             max_rerank_memory=parse_size(args.max_rerank_memory) if args.max_rerank_memory else None,
             target_recall=args.target_recall, target_latency_ms=args.target_latency_ms, bundle_id=args.bundle_id,
             bundle_version=args.bundle_version, description=args.description, warn=args.warn, block=args.block,
-            overwrite=args.overwrite, ray_address=args.ray_address, progress=not args.no_progress)
+            overwrite=args.overwrite, ray_address=args.ray_address, progress=not args.no_progress,
+            wait=not args.no_wait)
         report = build_from_embeddings(args.embeddings, args.out, opts)
         for line in report.lines():
             print(line)
@@ -335,7 +384,7 @@ def cmd_build(args) -> int:
     report = build_from_images(args.images, args.out, args.model, device=args.device, batch_size=args.batch_size,
                                bundle_id=args.bundle_id, bundle_version=args.bundle_version,
                                description=args.description, warn=args.warn, block=args.block,
-                               overwrite=args.overwrite, progress=not args.no_progress)
+                               overwrite=args.overwrite, progress=not args.no_progress, wait=not args.no_wait)
     print(f"built {report.out}: {report.rows} rows in {report.seconds:.1f} s")
     for s in report.skipped:
         print(f"  skipped: {terminal_safe(s)}")
@@ -370,11 +419,11 @@ def cmd_remove(args) -> int:
             ids = [int(x) for x in _lines(args.ids)]
         except ValueError as exc:
             raise ConfigError(f"{args.ids}: every line must be a row id (a whole number): {exc}") from exc
-        report = remove_rows(args.bundle, ids=ids, reason=args.reason)
+        report = remove_rows(args.bundle, ids=ids, reason=args.reason, wait=not args.no_wait)
     elif args.urls:
-        report = remove_rows(args.bundle, urls=_lines(args.urls), reason=args.reason)
+        report = remove_rows(args.bundle, urls=_lines(args.urls), reason=args.reason, wait=not args.no_wait)
     else:
-        report = remove_rows(args.bundle, hashes=_lines(args.hashes), reason=args.reason)
+        report = remove_rows(args.bundle, hashes=_lines(args.hashes), reason=args.reason, wait=not args.no_wait)
     print(f"removed {report.changed} rows from {report.out}: version {report.version}, {report.rows:,} rows remain"
           + (f"; {report.note}" if report.note else ""))
     return EXIT_OK
@@ -383,7 +432,7 @@ def cmd_remove(args) -> int:
 def cmd_append(args) -> int:
     from .index_builder.maintain import append_rows
 
-    report = append_rows(args.bundle, args.embeddings, args.model)
+    report = append_rows(args.bundle, args.embeddings, args.model, wait=not args.no_wait)
     print(f"appended {report.changed:,} rows to {report.out}: version {report.version}, {report.rows:,} rows")
     return EXIT_OK
 
@@ -391,7 +440,7 @@ def cmd_append(args) -> int:
 def cmd_merge(args) -> int:
     from .index_builder.maintain import merge_bundles
 
-    report = merge_bundles(args.a, args.b, args.out, overwrite=args.overwrite)
+    report = merge_bundles(args.a, args.b, args.out, overwrite=args.overwrite, wait=not args.no_wait)
     print(f"merged into {report.out}: {report.rows:,} rows, version {report.version} ({report.note})")
     return EXIT_OK
 
@@ -416,8 +465,19 @@ def cmd_serve(args) -> int:
         if not name or name in indices:
             raise ConfigError(f"--index {item!r}: give NAME=BUNDLE with a unique NAME")
         indices[name] = path
-    config = ServerConfig(indices=indices, token=args.token or os.environ.get("PROVENANCE_GUARD_TOKEN"),
-                          allow_image_url=args.allow_image_url, max_request_bytes=int(args.max_request_mb * 2**20),
+    token = args.token or os.environ.get("PROVENANCE_GUARD_TOKEN")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ConfigError(f"--token-file {args.token_file}: cannot read a token from it ({exc}); put the token "
+                              f"on its first line") from exc
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file}: its first line is empty; put the token there")
+    config = ServerConfig(indices=indices, token=token, allow_image_url=args.allow_image_url,
+                          allow_loopback_fetch=args.allow_image_url_loopback, openapi=args.openapi,
+                          max_decode_memory=int(args.max_decode_mb * 2**20),
+                          max_request_bytes=int(args.max_request_mb * 2**20),
                           max_images_per_request=args.max_images, max_batch=args.max_batch,
                           batch_wait_ms=args.batch_wait_ms, device=args.device,
                           audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
@@ -465,6 +525,23 @@ def cmd_verify(args) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     print(f"OK {bundle.path}: {len(bundle.manifest.files)} files match their sha256, {bundle.count:,} rows")
+    return EXIT_OK
+
+
+def cmd_audit_verify(args) -> int:
+    from .core.audit import verify
+
+    try:
+        result = verify(args.file)
+    except OSError as exc:
+        raise ConfigError(f"{args.file}: cannot be read ({exc.strerror or exc})") from exc
+    for note in result.notes:
+        print(f"note: {note}")
+    if not result.ok:
+        print(f"BROKEN {args.file}: line {result.broken_at}: {result.problem}", file=sys.stderr)
+        return EXIT_FLAGGED
+    print(f"OK {args.file}: {result.lines} lines chained; last line sha256 {result.last_sha256} (keep it elsewhere: "
+          f"lines cut off the end leave a valid chain)")
     return EXIT_OK
 
 

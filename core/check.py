@@ -292,5 +292,16 @@ def failed_result(policy: Policy, message: str, record: Optional[GenerationRecor
     )
 
 
+def mark_failed(result: CheckResult, policy: Policy, message: str) -> CheckResult:
+    """Turn a result into a failed one (a later step for its image failed): the fail mode's verdict, unless
+    the check itself already blocked; its matches stay, for the record."""
+    failed = failed_result(policy, message)
+    if result.verdict != "block":
+        result.verdict = failed.verdict
+    result.error = message
+    result.warnings += failed.warnings
+    return result
+
+
 def _image_info(p: Pixels) -> dict:
     return {"source": p.source, "width": p.width, "height": p.height, "pixels_sha256": pixels_sha256(p)}

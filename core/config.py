@@ -28,17 +28,33 @@ NETWORK_PROBE_TIMEOUT_S = 3.0
 
 ENV_MAX_PIXELS = "PROVENANCE_GUARD_MAX_PIXELS"
 ENV_DEVICE = "PROVENANCE_GUARD_DEVICE"
+# Bytes one image may take decoded, in its own mode (100 MP RGBA = 400 MB fits): a larger JPEG is decoded at a
+# reduced scale, anything else is refused. Converting it to 8-bit RGB adds at most 3 bytes per pixel, so
+# one image costs well under 1.5 GB whatever its format.
+DEFAULT_MAX_DECODE_BYTES = 512 << 20
+ENV_MAX_DECODE_BYTES = "PROVENANCE_GUARD_MAX_DECODE_BYTES"
+
+
+def _env_int(name: str, default: int, example: str) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r} is not a positive whole number; unset it or give e.g. {example}")
+    return value
 
 
 def max_pixels() -> int:
     """The decompression-bomb cap in pixels (width x height); env PROVENANCE_GUARD_MAX_PIXELS overrides."""
-    raw = os.environ.get(ENV_MAX_PIXELS)
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        from .errors import ConfigError
+    return _env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, "100000000")
 
-        raise ConfigError(f"{ENV_MAX_PIXELS}={raw!r} is not a whole number of pixels; unset it or give e.g. 100000000")
-    return value
+
+def max_decode_bytes() -> int:
+    """Bytes one image may take decoded; env PROVENANCE_GUARD_MAX_DECODE_BYTES overrides."""
+    return _env_int(ENV_MAX_DECODE_BYTES, DEFAULT_MAX_DECODE_BYTES, str(DEFAULT_MAX_DECODE_BYTES))

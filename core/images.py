@@ -15,8 +15,12 @@ inputs are clipped to 0..1.
 
 Each output is a torch tensor HxWx3 of uint8, on the input's device; the embedder (embed.py) resizes and
 normalises it. Float inputs are brought to 8 bits the way ComfyUI's SaveImage does (x * 255, clipped,
-truncated), so an in-graph tensor is checked exactly as the PNG it will be saved as. Images over the pixel cap (config.max_pixels) are refused
-before they are decoded, so a decompression bomb costs no memory.
+truncated), so an in-graph tensor is checked exactly as the PNG it will be saved as.
+
+Memory is bounded by bytes, not pixels alone: an encoded image over the pixel cap (config.max_pixels) is
+refused before it is decoded, one whose decoded form would exceed the byte budget (config.max_decode_bytes)
+is decoded at a reduced scale where the format allows (JPEG) or refused, and the conversion to 8-bit RGB
+runs over strips of rows in each mode's own depth, never through a full-size float copy.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
+from .config import max_decode_bytes
 from .config import max_pixels as _default_max_pixels
 from .errors import ImageInputError
 
@@ -59,11 +64,45 @@ def _check_pixels(width: int, height: int, source: str, cap: int) -> None:
         )
 
 
-def open_image(data: Union[str, os.PathLike, bytes], cap: int | None = None) -> "Image.Image":
-    """Open an encoded image lazily and refuse it before decoding if it is over the pixel cap."""
+# Bytes per pixel of each Pillow mode as decoded (what an image costs before any conversion).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+               "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4,
+               "F": 4}
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """What decoding an image of this size and mode takes, in bytes."""
+    return int(width) * int(height) * _MODE_BYTES.get(mode, 4)
+
+
+def _fit_budget(img, source: str, budget: int) -> None:
+    """Refuse an image whose decoded form exceeds the byte budget, or have a JPEG decoded at a reduced
+    scale (libjpeg scales by 1/2, 1/4, 1/8 while decoding, so the full-size pixels are never held)."""
+    cost = decode_bytes(img.width, img.height, img.mode)
+    if cost <= budget:
+        return
+    if img.format == "JPEG":
+        import math
+
+        scale = math.ceil(math.sqrt(cost / budget))
+        img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (img.width // scale, img.height // scale))
+        if decode_bytes(img.width, img.height, img.mode) <= budget:
+            return
+    raise ImageInputError(
+        f"{source}: {img.width}x{img.height} in mode {img.mode} would take {cost / 2**20:,.0f} MiB to decode, over "
+        f"the budget of {budget / 2**20:,.0f} MiB per image. Downscale it, or raise PROVENANCE_GUARD_MAX_DECODE_BYTES "
+        f"if you trust its source."
+    )
+
+
+def open_image(data: Union[str, os.PathLike, bytes], cap: int | None = None,
+               budget: int | None = None) -> "Image.Image":
+    """Open an encoded image, refusing it before decoding when it is over the pixel cap or the decode budget
+    (a JPEG over the budget is decoded at a reduced scale instead; its size is then the reduced one)."""
     from PIL import Image, UnidentifiedImageError
 
     cap = _default_max_pixels() if cap is None else cap
+    budget = max_decode_bytes() if budget is None else budget
     source = "<bytes>" if isinstance(data, (bytes, bytearray)) else str(data)
     try:
         fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
@@ -72,7 +111,11 @@ def open_image(data: Union[str, os.PathLike, bytes], cap: int | None = None) -> 
     try:
         img = Image.open(fp)
         _check_pixels(img.width, img.height, source, cap)
+        full = (img.width, img.height)
+        _fit_budget(img, source, budget)
         img.load()
+        if img.size != full:
+            img.info["provenance_guard_decoded_from"] = full
     except Image.DecompressionBombError as exc:
         raise ImageInputError(
             f"{source}: Pillow refused it as a possible decompression bomb ({exc}); "
@@ -80,50 +123,64 @@ def open_image(data: Union[str, os.PathLike, bytes], cap: int | None = None) -> 
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageInputError(f"{source}: not an image Pillow can read; give a PNG, JPEG or WebP file") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except ImageInputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(f"{source}: the image data is damaged or truncated ({exc}); re-export it") from exc
     finally:
         fp.close()
     return img
 
 
+# Conversion to 8-bit RGB runs over strips of rows of this many bytes, so no full-size float or 16-bit
+# copy of a large image is ever made: a 100 MP image costs its decoded form plus its 8-bit RGB form.
+_STRIP_BYTES = 16 << 20
+
+
+def _pil_to_array(img: "Image.Image") -> "np.ndarray":
+    """PIL image of any mode -> HxWx3 uint8 (alpha composited over white; 16-bit and float scaled as the
+    module docstring says, truncated as ComfyUI's SaveImage truncates)."""
+    import numpy as np
+
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    elif img.mode in ("PA", "La"):
+        img = img.convert("LA")
+    elif img.mode == "RGBa":
+        img = img.convert("RGBA")
+    mode = img.mode
+    width, height = img.size
+    if mode in ("RGBA", "LA") and img.getchannel("A").getextrema() == (255, 255):
+        img, mode = img.convert("RGB" if mode == "RGBA" else "L"), "RGB" if mode == "RGBA" else "L"
+    if mode == "I" or mode == "F":
+        lo, hi = img.getextrema()
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_BYTES // max(1, width * _MODE_BYTES.get(mode, 4)))
+    for top in range(0, height, rows):
+        strip = img.crop((0, top, width, min(height, top + rows)))
+        if mode in ("RGB", "L", "1", "RGBA", "LA") or mode.startswith("I;16") or mode in ("I", "F"):
+            a = np.asarray(strip.convert("L") if mode == "1" else strip)
+        else:
+            a = np.asarray(strip.convert("RGB"))
+        if mode in ("RGBA", "LA"):
+            color = a[..., :-1].astype(np.uint16)
+            alpha = a[..., -1:].astype(np.uint16)
+            a = ((color * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+        elif mode.startswith("I;16"):
+            a = (a.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        elif mode == "I":
+            scale = 65535 if hi > 255 else 255
+            a = (np.clip(a, 0, scale).astype(np.int64) * 255 // scale).astype(np.uint8)
+        elif mode == "F":
+            a = np.clip(a if hi > 1.0 else a * 255.0, 0.0, 255.0).astype(np.uint8)
+        out[top:top + a.shape[0]] = a if a.ndim == 3 and a.shape[2] == 3 else (a[..., None] if a.ndim == 2 else a)
+    return out
+
+
 def _composite_on_white(rgb: "np.ndarray", alpha: "np.ndarray") -> "np.ndarray":
     """rgb float HxWx3 and alpha float HxW, both 0..1 -> float HxWx3."""
     a = alpha[..., None]
     return rgb * a + (1.0 - a)
-
-
-def _pil_to_array(img: "Image.Image") -> "np.ndarray":
-    """PIL image of any mode -> HxWx3 uint8, or float32 in 0..1 where the mode holds more than 8 bits."""
-    import numpy as np
-
-    mode = img.mode
-    if mode in ("RGB",):
-        return np.asarray(img)
-    if mode in ("L", "1"):
-        return np.asarray(img.convert("L"))[..., None].repeat(3, axis=2)
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img).astype(np.float32)
-        if mode == "F":
-            arr = arr / 255.0 if arr.size and arr.max() > 1.0 else arr
-        elif mode == "I" and not (arr.size and arr.max() > 255):
-            arr = arr / 255.0
-        else:
-            arr = arr / 65535.0
-        return np.clip(arr, 0.0, 1.0)[..., None].repeat(3, axis=2)
-    if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-        return _pil_to_array(img)
-    if mode in ("LA", "La", "PA"):
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "RGBa"):
-        arr = np.asarray(img.convert("RGBA"))
-        if arr[..., 3].min() == 255:
-            return np.ascontiguousarray(arr[..., :3])
-        rgb = arr[..., :3].astype(np.float32) / 255.0
-        return _composite_on_white(rgb, arr[..., 3].astype(np.float32) / 255.0).astype(np.float32)
-    return np.asarray(img.convert("RGB"))
 
 
 def _array_to_rgb(arr: "np.ndarray", source: str) -> "np.ndarray":
@@ -249,7 +306,20 @@ def to_pixels(inputs: Iterable[ImageInput] | "torch.Tensor" | "np.ndarray", max_
             out.append(Pixels(t, int(arr.shape[1]), int(arr.shape[0]), source))
         except ImageInputError as exc:
             out.append(exc)
+        except (Exception, MemoryError) as exc:  # noqa: BLE001 - one image's failure is that image's, never the batch's
+            out.append(ImageInputError(f"{source}: could not be read ({type(exc).__name__}: {exc})"))
     return out
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise): after a large image is decoded and
+    dropped, or a build phase's sample is gone, resident memory returns to what is in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def pixels_sha256(p: Pixels) -> str:
@@ -257,7 +327,7 @@ def pixels_sha256(p: Pixels) -> str:
     saved as, so a record can be matched to its image after saving."""
     import hashlib
 
-    return hashlib.sha256(p.tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(p.tensor.detach().cpu().contiguous().numpy().data).hexdigest()
 
 
 def find_images(root: Union[str, Path], recursive: bool = True) -> list[Path]:

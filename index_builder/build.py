@@ -37,7 +37,8 @@ from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE
                            MetadataWriter, RerankFileWriter, finalize, publish, read_manifest, rerank_file_names,
                            search_parameters, space_for, utc_now)
 from ..core.config import DEFAULT_BLOCK, DEFAULT_WARN
-from ..core.errors import ConfigError, ProvenanceError
+from ..core.errors import ConfigError, DiskFullError, ProvenanceError
+from ..core.images import release_freed_memory
 from ..core.models import ModelSpec
 from .choose import IndexChoice, choice_from_key, choose_index, human
 from .faiss_build import Recall, Tuning, add_part, exact_topk, merge_parts, train, tune_nprobe
@@ -96,17 +97,6 @@ class BuildReport:
                        f"held-out recall@1 {r.held_out_r1:.3f} @10 {r.held_out_r10:.3f}; {r.latency_ms:.2f} ms/query "
                        f"({self.tuning.note})")
         return out
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise): the training sample is gone once the
-    index is trained, and the merge's mapped lists should not stack on top of it in resident memory."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def peak_rss() -> int:
@@ -278,19 +268,23 @@ def _build(source: str, out: Path, opts: BuildOptions) -> BuildReport:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it (it keeps serving until the new "
                           f"bundle is complete)")
     resumed = state is not None
-    if state is None:
-        shutil.rmtree(home, ignore_errors=True)
-        work.mkdir(parents=True)
-        state = State(home / "state.json", fingerprint)
-        state.save()
-    resumed_shards = len(state.done)
+    needed = _bundle_size_estimate(n, d, choice, rerank)
     print(f"{n:,} vectors of {d}-d in {len(shards)} shards; budget {human(opts.max_memory)} -> {choice.factory} "
           f"({choice.note})" + (f"; resuming after {', '.join(state.completed) or 'nothing'} "
                                 f"({len(state.done)} shards added)" if resumed else ""),
           file=sys.stderr)
-    needed = _bundle_size_estimate(n, d, choice, rerank)
-    with space_for(out.parent, 0 if resumed else needed, f"building {out}"):
-        return _phases(shards, n, d, choice, rerank, out, work, home, state, resumed_shards, opts, t_start)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with space_for(out.parent, 0 if resumed else needed, f"building {out}"):
+            if state is None:
+                shutil.rmtree(home, ignore_errors=True)
+                work.mkdir(parents=True)
+                state = State(home / "state.json", fingerprint)
+                state.save()
+            return _phases(shards, n, d, choice, rerank, out, work, home, state, len(state.done), opts, t_start)
+    except DiskFullError:
+        shutil.rmtree(home, ignore_errors=True)  # a full disk needs the space back more than a resume
+        raise
 
 
 def _bundle_size_estimate(n: int, d: int, choice: IndexChoice, rerank: Optional[str]) -> int:

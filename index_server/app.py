@@ -30,13 +30,15 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import ConfigError, ImageInputError, ProvenanceError
+from .schemas import CheckOptions, CheckRequest, KnnRequest, MetadataRequest, problem_of
 
 log = logging.getLogger("provenance_guard.server")
-MAX_NUM_IMAGES = 1000
 DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
+IMAGE_URL_FAILED = "image_url could not be fetched"
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ServerConfig:
     indices: dict[str, str]
     token: Optional[str] = None
     allow_image_url: bool = False
+    # Tests only: lets image_url reach loopback addresses (never private or link-local ones).
+    allow_loopback_fetch: bool = False
     max_request_bytes: int = 20 << 20
     max_images_per_request: int = 64
     max_batch: int = 32
@@ -53,13 +57,64 @@ class ServerConfig:
     warn: Optional[float] = None
     block: Optional[float] = None
     fail_mode: str = "open"
+    # Decoded image memory all requests together may hold; beyond it requests wait, then get 503.
+    max_decode_memory: int = 2 << 30
+    admission_wait_s: float = 10.0
+    openapi: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class HTTPProblem(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+class DecodeBudget:
+    """Admits requests by the memory their images take decoded: a request waits until its share is free,
+    and after ``wait_s`` gets 503 with Retry-After; one that could never fit gets 413. Large uploads then
+    queue instead of taking the server out of memory."""
+
+    def __init__(self, limit: int, wait_s: float):
+        import threading
+
+        self.limit, self.wait_s, self.used = limit, wait_s, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, cost: int) -> int:
+        if cost > self.limit:
+            raise HTTPProblem(413, f"the images of this request take {cost / 2**20:,.0f} MiB decoded, more than this "
+                                   f"server admits at once ({self.limit / 2**20:,.0f} MiB); send fewer or smaller images")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + cost <= self.limit, timeout=self.wait_s):
+                raise HTTPProblem(503, "the server is busy decoding other images; retry shortly",
+                                  {"Retry-After": str(max(1, int(self.wait_s)))})
+            self.used += cost
+        return cost
+
+    def release(self, cost: int) -> None:
+        with self._cond:
+            self.used -= cost
+            self._cond.notify_all()
+
+
+def decode_cost(blobs: list[bytes]) -> int:
+    """Bytes decoding these images will take (their own mode plus 8-bit RGB), read from headers only;
+    undecodable headers cost nothing here (decoding refuses them)."""
+    import io
+
+    from PIL import Image
+
+    from ..core.images import decode_bytes
+
+    total = 0
+    for blob in blobs:
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                total += decode_bytes(img.width, img.height, img.mode) + img.width * img.height * 3
+        except Exception:  # noqa: BLE001 - decoding reports the image as bad
+            continue
+    return total
 
 
 class State:
@@ -80,6 +135,14 @@ class State:
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
+        self.budget = DecodeBudget(config.max_decode_memory, config.admission_wait_s)
+        self.fetcher = None
+        if config.allow_image_url:
+            from ..core.fetch import Fetcher, FetchPolicy
+
+            self.fetcher = Fetcher(FetchPolicy(max_bytes=config.max_request_bytes,
+                                               allow_loopback=config.allow_loopback_fetch),
+                                   public=IMAGE_URL_FAILED)
 
     def _open(self, name: str):
         from ..core.bundle import Bundle, manifest_stamp
@@ -138,6 +201,26 @@ class State:
     def close(self) -> None:
         for b in self._batchers.values():
             b.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
+
+    def decoded(self, blobs: list[bytes]):
+        """Context: admit blobs by their decoded size, decode them, release the budget (and the freed heap)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def admitted():
+            cost = self.budget.acquire(decode_cost(blobs))
+            try:
+                yield _pixels(blobs)
+            finally:
+                self.budget.release(cost)
+                if cost > 64 << 20:
+                    from ..core.images import release_freed_memory
+
+                    release_freed_memory()
+
+        return admitted()
 
 
 def _b64(data: str, what: str) -> bytes:
@@ -159,48 +242,20 @@ def _pixels(blobs: list[bytes]):
     return pixels
 
 
-def _fetch_url(url: str, limit: int) -> bytes:
-    import requests
-
-    if not url.lower().startswith(("http://", "https://")):
-        raise HTTPProblem(400, "image_url must be http(s)")
-    try:
-        with requests.get(url, timeout=(3, 10), stream=True) as resp:
-            resp.raise_for_status()
-            data = b""
-            for chunk in resp.iter_content(65536):
-                data += chunk
-                if len(data) > limit:
-                    raise HTTPProblem(413, f"image_url body is over {limit} bytes")
-            return data
-    except requests.RequestException as exc:
-        raise HTTPProblem(400, f"image_url could not be fetched: {exc}") from exc
-
-
-def knn(state: State, body: dict) -> list[dict]:
-    """clip-retrieval's /knn-service over one bundle, exact cosines."""
+def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list[dict]:
+    """clip-retrieval's /knn-service over one bundle, exact cosines. ``fetched``: the image_url's bytes,
+    fetched by the route before this runs (so a slow URL holds no worker thread)."""
     import numpy as np
 
     from ..core.search import join_metadata, search
 
-    if not isinstance(body, dict):
-        raise HTTPProblem(400, "the body must be a JSON object")
-    bundle = state.bundle(body.get("indice_name"))
-    if body.get("modality", "image") != "image":
+    bundle = state.bundle(body.indice_name)
+    if body.modality != "image":
         raise HTTPProblem(400, "this server holds image embeddings only: use modality \"image\" (text queries "
                                "are embedded with the model and searched against the images)")
-    try:
-        num = int(body.get("num_images", 40))
-        num_ids = int(body.get("num_result_ids") or num)
-    except (TypeError, ValueError):
-        raise HTTPProblem(400, "num_images and num_result_ids must be whole numbers")
-    if not 1 <= num <= MAX_NUM_IMAGES:
-        raise HTTPProblem(400, f"num_images must be between 1 and {MAX_NUM_IMAGES}")
-    if body.get("embedding_input") is not None:
-        try:
-            q = np.asarray(body["embedding_input"], dtype=np.float32).reshape(1, -1)
-        except (TypeError, ValueError):
-            raise HTTPProblem(400, "embedding_input must be a list of numbers")
+    num, num_ids = body.num_images, body.num_result_ids or body.num_images
+    if body.embedding_input is not None:
+        q = np.asarray(body.embedding_input, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != bundle.dim:
             raise HTTPProblem(400, f"embedding_input has {q.shape[1]} numbers but index "
                                    f"{bundle.id} holds {bundle.dim}-d vectors of {bundle.model}")
@@ -208,33 +263,23 @@ def knn(state: State, body: dict) -> list[dict]:
         if not np.isfinite(norm) or norm == 0:
             raise HTTPProblem(400, "embedding_input must be a finite, non-zero vector")
         q /= norm
-    elif body.get("text"):
-        q = state.batcher(bundle.model).embedder.embed_text([str(body["text"])])
-    elif body.get("image") or body.get("image_url"):
-        if body.get("image"):
-            blob = _b64(str(body["image"]), "image")
-        elif not state.config.allow_image_url:
-            raise HTTPProblem(400, "image_url is off on this server (start it with --allow-image-url); send the "
-                                   "image as base64 in \"image\"")
-        else:
-            blob = _fetch_url(str(body["image_url"]), state.config.max_request_bytes)
-        q = state.batcher(bundle.model).embed_pixels(_pixels([blob]))
+    elif body.text:
+        q = state.batcher(bundle.model).embedder.embed_text([body.text])
+    elif body.image or fetched is not None:
+        blob = _b64(body.image, "image") if body.image else fetched
+        try:
+            with state.decoded([blob]) as pixels:
+                q = state.batcher(bundle.model).embed_pixels(pixels)
+        except HTTPProblem as exc:
+            if fetched is None or exc.status != 400:
+                raise
+            raise HTTPProblem(400, IMAGE_URL_FAILED) from None  # a fetched non-image reads like any failure
     else:
         raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
-    dedup = bool(body.get("deduplicate", True))
-    want = max(num, num_ids) * 2 if dedup else num
+    want = max(num, num_ids) * 2 if body.deduplicate else num
     matches = search(bundle, q, min(want, bundle.live_count), metadata=False).matches[0]
-    if dedup and bundle.vectors is not None and matches:
-        # clip-retrieval's de-duplication: drop a result too close to a better one (vectorised greedy pass).
-        vecs = bundle.vector([m.row_id for m in matches])
-        sims = vecs @ vecs.T
-        kept: list[int] = []
-        for i in range(len(matches)):
-            if not kept or float(sims[i, kept].max()) < DEDUP_COSINE:
-                kept.append(i)
-                if len(kept) == num:
-                    break
-        matches = [matches[i] for i in kept]
+    if body.deduplicate and bundle.vectors is not None and matches:
+        matches = deduplicate(bundle.vector([m.row_id for m in matches]), matches, num)
     matches = matches[:num]
     join_metadata(bundle, matches)
     out = []
@@ -245,18 +290,30 @@ def knn(state: State, body: dict) -> list[dict]:
     return out
 
 
-def metadata(state: State, body: dict) -> list[dict]:
-    if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
-        raise HTTPProblem(400, "give {\"indice_name\": ..., \"ids\": [...]}")
-    bundle = state.bundle(body.get("indice_name"))
-    try:
-        ids = [int(i) for i in body["ids"]][:MAX_NUM_IMAGES]
-    except (TypeError, ValueError):
-        raise HTTPProblem(400, "ids must be whole numbers")
-    bad = [i for i in ids if not 0 <= i < bundle.count]
+def deduplicate(vectors, matches: list, keep: int) -> list:
+    """clip-retrieval's de-duplication: best first, drop a result within DEDUP_COSINE of one already kept.
+    Each candidate is compared with the kept ones only (at most ``keep``): O(n·keep), never n x n."""
+    import numpy as np
+
+    kept: list[int] = []
+    kept_vectors = np.empty((keep, vectors.shape[1]), dtype=np.float32)
+    for i in range(len(matches)):
+        if kept and float((kept_vectors[:len(kept)] @ vectors[i]).max()) >= DEDUP_COSINE:
+            continue
+        kept_vectors[len(kept)] = vectors[i]
+        kept.append(i)
+        if len(kept) == keep:
+            break
+    return [matches[i] for i in kept]
+
+
+def metadata(state: State, body: MetadataRequest) -> list[dict]:
+    bundle = state.bundle(body.indice_name)
+    bad = [i for i in body.ids if not 0 <= i < bundle.count]
     if bad:
         raise HTTPProblem(400, f"ids {bad[:5]} are outside index {bundle.id} (0..{bundle.count - 1})")
-    return [{"id": i, "metadata": {k: _json_value(v) for k, v in row.items()}} for i, row in zip(ids, bundle.rows(ids))]
+    return [{"id": i, "metadata": {k: _json_value(v) for k, v in row.items()}}
+            for i, row in zip(body.ids, bundle.rows(body.ids))]
 
 
 def _json_value(v):
@@ -265,7 +322,7 @@ def _json_value(v):
     return _jsonable(v)
 
 
-def check(state: State, blobs: list[bytes], options: dict) -> dict:
+def check(state: State, blobs: list[bytes], options: CheckOptions) -> dict:
     from ..core.policy import Policy
     from ..core.result import GenerationRecord
 
@@ -273,34 +330,31 @@ def check(state: State, blobs: list[bytes], options: dict) -> dict:
         raise HTTPProblem(400, "no images: send them as multipart files named images, or JSON {\"images\": [base64]}")
     if len(blobs) > state.config.max_images_per_request:
         raise HTTPProblem(413, f"{len(blobs)} images in one request; at most {state.config.max_images_per_request}")
-    names = options.get("indices") or list(state.bundles)
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = options.indices or list(state.bundles)
     for n in names:
         state.bundle(n)
     try:
-        policy = Policy(warn=_opt_float(options.get("warn"), state.config.warn),
-                        block=_opt_float(options.get("block"), state.config.block),
-                        fail_mode=options.get("fail_mode") or state.config.fail_mode,
-                        top_k=int(options.get("top_k") or 10))
-    except (ConfigError, ValueError, TypeError) as exc:
+        policy = Policy(warn=state.config.warn if options.warn is None else options.warn,
+                        block=state.config.block if options.block is None else options.block,
+                        fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k)
+    except ConfigError as exc:
         raise HTTPProblem(400, str(exc))
-    generation = options.get("generation")
+    generation = options.generation
     if isinstance(generation, str) and generation.strip():
         try:
-            generation = json.loads(generation)
-        except json.JSONDecodeError as exc:
-            raise HTTPProblem(400, f"generation is not JSON: {exc}")
+            generation = CheckOptions.model_validate({"generation": json.loads(generation)}).generation
+        except (ValueError, ValidationError) as exc:
+            raise HTTPProblem(422, f"generation: {exc}")
     records = generation if isinstance(generation, list) else [generation] * len(blobs)
     if len(records) != len(blobs):
         raise HTTPProblem(400, f"{len(records)} generation records for {len(blobs)} images")
     records = [GenerationRecord.from_json(r) if isinstance(r, dict) else None for r in records]
-    pixels = _pixels(blobs)
     checker = state.checker(tuple(names))
     models = {checker.model_for(b) for b in checker.open()}
     if len(models) != 1:
         raise HTTPProblem(400, f"indices {names} use different models ({sorted(models)}); check them in two requests")
-    results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
+    with state.decoded(blobs) as pixels:
+        results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
     for blob, r in zip(blobs, results):
         r.image["sha256"] = hashlib.sha256(blob).hexdigest()
         r.image["source"] = "upload"
@@ -308,14 +362,8 @@ def check(state: State, blobs: list[bytes], options: dict) -> dict:
     if state.audit:
         from ..core.audit import audit_entry
 
-        state.audit.append([audit_entry(r, source="server upload", user=options.get("user")) for r in results])
+        state.audit.append([audit_entry(r, source="server upload", user=options.user) for r in results])
     return {"results": [r.to_json() for r in results]}
-
-
-def _opt_float(value, default):
-    if value in (None, ""):
-        return default
-    return float(value)
 
 
 def create_app(config: ServerConfig):
@@ -328,11 +376,13 @@ def create_app(config: ServerConfig):
         yield
         state.close()
 
-    app = FastAPI(title="provenance-guard index server", lifespan=lifespan)
+    # No /docs or /redoc: their pages load Swagger from a CDN. --openapi serves the schema itself.
+    app = FastAPI(title="provenance-guard index server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if config.openapi else None)
     app.state.pg = state
 
-    def problem(status: int, message: str):
-        return JSONResponse({"error": message}, status_code=status)
+    def problem(status: int, message: str, headers: Optional[dict[str, str]] = None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     app.add_middleware(Guard, config=config, metrics=state.metrics, problem=problem)
 
@@ -344,20 +394,41 @@ def create_app(config: ServerConfig):
                 raise HTTPProblem(413, f"request body is over the limit of {config.max_request_bytes:,} bytes")
         return bytes(data)
 
-    async def json_body(request: Request):
+    async def parsed(request: Request, model):
+        """The body as a typed model: malformed JSON is a 400, a bad field a 422 naming it and the limit."""
         raw = await body_bytes(request)
         try:
-            return json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPProblem(400, f"the body is not JSON: {exc}")
+            return model.model_validate_json(raw or b"{}")
+        except ValidationError as exc:
+            kinds = {e.get("type") for e in exc.errors()}
+            raise HTTPProblem(400 if kinds & {"json_invalid", "recursion_loop"} else 422, problem_of(exc))
 
     async def guarded(fn, *args):
         try:
             return JSONResponse(await run_in_threadpool(fn, *args))
         except HTTPProblem as exc:
-            return problem(exc.status, exc.message)
+            return problem(exc.status, exc.message, exc.headers)
         except ProvenanceError as exc:
             return problem(400 if isinstance(exc, (ConfigError, ImageInputError)) else 500, str(exc))
+
+    async def fetched(url: str) -> bytes:
+        """image_url's bytes through the server's small fetch pool, awaited without holding a worker thread."""
+        import asyncio
+
+        from ..core.fetch import FetchBusy, FetchError
+
+        if state.fetcher is None:
+            raise HTTPProblem(400, "image_url is off on this server (start it with --allow-image-url); send the "
+                                   "image as base64 in \"image\"")
+        try:
+            future = state.fetcher.submit(url)
+            return await asyncio.wait_for(asyncio.wrap_future(future), state.fetcher.policy.deadline + 1.0)
+        except FetchBusy:
+            raise HTTPProblem(503, IMAGE_URL_FAILED + ": too many fetches at once; retry shortly",
+                              {"Retry-After": "5"}) from None
+        except (FetchError, asyncio.TimeoutError) as exc:
+            log.info("image_url %r not fetched: %s", url[:200], getattr(exc, "reason", "deadline passed"))
+            raise HTTPProblem(400, IMAGE_URL_FAILED) from None
 
     @app.get("/healthz")
     async def healthz():
@@ -373,20 +444,23 @@ def create_app(config: ServerConfig):
                        "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact}
                 for name, b in state.bundles.items()}
 
-    async def json_call(request: Request, fn):
-        try:
-            body = await json_body(request)
-        except HTTPProblem as exc:
-            return problem(exc.status, exc.message)
-        return await guarded(fn, state, body)
-
     @app.post("/knn-service")
     async def knn_service(request: Request):
-        return await json_call(request, knn)
+        try:
+            body = await parsed(request, KnnRequest)
+            blob = await fetched(body.image_url) if body.image_url and not (
+                body.embedding_input or body.text or body.image) else None
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message, exc.headers)
+        return await guarded(knn, state, body, blob)
 
     @app.post("/metadata")
     async def metadata_route(request: Request):
-        return await json_call(request, metadata)
+        try:
+            body = await parsed(request, MetadataRequest)
+        except HTTPProblem as exc:
+            return problem(exc.status, exc.message, exc.headers)
+        return await guarded(metadata, state, body)
 
     @app.post("/v1/check")
     async def check_route(request: Request):
@@ -398,17 +472,23 @@ def create_app(config: ServerConfig):
                 async def replay():
                     return {"type": "http.request", "body": raw, "more_body": False}
 
-                form = await Request(request.scope, replay).form(max_files=config.max_images_per_request + 1)
+                form = await Request(request.scope, replay).form(max_files=config.max_images_per_request + 1,
+                                                                  max_fields=64)
                 blobs = [await f.read() for f in form.getlist("images") if hasattr(f, "read")]
-                options = {k: v for k, v in form.items() if k != "images" and isinstance(v, str)}
+                fields = {k: v for k, v in form.items() if k != "images" and isinstance(v, str)}
+                try:
+                    options = CheckOptions.model_validate(fields)
+                except ValidationError as exc:
+                    raise HTTPProblem(422, problem_of(exc))
             else:
-                body = await json_body(request)
-                if not isinstance(body, dict) or not isinstance(body.get("images"), list):
-                    raise HTTPProblem(400, "give {\"images\": [base64, ...]} or a multipart form with images")
-                blobs = [_b64(str(x), f"images[{n}]") for n, x in enumerate(body["images"])]
-                options = {k: v for k, v in body.items() if k != "images"}
+                body = await parsed(request, CheckRequest)
+                if len(body.images) > config.max_images_per_request:
+                    raise HTTPProblem(413, f"{len(body.images)} images in one request; at most "
+                                           f"{config.max_images_per_request}")
+                blobs = [_b64(x, f"images[{n}]") for n, x in enumerate(body.images)]
+                options = body
         except HTTPProblem as exc:
-            return problem(exc.status, exc.message)
+            return problem(exc.status, exc.message, exc.headers)
         except Exception as exc:  # noqa: BLE001 - a garbled multipart body
             return problem(400, f"the form could not be read: {exc}")
         return await guarded(check, state, blobs, options)

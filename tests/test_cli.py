@@ -68,7 +68,6 @@ def test_unreadable_image_exit_3(built_bundle, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["check", "nope.png", "--index", "x"], "nope.png: no such file"),
     (["check", "{img}", "--index", "{tmp}/missing"], "does not exist or is not a folder"),
     (["check", "{img}", "--index", "{bundle}", "--warn", "2"], None),
     (["check", "{img}", "--index", "{bundle}", "--warn", "0.9", "--block", "0.5"], "above block"),

@@ -265,6 +265,7 @@ def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
 
     from provenance_guard.core.bundle import BundleWriter
     from provenance_guard.index_server.app import ServerConfig, State, knn
+    from provenance_guard.index_server.schemas import KnnRequest
 
     rng = np.random.default_rng(5)
     base = rng.standard_normal((40, 16)).astype(np.float32)
@@ -276,11 +277,11 @@ def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
         w.finish()
     state = State(ServerConfig(indices={"b": str(tmp_path / "b")}))
     query = {"embedding_input": base[0].tolist(), "indice_name": "b", "num_images": 5}
-    deduped = knn(state, query)
+    deduped = knn(state, KnnRequest(**query))
     ids = [r["id"] for r in deduped]
     assert ids[0] in (0, 40) and not {0, 40} <= set(ids) and len(ids) == 5
     assert deduped[0]["url"] in ("u0", "u40") and deduped[0]["caption"] == "<b>c</b>"
-    both = [r["id"] for r in knn(state, {**query, "deduplicate": False})]
+    both = [r["id"] for r in knn(state, KnnRequest(**query, deduplicate=False))]
     assert {0, 40} <= set(both) and len(both) == 5
 
 
@@ -306,5 +307,268 @@ def test_a_takedown_is_served_from_the_next_request_without_a_restart(bundle_cop
         image = base64.b64encode(png("astronaut")).decode()
         (result,) = requests.post(f"{base}/v1/check", json={"images": [image]}).json()["results"]
         assert result["verdict"] != "block" and "astronaut.png" not in [m["url"] for m in result["matches"]]
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+
+
+# limits, typed bodies, image_url, token file, docs, memory --------------------------------------------------
+
+def test_every_count_is_capped_with_a_422_naming_the_field_and_limit(server):
+    base, _ = server
+    r = requests.post(f"{base}/knn-service", json={"text": "x", "indice_name": "refs", "num_result_ids": 10**9})
+    assert r.status_code == 422 and "num_result_ids" in r.json()["error"] and "1000" in r.json()["error"]
+    r = requests.post(f"{base}/knn-service", json={"text": "x", "indice_name": "refs", "num_images": 0})
+    assert r.status_code == 422 and "num_images" in r.json()["error"]
+    r = requests.post(f"{base}/metadata", json={"indice_name": "refs", "ids": list(range(1500))})
+    assert r.status_code == 422 and "ids" in r.json()["error"] and "1000" in r.json()["error"]  # never truncated
+    body = {"images": [base64.b64encode(png("coffee")).decode()], "top_k": 10**9}
+    r = requests.post(f"{base}/v1/check", json=body)
+    assert r.status_code == 422 and "top_k" in r.json()["error"] and "100" in r.json()["error"]
+    r = requests.post(f"{base}/v1/check", files=[("images", ("a.png", png("coffee"), "image/png"))],
+                      data={"top_k": "1000000000"})
+    assert r.status_code == 422 and "top_k" in r.json()["error"]
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"indice_name": "refs", "embedding_input": [1e400, 0.5]}', "embedding_input"),
+    ('{"indice_name": "refs", "embedding_input": [Infinity, 0.5]}', None),
+    ('{"indice_name": ["refs"], "text": "x"}', "indice_name"),
+    ('{"indice_name": {"a": 1}, "text": "x"}', "indice_name"),
+    ('{"indice_name": "refs", "text": ' + "[" * 50000 + "]" * 50000 + "}", None),
+    ('{"indice_name": "refs", "deduplicate": "maybe", "text": "x"}', "deduplicate"),
+])
+def test_malformed_bodies_are_4xx_never_500(server, raw, field):
+    base, _ = server
+    r = requests.post(f"{base}/knn-service", data=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text[:300]
+    if field:
+        assert field in r.json()["error"]
+    r = requests.post(f"{base}/v1/check", data=b'{"images": ["aGk="], "warn": 1e400, "fail_mode": "sometimes"}',
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "warn" in r.json()["error"] and "fail_mode" in r.json()["error"]
+    assert requests.post(f"{base}/knn-service", json={"text": "still fine", "indice_name": "refs"}).ok
+
+
+def test_deduplication_compares_with_kept_results_only():
+    """O(n * kept): 25k candidates against at most num_images kept vectors, never a 25k x 25k matrix."""
+    from provenance_guard.index_server.app import deduplicate
+
+    class Counting(np.ndarray):
+        largest = 0
+
+        def __matmul__(self, other):
+            Counting.largest = max(Counting.largest, int(np.prod(self.shape)))
+            return np.asarray(self) @ np.asarray(other)
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((25_000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[1] = vectors[0]  # a duplicate of the best result
+    kept = deduplicate(vectors, list(range(25_000)), 40)
+    assert len(kept) == 40 and 0 in kept and 1 not in kept
+    assert kept == sorted(kept)
+
+
+class _Origin:
+    """A loopback HTTP server with the cases an image_url can lead to."""
+
+    def __init__(self):
+        import http.server
+
+        png_bytes = png("rocket")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path == "/ok.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(png_bytes)))
+                    self.end_headers()
+                    self.wfile.write(png_bytes)
+                elif self.path == "/redirect-out":
+                    self.send_response(302)
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                    self.end_headers()
+                elif self.path == "/redirect-in":
+                    self.send_response(302)
+                    self.send_header("Location", "/ok.png")
+                    self.end_headers()
+                elif self.path == "/big":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 40))
+                    self.end_headers()
+                elif self.path == "/slow":
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        for _ in range(120):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.25)
+                    except OSError:
+                        pass
+                elif self.path == "/text":
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b"not an image")
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def origin():
+    o = _Origin()
+    yield o
+    o.close()
+
+
+def test_fetch_refuses_what_it_must_and_bounds_the_rest(origin):
+    from provenance_guard.core.fetch import FetchError, FetchPolicy, address_allowed, fetch
+
+    for address in ("127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                    "224.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "fe80::1", "240.0.0.1"):
+        assert not address_allowed(address), address
+    assert address_allowed("8.8.8.8") and address_allowed("127.0.0.1", allow_loopback=True)
+    strict = FetchPolicy(deadline=3.0)
+    for url in (origin.url("/ok.png"), origin.url("/ok.png", "localhost"), origin.url("/ok.png", "2130706433"),
+                "file:///etc/passwd", "ftp://example.com/x"):
+        with pytest.raises(FetchError) as info:
+            fetch(url, strict, public="nope")
+        assert str(info.value) == "nope"  # one message whatever the reason
+    loop = FetchPolicy(deadline=2.0, max_bytes=1 << 20, allow_loopback=True)
+    assert fetch(origin.url("/ok.png"), loop) == png("rocket")
+    assert fetch(origin.url("/redirect-in"), loop) == png("rocket")
+    reasons = {}
+    for path in ("/redirect-out", "/big", "/slow", "/missing"):
+        with pytest.raises(FetchError) as info:
+            fetch(origin.url(path), loop)
+        reasons[path] = info.value.reason
+    assert "169.254.169.254" in reasons["/redirect-out"] and "not a public address" in reasons["/redirect-out"]
+    assert "Content-Length" in reasons["/big"] and "deadline" in reasons["/slow"] and "404" in reasons["/missing"]
+
+
+def test_image_url_on_the_server(built_bundle, origin):
+    proc, base = start(built_bundle, "--allow-image-url")
+    try:
+        for url in (origin.url("/ok.png"), origin.url("/ok.png", "localhost"), origin.url("/ok.png", "2130706433")):
+            r = requests.post(f"{base}/knn-service", json={"image_url": url, "indice_name": "refs"})
+            assert r.status_code == 400 and r.json()["error"] == "image_url could not be fetched"
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+    proc, base = start(built_bundle, "--allow-image-url", "--allow-image-url-loopback")
+    try:
+        r = requests.post(f"{base}/knn-service", json={"image_url": origin.url("/ok.png"), "indice_name": "refs",
+                                                       "num_images": 1})
+        assert r.status_code == 200 and r.json()[0]["url"] == "rocket.png"
+        errors = set()
+        for path in ("/redirect-out", "/big", "/text", "/missing"):
+            r = requests.post(f"{base}/knn-service", json={"image_url": origin.url(path), "indice_name": "refs"})
+            assert r.status_code == 400
+            errors.add(r.json()["error"])
+        assert errors == {"image_url could not be fetched"}  # refused, too big, not an image, 404: alike
+        # Slow URLs fill the small fetch pool and its queue; more are refused at once, and ordinary queries
+        # are answered meanwhile (fetches hold no request thread).
+        answers = []
+
+        def slow():
+            answers.append(requests.post(f"{base}/knn-service", json={"image_url": origin.url("/slow"),
+                                                                      "indice_name": "refs"}, timeout=60).status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(24)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        ordinary = requests.post(f"{base}/knn-service", json={"text": "rocket", "indice_name": "refs"}, timeout=60)
+        done_before = len(answers)
+        assert ordinary.ok
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(set(answers)) == [400, 503] and answers.count(503) == 4 and done_before <= 4
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+
+
+def test_token_file_and_no_cdn_docs(built_bundle, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc, base = start(built_bundle, "--token-file", str(token_file))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        assert requests.get(f"{base}/indices-list").status_code == 401
+        assert requests.get(f"{base}/indices-list", headers=auth).ok
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert requests.get(f"{base}{path}", headers=auth).status_code == 404
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+    proc, base = start(built_bundle, "--openapi")
+    try:
+        assert "/knn-service" in requests.get(f"{base}/openapi.json").json()["paths"]
+        assert requests.get(f"{base}/docs").status_code == 404
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={built_bundle}",
+                          "--token-file", str(empty), "--port", str(free_port())], capture_output=True, text=True)
+    assert out.returncode == 2 and "first line is empty" in out.stderr
+
+
+def test_decode_budget_admits_waits_and_refuses():
+    from provenance_guard.index_server.app import DecodeBudget, HTTPProblem
+
+    budget = DecodeBudget(100, wait_s=0.2)
+    held = budget.acquire(80)
+    with pytest.raises(HTTPProblem) as busy:
+        budget.acquire(40)
+    assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"}
+    with pytest.raises(HTTPProblem) as never:
+        budget.acquire(101)
+    assert never.value.status == 413
+    threading.Timer(0.05, budget.release, args=(held,)).start()
+    budget.wait_s = 5.0
+    assert budget.acquire(40) == 40 and budget.used == 40
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_large_uploads_are_admitted_by_memory_and_memory_returns(built_bundle):
+    big = io.BytesIO()
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    Image.new("RGBA", (4000, 4000), (10, 200, 30, 128)).save(big, "PNG")
+    proc, base = start(built_bundle, "--max-decode-mb", "64")
+    try:
+        r = requests.post(f"{base}/v1/check", files=[("images", ("big.png", big.getvalue(), "image/png"))])
+        assert r.status_code == 413 and "admits at once" in r.json()["error"]
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+    proc, base = start(built_bundle)
+    try:
+        requests.post(f"{base}/v1/check", files=[("images", ("a.png", png("astronaut"), "image/png"))]).raise_for_status()
+        requests.post(f"{base}/v1/check", files=[("images", ("b.png", big.getvalue(), "image/png"))]).raise_for_status()
+        warm = rss(proc.pid)
+        for _ in range(3):
+            r = requests.post(f"{base}/v1/check", files=[("images", ("b.png", big.getvalue(), "image/png"))] * 2)
+            assert r.ok and len(r.json()["results"]) == 2
+        # Each request decodes 2 x 112 MB; what stays resident afterwards is the warm server, not the images.
+        assert rss(proc.pid) - warm < 64 << 20, f"{(rss(proc.pid) - warm) / 2**20:.0f} MiB more than after warm-up"
     finally:
         assert stop(proc) in CLEAN_EXIT

@@ -1,0 +1,106 @@
+"""Request bodies of the index server as typed models: every field checked for type and range before a route
+runs, every count capped (a documented maximum, and a 422 that names the field and the limit), no NaN or
+infinity anywhere, and JSON nesting bounded by the parser. Unknown fields are ignored, as clip-retrieval
+clients send options this server does not implement.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Documented maxima (README, "Limits and guarantees").
+MAX_NUM_IMAGES = 1000          # /knn-service num_images and num_result_ids
+MAX_METADATA_IDS = 1000        # /metadata ids per call
+MAX_TOP_K = 100                # /v1/check top_k
+MAX_TEXT_CHARS = 2000          # /knn-service text
+MAX_URL_CHARS = 2048           # /knn-service image_url
+MAX_EMBEDDING_DIM = 4096       # /knn-service embedding_input
+MAX_NAME_CHARS = 200           # index names
+MAX_GENERATION_KEYS = 64       # /v1/check generation record fields
+
+# clip-retrieval's front end sends "" for options left empty; they are accepted and ignored.
+IgnoredNumber = Optional[Union[Annotated[float, Field(allow_inf_nan=False)], Annotated[str, Field(max_length=32)]]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="null")
+
+
+class KnnRequest(_Body):
+    indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1, le=MAX_NUM_IMAGES)
+    num_result_ids: Optional[int] = Field(None, ge=1, le=MAX_NUM_IMAGES)
+    text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
+    image: Optional[str] = None
+    image_url: Optional[str] = Field(None, max_length=MAX_URL_CHARS)
+    embedding_input: Optional[list[float]] = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    deduplicate: bool = True
+    # Accepted for clip-retrieval clients and ignored: no safety model, no aesthetic mixing here.
+    use_safety_model: bool = False
+    use_violence_detector: bool = False
+    aesthetic_score: IgnoredNumber = None
+    aesthetic_weight: IgnoredNumber = None
+    use_mclip: bool = False
+
+    @field_validator("embedding_input")
+    @classmethod
+    def _finite(cls, value):
+        import math
+
+        if value is not None and not all(math.isfinite(v) for v in value):
+            raise ValueError("must hold finite numbers only")
+        return value
+
+
+class MetadataRequest(_Body):
+    indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+    ids: list[int] = Field(..., max_length=MAX_METADATA_IDS)
+
+
+class CheckOptions(_Body):
+    """/v1/check options, from a JSON body or the fields of a multipart form (strings, converted here)."""
+
+    indices: Optional[Union[list[str], str]] = None
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
+    warn: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    block: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    fail_mode: Optional[Literal["open", "closed"]] = None
+    generation: Optional[Union[dict[str, Any], list[Optional[dict[str, Any]]], str]] = None
+    user: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+
+    @field_validator("warn", "block", "fail_mode", "user", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if value == "" else value
+
+    @field_validator("indices")
+    @classmethod
+    def _names(cls, value):
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+        if len(names) > 16 or any(len(n) > MAX_NAME_CHARS for n in names):
+            raise ValueError(f"at most 16 index names of at most {MAX_NAME_CHARS} characters")
+        return [n for n in names if n]
+
+    @field_validator("generation")
+    @classmethod
+    def _generation(cls, value):
+        records = value if isinstance(value, list) else [value]
+        for record in records:
+            if isinstance(record, dict) and len(record) > MAX_GENERATION_KEYS:
+                raise ValueError(f"a generation record holds at most {MAX_GENERATION_KEYS} fields")
+        return value
+
+
+class CheckRequest(CheckOptions):
+    images: list[str] = Field(..., min_length=1)
+
+
+def problem_of(exc: ValidationError) -> str:
+    """One line naming each bad field and what is wrong with it."""
+    parts = []
+    for error in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(x) for x in error.get("loc", ())) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)

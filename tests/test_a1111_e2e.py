@@ -1,0 +1,758 @@
+"""End to end in a real Automatic1111 webui and a real Forge (CPU, offline, loopback only).
+
+Parametrised by host; each host runs only when its variables are set:
+- a1111: A1111_DIR (the webui folder) and A1111_PYTHON (its venv's python); optional A1111_HF_HOME (an HF cache
+  holding the CLIP tokenizer; HF_HOME is otherwise left unset for the webui).
+- forge: FORGE_DIR and FORGE_PYTHON.
+
+Per host, one webui start serves every test (module-scoped fixtures):
+1. The extension is installed as "Install from URL" would: the repository's tracked and untracked-but-not-ignored
+   files are copied into WEBUI/extensions/provenance-guard, and its install.py is run the way the webui's start runs
+   it (launch_utils.run_extension_installer). The folder is removed again at the end.
+2. A tiny random-weight CLIP (demo.make_tiny_model) and a bundle of unrelated reference photos are built with the
+   HOST's python, through the installed clone (`python WEBUI/extensions/provenance-guard index build ...`), into
+   WEBUI/models/provenance/.
+3. The webui is started with --skip-prepare-environment and --api on a free loopback port, with its settings and
+   UI-config files in a temporary folder (so the host's own config.json is untouched), and driven through
+   /sdapi/v1/txt2img and /sdapi/v1/img2img: warn mode, block mode on a regenerated known image, fail closed with a
+   missing bundle, img2img (and, on Forge, inpaint) on the known image.
+4. It is stopped (its process group) and the port must be free. Files it wrote under WEBUI/outputs, and
+   WEBUI/params.txt, are moved into the test's temporary folder (for a look after a failure).
+
+Run: .venv/bin/python -m pytest tests/test_a1111_e2e.py -x -v
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from provenance_guard.core.record import png_text_chunks, read_record
+from provenance_guard.demo import DEMO_BLOCK, DEMO_WARN, write_references
+
+ROOT = Path(__file__).resolve().parents[1]
+EXT_NAME = "provenance-guard"
+BUNDLE_NAME = "e2e-provenance-refs"
+SCRIPT_TITLE = "Provenance Guard"
+HOSTS = {"a1111": ("A1111_DIR", "A1111_PYTHON"), "forge": ("FORGE_DIR", "FORGE_PYTHON")}
+OPTION_KEYS = [f"provenance_guard_{k}" for k in
+               ("enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode")]
+SEED = 20261128
+PROMPT = "astronaut"  # longer prompts can give NaNs with random SD weights
+
+# bounds (seconds): every wait fails with the log tail when it runs out
+INSTALL_TIMEOUT = 900      # pip installs faiss-cpu and pyarrow from the local index on the first run
+BUILD_TIMEOUT = 300
+START_TIMEOUT = 300
+REQUEST_TIMEOUT = 420      # the first generation also waits for the checkpoint to load
+STOP_TIMEOUT = 30
+
+VERDICTS = ("pass", "warn", "block", "unchecked")
+
+
+# helpers ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Host:
+    name: str
+    webui: Path
+    python: str
+    tmp: Path
+    env: dict
+
+    @property
+    def ext(self) -> Path:
+        return self.webui / "extensions" / EXT_NAME
+
+    @property
+    def bundle(self) -> Path:
+        return self.webui / "models" / "provenance" / BUNDLE_NAME
+
+
+@dataclass
+class Webui:
+    host: Host
+    base: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    refs: Path
+    model_spec: str
+    state: dict = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    def log_tail(self, n: int = 6000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: never via a proxy
+
+
+def _http(url: str, payload: Any = None, timeout: float = 30) -> tuple[int, Any]:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            body = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        err = (exc.stderr or b"")
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        pytest.fail(f"{what} did not finish within {timeout}s: {cmd}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+
+
+def _output(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _load_package_code(ext: Path) -> str:
+    """Python code (for the host's interpreter) that loads the hyphenated extension folder as provenance_guard."""
+    return ("import importlib.util, sys\n"
+            "from pathlib import Path\n"
+            f"ext = Path({str(ext)!r})\n"
+            "spec = importlib.util.spec_from_file_location('provenance_guard', ext / '__init__.py', "
+            "submodule_search_locations=[str(ext)])\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "sys.modules['provenance_guard'] = module\n"
+            "spec.loader.exec_module(module)\n")
+
+
+def _parse_infotext(text: str) -> dict[str, str]:
+    """The parameters line of an A1111 infotext -> {key: value} (quoted values unquoted)."""
+    line = text.strip().split("\n")[-1]
+    out = {}
+    for key, value in re.findall(r'\s*([\w ][\w \-/]*?):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def _decode(b64: str) -> tuple[bytes, Image.Image]:
+    raw = base64.b64decode(b64)
+    img = Image.open(io.BytesIO(raw))
+    img.load()
+    return raw, img
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def _b64_png(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal pixels (a mean difference of at most 2 levels: equal up to rounding)."""
+    return a.shape == b.shape and float(np.abs(a - b).mean()) <= 2.0
+
+
+def _contains(big: np.ndarray, small: np.ndarray) -> bool:
+    """Whether small appears (as _same) anywhere in big: a grid holding the image as one of its cells."""
+    if big.shape == small.shape:
+        return _same(big, small)
+    h, w = small.shape[:2]
+    if big.shape[0] < h or big.shape[1] < w:
+        return False
+    for y in range(big.shape[0] - h + 1):
+        for x in range(big.shape[1] - w + 1):
+            if abs(int(big[y, x, 0]) - int(small[0, 0, 0])) > 8:
+                continue
+            if _same(big[y:y + h, x:x + w], small):
+                return True
+    return False
+
+
+def _dark_share(img: Image.Image) -> float:
+    return float((np.asarray(img.convert("RGB")).max(axis=2) < 48).mean())
+
+
+def _is_placeholder(img: Image.Image) -> bool:
+    """The extension's placeholder: black with a short light notice; generated images here are mid-grey noise."""
+    return _dark_share(img) >= 0.6
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+
+def _script_args(bundle_path: str, action: str, fail_mode: str = "open") -> dict:
+    return {SCRIPT_TITLE: {"args": [True, "", bundle_path, True, DEMO_WARN, DEMO_BLOCK, action, fail_mode]}}
+
+
+def _traceback_blocks(log: str) -> list[str]:
+    """Every traceback in a log, with the lines that follow it (the exception and the webui's context)."""
+    lines = log.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line:
+            start = max(0, i - 3)
+            end = i + 1
+            while end < len(lines) and end - i < 120 and (lines[end].startswith((" ", "\t")) or
+                                                          lines[end].startswith(("Traceback", "During handling",
+                                                                                 "The above exception")) or
+                                                          not lines[end].strip() or end - i < 2):
+                end += 1
+            blocks.append("\n".join(lines[start:min(len(lines), end + 2)]))
+    return blocks
+
+
+def _assert_clean_log(w: Webui, when: str) -> None:
+    log = w.log.read_text(errors="replace")
+    bad = [b for b in _traceback_blocks(log) if "provenance" in b.lower()]
+    if bad:
+        pytest.fail(f"{when}: the webui log holds {len(bad)} traceback(s) that mention provenance_guard:\n" +
+                    "\n-----\n".join(bad)[-8000:])
+    assert "bad options item type" not in log, f"{when}: 'bad options item type' in the log:\n{w.log_tail()}"
+    errors = [line for line in log.splitlines()
+              if ("Error loading script" in line or "Error running" in line or "*** Error" in line)
+              and "provenance" in line.lower()]
+    assert not errors, f"{when}: the webui reported errors about the extension:\n" + "\n".join(errors) + \
+        f"\n--- log tail\n{w.log_tail()}"
+
+
+def _generate(w: Webui, route: str, payload: dict) -> dict:
+    """POST a generation; returns {resp, info, images: [(bytes, PIL)], new_files: [Path]}."""
+    before = _files(w.host.webui / "outputs")
+    log_at = w.log.stat().st_size
+    t0 = time.time()
+    status, resp = _http(f"{w.base}/sdapi/v1/{route}", payload, timeout=REQUEST_TIMEOUT)
+    took = time.time() - t0
+    assert status == 200 and isinstance(resp, dict), \
+        f"{route} answered {status}: {str(resp)[:3000]}\n--- webui log tail\n{w.log_tail()}"
+    info = json.loads(resp["info"])
+    images = [_decode(b) for b in resp.get("images") or []]
+    new_files = sorted(_files(w.host.webui / "outputs") - before)
+    w.state.setdefault("timings", []).append((route, payload.get("alwayson_scripts", {}).get(SCRIPT_TITLE, {})
+                                              .get("args", [None] * 8)[6], round(took, 1)))
+    with open(w.log, "rb") as f:
+        f.seek(log_at)
+        log = f.read().decode(errors="replace")
+    return {"resp": resp, "info": info, "images": images, "new_files": new_files, "log": log}
+
+
+def _assert_no_hook_errors(out: dict, what: str) -> None:
+    """The webui swallows exceptions raised in script hooks (it prints them and goes on): a traceback that
+    mentions the extension during this call is a failure of the extension even when the response looks fine."""
+    bad = [b for b in _traceback_blocks(out["log"]) if "provenance" in b.lower()]
+    if bad:
+        pytest.fail(f"{what}: the extension raised inside a webui hook during this call:\n" +
+                    "\n-----\n".join(bad)[-6000:])
+
+
+def _per_image(out: dict, count: int, w: Webui) -> tuple[list[dict], list[tuple[bytes, Image.Image]], list[dict]]:
+    """The per-image infotexts (parsed), response images and the parsed "Provenance results", checked for shape."""
+    info = out["info"]
+    first = int(info.get("index_of_first_image") or 0)
+    infotexts = info.get("infotexts") or []
+    images = out["images"]
+    extra = info.get("extra_generation_params") or {}
+    assert len(infotexts) == first + count, \
+        f"expected {count} image infotexts after index_of_first_image={first}, got {len(infotexts)}: {infotexts}"
+    assert len(images) >= first + count, f"expected {first + count} images, got {len(images)}"
+    parsed = [_parse_infotext(t) for t in infotexts[first:first + count]]
+    assert "Provenance results" in extra, \
+        f"no 'Provenance results' in extra_generation_params: {json.dumps(extra)[:2000]}\n--- log\n{w.log_tail()}"
+    results = json.loads(extra["Provenance results"])
+    assert isinstance(results, list) and len(results) == count, \
+        f"'Provenance results' is not a list of {count}: {extra['Provenance results'][:2000]}"
+    assert [r["index"] for r in results] == list(range(count)), [r.get("index") for r in results]
+    for i, (fields, r) in enumerate(zip(parsed, results)):
+        assert fields.get("Provenance") in VERDICTS, \
+            f"image {i}: infotext has no per-image 'Provenance' verdict: {infotexts[first + i]!r}"
+        assert fields["Provenance"] == r["verdict"], \
+            f"image {i}: infotext says {fields['Provenance']!r}, Provenance results say {r['verdict']!r}"
+    summary = extra.get("Provenance")
+    m = re.fullmatch(r"(pass|warn|block|unchecked) (\d+) of (\d+)", str(summary))
+    assert m, f"top-level 'Provenance' is not a batch summary like 'pass 2 of 2': {summary!r}"
+    worst = max((r["verdict"] for r in results), key=lambda v: {"pass": 0, "unchecked": 1, "warn": 2, "block": 3}[v])
+    assert m.group(1) == worst and int(m.group(2)) == sum(r["verdict"] == worst for r in results) \
+        and int(m.group(3)) == count, f"top-level {summary!r} does not summarise {[r['verdict'] for r in results]}"
+    if first:  # the grid's infotext carries the batch summary
+        grid_fields = _parse_infotext(infotexts[0])
+        assert grid_fields.get("Provenance") == summary, \
+            f"the grid infotext's Provenance {grid_fields.get('Provenance')!r} != {summary!r}"
+    return parsed, images[first:first + count], results
+
+
+def _saved_samples(w: Webui, new_files: list[Path], kind: str) -> dict[int, Path]:
+    """New PNGs in outputs/<kind>-images, by seed (from their 'parameters' chunk)."""
+    by_seed: dict[int, Path] = {}
+    for path in new_files:
+        if path.suffix.lower() != ".png" or f"{kind}-images" not in path.parts:
+            continue
+        params = png_text_chunks(path).get("parameters", "")
+        seed = _parse_infotext(params).get("Seed")
+        assert seed is not None, f"{path}: no Seed in its parameters chunk: {params!r}"
+        assert int(seed) not in by_seed, f"two saved images for seed {seed}: {by_seed[int(seed)]}, {path}"
+        by_seed[int(seed)] = path
+    return by_seed
+
+
+def _check_saved(w: Webui, path: Path, verdict: str) -> dict:
+    """A saved PNG's provenance chunk: present, verdict as expected; its parameters carry the same verdict."""
+    chunks = png_text_chunks(path)
+    assert "provenance" in chunks, f"{path} has no 'provenance' text chunk; chunks: {sorted(chunks)}"
+    record = json.loads(chunks["provenance"])
+    assert record.get("verdict") == verdict, f"{path}: provenance chunk verdict {record.get('verdict')!r} != {verdict!r}"
+    assert _parse_infotext(chunks.get("parameters", "")).get("Provenance") == verdict, \
+        f"{path}: parameters chunk lacks 'Provenance: {verdict}': {chunks.get('parameters')!r}"
+    if w.host.name == "forge":
+        with Image.open(path) as img:
+            assert img.mode == "RGBA", f"{path}: Forge saves PNGs with stealth infotext as RGBA, got {img.mode}"
+        back = read_record(path)
+        assert back is not None and back.verdict == verdict, \
+            f"{path}: read_record gave {back.verdict if back else None!r}, expected {verdict!r}"
+    return record
+
+
+# fixtures --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=list(HOSTS))
+def host(request, tmp_path_factory):
+    name = request.param
+    dir_var, py_var = HOSTS[name]
+    webui_dir, python = os.environ.get(dir_var), os.environ.get(py_var)
+    if not (webui_dir and python):
+        pytest.skip(f"set {dir_var} (the webui folder) and {py_var} (its venv's python) to run the {name} "
+                    f"end-to-end test" + (" (A1111_HF_HOME optional: an HF cache with the CLIP tokenizer)"
+                                          if name == "a1111" else ""))
+    webui = Path(webui_dir).absolute()
+    assert (webui / "launch.py").is_file(), f"{dir_var}={webui_dir} is not a webui folder (no launch.py)"
+    python = os.path.abspath(python)  # not resolved: a venv's python is a symlink that must stay one
+    assert os.access(python, os.X_OK), f"{py_var}={python} is not executable"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "HF_HOME", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PROVENANCE_GUARD_DEVICE="cpu",
+               PYTHONDONTWRITEBYTECODE="1")
+    if name == "a1111" and os.environ.get("A1111_HF_HOME"):
+        env["HF_HOME"] = os.environ["A1111_HF_HOME"]
+    h = Host(name, webui, python, tmp_path_factory.mktemp(f"{name}-e2e"), env)
+
+    outputs = webui / "outputs"
+    outputs_before = _files(outputs)
+    params_txt = webui / "params.txt"
+    params_before = params_txt.read_bytes() if params_txt.is_file() else None
+    provenance_models = webui / "models" / "provenance"
+    provenance_models_existed = provenance_models.is_dir()
+    shutil.rmtree(h.ext, ignore_errors=True)
+    shutil.rmtree(h.bundle, ignore_errors=True)
+    try:
+        yield h
+    finally:
+        shutil.rmtree(h.ext, ignore_errors=True)
+        shutil.rmtree(h.bundle, ignore_errors=True)
+        if not provenance_models_existed and provenance_models.is_dir() and not any(provenance_models.iterdir()):
+            provenance_models.rmdir()
+        # what the webui wrote during the session moves into the test's folder
+        keep = h.tmp / "outputs"
+        for path in sorted(_files(outputs) - outputs_before):
+            dst = keep / path.relative_to(outputs)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), dst)
+        if outputs.is_dir():
+            for d in sorted((p for p in outputs.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                if not any(d.iterdir()) and not any(f.is_relative_to(d) for f in outputs_before):
+                    d.rmdir()
+            if not outputs_before and not any(outputs.iterdir()):
+                outputs.rmdir()
+        if params_before is None:
+            if params_txt.is_file():
+                shutil.move(str(params_txt), h.tmp / "params.txt")
+        elif params_txt.is_file() and params_txt.read_bytes() != params_before:
+            params_txt.write_bytes(params_before)
+
+
+@pytest.fixture(scope="module")
+def installed(host: Host) -> dict:
+    """Install from URL: copy the repository's files, run install.py as the webui's start does."""
+    listing = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+                             capture_output=True, timeout=60, check=True).stdout.decode().split("\0")
+    copied = 0
+    for rel in listing:
+        if not rel or rel.split("/")[0] in (".venv", ".git"):
+            continue
+        src = ROOT / rel
+        if not src.is_file():  # deleted in the working tree, or a submodule
+            continue
+        dst = host.ext / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        copied += 1
+    assert copied and (host.ext / "install.py").is_file() and (host.ext / "scripts" / "provenance_guard.py").is_file()
+    t0 = time.time()
+    code = f"from modules import launch_utils; launch_utils.run_extension_installer({str(host.ext)!r})"
+    proc = _run([host.python, "-c", code], host.webui, host.env, INSTALL_TIMEOUT, "the extension's install.py")
+    took = time.time() - t0
+    check = ("import json, numpy, pyarrow, faiss, open_clip\n"
+             "from importlib.metadata import version\n"
+             "arr = pyarrow.array(numpy.arange(3, dtype=numpy.float32))\n"
+             "print(json.dumps({'numpy': numpy.__version__, 'pyarrow': pyarrow.__version__, "
+             "'faiss': faiss.__version__, 'open_clip': version('open_clip_torch'), 'arrow_sum': float(arr.to_numpy().sum())}))")
+    imports = _run([host.python, "-c", check], host.tmp, host.env, 300, "the import check")
+    return {"install": proc, "install_s": took, "imports": imports, "files": copied}
+
+
+@pytest.fixture(scope="module")
+def webui(host: Host, installed: dict):
+    """Tiny model + bundle (host python, through the clone), then one webui start for every test."""
+    ext = host.ext
+    model_dir = host.tmp / "tiny-clip"
+    proc = _run([host.python, "-c", _load_package_code(ext) +
+                 "from provenance_guard.demo import make_tiny_model\n"
+                 f"print(make_tiny_model(Path({str(model_dir)!r})))"],
+                host.tmp, host.env, BUILD_TIMEOUT, "make_tiny_model")
+    assert proc.returncode == 0, f"make_tiny_model failed with the host's python:\n{_output(proc)}"
+    spec = proc.stdout.strip().splitlines()[-1]
+    assert spec.startswith("local-dir:"), spec
+
+    refs = host.tmp / "refs"
+    write_references(refs)  # scikit-image photos, written with this (test) interpreter
+    _build_bundle(host, refs, spec, overwrite=False)
+
+    settings = host.tmp / "config.json"
+    if (host.webui / "config.json").is_file():
+        shutil.copy2(host.webui / "config.json", settings)
+    ui_config = host.tmp / "ui-config.json"
+    if (host.webui / "ui-config.json").is_file():
+        shutil.copy2(host.webui / "ui-config.json", ui_config)
+    port = _free_port()
+    args = [host.python, "-u", "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--api",
+            "--port", str(port), "--skip-version-check", "--no-download-sd-model",
+            "--ui-settings-file", str(settings), "--ui-config-file", str(ui_config)]
+    if host.name == "a1111":
+        args += ["--use-cpu", "all", "--precision", "full", "--no-half"]
+    else:
+        args += ["--always-cpu", "--skip-python-version-check"]
+    log = host.tmp / "webui.log"
+    with open(log, "wb") as logf:
+        p = subprocess.Popen(args, cwd=str(host.webui), env=host.env, stdout=logf, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    w = Webui(host, f"http://127.0.0.1:{port}", port, p, log, refs, spec)
+    w.state["start_cmd"] = " ".join(args)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            answered = False
+            try:
+                status, _ = _http(f"{w.base}/sdapi/v1/options", timeout=10)
+                answered = status == 200
+            except (OSError, urllib.error.URLError):
+                pass
+            # Forge answers ~2 s before its on_app_started callbacks have run: wait for "Startup time:" too
+            if answered and "Startup time:" in log.read_text(errors="replace"):
+                break
+            if p.poll() is not None:
+                pytest.fail(f"the {host.name} webui exited with {p.returncode} before answering:\n{w.log_tail()}")
+            if time.time() > deadline:
+                pytest.fail(f"the {host.name} webui did not answer on port {port} (with 'Startup time:' in its log) "
+                            f"within {START_TIMEOUT}s (Forge builds its UI in a daemon thread: an exception there "
+                            f"leaves the process alive and nothing listening):\n{w.log_tail()}")
+            time.sleep(1)
+        w.state["startup_s"] = round(time.time() - w.started_at, 1)
+        yield w
+    finally:
+        _stop(w)
+
+
+def _build_bundle(host: Host, refs: Path, spec: str, overwrite: bool) -> None:
+    cmd = [host.python, str(host.ext), "index", "build", "--images", str(refs), "--out", str(host.bundle),
+           "--model", spec, "--warn", str(DEMO_WARN), "--block", str(DEMO_BLOCK), "--device", "cpu",
+           "--no-progress", "--id", BUNDLE_NAME] + (["--overwrite"] if overwrite else [])
+    proc = _run(cmd, host.tmp, host.env, BUILD_TIMEOUT, "index build")
+    assert proc.returncode == 0, f"index build with the host's python failed:\n{' '.join(cmd)}\n{_output(proc)}"
+    assert (host.bundle / "manifest.json").is_file(), f"no manifest.json in {host.bundle}:\n{_output(proc)}"
+
+
+def _stop(w: Webui) -> None:
+    if w.proc.poll() is None:
+        try:
+            os.killpg(w.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            w.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(w.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            w.proc.wait(timeout=STOP_TIMEOUT)
+    else:  # the leader is gone; children of its group may not be
+        try:
+            os.killpg(w.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# tests -----------------------------------------------------------------------------------------------------------
+
+def test_install_from_url(host: Host, installed: dict):
+    proc = installed["install"]
+    out = _output(proc)
+    assert proc.returncode == 0, f"run_extension_installer failed:\n{out}"
+    # run_extension_installer catches install.py's failure and only reports it: look for its report too
+    assert "Error running install.py" not in proc.stdout + proc.stderr, f"install.py failed:\n{out}"
+    imports = installed["imports"]
+    assert imports.returncode == 0, f"after install.py, the host cannot import pyarrow/faiss/open_clip/numpy:\n" \
+                                    f"{_output(imports)}\n--- install.py\n{out}"
+    versions = json.loads(imports.stdout.strip().splitlines()[-1])
+    assert versions["numpy"] == "1.26.2", f"install.py changed the host's numpy: {versions}\n{out}"
+    assert versions["open_clip"] == "2.20.0", f"install.py changed the host's open_clip: {versions}\n{out}"
+    assert versions["arrow_sum"] == 3.0, versions
+    print(f"\n[{host.name}] install.py {installed['install_s']:.1f}s, {installed['files']} files; {versions}")
+
+
+def test_startup_clean_and_settings(webui: Webui):
+    w = webui
+    _assert_clean_log(w, "start-up")
+    status, scripts = _http(f"{w.base}/sdapi/v1/scripts", timeout=30)
+    assert status == 200, scripts
+    for tab in ("txt2img", "img2img"):
+        assert SCRIPT_TITLE.lower() in [s.lower() for s in scripts.get(tab, [])], \
+            f"the script is not loaded in {tab}: {scripts}\n{w.log_tail()}"
+    if w.host.name == "a1111":
+        status, options = _http(f"{w.base}/sdapi/v1/options", timeout=30)
+        assert status == 200, options
+        missing = [k for k in OPTION_KEYS if k not in options]
+        assert not missing, f"GET /sdapi/v1/options lacks {missing}\n{w.log_tail()}"
+        assert options["provenance_guard_action"] in ("warn", "block"), options["provenance_guard_action"]
+    else:  # Forge's GET omits extension settings (its model is built before on_ui_settings runs); POST works
+        status, body = _http(f"{w.base}/sdapi/v1/options", {"provenance_guard_action": "warn"}, timeout=30)
+        assert status == 200, f"POST /sdapi/v1/options provenance_guard_action answered {status}: {body}\n{w.log_tail()}"
+    print(f"\n[{w.host.name}] webui answered after {w.state['startup_s']}s")
+
+
+def test_txt2img_warn(webui: Webui):
+    w = webui
+    payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED,
+               "save_images": True, "alwayson_scripts": _script_args(str(w.host.bundle), "warn")}
+    out = _generate(w, "txt2img", payload)
+    _assert_no_hook_errors(out, "txt2img warn")
+    parsed, images, results = _per_image(out, 2, w)
+    verdicts = [f["Provenance"] for f in parsed]
+    # unrelated references (scikit-image photos) and random-weight SD noise: nothing comes close
+    assert verdicts == ["pass", "pass"], f"expected pass for both images against unrelated photos: {results}"
+    assert out["info"]["extra_generation_params"]["Provenance"] == "pass 2 of 2"
+    for i, (fields, r) in enumerate(zip(parsed, results)):
+        assert r["error"] is None and r["max_score"] is not None, f"image {i} was not checked: {r}"
+        assert fields.get("Provenance similarity") and fields.get("Provenance bundle", "").startswith(BUNDLE_NAME), \
+            f"image {i}: infotext lacks similarity/bundle: {fields}"
+        assert abs(float(fields["Provenance similarity"]) - r["max_score"]) < 1e-3, (fields, r)
+    for i, (raw, img) in enumerate(images):
+        assert not _is_placeholder(img), f"warn mode: image {i} is dark ({_dark_share(img):.2f}); the random " \
+                                         f"checkpoint should give mid-grey noise"
+        chunk = png_text_chunks(raw).get("provenance")
+        assert chunk and json.loads(chunk)["verdict"] == verdicts[i], \
+            f"response image {i}: provenance chunk {chunk and chunk[:200]!r}"
+    saved = _saved_samples(w, out["new_files"], "txt2img")
+    seeds = [SEED, SEED + 1]
+    assert sorted(saved) == seeds, f"saved samples by seed: {saved}; new files: {out['new_files']}"
+    for i, seed in enumerate(seeds):
+        record = _check_saved(w, saved[seed], verdicts[i])
+        assert (record.get("generation") or {}).get("seed") == seed, record.get("generation")
+        with Image.open(saved[seed]) as img:
+            assert _same(_rgb(img), _rgb(images[i][1])), f"{saved[seed]} differs from response image {i}"
+    # the known image for the next tests: image 0 (seed SEED) becomes a reference
+    known = images[0][1].convert("RGB")
+    known.save(w.refs / "known-generated.png")
+    (w.refs / "known-generated.txt").write_text("a generated image that is now a known training image")
+    w.state["known"] = known
+
+
+def _known(w: Webui) -> Image.Image:
+    if "known" not in w.state:
+        pytest.fail("needs test_txt2img_warn's image")
+    return w.state["known"]
+
+
+def _assert_not_leaked(w: Webui, known: np.ndarray, images, files: list[Path], what: str) -> None:
+    for n, (_, img) in enumerate(images):
+        assert not _contains(_rgb(img), known), f"{what}: response image {n} holds the blocked image"
+    for path in files:
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            continue
+        with Image.open(path) as img:
+            assert not _contains(_rgb(img), known), f"{what}: saved file {path} holds the blocked image"
+
+
+def test_txt2img_block_known_image(webui: Webui):
+    w = webui
+    known = _known(w)
+    t0 = time.time()
+    _build_bundle(w.host, w.refs, w.model_spec, overwrite=True)
+    w.state["rebuild_s"] = round(time.time() - t0, 1)
+    payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "n_iter": 2, "seed": SEED,
+               "save_images": True, "alwayson_scripts": _script_args(str(w.host.bundle), "block")}
+    out = _generate(w, "txt2img", payload)
+    parsed, images, results = _per_image(out, 4, w)
+    verdicts = [f["Provenance"] for f in parsed]
+    assert results[0]["verdict"] == "block" and results[0]["max_score"] >= DEMO_BLOCK, \
+        f"the regenerated known image (seed {SEED}) was not blocked: {results[0]}"
+    assert results[0]["top"] and "known-generated" in (results[0]["top"]["url"] or ""), results[0]["top"]
+    # the other seeds' noise may come near the known noise image (warn) with this tiny random CLIP, not to block
+    assert verdicts[0] == "block" and "block" not in verdicts[1:], \
+        f"per-image infotexts should say block for image 0 only: {verdicts}; results: {results}"
+    assert out["info"]["extra_generation_params"]["Provenance"] == "block 1 of 4"
+    w.state["block_verdicts"] = verdicts
+    k = _rgb(known)
+    placeholder = images[0][1]
+    assert _is_placeholder(placeholder), f"the blocked image is not a black placeholder " \
+                                         f"(dark share {_dark_share(placeholder):.2f})"
+    for i in range(1, 4):
+        assert not _is_placeholder(images[i][1]), f"image {i} was not blocked ({verdicts[i]}) but is dark"
+    _assert_not_leaked(w, k, out["images"], out["new_files"], "block")
+    _assert_no_hook_errors(out, "txt2img block")
+    saved = _saved_samples(w, out["new_files"], "txt2img")
+    assert sorted(saved) == [SEED + i for i in range(4)], saved
+    for i in range(4):
+        _check_saved(w, saved[SEED + i], verdicts[i])
+    with Image.open(saved[SEED]) as img:
+        assert _is_placeholder(img), f"the saved file of the blocked image is not the placeholder: {saved[SEED]}"
+    grids = [p for p in out["new_files"] if any("grids" in part for part in p.parts)]
+    w.state["block_grids"] = [str(p) for p in grids]  # checked by _assert_not_leaked above (none holds it)
+    comments = (out["info"].get("comments") or "")
+    assert "Provenance Guard blocked 1 image" in comments, f"comments: {comments!r}"
+
+
+def test_fail_closed_missing_bundle(webui: Webui):
+    w = webui
+    payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED + 10,
+               "save_images": True, "alwayson_scripts": _script_args("/nonexistent", "warn", "closed")}
+    out = _generate(w, "txt2img", payload)
+    parsed, images, results = _per_image(out, 2, w)
+    for i, (fields, r) in enumerate(zip(parsed, results)):
+        assert fields["Provenance"] == "block", f"image {i}: fail closed should block, infotext says {fields}"
+        assert r["error"], f"image {i}: a missing bundle should be recorded as the error: {r}"
+    for i, (_, img) in enumerate(out["images"]):  # the grid too: it is made of placeholders
+        assert _is_placeholder(img), f"fail closed: returned image {i} is not a placeholder " \
+                                     f"(dark share {_dark_share(img):.2f})"
+    _assert_no_hook_errors(out, "fail closed")
+    saved = _saved_samples(w, out["new_files"], "txt2img")
+    assert sorted(saved) == [SEED + 10, SEED + 11], saved
+    for seed, path in saved.items():
+        _check_saved(w, path, "block")
+        with Image.open(path) as img:
+            assert _is_placeholder(img), f"fail closed: {path} is not a placeholder"
+    assert out["info"]["extra_generation_params"]["Provenance"] == "block 2 of 2"
+
+
+def test_img2img_known_image(webui: Webui):
+    w = webui
+    known = _known(w)
+    payload = {"init_images": [_b64_png(known)], "prompt": PROMPT, "steps": 20, "denoising_strength": 0.05,
+               "width": 64, "height": 64, "batch_size": 1, "seed": SEED, "save_images": True,
+               "alwayson_scripts": _script_args(str(w.host.bundle), "block")}
+    out = _generate(w, "img2img", payload)
+    parsed, images, results = _per_image(out, 1, w)
+    r = results[0]
+    assert r["error"] is None and r["max_score"] is not None, f"img2img image was not checked: {r}"
+    img = images[0][1]
+    w.state["img2img"] = {"verdict": r["verdict"], "max_score": r["max_score"]}
+    if r["verdict"] == "block":
+        assert _is_placeholder(img), f"img2img: blocked but the returned image is not the placeholder: {r}"
+    _assert_not_leaked(w, _rgb(known), out["images"], out["new_files"], "img2img")
+    _assert_no_hook_errors(out, "img2img")
+    saved = _saved_samples(w, out["new_files"], "img2img")
+    assert list(saved) == [SEED], saved
+    _check_saved(w, saved[SEED], r["verdict"])
+
+
+def test_inpaint_overlay_keeps_placeholder(webui: Webui):
+    w = webui
+    if w.host.name != "forge":
+        pytest.skip("the inpaint check runs on Forge")
+    known = _known(w)
+    mask = Image.new("L", known.size, 0)
+    mask.paste(255, (0, 0, known.width // 2, known.height))  # inpaint the left half; the right half is kept
+    payload = {"init_images": [_b64_png(known)], "mask": _b64_png(mask), "prompt": PROMPT, "steps": 20,
+               "denoising_strength": 0.05, "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0,
+               "width": 64, "height": 64, "batch_size": 1, "seed": SEED, "save_images": True,
+               "alwayson_scripts": _script_args(str(w.host.bundle), "block")}
+    out = _generate(w, "img2img", payload)
+    parsed, images, results = _per_image(out, 1, w)
+    r = results[0]
+    w.state["inpaint"] = {"verdict": r["verdict"], "max_score": r["max_score"], "warnings": r["warnings"]}
+    img = images[0][1]
+    assert r["verdict"] == "block", f"inpaint of the known image with a half mask was not blocked: {r}"
+    assert _is_placeholder(img), f"inpaint: the returned image is not the placeholder (the overlay painted the " \
+                                 f"original back?): dark share {_dark_share(img):.2f}"
+    _assert_not_leaked(w, _rgb(known), out["images"], out["new_files"], "inpaint")
+    _assert_no_hook_errors(out, "inpaint")
+    saved = _saved_samples(w, out["new_files"], "img2img")
+    assert list(saved) == [SEED], saved
+    _check_saved(w, saved[SEED], "block")
+    with Image.open(saved[SEED]) as s:
+        assert _is_placeholder(s), f"inpaint: the saved file is not the placeholder: {saved[SEED]}"
+
+
+def test_stop_and_log_clean(webui: Webui):
+    w = webui
+    _stop(w)
+    deadline = time.time() + STOP_TIMEOUT
+    while _port_open(w.port):
+        if time.time() > deadline:
+            pytest.fail(f"port {w.port} still answers {STOP_TIMEOUT}s after the webui's process group was stopped")
+        time.sleep(0.5)
+    try:
+        os.killpg(w.proc.pid, 0)
+        pytest.fail(f"processes of the webui's group {w.proc.pid} are still alive after the stop")
+    except ProcessLookupError:
+        pass
+    print(f"\n[{w.host.name}] session {time.time() - w.started_at:.0f}s; start {w.state.get('startup_s')}s; "
+          f"rebuild {w.state.get('rebuild_s')}s; calls {w.state.get('timings')}; block {w.state.get('block_verdicts')}; "
+          f"img2img {w.state.get('img2img')}; inpaint {w.state.get('inpaint')}")
+    _assert_clean_log(w, "after the generations")
