@@ -53,6 +53,31 @@ def terminal_safe(text: Optional[str], width: int = 0) -> str:
     return text
 
 
+def add_verify_options(p: argparse.ArgumentParser, default: str) -> None:
+    from .core.policy import VERIFY_MODES
+
+    p.add_argument("--verify", choices=VERIFY_MODES, default=default,
+                   help=f"compare candidates with the training image's pixels: confirm (a block found different "
+                        f"on pixels becomes warn), escalate (a verified copy blocks), both, or off (default "
+                        f"{default})")
+    p.add_argument("--verify-from", type=_float01, metavar="SCORE",
+                   help="verify candidates from this score (default: each bundle's warn threshold)")
+    p.add_argument("--references", metavar="DIR", help="where a bundle's reference image folder is now, if it moved")
+    p.add_argument("--fetch-references", action="store_true",
+                   help="fetch the reference images of URL-only (LAION) bundles to verify them; this tells each "
+                        "image's host that someone looked at it (off by default)")
+    p.add_argument("--reference-cache", metavar="DIR",
+                   help="where fetched references are kept (default ~/.cache/provenance-guard/references)")
+    p.add_argument("--reference-cache-mb", type=float, default=512.0, help="size cap of that cache (default 512)")
+
+
+def reference_options(args):
+    from .core.references import ReferenceOptions
+
+    return ReferenceOptions(root=args.references, fetch=args.fetch_references, cache_dir=args.reference_cache,
+                            cache_bytes=int(args.reference_cache_mb * 2**20))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provenance-guard", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"provenance-guard {__version__}")
@@ -84,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one line per check to this append-only log (default: $PROVENANCE_GUARD_AUDIT_LOG)")
     c.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     c.add_argument("--no-progress", action="store_true")
+    add_verify_options(c, default="confirm+escalate")
 
     ix = sub.add_parser("index", help="build, inspect and verify bundles")
     isub = ix.add_subparsers(dest="index_command", required=True)
@@ -261,8 +287,10 @@ def cmd_check(args) -> int:
     from .core.record import read_generation, write_record
 
     inputs = collect_inputs(args.images, args.recursive)
-    policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k)
-    checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size)
+    policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k,
+                    verify=args.verify, verify_from=args.verify_from)
+    checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size,
+                      references=reference_options(args))
     bundles = checker.open()
     checker.embedders()
     audit = AuditLog(args.audit_log) if args.audit_log else from_env()

@@ -283,6 +283,22 @@ class ProvenanceGuardScript(scripts.Script):
         state: Optional[RunState] = getattr(p, "_provenance", None)
         if state is None:
             return
+        try:
+            self._final_image(state, p, pp)
+        except Exception as exc:  # noqa: BLE001 - the webui would swallow it and save the image as it is
+            log.exception("provenance-guard: the final-image hook failed")
+            from PIL import Image
+
+            from ..core.check import mark_failed
+
+            index = self._index(p, pp)
+            result = state.results.get(index) or failed_result(state.policy, "this image was not checked")
+            state.record(index, mark_failed(result, state.policy, f"internal error: {type(exc).__name__}: {exc}"))
+            if index in state.withheld:
+                pp.image = Image.new("RGB", pp.image.size, "black")
+            pp.image.info["provenance"] = result.dumps()
+
+    def _final_image(self, state: RunState, p, pp) -> None:
         index = self._index(p, pp)
         result = state.results.get(index)
         if result is None:  # the batch hook never ran for this image (should not happen): fail mode

@@ -22,7 +22,8 @@ from .errors import ConfigError, DimensionMismatchError, ImageInputError, Proven
 from .images import ImageInput, Pixels, pixels_sha256, to_pixels
 from .logs import quiet_third_party
 from .models import ModelSpec
-from .policy import Policy, verdict_for, worst
+from .policy import NOT_A_COPY, Policy, apply_verification, verdict_for, worst
+from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
 from .search import search
@@ -32,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 BundleLike = Union[str, Path, Bundle]
+# A bundle this small that holds its reference pixels locally (a studio's own images) gets its top match
+# verified whatever the score: comparing one image is cheap, and a copy CLIP scores low is still a copy.
+SMALL_BUNDLE_ROWS = 100_000
 log = logging.getLogger("provenance_guard")
 
 
@@ -66,7 +70,8 @@ class Checker:
 
     def __init__(self, bundles: Union[BundleLike, Sequence[BundleLike]], *, model: Optional[str] = None,
                  device: str = "auto", policy: Optional[Policy] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: Optional[int] = None, token: Optional[str] = None, announce: bool = False):
+                 max_pixels: Optional[int] = None, token: Optional[str] = None, announce: bool = False,
+                 references: Optional[ReferenceOptions] = None):
         if isinstance(bundles, (str, Path, Bundle)):
             bundles = [bundles]
         if not bundles:
@@ -82,6 +87,7 @@ class Checker:
         self._lock = threading.Lock()
         # Hosts log one line of their own (model, device, bundle) when the model first loads.
         self.announce, self._announced = announce, False
+        self.references = ReferenceResolver(references or ReferenceOptions())
 
     # opening --------------------------------------------------------------------------------------------
     def open(self) -> list[Bundle]:
@@ -166,6 +172,11 @@ class Checker:
                     for matches in per_image:
                         matches.sort(key=lambda m: -m.score)
                         del matches[policy.top_k:]
+                if policy.verify != "off" and bundles:
+                    t_verify = time.perf_counter()
+                    for slot, matches in enumerate(per_image):
+                        self._verify(batch[slot], matches, bundles, policy)
+                    timings["verify"] = (time.perf_counter() - t_verify) * 1e3
             except ProvenanceError as exc:
                 for i in good:
                     results[i] = self._failure(policy, str(exc), records[i], _image_info(pixels[i]))
@@ -228,6 +239,43 @@ class Checker:
             del merged[slot][policy.top_k:]
         return merged
 
+    def _verify(self, pixels: Pixels, matches: list[Match], bundles: list[Bundle], policy: Policy) -> None:
+        """Stage 4b: compare the image with the reference pixels of its candidates (matches at or above
+        verify_from, and the top match of a small bundle with local references), then adjust their verdicts
+        by the verify mode (policy.apply_verification)."""
+        from PIL import Image
+
+        from .references import image_roots
+        from .verify import (REFERENCE_FEATURES, evidence_picture, generated_features, opencv_missing, unavailable,
+                             verify)
+
+        by_id = {b.id: b for b in bundles}
+        candidates = []
+        for n, m in enumerate(matches):
+            bundle = by_id.get(m.bundle_id)
+            if bundle is None:
+                continue
+            start = policy.verify_from if policy.verify_from is not None else policy.thresholds(
+                bundle.manifest.warn, bundle.manifest.block)[0]
+            small = bundle.count <= SMALL_BUNDLE_ROWS and image_roots(bundle, self.references.options.root)
+            first_of_bundle = all(o.bundle_id != m.bundle_id for o in matches[:n])
+            if m.score >= start or (small and first_of_bundle):
+                candidates.append((m, bundle))
+        if not candidates:
+            return
+        missing = opencv_missing()
+        image = Image.fromarray(pixels.tensor.detach().cpu().numpy())
+        gen = None if missing else generated_features(image)
+        for m, bundle in candidates:
+            ref = self.references.resolve(bundle, m)
+            if missing or not ref.available:
+                m.verification = unavailable(missing or ref.reason, ref.source)
+            else:
+                features = REFERENCE_FEATURES.get(f"{bundle.id}:{m.row_id}:{ref.source}", ref.image)
+                m.verification = verify(gen, features, bundle.verify_thresholds, ref.source)
+                m.verification.evidence = evidence_picture(image, ref.image, m.verification)
+            apply_verification(m, policy.verify)
+
     def _thresholds(self, bundles: list[Bundle], policy: Policy) -> list[BundleThresholds]:
         out = []
         for b in bundles:
@@ -242,11 +290,18 @@ class Checker:
         if approximate:
             warnings.append("scores from " + ", ".join(approximate) +
                             " are index approximations: those bundles store no vectors for exact re-ranking")
+        for m in matches:
+            v = m.verification
+            if v is not None and v.status == "unavailable" and m.verdict != "pass":
+                warnings.append(f"{m.bundle_id}#{m.row_id} ({m.verdict}) is unverified: {v.reason}")
+            elif m.clip_verdict == "block" and m.verdict == "warn":
+                warnings.append(f"{m.bundle_id}#{m.row_id}: {NOT_A_COPY}")
         return CheckResult(
             verdict=worst(m.verdict for m in matches), max_score=matches[0].score if matches else None,
             matches=matches, model=model, thresholds=thresholds, fail_mode=policy.fail_mode,
             image=image, generation=record, warnings=warnings, timings_ms=dict(timings), checked_at=utc_now(),
             tool_version=_tool_version(),
+            verify=({"mode": policy.verify, "from": policy.verify_from} if policy.verify != "off" else None),
         )
 
     def _failure(self, policy: Policy, message: str, record: Optional[GenerationRecord], image: dict) -> CheckResult:

@@ -1,7 +1,9 @@
 """The batch gate's report.html: one self-contained file (no external asset; images inlined as data URIs,
 a Content-Security-Policy that forbids loading anything) with one row per flagged image — its thumbnail,
-verdict, prompt, and its matches (score, caption, url, and the training image's thumbnail when that
-image is on this machine) — and a filter by verdict. Every text from images and indices is escaped.
+verdict, prompt, and its matches (score, caption, url; for a match verified on pixels the generated image
+and the training image side by side with the matched region outlined and the matched points joined; else
+the training image's thumbnail when it is on this machine) — and a filter by verdict. Every text from
+images and indices is escaped.
 """
 from __future__ import annotations
 
@@ -44,17 +46,10 @@ def thumbnail(image, size: int = 160) -> Optional[str]:
 
 
 def local_reference(bundle, match) -> Optional[Path]:
-    """The training/reference image of a match when it is on this machine (bundles built from image
-    folders record the folder; rows keep their relative path)."""
-    rel = match.metadata.get("path") or match.metadata.get("image_path")
-    if not rel:
-        return None
-    for source in bundle.manifest.build.get("sources", []):
-        if source.get("kind") == "images":
-            candidate = Path(source.get("path", "")) / str(rel)
-            if candidate.is_file():
-                return candidate
-    return None
+    """The training/reference image of a match when it is on this machine."""
+    from .references import local_path
+
+    return local_path(bundle, match)
 
 
 def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard report",
@@ -72,7 +67,8 @@ def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard r
         score = "-" if r.max_score is None else f"{r.max_score:.4f}"
         verdict = html.escape(r.verdict)
         matches = "".join(match_html(m, thumbnail(row.match_images[(m.bundle_id, m.row_id)], 96)
-                                     if (m.bundle_id, m.row_id) in row.match_images else None)
+                                     if (m.bundle_id, m.row_id) in row.match_images and not
+                                     (m.verification and m.verification.evidence) else None)
                           for m in r.matches[:5])
         error = f'<div class="error">{html.escape(short(r.error, 400))}</div>' if r.error else ""
         prompt = html.escape(short(r.generation.prompt, 400)) if r.generation and r.generation.prompt else ""
@@ -103,6 +99,9 @@ tr.v-unchecked .verdict {{ color: #616161; }} tr.v-pass .verdict {{ color: #2e7d
 ol {{ margin: 0; padding-left: 18px; }} li {{ margin-bottom: 6px; }} li img {{ max-height: 64px; float: left;
          margin-right: 8px; }} li::after {{ content: ""; display: block; clear: both; }}
 q {{ color: #555; }} .error {{ color: #c62828; font-weight: 400; max-width: 240px; }}
+li img.pg-evidence {{ max-height: none; max-width: 480px; float: none; display: block; margin: 4px 0; }}
+.pg-check {{ font-size: 12px; color: #333; }} .pg-check-copy {{ color: #2e7d32; }}
+.pg-check-different {{ color: #616161; }} .pg-check-unavailable {{ color: #999; }}
 .prompt {{ max-width: 320px; color: #333; }} small {{ color: #888; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>

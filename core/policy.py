@@ -19,7 +19,7 @@ from .config import DEFAULT_FAIL_MODE, DEFAULT_TOP_K, FAIL_MODES
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .result import CheckResult
+    from .result import CheckResult, Match
 
 PASS, WARN, BLOCK, UNCHECKED = "pass", "warn", "block", "unchecked"
 # Order of severity for merging verdicts of several matches or bundles.
@@ -62,18 +62,31 @@ def reaches(verdict: str, level: str) -> bool:
     return SEVERITY.get(verdict, -1) >= SEVERITY[level]
 
 
+# Verification modes. confirm: a block on the score whose reference was compared and found different becomes
+# warn ("semantically close, not a copy"); escalate: a verified copy blocks even below the block threshold.
+VERIFY_MODES = ("off", "confirm", "escalate", "confirm+escalate")
+
+
 @dataclass(frozen=True)
 class Policy:
-    """Per-call choices. warn/block of None take each bundle's manifest thresholds."""
+    """Per-call choices. warn/block of None take each bundle's manifest thresholds. verify: how matches are
+    verified on pixels (VERIFY_MODES); verify_from: the score from which candidates are verified (None: each
+    bundle's warn threshold; the top match of a small bundle with local references always is)."""
 
     warn: Optional[float] = None
     block: Optional[float] = None
     fail_mode: str = DEFAULT_FAIL_MODE
     top_k: int = DEFAULT_TOP_K
+    verify: str = "off"
+    verify_from: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.fail_mode not in FAIL_MODES:
             raise ConfigError(f"fail mode {self.fail_mode!r}: give 'open' (report unchecked) or 'closed' (block)")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"verify {self.verify!r}: give one of {', '.join(VERIFY_MODES)}")
+        if self.verify_from is not None:
+            validate_thresholds(self.verify_from, self.verify_from)
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top-k {self.top_k!r}: give a whole number of matches >= 1")
         for name, value in (("warn", self.warn), ("block", self.block)):
@@ -94,6 +107,24 @@ class Policy:
 
     def failure_verdict(self) -> str:
         return BLOCK if self.fail_mode == "closed" else UNCHECKED
+
+
+NOT_A_COPY = "semantically close, not a copy: the reference was compared on pixels and found different"
+
+
+def apply_verification(match: "Match", mode: str) -> None:
+    """Adjust a match's verdict by its verification under mode (see VERIFY_MODES). The score's own verdict
+    is kept in match.clip_verdict when it changes. An unavailable reference changes nothing."""
+    v = match.verification
+    if v is None or mode == "off":
+        return
+    verdict = match.verdict
+    if "confirm" in mode and verdict == BLOCK and v.status == "different":
+        verdict = WARN
+    if "escalate" in mode and v.status == "copy":
+        verdict = BLOCK
+    if verdict != match.verdict:
+        match.clip_verdict, match.verdict = match.verdict, verdict
 
 
 def host_action(result: "CheckResult", action: str, blocking: str = BLOCK) -> str:

@@ -71,15 +71,36 @@ def safe_href(url: Optional[str]) -> Optional[str]:
     return html.escape(str(url).strip(), quote=True) if scheme in ("http", "https") else None
 
 
+def verification_line(m: Match) -> str:
+    """What the pixel comparison found, in a few words ("" when none ran)."""
+    v = m.verification
+    if v is None:
+        return ""
+    if v.status == "unavailable":
+        return f"not verified on pixels: {short(v.reason, 160)}"
+    how = f"{v.inliers} matched points" if v.method == "sift" else f"correlation {v.ncc:.2f}" if v.ncc is not None else v.method
+    changed = f"; the score alone said {m.clip_verdict}" if m.clip_verdict else ""
+    return f"pixels: {v.status} ({how}{', mirrored' if v.mirrored else ''}){changed}"
+
+
 def match_html(m: Match, thumbnail: Optional[str] = None) -> str:
-    """One match as an HTML list item; every text escaped, links open in a new tab."""
+    """One match as an HTML list item; every text escaped, links open in a new tab; a verified match shows
+    its side-by-side evidence (a data: URI made here, never a URL from the index)."""
     href = safe_href(m.url)
     url = html.escape(short(m.url, 90))
     link = f'<a href="{href}" target="_blank" rel="noopener noreferrer">{url}</a>' if href else url
     thumb = f'<img src="{html.escape(thumbnail, quote=True)}" alt="" loading="lazy">' if thumbnail else ""
+    check = ""
+    v = m.verification
+    if v is not None:
+        evidence = (f'<img class="pg-evidence" src="{html.escape(v.evidence, quote=True)}" alt="generated image and '
+                    f'training image side by side">' if v.evidence and v.evidence.startswith("data:image/") else "")
+        check = (f'<div class="pg-check pg-check-{html.escape(v.status)}">{html.escape(verification_line(m))}</div>'
+                 + evidence)
     return (f'<li class="pg-{html.escape(m.verdict)}">{thumb}<b>{m.score:.4f}</b> '
             f'<span class="pg-verdict">{html.escape(m.verdict)}</span> {link} '
-            f'<q>{html.escape(short(m.caption, 160))}</q> <small>{html.escape(m.bundle_id)}#{m.row_id}</small></li>')
+            f'<q>{html.escape(short(m.caption, 160))}</q> <small>{html.escape(m.bundle_id)}#{m.row_id}</small>'
+            f'{check}</li>')
 
 
 def result_html(result: CheckResult, top: int = 5) -> str:
@@ -118,8 +139,22 @@ def _font(size: int):
 
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+    except TypeError:  # Pillow < 10.1 (the webuis pin 9.5) has one fixed-size bitmap font
         return ImageFont.load_default()
+
+
+_PLAIN = str.maketrans({"\u2014": "-", "\u2013": "-", "\u2026": "...", "\u2018": "'", "\u2019": "'",
+                        "\u201c": '"', "\u201d": '"', "\u00a0": " "})
+
+
+def _drawable(text: str, font) -> str:
+    """text as the font can draw it: the bitmap default font of Pillow < 10.1 knows latin-1 only (a dash in
+    a message, or a caption in another script, would raise UnicodeEncodeError)."""
+    from PIL import ImageFont
+
+    if isinstance(font, ImageFont.ImageFont):  # the bitmap font, not FreeType
+        return text.translate(_PLAIN).encode("latin-1", "replace").decode("latin-1")
+    return text
 
 
 def _wrap(draw, text: str, font, width: int) -> Optional[list[str]]:
@@ -153,7 +188,7 @@ def fit_notice(width: int, height: int, message: str) -> tuple[int, list[str]]:
         size = largest
         while size >= 6:
             font = _font(size)
-            lines = _wrap(draw, text, font, inner_w)
+            lines = _wrap(draw, _drawable(text, font), font, inner_w)
             line_h = size + max(1, size // 4)
             if lines and len(lines) * line_h <= inner_h:
                 return size, lines
@@ -167,13 +202,16 @@ def placeholder_image(width: int, height: int, message: str):
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), "black")
-    size, lines = fit_notice(img.width, img.height, message)
-    if lines:
-        draw = ImageDraw.Draw(img)
-        font = _font(size)
-        margin = max(1, min(img.width, img.height) // 24)
-        y = margin
-        for line in lines:
-            draw.text((margin, y), line, fill=(230, 230, 230), font=font)
-            y += size + max(1, size // 4)
+    try:
+        size, lines = fit_notice(img.width, img.height, message)
+        if lines:
+            draw = ImageDraw.Draw(img)
+            font = _font(size)
+            margin = max(1, min(img.width, img.height) // 24)
+            y = margin
+            for line in lines:
+                draw.text((margin, y), line, fill=(230, 230, 230), font=font)
+                y += size + max(1, size // 4)
+    except Exception:  # noqa: BLE001 - whatever a font cannot draw, the image stays withheld (black)
+        return Image.new("RGB", img.size, "black")
     return img

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .verify import Verification
 
 SCHEMA = "provenance-guard/check-result"
 SCHEMA_VERSION = 1
@@ -27,19 +30,30 @@ class Match:
     caption: Optional[str] = None
     metadata: dict[str, Any] = field(default_factory=dict)
     verdict: str = "pass"
+    verification: Optional["Verification"] = None  # the pixel comparison with the reference, when one ran
+    clip_verdict: Optional[str] = None  # the verdict of the score alone, when verification changed it
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "score": round(float(self.score), 6), "exact": self.exact, "verdict": self.verdict,
             "bundle": self.bundle_id, "bundle_version": self.bundle_version, "row_id": int(self.row_id),
             "url": self.url, "caption": self.caption, "metadata": _jsonable(self.metadata),
         }
+        if self.verification is not None:
+            out["verification"] = self.verification.to_json()
+        if self.clip_verdict is not None:
+            out["clip_verdict"] = self.clip_verdict
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Match":
+        from .verify import Verification
+
         return cls(score=float(d["score"]), exact=bool(d["exact"]), bundle_id=d["bundle"],
                    bundle_version=d["bundle_version"], row_id=int(d["row_id"]), url=d.get("url"),
-                   caption=d.get("caption"), metadata=dict(d.get("metadata") or {}), verdict=d.get("verdict", "pass"))
+                   caption=d.get("caption"), metadata=dict(d.get("metadata") or {}), verdict=d.get("verdict", "pass"),
+                   verification=Verification.from_json(d["verification"]) if d.get("verification") else None,
+                   clip_verdict=d.get("clip_verdict"))
 
 
 @dataclass
@@ -99,6 +113,7 @@ class CheckResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     checked_at: str = ""
     tool_version: str = ""
+    verify: Optional[dict[str, Any]] = None  # {"mode", "from"}: how matches were verified on pixels, when they were
 
     @property
     def exact(self) -> bool:
@@ -132,6 +147,7 @@ class CheckResult:
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "checked_at": self.checked_at,
             "tool": {"name": "provenance-guard", "version": self.tool_version},
+            **({"verify": self.verify} if self.verify else {}),
         }
 
     def dumps(self, **kw) -> str:
@@ -152,7 +168,7 @@ class CheckResult:
             fail_mode=d.get("fail_mode", "open"), image=dict(d.get("image") or {}),
             generation=GenerationRecord.from_json(d.get("generation")), warnings=list(d.get("warnings", [])),
             error=d.get("error"), timings_ms=dict(d.get("timings_ms") or {}), checked_at=d.get("checked_at", ""),
-            tool_version=(d.get("tool") or {}).get("version", ""),
+            tool_version=(d.get("tool") or {}).get("version", ""), verify=d.get("verify"),
         )
 
 

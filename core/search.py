@@ -54,6 +54,8 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True)
     if rerank:
         scores, ids = _rerank(bundle, queries, ids, k)
     _check_scores(bundle, scores, ids, SCORE_SLACK if rerank or flat_index else APPROXIMATE_SLACK)
+    if rerank or flat_index:
+        scores = np.clip(scores, -1.0, 1.0)  # float sums of unit vectors stray just past 1 (1.0000001)
     t2 = time.perf_counter()
     out = [[Match(score=float(sc), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version, row_id=int(i))
             for sc, i in zip(row_scores, row_ids) if i >= 0] for row_scores, row_ids in zip(scores, ids)]

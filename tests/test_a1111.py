@@ -512,3 +512,31 @@ def test_a_takedown_applies_to_the_next_generation_without_a_restart(webui):
     record = json.loads(saved[0].pnginfo["provenance"])
     assert "Provenance: block" not in processed.infotexts[0]
     assert "astronaut.png" not in [m["url"] for m in record["matches"]]
+
+
+def test_the_placeholder_is_drawn_with_the_webuis_bitmap_font(webui, monkeypatch):
+    """A1111 and Forge pin Pillow 9.5, whose default font is a latin-1 bitmap font: the notice (a dash, a
+    caption in any script) must still be drawn, never raise."""
+    from PIL import ImageFont
+
+    from provenance_guard.core import report
+
+    monkeypatch.setattr(report, "_font", lambda size: ImageFont.load_default_imagefont())
+    img = report.placeholder_image(256, 256, "Blocked — too close to «日本の写真» … a known training image")
+    assert is_placeholder(img) and np.asarray(img).max() > 200  # black, with light text on it
+    p, processed, saved, originals = generate(webui, ["astronaut"], args(action="block"))
+    assert is_placeholder(saved[0].image) and np.asarray(saved[0].image).max() > 200
+    assert json.loads(saved[0].pnginfo["provenance"])["verdict"] == "block"
+
+
+def test_a_failing_final_hook_still_withholds_under_the_fail_mode(webui, monkeypatch):
+    from provenance_guard.a1111_extension import script as glue
+
+    def boom(*a, **k):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(glue, "placeholder_image", boom)
+    p, processed, saved, originals = generate(webui, ["astronaut"], args(action="block", fail_mode="closed"))
+    assert is_placeholder(saved[0].image)
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and "drawing failed" in record["error"]

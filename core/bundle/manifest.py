@@ -77,6 +77,7 @@ class Manifest:
     build: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    verification: dict[str, Any] = field(default_factory=dict)  # calibrated verifier cut-offs (verify.py)
 
     @property
     def flat(self) -> bool:
@@ -110,6 +111,7 @@ class Manifest:
             "thresholds": {"warn": self.warn, "block": self.block},
             "build": self.build,
             "files": self.files,
+            **({"verification": self.verification} if self.verification else {}),
         }
 
     @classmethod
@@ -152,6 +154,7 @@ class Manifest:
                 build=dict(data.get("build") or {}),
                 files=dict(data.get("files") or {}),
                 format_version=int(version),
+                verification=dict(data.get("verification") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"{where}: field {exc} is missing or malformed; rebuild the bundle") from exc

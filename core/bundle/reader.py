@@ -137,6 +137,13 @@ class Bundle:
     def exact(self) -> bool:
         return self.manifest.exact
 
+    @property
+    def verify_thresholds(self):
+        """The verifier cut-offs: the bundle's calibrated ones (index calibrate), else the defaults."""
+        from ..verify import VerifyThresholds
+
+        return VerifyThresholds.from_json(self.manifest.verification)
+
     def __repr__(self) -> str:
         return f"Bundle({self.id!r} v{self.version}, {self.count} rows, {self.manifest.index_factory}, {self.path})"
 

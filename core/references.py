@@ -1,0 +1,204 @@
+"""Reference pixels: the training image behind a match, for verification and for people to see.
+
+Where they come from:
+- a bundle built from a folder of images records the folder (manifest build.sources, kind "images") and
+  each row its path relative to it (metadata ``path``); ``root`` re-attaches a folder that moved
+  (``--references DIR``). A path that would lead outside the folder is refused;
+- a LAION-style bundle has only URLs: with ``fetch`` on (opt-in everywhere: fetching tells the image's host
+  that someone looked at it) the image is fetched through core.fetch (public addresses only, size and time
+  capped, a small pool) into a cache folder keyed by the URL's sha256, kept under a size cap by evicting the
+  least recently used files. Most LAION links are dead by now: a dead link is ``unavailable``, which never
+  changes a verdict by itself.
+Every reference is decoded with the same pixel and byte caps as generated images.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from .errors import ImageInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .bundle import Bundle
+    from .result import Match
+
+ENV_CACHE = "PROVENANCE_GUARD_REFERENCE_CACHE"
+FAILED_RETRY_S = 3600.0  # a dead link is not asked again for an hour
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    root: Optional[str] = None        # where a bundle's image folder is now (it moved)
+    fetch: bool = False               # fetch LAION-style URLs (opt-in)
+    cache_dir: Optional[str] = None   # default: $PROVENANCE_GUARD_REFERENCE_CACHE or ~/.cache/provenance-guard/references
+    cache_bytes: int = 512 << 20
+    allow_loopback: bool = False      # tests only
+
+
+@dataclass
+class Reference:
+    image: Optional["Image.Image"]
+    source: str
+    reason: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.image is not None
+
+
+def image_roots(bundle: "Bundle", root: Optional[str] = None) -> list[Path]:
+    """Folders a bundle's relative image paths resolve against: the re-attached one first, then the ones the
+    manifest recorded at build time."""
+    roots = [Path(root).expanduser()] if root else []
+    for source in bundle.manifest.build.get("sources", []) or []:
+        if isinstance(source, dict) and source.get("kind") == "images" and source.get("path"):
+            roots.append(Path(str(source["path"])).expanduser())
+    return roots
+
+
+def local_path(bundle: "Bundle", match: "Match", root: Optional[str] = None) -> Optional[Path]:
+    """The match's image file on this machine, or None. Only a relative path inside a root is followed."""
+    rel = match.metadata.get("path") or match.metadata.get("image_path")
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\0" in rel:
+        return None
+    for folder in image_roots(bundle, root):
+        candidate = folder / rel
+        real, base = os.path.realpath(candidate), os.path.realpath(folder)
+        if os.path.commonpath([real, base]) == base and os.path.isfile(real):
+            return Path(real)
+    return None
+
+
+class ReferenceCache:
+    """Fetched reference images on disk, one file per URL (named by its sha256), least recently used out."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self._lock = threading.Lock()
+
+    def path(self, url: str) -> Path:
+        digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.folder / digest[:2] / digest
+
+    def get(self, url: str) -> Optional[bytes]:
+        path = self.path(url)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            os.utime(path)  # recently used
+        except OSError:
+            pass
+        return data
+
+    def put(self, url: str, data: bytes) -> None:
+        from .record import atomic_write
+
+        path = self.path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+        self.evict()
+
+    def evict(self) -> None:
+        with self._lock:
+            files = []
+            for sub in self.folder.glob("??"):
+                for f in sub.iterdir():
+                    try:
+                        st = f.stat()
+                    except OSError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, f))
+            total = sum(size for _, size, _ in files)
+            for _, size, f in sorted(files):
+                if total <= self.limit:
+                    break
+                try:
+                    f.unlink()
+                    total -= size
+                except OSError:
+                    pass
+
+
+class ReferenceResolver:
+    """Finds the reference image of a match (see the module docstring). Thread-safe; one per process setting."""
+
+    def __init__(self, options: ReferenceOptions = ReferenceOptions()):
+        self.options = options
+        self._fetcher = None
+        self._cache: Optional[ReferenceCache] = None
+        self._failed: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _fetching(self):
+        with self._lock:
+            if self._fetcher is None:
+                from .fetch import Fetcher, FetchPolicy
+
+                folder = Path(self.options.cache_dir or os.environ.get(ENV_CACHE)
+                              or Path("~/.cache/provenance-guard/references").expanduser()).expanduser()
+                self._cache = ReferenceCache(folder, self.options.cache_bytes)
+                self._fetcher = Fetcher(FetchPolicy(max_bytes=20 << 20, allow_loopback=self.options.allow_loopback),
+                                        workers=4, queue=64, public="the reference image could not be fetched")
+            return self._fetcher, self._cache
+
+    def resolve(self, bundle: "Bundle", match: "Match") -> Reference:
+        from .images import open_image
+
+        path = local_path(bundle, match, self.options.root)
+        if path is not None:
+            try:
+                return Reference(open_image(path).convert("RGB"), str(path))
+            except ImageInputError as exc:
+                return Reference(None, str(path), f"the reference file cannot be read: {exc}")
+        url = match.url if isinstance(match.url, str) else ""
+        if not url.lower().startswith(("http://", "https://")):
+            where = ", ".join(str(r) for r in image_roots(bundle, self.options.root)) or "no folder recorded"
+            return Reference(None, str(match.metadata.get("path") or url or f"row {match.row_id}"),
+                             f"the reference image is not on this machine (looked in {where}); give its folder with "
+                             f"--references DIR")
+        if not self.options.fetch:
+            return Reference(None, url, "reference fetching is off (--fetch-references turns it on; it tells the "
+                                        "image's host that someone looked)")
+        return self._fetch(url)
+
+    def _fetch(self, url: str) -> Reference:
+        from .fetch import FetchError
+        from .images import open_image
+
+        fetcher, cache = self._fetching()
+        data = cache.get(url)
+        if data is None:
+            failed_at = self._failed.get(url)
+            if failed_at is not None and time.monotonic() - failed_at < FAILED_RETRY_S:
+                return Reference(None, url, "the reference image could not be fetched (a recent try failed)")
+            try:
+                data = fetcher.get(url)
+            except FetchError as exc:
+                with self._lock:
+                    self._failed[url] = time.monotonic()
+                return Reference(None, url, f"{exc} ({exc.reason})")
+            try:
+                image = open_image(data).convert("RGB")
+            except ImageInputError as exc:
+                with self._lock:
+                    self._failed[url] = time.monotonic()
+                return Reference(None, url, f"the fetched reference is not a usable image: {exc}")
+            cache.put(url, data)
+            return Reference(image, url)
+        try:
+            return Reference(open_image(data).convert("RGB"), url)
+        except ImageInputError as exc:
+            return Reference(None, url, f"the cached reference is not a usable image: {exc}")
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()

@@ -1,0 +1,291 @@
+"""Copy verification on the training image's pixels: the verifiers on edited and unrelated pairs, the policy
+table, reference pixels (local folders, re-attached folders, fetched URLs with their cache), the check
+pipeline with verification, and calibration writing thresholds the next check uses."""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from provenance_guard.cli import main as cli
+from provenance_guard.core.check import Checker
+from provenance_guard.core.policy import Policy, apply_verification
+from provenance_guard.core.references import ReferenceOptions, ReferenceResolver
+from provenance_guard.core.result import Match
+from provenance_guard.core.verify import COPY, DIFFERENT, PARTIAL, UNAVAILABLE, Verification, compare, unavailable
+from provenance_guard.demo import sample_image
+from provenance_guard.index_builder.edits import EDITS, centre_crop
+
+
+def photo(name: str) -> Image.Image:
+    return sample_image(name).convert("RGB")
+
+
+@pytest.mark.parametrize("edit", ["jpeg50", "half", "crop25", "crop50", "flip", "rotate10", "bright1.4",
+                                  "grayscale", "pad20", "text", "flip_crop25"])
+def test_local_features_see_through_copy_edits(edit):
+    v = compare(EDITS[edit](photo("astronaut")), photo("astronaut"))
+    assert v.status == COPY and v.method == "sift" and v.inliers >= 8, v
+    assert v.coverage["generated"] >= 0.3 and v.transform is not None and v.mirrored == (edit.startswith("flip"))
+
+
+@pytest.mark.parametrize("edit", ["jpeg50", "crop25", "flip", "rotate10", "pad20", "text", "blur3"])
+def test_dense_comparison_where_keypoints_are_too_few(edit):
+    """A colour wheel has no keypoints at all: the dense comparison decides."""
+    v = compare(EDITS[edit](photo("colorwheel")), photo("colorwheel"))
+    assert v.status == COPY and v.method == "dense" and v.ncc >= 0.92 and v.tiled_l2 is not None, v
+
+
+@pytest.mark.parametrize("pair", [("astronaut", "chelsea"), ("camera", "coffee"), ("colorwheel", "clock"),
+                                  ("rocket", "page"), ("grass", "gravel")])
+def test_different_photos_are_different(pair):
+    a, b = pair
+    for edit in ("jpeg50", "rotate10"):
+        assert compare(EDITS[edit](photo(a)), photo(b)).status == DIFFERENT
+
+
+def test_a_small_copied_part_is_partial():
+    canvas = photo("coffee").resize((1024, 1024))
+    canvas.paste(centre_crop(photo("astronaut"), 0.5).resize((240, 240)), (40, 40))
+    v = compare(canvas, photo("astronaut"))
+    assert v.status == PARTIAL and v.coverage["generated"] < 0.3 and v.inliers >= 8
+
+
+def test_verification_round_trips_through_json():
+    v = compare(EDITS["flip"](photo("astronaut")), photo("astronaut"))
+    again = Verification.from_json(json.loads(json.dumps(v.to_json())))
+    assert (again.status, again.method, again.inliers, again.mirrored) == (v.status, v.method, v.inliers, True)
+    assert "evidence" not in v.to_json()
+
+
+def _match(verdict: str, status) -> Match:
+    m = Match(score=0.97, exact=True, bundle_id="b", bundle_version="1", row_id=3, verdict=verdict)
+    m.verification = None if status is None else (unavailable("no pixels") if status == UNAVAILABLE
+                                                  else Verification(status=status))
+    return m
+
+
+@pytest.mark.parametrize("mode,verdict,status,expect", [
+    ("confirm", "block", DIFFERENT, "warn"),
+    ("confirm", "block", COPY, "block"),
+    ("confirm", "block", UNAVAILABLE, "block"),
+    ("confirm", "warn", COPY, "warn"),
+    ("confirm", "pass", COPY, "pass"),
+    ("escalate", "pass", COPY, "block"),
+    ("escalate", "warn", COPY, "block"),
+    ("escalate", "block", DIFFERENT, "block"),
+    ("escalate", "warn", PARTIAL, "warn"),
+    ("escalate", "warn", UNAVAILABLE, "warn"),
+    ("confirm+escalate", "block", DIFFERENT, "warn"),
+    ("confirm+escalate", "pass", COPY, "block"),
+    ("confirm+escalate", "block", UNAVAILABLE, "block"),
+    ("off", "block", DIFFERENT, "block"),
+    ("confirm", "block", None, "block"),
+])
+def test_policy_table(mode, verdict, status, expect):
+    m = _match(verdict, status)
+    apply_verification(m, mode)
+    assert m.verdict == expect
+    assert m.clip_verdict == (verdict if expect != verdict else None)
+
+
+# the pipeline ---------------------------------------------------------------------------------------------------
+
+def test_check_verifies_candidates_against_the_local_references(built_bundle, outputs):
+    folder, _ = outputs
+    checker = Checker(built_bundle, device="cpu")
+    (copy, unrelated) = checker.check([folder / "astronaut_jpeg70.jpg", folder / "camera.png"],
+                                      policy=Policy(verify="confirm+escalate"))
+    v = copy.top.verification
+    assert copy.verdict == "block" and v.status == COPY and v.reference.endswith("astronaut.png")
+    assert v.evidence.startswith("data:image/jpeg;base64,")
+    assert copy.to_json()["matches"][0]["verification"]["status"] == COPY and copy.verify["mode"] == "confirm+escalate"
+    # The top match of this small local bundle is always verified, whatever its score.
+    assert unrelated.verdict == "pass" and unrelated.top.verification.status == DIFFERENT
+
+
+def test_escalate_blocks_a_copy_the_score_misses_and_confirm_clears_a_lookalike(built_bundle, tmp_path):
+    """A 50 % crop of a reference: the tiny CLIP scores it below block; its pixels say copy."""
+    crop = tmp_path / "crop.png"
+    centre_crop(photo("rocket"), 0.5).save(crop)
+    checker = Checker(built_bundle, device="cpu")
+    (plain,) = checker.check([crop])
+    (verified,) = checker.check([crop], policy=Policy(verify="escalate"))
+    assert plain.verdict != "block" and verified.verdict == "block"
+    assert verified.top.clip_verdict == plain.top.verdict and verified.top.verification.status == COPY
+    # confirm: a block whose reference was compared and found different becomes warn.
+    (lookalike,) = checker.check([photo("coins")], policy=Policy(verify="confirm", warn=-1.0, block=-1.0))
+    assert lookalike.top.clip_verdict == "block" and lookalike.top.verdict == "warn"
+    assert any("not a copy" in w for w in lookalike.warnings)
+
+
+def test_a_moved_reference_folder_is_unverified_until_reattached(built_bundle, references, tmp_path, outputs):
+    import shutil
+
+    folder, _ = outputs
+    moved = tmp_path / "moved"
+    shutil.copytree(references, moved)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(built_bundle, bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["build"]["sources"][0]["path"] = str(tmp_path / "gone")
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    (r,) = Checker(bundle, device="cpu").check([folder / "chelsea_copy.png"], policy=Policy(verify="confirm"))
+    assert r.top.verification.status == UNAVAILABLE and "--references" in r.top.verification.reason
+    assert r.verdict == "block" and any("unverified" in w for w in r.warnings)  # unavailable changes nothing
+    (r,) = Checker(bundle, device="cpu", references=ReferenceOptions(root=str(moved))).check(
+        [folder / "chelsea_copy.png"], policy=Policy(verify="confirm"))
+    assert r.top.verification.status == COPY
+
+
+def test_a_reference_path_out_of_the_folder_is_not_followed(built_bundle, references):
+    from provenance_guard.core.bundle import Bundle
+
+    bundle = Bundle.open(built_bundle)
+    m = Match(score=1.0, exact=True, bundle_id=bundle.id, bundle_version=bundle.version, row_id=0,
+              metadata={"path": "../../../../etc/passwd"})
+    ref = ReferenceResolver().resolve(bundle, m)
+    assert not ref.available and "not on this machine" in ref.reason
+
+
+# fetched references -----------------------------------------------------------------------------------------------
+
+class Origin:
+    """A loopback image host: the reference, a dead link, a slow one, an oversized one, a redirect to a
+    refused address, a page that is no image. Counts requests per path."""
+
+    def __init__(self, image: bytes):
+        hits = self.hits = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                hits[self.path] = hits.get(self.path, 0) + 1
+                if self.path == "/rocket.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
+                elif self.path == "/slow.png":
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        for _ in range(60):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            threading.Event().wait(0.5)
+                    except OSError:
+                        pass
+                elif self.path == "/huge.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 36))
+                    self.end_headers()
+                elif self.path == "/redirect.png":
+                    self.send_response(301)
+                    self.send_header("Location", "http://10.0.0.1/rocket.png")
+                    self.end_headers()
+                elif self.path == "/page.png":
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b"<html>not an image</html>")
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def origin():
+    buf = io.BytesIO()
+    photo("rocket").save(buf, "PNG")
+    o = Origin(buf.getvalue())
+    yield o
+    o.httpd.shutdown()
+
+
+@pytest.fixture
+def laion_bundle(tmp_path, built_bundle, origin):
+    """A LAION-style bundle: the test references' vectors, rows naming URLs on the loopback host only."""
+    from provenance_guard.core.bundle import Bundle, BundleWriter
+
+    b = Bundle.open(built_bundle)
+    rows = b.rows(list(range(b.count)))
+    paths = ["/rocket.png" if r["path"] == "rocket.png" else f"/{p}" for r, p in
+             zip(rows, ["dead.png", "slow.png", "huge.png", "redirect.png", "page.png", "x.png"])]
+    with BundleWriter(tmp_path / "laion", model=b.model, dim=b.dim, warn=b.manifest.warn, block=b.manifest.block) as w:
+        w.add(b.vector(list(range(b.count))), [{"url": origin.base + p, "caption": r["caption"]}
+                                                for r, p in zip(rows, paths)])
+        w.finish()
+    return tmp_path / "laion", {r["path"][:-4]: origin.base + p for r, p in zip(rows, paths)}
+
+
+def test_fetched_references_verify_and_dead_links_only_leave_it_unverified(laion_bundle, origin, tmp_path):
+    bundle, urls = laion_bundle
+    options = ReferenceOptions(fetch=True, allow_loopback=True, cache_dir=str(tmp_path / "cache"))
+    checker = Checker(bundle, device="cpu", references=options)
+    policy = Policy(verify="confirm+escalate")
+    (r,) = checker.check([EDITS["jpeg50"](photo("rocket"))], policy=policy)
+    assert r.top.url.endswith("/rocket.png") and r.top.verification.status == COPY and r.verdict == "block"
+    assert len(list((tmp_path / "cache").rglob("*"))) == 2  # one shard folder, one cached file
+    checker.check([EDITS["crop10"](photo("rocket"))], policy=policy)
+    assert origin.hits["/rocket.png"] == 1  # the second check read the cache
+    # Every other reference is dead, slow, too big, redirected to a private address or no image: unverified,
+    # never an error and never a block by itself.
+    from provenance_guard.core.bundle import Bundle
+
+    opened = Bundle.open(bundle)
+    resolver = ReferenceResolver(ReferenceOptions(fetch=True, allow_loopback=True, cache_dir=str(tmp_path / "c2")))
+    for name, url in urls.items():
+        if url.endswith("/rocket.png"):
+            continue
+        m = Match(score=0.5, exact=True, bundle_id=opened.id, bundle_version=opened.version, row_id=0, url=url)
+        ref = resolver.resolve(opened, m)
+        assert not ref.available, url
+        assert "could not be fetched" in ref.reason or "not a usable image" in ref.reason, (url, ref.reason)
+    assert "10.0.0.1" not in json.dumps(origin.hits)
+
+
+def test_fetching_is_off_unless_asked(laion_bundle):
+    bundle, _ = laion_bundle
+    (r,) = Checker(bundle, device="cpu").check([photo("rocket")], policy=Policy(verify="confirm"))
+    assert r.top.verification.status == UNAVAILABLE and "--fetch-references" in r.top.verification.reason
+
+
+def test_the_reference_cache_keeps_its_size_by_evicting_the_least_recently_used(tmp_path):
+    import os
+    import time
+
+    from provenance_guard.core.references import ReferenceCache
+
+    cache = ReferenceCache(tmp_path, limit=2500)
+    for n in range(3):
+        cache.put(f"https://x/{n}", bytes(1000))
+        os.utime(cache.path(f"https://x/{n}"), (time.time() + n, time.time() + n))
+    assert cache.get("https://x/0") is None and cache.get("https://x/2") is not None
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 2500
+
+
+# the command -----------------------------------------------------------------------------------------------------
+
+def test_check_verify_end_to_end(built_bundle, outputs, tmp_path, capsys):
+    folder, _ = outputs
+    report = tmp_path / "report.html"
+    assert cli(["check", str(folder / "astronaut_jpeg70.jpg"), str(folder / "camera.png"), "--index",
+                str(built_bundle), "--verify", "confirm+escalate", "--json", "--report", str(report),
+                "--report-all"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["matches"][0]["verification"]["status"] == COPY and lines[0]["verify"]["mode"] == "confirm+escalate"
+    html = report.read_text()
+    assert "pixels: copy (" in html and 'class="pg-evidence" src="data:image/jpeg;base64,' in html
