@@ -173,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true")
     mg.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
+    cal = isub.add_parser("calibrate", help="measure warn/block thresholds on the bundle's own references")
+    cal.add_argument("bundle")
+    cal.add_argument("--negatives", metavar="DIR", help="images known not to be copies of anything in the bundle")
+    cal.add_argument("--positives", metavar="DIR",
+                     help="known copy pairs NAME.gen.png + NAME.ref.png (for a bundle without reference pixels)")
+    cal.add_argument("--target-fpr", type=float, default=0.001, help="false-positive rate to set block at "
+                                                                     "(default 0.001; warn at ten times it)")
+    cal.add_argument("--sample", type=_positive, default=50, help="references to edit and measure (default 50)")
+    cal.add_argument("--references", metavar="DIR", help="where the bundle's image folder is now, if it moved")
+    cal.add_argument("--plot", metavar="PNG", help="where to write the score plot (default: BUNDLE.calibration.png "
+                                                   "beside the bundle)")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+
     i = isub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest")
@@ -194,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoded image memory all requests may hold at once; beyond it requests wait, then get "
                          "503 with Retry-After (default 2048)")
     sv.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json")
+    add_verify_options(sv, default="confirm+escalate")
     sv.add_argument("--max-request-mb", type=float, default=20.0)
     sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
     sv.add_argument("--max-batch", type=_positive, default=32, help="images per forward pass across requests")
@@ -231,7 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return run_demo(Path(args.out), model=args.model, device=args.device)
         return {"build": cmd_build, "info": cmd_info, "verify": cmd_verify, "embed": cmd_embed,
-                "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge}[args.index_command](args)
+                "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge,
+                "calibrate": cmd_calibrate}[args.index_command](args)
     except ProvenanceError as exc:
         print(f"provenance-guard: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -473,6 +489,17 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args) -> int:
+    from .index_builder.calibrate import calibrate
+
+    report = calibrate(args.bundle, negatives=args.negatives, positives=args.positives, target_fpr=args.target_fpr,
+                       sample=args.sample, references=args.references, device=args.device, plot=args.plot,
+                       wait=not args.no_wait)
+    for line in report.lines():
+        print(terminal_safe(line))
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -509,7 +536,8 @@ def cmd_serve(args) -> int:
                           max_images_per_request=args.max_images, max_batch=args.max_batch,
                           batch_wait_ms=args.batch_wait_ms, device=args.device,
                           audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
-                          warn=args.warn, block=args.block, fail_mode=args.fail_mode)
+                          warn=args.warn, block=args.block, fail_mode=args.fail_mode, verify=args.verify,
+                          verify_from=args.verify_from, references=reference_options(args))
     print(f"serving {', '.join(f'{n}={p}' for n, p in indices.items())} on http://{args.host}:{args.port}"
           + (" (token required)" if config.token else ""), file=sys.stderr, flush=True)
     serve(config, args.host, args.port, log_level=args.log_level)

@@ -32,8 +32,9 @@ import modules.scripts as scripts
 
 from ..core.check import failed_result, shared_checker
 from ..core.errors import ConfigError
+from ..core.references import ReferenceOptions
 from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, host_action
-from ..core.report import batch_summary, block_message, placeholder_image, short, summary_line
+from ..core.report import batch_summary, block_message, placeholder_image, result_payload, short, summary_line
 from ..core.result import CheckResult, GenerationRecord
 from . import settings
 
@@ -42,7 +43,8 @@ log = logging.getLogger("provenance_guard")
 ACTIONS = settings.ACTIONS
 FAIL_MODES = settings.FAIL_MODES
 # The order of ui()'s components = the order of alwayson_scripts args in the API (README documents it).
-ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode"]
+ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode",
+             "verify", "fetch_references"]
 HIGHRES_COPY = ("a copy of this image from before highres fix was saved before any check could run "
                 "('Save a copy of image before applying highres fix' is on); turn that setting off so no "
                 "unchecked copy reaches the outputs")
@@ -57,6 +59,7 @@ class RunState:
     policy: Policy
     bundle: str = ""
     error: Optional[str] = None  # a setting or bundle that makes every check of this run fail
+    references: ReferenceOptions = field(default_factory=lambda: ReferenceOptions())
     warnings: list[str] = field(default_factory=list)
     results: dict[int, CheckResult] = field(default_factory=dict)  # global image index -> result
     withheld: set[int] = field(default_factory=set)
@@ -90,13 +93,20 @@ def run_state(values: dict[str, Any]) -> RunState:
     action = values.get("action")
     if action not in ACTIONS:
         problems.append(f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    verify = values.get("verify")
+    if verify not in settings.VERIFY_MODES:
+        problems.append(f"verify {verify!r} is not one of {', '.join(settings.VERIFY_MODES)}")
     policy = Policy(fail_mode=fail_mode)
-    if not problems and not values.get("use_bundle_thresholds"):
+    if not problems:
         try:
-            policy = Policy(warn=float(values["warn"]), block=float(values["block"]), fail_mode=fail_mode)
+            policy = Policy(warn=None if values.get("use_bundle_thresholds") else float(values["warn"]),
+                            block=None if values.get("use_bundle_thresholds") else float(values["block"]),
+                            fail_mode=fail_mode, verify=verify)
         except (ConfigError, TypeError, ValueError) as exc:
             problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
-    state = RunState(action=action if action in ACTIONS else BLOCK, policy=policy)
+    state = RunState(action=action if action in ACTIONS else BLOCK, policy=policy,
+                     references=ReferenceOptions(root=(settings.default("references") or "").strip() or None,
+                                                 fetch=bool(values.get("fetch_references"))))
     if problems:
         state.error = ("Provenance Guard settings cannot be used: " + "; ".join(problems) +
                        ". Fix them in Settings > Provenance Guard or in the script's arguments")
@@ -174,12 +184,9 @@ def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, Option
 
 def result_summary(index: int, r: CheckResult) -> dict[str, Any]:
     """One image's entry in the response info ("Provenance results"), which the panel is drawn from."""
-    return {"index": index, "verdict": r.verdict, "max_score": r.max_score, "error": r.error,
-            "warnings": list(r.warnings),
+    return {"index": index, **result_payload(r),
             "top": ({"url": r.top.url, "caption": r.top.caption, "score": r.top.score, "bundle": r.top.bundle_id}
-                    if r.top else None),
-            "matches": [{"score": round(m.score, 6), "verdict": m.verdict, "url": m.url, "caption": m.caption,
-                         "bundle": m.bundle_id, "row_id": m.row_id} for m in r.matches[:5]]}
+                    if r.top else None)}
 
 
 class ProvenanceGuardScript(scripts.Script):
@@ -214,10 +221,15 @@ class ProvenanceGuardScript(scripts.Script):
                                  elem_id=self.elem_id("warn"))
                 block = gr.Slider(-1.0, 1.0, value=settings.default("block"), step=0.001,
                                   label="Block at similarity", elem_id=self.elem_id("block"))
+            with gr.Row():
+                verify = gr.Radio(settings.VERIFY_MODES, value=settings.choice("verify"),
+                                  label="Verify matches on the training image's pixels", elem_id=self.elem_id("verify"))
+                fetch = gr.Checkbox(label="Fetch training images of URL-only bundles (tells their hosts someone looked)",
+                                    value=settings.default("fetch_references"), elem_id=self.elem_id("fetch_references"))
             # Filled by javascript/provenance_guard.js from this generation's info (never from a shared route).
             gr.HTML("", elem_id=f"provenance_guard_panel_{'img2img' if is_img2img else 'txt2img'}")
         self.infotext_fields = []
-        return [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode]
+        return [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch]
 
     # hooks ---------------------------------------------------------------------------------------------
     def process(self, p, *args):
@@ -257,7 +269,8 @@ class ProvenanceGuardScript(scripts.Script):
     def _check(self, state: RunState, images, records: list[GenerationRecord]) -> list[CheckResult]:
         if state.error:
             return [failed_result(state.policy, state.error, rec) for rec in records]
-        return shared_checker(state.bundle).check(images, records=records, policy=state.policy)
+        return shared_checker(state.bundle, references=state.references).check(images, records=records,
+                                                                               policy=state.policy)
 
     @staticmethod
     def _generation(p, i: int) -> GenerationRecord:

@@ -15,9 +15,11 @@ SECTION = ("provenance_guard", "Provenance Guard")
 CATEGORY = "postprocessing"
 ACTIONS = ["warn", "block"]
 FAIL_MODES = ["open", "closed"]
+VERIFY_MODES = ["confirm", "off", "escalate", "confirm+escalate"]
 DEFAULTS: dict[str, Any] = {
     "enabled": False, "bundle": "", "bundle_path": "", "use_bundle_thresholds": True, "warn": 0.90,
-    "block": 0.95, "action": "warn", "fail_mode": "open",
+    "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
+    "references": "",
 }
 LABELS = {
     "enabled": "Check every generated image by default",
@@ -28,8 +30,13 @@ LABELS = {
     "block": "Block at similarity (exact cosine)",
     "action": "On a match",
     "fail_mode": "If a check cannot run: open (pass, marked unchecked) or closed (block)",
+    "verify": "Verify matches on the training image's pixels: confirm (a block found different becomes warn), "
+              "escalate (a verified copy blocks), both, or off",
+    "fetch_references": "Fetch training images of URL-only (LAION) bundles to verify them (tells each image's "
+                        "host that someone looked at it)",
+    "references": "Folder of the bundle's reference images, if it moved",
 }
-CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES}
+CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES}
 
 
 def option_name(key: str) -> str:
@@ -83,6 +90,9 @@ def options() -> dict[str, Any]:
         "block": info("block", gr.Slider, threshold),
         "action": info("action", gr.Radio, {"choices": ACTIONS}),
         "fail_mode": info("fail_mode", gr.Radio, {"choices": FAIL_MODES}),
+        "verify": info("verify", gr.Radio, {"choices": VERIFY_MODES}),
+        "fetch_references": info("fetch_references"),
+        "references": info("references"),
     }
 
 

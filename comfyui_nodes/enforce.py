@@ -5,7 +5,8 @@ Opt-in, by either
 - the environment variable PROVENANCE_GUARD_ENFORCE=<bundle> (a folder name under models/provenance, a
   path, or a server URL), or
 - a file provenance_guard.json in ComfyUI's user folder:
-  {"enforce": {"bundle": "...", "fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5}}
+  {"enforce": {"bundle": "...", "fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
+  "verify": "confirm+escalate"}}
   (exempt_nodes: output node classes a studio lets through unchecked, named explicitly; save_nodes: node
   classes to guard although they are not output nodes).
 
@@ -29,6 +30,7 @@ import os
 from typing import Any, Callable, Optional
 
 from ..core.errors import ConfigError
+from ..core.policy import VERIFY_MODES
 
 ENV = "PROVENANCE_GUARD_ENFORCE"
 CONFIG_FILE = "provenance_guard.json"
@@ -36,8 +38,10 @@ PREFIX = "provenance-guard-enforce-"
 REFUSAL_ID = "provenance-guard-refused"
 CHECK_CLASS = "ProvenanceCheck"
 REFUSAL_CLASS = "ProvenanceGuardRefusal"
-DEFAULTS: dict[str, Any] = {"fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5}
-KEYS = {"bundle", "fail_mode", "exempt_nodes", "save_nodes", "top_k"}
+DEFAULTS: dict[str, Any] = {"fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
+                            "verify": "confirm+escalate"}
+KEYS = {"bundle", "fail_mode", "exempt_nodes", "save_nodes", "top_k", "verify"}
+
 MAX_CONFIG_BYTES = 1 << 20
 
 log = logging.getLogger("provenance_guard")
@@ -99,8 +103,10 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     top_k = cfg.get("top_k")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100:
         raise EnforcementConfigError(f'{where}: "top_k" must be a whole number from 1 to 100, not {top_k!r}')
+    if cfg.get("verify") not in VERIFY_MODES:
+        raise EnforcementConfigError(f'{where}: "verify" must be one of {list(VERIFY_MODES)}, not {cfg.get("verify")!r}')
     return {"bundle": bundle.strip(), "fail_mode": cfg["fail_mode"], "exempt_nodes": names("exempt_nodes"),
-            "save_nodes": names("save_nodes"), "top_k": top_k}
+            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"]}
 
 
 def _is_path(bundle: str) -> bool:
@@ -113,7 +119,7 @@ def check_inputs(config: dict[str, Any], source: list) -> dict[str, Any]:
     return {"images": source, "bundle": "" if _is_path(bundle) else bundle,
             "bundle_path": bundle if _is_path(bundle) else "", "on_match": "block",
             "fail_mode": config["fail_mode"], "use_bundle_thresholds": True, "warn": 0.90, "block": 0.95,
-            "top_k": int(config["top_k"]), "model_override": ""}
+            "top_k": int(config["top_k"]), "model_override": "", "verify": config.get("verify", "confirm+escalate")}
 
 
 def _enforcing(node: Any, config: dict[str, Any]) -> bool:
@@ -126,7 +132,7 @@ def _enforcing(node: Any, config: dict[str, Any]) -> bool:
         inputs.get("bundle") == want["bundle"] and not (inputs.get("bundle_path") or "").strip())
     return (bundle_ok and inputs.get("on_match") == "block" and inputs.get("fail_mode") == want["fail_mode"]
             and inputs.get("use_bundle_thresholds") is True and not (inputs.get("model_override") or "").strip()
-            and "clip_vision" not in inputs)
+            and "clip_vision" not in inputs and inputs.get("verify", "confirm") == want["verify"])
 
 
 def _image_inputs(cls) -> set[str]:

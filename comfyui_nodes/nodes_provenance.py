@@ -23,6 +23,7 @@ CATEGORY = "provenance"
 FOLDER = "provenance"
 NO_BUNDLE = "(no bundle in models/provenance)"
 ON_MATCH = ["warn", "block", "replace", "error"]
+VERIFY_MODES = ["confirm", "off", "escalate", "confirm+escalate"]  # the first is the node's default
 CHUNK = 16  # images per forward pass, and per progress-bar step, in large batches
 
 
@@ -97,13 +98,9 @@ def _blocker(message: str):
 
 def ui_payload(results) -> dict:
     """What the front-end draws on the node (raw strings; the front-end escapes them)."""
-    from ..core.report import worst_of
+    from ..core.report import result_payload, worst_of
 
-    return {"verdict": worst_of(results), "images": [
-        {"verdict": r.verdict, "max_score": r.max_score, "error": r.error, "warnings": r.warnings,
-         "matches": [{"score": round(m.score, 4), "verdict": m.verdict, "url": m.url, "caption": m.caption,
-                      "bundle": m.bundle_id, "row_id": m.row_id} for m in r.matches[:5]]}
-        for r in results]}
+    return {"verdict": worst_of(results), "images": [result_payload(r) for r in results]}
 
 
 class ProvenanceCheck:
@@ -144,13 +141,22 @@ class ProvenanceCheck:
                                                                         "file or folder (open_clip spec)"}),
                 "bundle_path": ("STRING", {"default": "", "tooltip": "a bundle folder path or server URL; "
                                                                      "overrides the list"}),
+                "verify": (VERIFY_MODES, {"default": "confirm", "tooltip": (
+                    "compare candidates with the training image's pixels: confirm = a block found different on "
+                    "pixels becomes warn; escalate = a verified copy blocks even below the block threshold")}),
+                "fetch_references": ("BOOLEAN", {"default": False, "tooltip": (
+                    "fetch the training images of URL-only (LAION) bundles to verify them; this tells each "
+                    "image's host that someone looked at it")}),
+                "references": ("STRING", {"default": "", "tooltip": "where the bundle's reference image folder "
+                                                                    "is now, if it moved"}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
-                   on_match="warn", fail_mode="open", model_override="", **_):
+                   on_match="warn", fail_mode="open", model_override="", verify="confirm", fetch_references=False,
+                   references="", **_):
         """Re-run when the bundle on disk changes (a new version after a takedown), never NaN."""
         try:
             path = resolve_bundle(bundle or "", bundle_path or "")
@@ -158,11 +164,11 @@ class ProvenanceCheck:
         except Exception:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
             stamp = "unresolved"
         return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
-                           fail_mode, model_override])
+                           fail_mode, model_override, verify, fetch_references, references])
 
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
-              block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", prompt=None,
-              extra_pnginfo=None, unique_id=None):
+              block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", verify="confirm",
+              fetch_references=False, references="", prompt=None, extra_pnginfo=None, unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
         from ..core.policy import Policy, host_action
@@ -170,8 +176,11 @@ class ProvenanceCheck:
         from ..core.report import block_message, is_flagged, text_report
         from ..core.result import CheckResult
 
+        from ..core.references import ReferenceOptions
+
         policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
-                        fail_mode=fail_mode, top_k=int(top_k))
+                        fail_mode=fail_mode, top_k=int(top_k), verify=verify)
+        reference_options = ReferenceOptions(root=(references or "").strip() or None, fetch=bool(fetch_references))
         # prompt -> output: the sampler, prompts and model this node's images come from, traced in the graph.
         try:
             record = parse_comfyui_prompt(prompt, from_node=unique_id) if isinstance(prompt, dict) else None
@@ -181,7 +190,7 @@ class ProvenanceCheck:
         results: list[CheckResult] = []
         try:
             checker = shared_checker(resolve_bundle(bundle, bundle_path), model=model_override or None,
-                                     device=_device())
+                                     device=_device(), references=reference_options)
             embedder = None
             if clip_vision is not None:
                 from .clip_vision import ComfyClipVisionEmbedder

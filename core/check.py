@@ -318,19 +318,21 @@ _SHARED: dict[tuple, tuple[Optional[tuple], Checker]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "auto") -> Checker:
+def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "auto",
+                   references: Optional[ReferenceOptions] = None) -> Checker:
     """The process's Checker for one bundle (folder or server URL), for hosts that check run after run.
 
     The bundle stays open between runs; when a new version is published at its path (``index remove``
     after a takedown, ``append``, a rebuild) the next call opens that one, so no restart is needed. Models
     stay loaded either way (``get_embedder``)."""
-    key = (str(bundle), model or "", device)
+    key = (str(bundle), model or "", device, references or ReferenceOptions())
     stamp = manifest_stamp(str(bundle))
     quiet_third_party()
     with _SHARED_LOCK:
         cached = _SHARED.get(key)
         if cached is None or cached[0] != stamp:
-            _SHARED[key] = (stamp, Checker(str(bundle), model=model, device=device, announce=cached is None))
+            _SHARED[key] = (stamp, Checker(str(bundle), model=model, device=device, announce=cached is None,
+                                           references=references))
         return _SHARED[key][1]
 
 

@@ -81,7 +81,7 @@ class RemoteBundle:
             buf = io.BytesIO()
             Image.fromarray(p.tensor.detach().cpu().numpy()).save(buf, "PNG", compress_level=1)
             files.append(("images", (f"{n}.png", buf.getvalue(), "image/png")))
-        data = {"indices": self.name, "top_k": str(policy.top_k), "fail_mode": "open"}
+        data = {"indices": self.name, "top_k": str(policy.top_k), "fail_mode": "open", "verify": policy.verify}
         if policy.warn is not None:
             data["warn"] = str(policy.warn)
         if policy.block is not None:

@@ -49,6 +49,22 @@ def block_message(result: CheckResult) -> str:
             f"Try another seed, a different prompt or less img2img strength.")
 
 
+def result_payload(result: CheckResult, top: int = 5) -> dict:
+    """A result as the host UIs draw it (ComfyUI's node, the webuis' panel): raw strings, which the
+    front-ends insert as text; a verified match carries its side-by-side evidence as a data: URI."""
+    matches = []
+    for m in result.matches[:top]:
+        item = {"score": round(m.score, 4), "verdict": m.verdict, "url": m.url, "caption": m.caption,
+                "bundle": m.bundle_id, "row_id": m.row_id}
+        if m.verification is not None:
+            item["verification"] = {"status": m.verification.status, "summary": verification_line(m)}
+            if m.verification.evidence:
+                item["evidence"] = m.verification.evidence
+        matches.append(item)
+    return {"verdict": result.verdict, "max_score": result.max_score, "error": result.error,
+            "warnings": list(result.warnings), "matches": matches}
+
+
 def text_report(results: list[CheckResult], top: int = 3) -> str:
     """Plain-text report of a batch (what a node's STRING output or a log shows)."""
     lines = []

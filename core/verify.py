@@ -90,6 +90,7 @@ class Verification:
     region: Optional[list[list[float]]] = None  # the generated image's outline on the reference (x, y pairs)
     lines: list[list[float]] = field(default_factory=list)  # inlier pairs: gx, gy, rx, ry
     evidence: Optional[str] = None  # side-by-side picture (JPEG data URI) for people; not part of the record
+    dense_applicable: bool = False  # whether the dense comparison may decide (few keypoints, or blur)
 
     def to_json(self) -> dict[str, Any]:
         out = {"status": self.status, "method": self.method or None, "inliers": self.inliers,
@@ -360,8 +361,10 @@ def _dense(gen: Features, ref: Features):
 
 
 def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyThresholds(),
-           reference: Optional[str] = None) -> Verification:
-    """Compare a generated image's features with a reference's; see the module docstring."""
+           reference: Optional[str] = None, measure_all: bool = False) -> Verification:
+    """Compare a generated image's features with a reference's; see the module docstring. measure_all (for
+    calibration) runs every measurement, so the scores can be judged again under other cut-offs: the small
+    pass, and the dense comparison (with ``dense_applicable`` saying whether it may decide)."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -370,7 +373,7 @@ def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyTh
         if own is None:
             continue
         found = _match(own, ref.sift)
-        if found[0] < thresholds.min_inliers:
+        if found[0] < thresholds.min_inliers or measure_all:
             small = _match(own_small, ref.sift_small)
             found = small if small[0] > found[0] else found
         if found[0] > best[0]:
@@ -391,8 +394,11 @@ def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyTh
         step = max(1, len(src) // 40)
         out.lines = [[float(gen.width - a[0] if mirrored else a[0]), float(a[1]), float(b[0]), float(b[1])]
                      for a, b in zip(src[::step], dst[::step])]
-    elif min(len(gen.sift), len(ref.sift)) < FEW_KEYPOINTS or len(gen.sift) < len(gen.sift_small) * 2:
-        # Too few keypoints to decide (flat images), or a generated image whose detail is blurred away.
+    # Too few keypoints to decide (flat images), or a generated image whose detail is blurred away.
+    out.dense_applicable = min(len(gen.sift), len(ref.sift)) < FEW_KEYPOINTS or len(gen.sift) < len(gen.sift_small) * 2
+    if measure_all:
+        out.ncc, _, out.tiled_l2 = _dense(gen, ref)
+    if out.status == DIFFERENT and out.dense_applicable:
         ncc, alignment, tiled = _dense(gen, ref)
         out.method, out.ncc, out.tiled_l2 = "dense", ncc, tiled
         if ncc >= thresholds.dense_ncc and alignment is not None:

@@ -136,6 +136,28 @@ def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=No
                         f"{missing} listed {kind} matched no row" if missing else "")
 
 
+def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True) -> ChangeReport:
+    """A new version whose data files are the old ones (hard-linked) and whose manifest ``change(manifest)``
+    edits; change returns the history entry. Under the bundle's maintenance lock, like every change."""
+    bundle_path = Path(bundle_path).expanduser()
+    with BundleLock(bundle_path, "index calibrate", wait=wait):
+        sweep_leftovers(bundle_path)
+        bundle = Bundle.open(bundle_path)
+        try:
+            m = copy.deepcopy(bundle.manifest)
+            with space_for(bundle_path.parent, 1 << 20, f"updating {bundle_path}"), staging(bundle_path) as tmp:
+                for name in m.data_files():
+                    _link(bundle_path / name, tmp / name)
+                entry = change(m)
+                m.validate()
+                m.bundle_version = _new_version()
+                _history(m, entry)
+                _publish_change(tmp, bundle_path, m, dict(m.files))
+        finally:
+            bundle.close()
+    return ChangeReport(bundle_path, m.bundle_version, m.count, 0)
+
+
 # append and merge -----------------------------------------------------------------------------------------
 
 def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Optional[Bundle], object]], total: int) -> None:

@@ -61,6 +61,9 @@ class ServerConfig:
     max_decode_memory: int = 2 << 30
     admission_wait_s: float = 10.0
     openapi: bool = False
+    verify: str = "confirm+escalate"
+    verify_from: Optional[float] = None
+    references: Any = None  # core.references.ReferenceOptions
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,7 +198,8 @@ class State:
             self._follow(n)
         with self._tlock:
             if names not in self._checkers:
-                self._checkers[names] = Checker([self.bundles[n] for n in names], device=self.config.device)
+                self._checkers[names] = Checker([self.bundles[n] for n in names], device=self.config.device,
+                                                references=self.config.references)
             return self._checkers[names]
 
     def close(self) -> None:
@@ -336,7 +340,8 @@ def check(state: State, blobs: list[bytes], options: CheckOptions) -> dict:
     try:
         policy = Policy(warn=state.config.warn if options.warn is None else options.warn,
                         block=state.config.block if options.block is None else options.block,
-                        fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k)
+                        fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k,
+                        verify=options.verify or state.config.verify, verify_from=state.config.verify_from)
     except ConfigError as exc:
         raise HTTPProblem(400, str(exc))
     generation = options.generation

@@ -67,10 +67,11 @@ class CheckOptions(_Body):
     warn: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
     block: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
     fail_mode: Optional[Literal["open", "closed"]] = None
+    verify: Optional[Literal["off", "confirm", "escalate", "confirm+escalate"]] = None
     generation: Optional[Union[dict[str, Any], list[Optional[dict[str, Any]]], str]] = None
     user: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
 
-    @field_validator("warn", "block", "fail_mode", "user", mode="before")
+    @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value

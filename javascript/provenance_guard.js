@@ -69,6 +69,15 @@
                 }
                 if (m.caption) li.appendChild(el("q", null, m.caption));
                 li.appendChild(el("small", null, ` ${m.bundle}#${m.row_id}`));
+                if (m.verification) li.appendChild(el("div", `pg-check pg-check-${m.verification.status}`,
+                                                      m.verification.summary));
+                // The generated and the training image side by side: a data: URI the extension made, never a url.
+                if (typeof m.evidence === "string" && m.evidence.startsWith("data:image/jpeg;base64,")) {
+                    const img = el("img", "pg-evidence");
+                    img.src = m.evidence;
+                    img.alt = "generated image and training image side by side";
+                    li.appendChild(img);
+                }
                 list.appendChild(li);
             });
             if (list.childNodes.length) item.appendChild(list);

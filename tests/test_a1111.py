@@ -261,7 +261,7 @@ def generate(web, names, args, forge=False, n_iter=1, change=None):
 
 def args(**kw):
     values = dict(enabled=True, bundle="studio-refs", bundle_path="", use_bundle_thresholds=True, warn=0.9,
-                  block=0.95, action="warn", fail_mode="open")
+                  block=0.95, action="warn", fail_mode="open", verify="confirm", fetch_references=False)
     values.update(kw)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
@@ -286,7 +286,7 @@ def test_settings_section_and_ui(webui):
     components = script.ui(False)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
-    assert len(components) == len(ARG_NAMES) == 8
+    assert len(components) == len(ARG_NAMES) == 10
     dropdown = [c for c in webui.gradio.made if type(c).__name__ == "Dropdown"][0]
     assert dropdown.args[0] == ["studio-refs"]
     # A studio's defaults come from the settings; a stored value that is no choice is not shown.
@@ -540,3 +540,15 @@ def test_a_failing_final_hook_still_withholds_under_the_fail_mode(webui, monkeyp
     assert is_placeholder(saved[0].image)
     record = json.loads(saved[0].pnginfo["provenance"])
     assert record["verdict"] == "block" and "drawing failed" in record["error"]
+
+
+def test_matches_are_verified_and_the_panel_gets_the_evidence(webui):
+    p, processed, saved, _ = generate(webui, ["astronaut", "camera"], args(verify="confirm+escalate"))
+    results = json.loads(json.loads(processed.js())["extra_generation_params"]["Provenance results"])
+    top = results[0]["matches"][0]
+    assert top["verification"]["status"] == "copy" and top["evidence"].startswith("data:image/jpeg;base64,")
+    assert results[1]["matches"][0]["verification"]["status"] == "different"
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["matches"][0]["verification"]["status"] == "copy" and "evidence" not in saved[0].pnginfo["provenance"]
+    js = (ROOT / "javascript" / "provenance_guard.js").read_text()
+    assert 'startsWith("data:image/jpeg;base64,")' in js

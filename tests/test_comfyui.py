@@ -220,8 +220,24 @@ def test_fail_modes_when_the_bundle_is_missing(pack, comfy, mode, verdict):
 
 def test_user_thresholds_and_bundle_path(pack, built_bundle):
     out, _ = run(pack, tensor("camera"), bundle="(no bundle in models/provenance)", bundle_path=str(built_bundle),
-                 use_bundle_thresholds=False, warn=-1.0, block=-1.0)
+                 use_bundle_thresholds=False, warn=-1.0, block=-1.0, verify="off")
     assert out["result"][1] == [True] and out["ui"]["provenance"][0]["verdict"] == "block"
+
+
+def test_the_node_verifies_on_pixels_and_shows_the_evidence(pack, built_bundle):
+    """verify=confirm (the node's default): a score-only block that the pixels contradict becomes warn; a
+    real copy keeps its block and the node shows both images side by side."""
+    out, extra = run(pack, tensor("camera"), use_bundle_thresholds=False, warn=-1.0, block=-1.0)
+    (image,) = out["ui"]["provenance"][0]["images"]
+    assert out["result"][1] == [False] and image["verdict"] == "warn"
+    assert image["matches"][0]["verification"]["status"] == "different"
+    assert any("not a copy" in w for w in image["warnings"])
+    out, extra = run(pack, tensor("astronaut", size=256), on_match="block")
+    (image,) = out["ui"]["provenance"][0]["images"]
+    top = image["matches"][0]
+    assert image["verdict"] == "block" and top["verification"]["status"] == "copy"
+    assert top["evidence"].startswith("data:image/jpeg;base64,") and "matched points" in top["verification"]["summary"]
+    assert "evidence" not in json.dumps(extra.get("provenance", {}))  # the record stays small
 
 
 def test_large_batch_reports_progress(pack):
@@ -303,7 +319,11 @@ def test_exempt_nodes_are_named_explicitly(pack):
                                                   "use_bundle_thresholds": True}}, False),
     ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
                                                   "on_match": "block", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": True, "top_k": 3}}, True),
+                                                  "use_bundle_thresholds": True, "top_k": 3, "verify": "off"}}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
+                                                  "on_match": "block", "fail_mode": "closed",
+                                                  "use_bundle_thresholds": True, "top_k": 3,
+                                                  "verify": "confirm+escalate"}}, True),
 ])
 def test_already_enforced_is_decided_by_class_and_settings_not_by_id(pack, upstream, trusted):
     graph = example_graph()

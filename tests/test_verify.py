@@ -289,3 +289,51 @@ def test_check_verify_end_to_end(built_bundle, outputs, tmp_path, capsys):
     assert lines[0]["matches"][0]["verification"]["status"] == COPY and lines[0]["verify"]["mode"] == "confirm+escalate"
     html = report.read_text()
     assert "pixels: copy (" in html and 'class="pg-evidence" src="data:image/jpeg;base64,' in html
+
+
+def test_calibrate_writes_thresholds_the_next_check_uses(built_bundle, tmp_path, capsys):
+    import shutil
+
+    from provenance_guard.core.bundle import Bundle
+
+    bundle = tmp_path / "refs"
+    shutil.copytree(built_bundle, bundle)
+    negatives = tmp_path / "negatives"
+    negatives.mkdir()
+    for name in ("camera", "coins", "moon", "page", "clock"):
+        photo(name).save(negatives / f"{name}.png")
+    before = Bundle.open(bundle).manifest
+    assert cli(["index", "calibrate", str(bundle), "--negatives", str(negatives), "--sample", "6",
+                "--target-fpr", "0.01", "--plot", str(tmp_path / "plot.png"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    after = Bundle.open(bundle).manifest
+    assert after.bundle_version != before.bundle_version
+    cal = after.build["calibration"]
+    assert cal["true_pairs"] == 6 * len(EDITS) and cal["wrong_pairs"] >= 6 * len(EDITS)
+    assert after.build["history"][-1]["op"] == "calibrate"
+    assert f"warn >= {after.warn:.4f}, block >= {after.block:.4f}" in out and "crop50" in out and "at most" in out
+    assert after.verification["min_inliers"] >= 4 and 0.5 <= after.verification["dense_ncc"] <= 0.99
+    assert Image.open(tmp_path / "plot.png").size == (640, 320)
+    # The next check reads the calibrated thresholds (and cut-offs) from the new manifest.
+    (r,) = Checker(bundle, device="cpu").check([photo("astronaut")])
+    assert (r.thresholds[0].warn, r.thresholds[0].block) == (after.warn, after.block)
+    assert Bundle.open(bundle).verify_thresholds.min_inliers == after.verification["min_inliers"]
+
+
+def test_calibrate_refuses_a_bundle_without_pixels_and_says_what_to_give(laion_bundle, capsys):
+    bundle, _ = laion_bundle
+    assert cli(["index", "calibrate", str(bundle), "--sample", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no reference pixels" in err and "--positives DIR" in err and "--references DIR" in err
+
+
+def test_calibrate_from_known_copy_pairs(laion_bundle, tmp_path, capsys):
+    bundle, _ = laion_bundle
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        photo(name).save(pairs / f"{name}.ref.png")
+        EDITS["crop10"](photo(name)).save(pairs / f"{name}.gen.png")
+    assert cli(["index", "calibrate", str(bundle), "--positives", str(pairs), "--target-fpr", "0.1",
+                "--device", "cpu"]) == 0
+    assert "positive" in capsys.readouterr().out

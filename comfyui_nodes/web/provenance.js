@@ -1,4 +1,5 @@
-// provenance-guard: draws the verdict and the closest matches on the Provenance Check node after it runs.
+// provenance-guard: draws the verdict and the closest matches on the Provenance Check node after it runs,
+// and for a match verified on pixels the generated and the training image side by side.
 // Text from the index (captions, urls) is untrusted: it is only ever set as textContent, links only for
 // http(s) urls, opened in a new tab. On a front end without DOM widgets, the node is just tinted.
 import { app } from "../../scripts/app.js";
@@ -7,7 +8,8 @@ import { app } from "../../scripts/app.js";
 const COLORS = { pass: "#2e7d32", warn: "#b26a00", block: "#b71c1c", unchecked: "#616161" };
 const TEXT = { pass: "#a5d6a7", warn: "#ffe082", block: "#ffcdd2", unchecked: "#e0e0e0" };
 const LINE_PX = 16;
-const MAX_PX = 260;
+const MAX_PX = 420;
+const EVIDENCE_PX = 120;
 
 function el(tag, text, style) {
   const e = document.createElement(tag);
@@ -43,6 +45,18 @@ function render(payload) {
       li.appendChild(el("span", `${Number(m.score).toFixed(4)} ${m.verdict} `));
       if (m.url) li.appendChild(safeLink(String(m.url)));
       if (m.caption) li.appendChild(el("div", m.caption, { color: "#ccc", whiteSpace: "normal" }));
+      if (m.verification) {
+        li.appendChild(el("div", m.verification.summary,
+                          { color: m.verification.status === "copy" ? "#a5d6a7" : "#bbb", whiteSpace: "normal" }));
+      }
+      // The generated image and the training image side by side, made by the pack (a data: URI, never a url).
+      if (typeof m.evidence === "string" && m.evidence.startsWith("data:image/jpeg;base64,")) {
+        const img = el("img", null, { display: "block", maxWidth: "100%", maxHeight: `${EVIDENCE_PX}px`,
+                                      margin: "2px 0" });
+        img.src = m.evidence;
+        img.alt = "generated image and training image side by side";
+        li.appendChild(img);
+      }
       list.appendChild(li);
     });
     root.appendChild(list);
@@ -56,13 +70,16 @@ const CHARS_PER_LINE = 42;
 function reportHeight(payload) {
   const lines = (text) => Math.max(1, Math.ceil(String(text).length / CHARS_PER_LINE));
   let total = 0;
+  let pixels = 0;
   (payload.images || []).forEach((img) => {
     total += 1 + (img.error ? lines(img.error) : 0);
     (img.matches || []).forEach((m) => {
       total += lines(`${m.score} ${m.verdict} ${m.url || ""}`) + (m.caption ? lines(m.caption) : 0);
+      if (m.verification) total += lines(m.verification.summary || "");
+      if (m.evidence) pixels += EVIDENCE_PX + 4;
     });
   });
-  return Math.min(MAX_PX, total * LINE_PX + 16);
+  return Math.min(MAX_PX, total * LINE_PX + pixels + 16);
 }
 
 app.registerExtension({
