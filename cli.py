@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto")
     cal.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
+    cap = isub.add_parser("captions", help="add the caption index (for the prompt check) to a bundle built without one")
+    cap.add_argument("bundle")
+    cap.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+
     i = isub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest")
@@ -220,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--fail-mode", choices=("open", "closed"), default="open")
     sv.add_argument("--log-level", default="info")
 
+    pr = sub.add_parser("prompt", help="before generating: is this prompt a training caption, of duplicated images?")
+    pr.add_argument("text", help="the prompt")
+    pr.add_argument("--index", action="append", required=True, metavar="BUNDLE", help="a bundle with a caption index")
+    pr.add_argument("--json", action="store_true")
+
     au = sub.add_parser("audit", help="verify an audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True)
     av = ausub.add_parser("verify", help="check the chain of an audit log; exit 1 at the first broken line")
@@ -241,13 +250,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_serve(args)
         if args.command == "audit":
             return cmd_audit_verify(args)
+        if args.command == "prompt":
+            return cmd_prompt(args)
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo(Path(args.out), model=args.model, device=args.device)
         return {"build": cmd_build, "info": cmd_info, "verify": cmd_verify, "embed": cmd_embed,
                 "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge,
-                "calibrate": cmd_calibrate}[args.index_command](args)
+                "calibrate": cmd_calibrate, "captions": cmd_captions}[args.index_command](args)
     except ProvenanceError as exc:
         print(f"provenance-guard: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -486,6 +497,45 @@ def cmd_merge(args) -> int:
 
     report = merge_bundles(args.a, args.b, args.out, overwrite=args.overwrite, wait=not args.no_wait)
     print(f"merged into {report.out}: {report.rows:,} rows, version {report.version} ({report.note})")
+    return EXIT_OK
+
+
+def cmd_prompt(args) -> int:
+    """The caption check: exit 1 when the prompt is the caption of near-duplicate training images."""
+    from .core.bundle import Bundle
+    from .core.captions import lookup, normalise
+
+    found_any = flagged = False
+    out = []
+    for path in args.index:
+        bundle = Bundle.open(path)
+        match = lookup(bundle, args.text)
+        if match is None:
+            out.append({"bundle": bundle.id, "caption_index": False})
+            if not args.json:
+                print(f"{terminal_safe(bundle.id)}: no caption index (built before there was one); add it with "
+                      f"'provenance-guard index captions {terminal_safe(str(path))}'")
+            continue
+        found_any = True
+        flagged = flagged or match.near_duplicates > 0
+        out.append(match.to_json())
+        if not args.json:
+            print(f"{terminal_safe(bundle.id)}: {match.rows} row(s) carry this caption; {match.near_duplicates} of "
+                  f"them show near-duplicate images of one another" +
+                  (f" (rows {', '.join(map(str, match.examples))})" if match.examples else ""))
+    if args.json:
+        print(json.dumps({"prompt": args.text, "normalised": normalise(args.text), "bundles": out}))
+    elif found_any and flagged:
+        print("this prompt is the training caption of duplicated images, which diffusion models tend to "
+              "memorize: expect copies; change the wording")
+    return EXIT_FLAGGED if flagged else EXIT_OK
+
+
+def cmd_captions(args) -> int:
+    from .index_builder.maintain import add_caption_index
+
+    report = add_caption_index(args.bundle, wait=not args.no_wait)
+    print(f"caption index written to {report.out}: version {report.version}")
     return EXIT_OK
 
 

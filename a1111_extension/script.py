@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import modules.scripts as scripts
@@ -33,7 +34,8 @@ import modules.scripts as scripts
 from ..core.check import failed_result, shared_checker
 from ..core.errors import ConfigError
 from ..core.references import ReferenceOptions
-from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, host_action
+from ..core.memorization import DEFAULT_STEPS, MemorizationMonitor
+from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, apply_prompt, host_action
 from ..core.report import batch_summary, block_message, placeholder_image, result_payload, short, summary_line
 from ..core.result import CheckResult, GenerationRecord
 from . import settings
@@ -63,6 +65,8 @@ class RunState:
     warnings: list[str] = field(default_factory=list)
     results: dict[int, CheckResult] = field(default_factory=dict)  # global image index -> result
     withheld: set[int] = field(default_factory=set)
+    monitor: Optional[MemorizationMonitor] = None  # the current batch's memorization signal (None: off)
+    family: Optional[str] = None
 
     def record(self, index: int, result: CheckResult) -> CheckResult:
         for warning in self.warnings:
@@ -99,9 +103,11 @@ def run_state(values: dict[str, Any]) -> RunState:
     policy = Policy(fail_mode=fail_mode)
     if not problems:
         try:
+            threshold = float(settings.default("memorization_threshold") or 0.0)
             policy = Policy(warn=None if values.get("use_bundle_thresholds") else float(values["warn"]),
                             block=None if values.get("use_bundle_thresholds") else float(values["block"]),
-                            fail_mode=fail_mode, verify=verify)
+                            fail_mode=fail_mode, verify=verify, prompt_action=settings.choice("prompt_action"),
+                            memorization_thresholds={"*": threshold} if threshold > 0 else None)
         except (ConfigError, TypeError, ValueError) as exc:
             problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
     state = RunState(action=action if action in ACTIONS else BLOCK, policy=policy,
@@ -249,6 +255,40 @@ class ProvenanceGuardScript(scripts.Script):
         p._provenance = state
         for name in INFOTEXT_FIELDS:
             p.extra_generation_params[name] = infotext_value(state, name)
+        if settings.default("memorization"):
+            model = getattr(p, "sd_model", None)
+            state.family = ("sdxl" if getattr(model, "is_sdxl", False) else
+                            "sd2" if getattr(model, "is_sd2", False) else "sd1")
+
+    def process_batch(self, p, *args, **kwargs):
+        """A fresh memorization monitor for each batch (its images' scores go to the batch check)."""
+        state: Optional[RunState] = getattr(p, "_provenance", None)
+        if state is None or state.family is None:
+            return
+        state.monitor = MemorizationMonitor(int(settings.default("memorization_steps") or DEFAULT_STEPS))
+        state.monitor.family = state.family
+        if float(getattr(p, "cfg_scale", 7.0) or 0.0) <= 1.0:
+            state.monitor.no_guidance()
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        """Forge: on_cfg_denoised never fires there; its ComfyUI-style patcher gets the same post-CFG function
+        ComfyUI's node uses (cond_denoised, uncond_denoised, sigma, input). A1111 has no such hook."""
+        state: Optional[RunState] = getattr(p, "_provenance", None)
+        objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+        if state is None or state.monitor is None or objects is None:
+            return
+        monitor = state.monitor
+        unet = objects.unet.clone()
+
+        def record(args):
+            if args.get("uncond") is None or float(args.get("cond_scale", 1.0)) <= 1.0:
+                monitor.no_guidance()
+            else:
+                monitor.add_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"])
+            return args["denoised"]
+
+        unet.set_model_sampler_post_cfg_function(record)
+        objects.unet = unet
 
     def postprocess_batch_list(self, p, pp, *args, **kwargs):
         state: Optional[RunState] = getattr(p, "_provenance", None)
@@ -256,8 +296,9 @@ class ProvenanceGuardScript(scripts.Script):
             return
         first = _global_index(p, 0)
         records = [self._generation(p, i) for i in range(len(pp.images))]
+        signals = state.monitor.scores(len(pp.images)) if state.monitor is not None else None
         try:
-            results = self._check(state, _to_bhwc(pp.images), records)
+            results = self._check(state, _to_bhwc(pp.images), records, signals)
         except Exception as exc:  # noqa: BLE001 - a hook must not let a failure pass images unchecked
             log.exception("provenance-guard: the check failed")
             results = [failed_result(state.policy, f"internal error: {exc}", rec) for rec in records]
@@ -266,11 +307,14 @@ class ProvenanceGuardScript(scripts.Script):
             if first + i in state.withheld:
                 pp.images[i] = pp.images[i] * 0  # no original survives into any later save
 
-    def _check(self, state: RunState, images, records: list[GenerationRecord]) -> list[CheckResult]:
+    def _check(self, state: RunState, images, records: list[GenerationRecord], signals=None) -> list[CheckResult]:
         if state.error:
             return [failed_result(state.policy, state.error, rec) for rec in records]
-        return shared_checker(state.bundle, references=state.references).check(images, records=records,
-                                                                               policy=state.policy)
+        policy = state.policy
+        if policy.memorization_thresholds and "*" in policy.memorization_thresholds:
+            policy = replace(policy, memorization_thresholds={state.family: policy.memorization_thresholds["*"]})
+        return shared_checker(state.bundle, references=state.references).check(
+            images, records=records, policy=policy, signals=signals, family=state.family)
 
     @staticmethod
     def _generation(p, i: int) -> GenerationRecord:
@@ -340,6 +384,9 @@ class ProvenanceGuardScript(scripts.Script):
         except Exception as exc:  # noqa: BLE001 - as in the batch hook
             log.exception("provenance-guard: the check of the final image failed")
             again = failed_result(state.policy, f"internal error: {exc}", result.generation)
+        if result.prompt is not None:  # the sampler's signal belongs to the image, whatever happened to it since
+            again.prompt = result.prompt
+            apply_prompt(again, state.policy.prompt_action)
         again.warnings.append("checked on the final pixels: they changed after generation (face restoration, "
                               "inpaint overlay, color correction or another script)")
         return state.record(index, again)
@@ -363,6 +410,56 @@ class ProvenanceGuardScript(scripts.Script):
         if state.withheld:
             processed.comments = (getattr(processed, "comments", "") or "") + \
                 f"\nProvenance Guard blocked {len(state.withheld)} image(s); the originals were not saved."
+
+
+# A1111's CFG callbacks: on_cfg_denoiser gives the step's inputs (x, sigma, the denoiser and through it p),
+# on_cfg_denoised right after, in the same thread, the predictions. The first is remembered per thread.
+_PENDING = threading.local()
+
+
+def cfg_denoiser(params) -> None:
+    """script_callbacks.on_cfg_denoiser: remember the step's x and sigma for on_cfg_denoised."""
+    denoiser = getattr(params, "denoiser", None)
+    state: Optional[RunState] = getattr(getattr(denoiser, "p", None), "_provenance", None)
+    monitor = state.monitor if state is not None else None
+    if monitor is None or monitor.done:
+        _PENDING.step = None
+        return
+    _PENDING.step = (monitor, params.x, params.sigma, _rows(params.text_uncond), type(denoiser).__name__)
+
+
+def _rows(cond) -> int:
+    if isinstance(cond, dict):
+        cond = next(iter(cond.values()))
+    return int(cond.shape[0])
+
+
+def cfg_denoised(params) -> None:
+    """script_callbacks.on_cfg_denoised: x_out holds, per image, its conditional rows (one per AND part)
+    first, then one unconditional row per image (modules/sd_samplers_cfg_denoiser.py). When the webui
+    skipped the unconditional pass (skip_uncond, NGMS) those rows are copies of the conditional ones: the
+    step is not counted. Timestep samplers (DDIM, PLMS, UniPC) predict noise; k-diffusion ones denoised
+    images."""
+    import torch
+
+    step = getattr(_PENDING, "step", None)
+    _PENDING.step = None
+    if step is None:
+        return
+    monitor, x_in, sigma_in, images, kind = step
+    x_out = params.x
+    conds = x_out.shape[0] - images
+    if images < 1 or conds < images or conds % images:
+        monitor.skip()  # a layout this reading does not know (edit models, uneven AND parts)
+        return
+    first = torch.arange(images, device=x_out.device) * (conds // images)
+    cond, uncond = x_out[first], x_out[-images:]
+    if torch.equal(cond, uncond):
+        monitor.skip()
+    elif kind == "CFGDenoiserTimesteps":
+        monitor.add_eps(cond, uncond)
+    else:
+        monitor.add_denoised(x_in[first], cond, uncond, sigma_in[first])
 
 
 def before_image_saved(params) -> None:

@@ -19,7 +19,8 @@ VERIFY_MODES = ["confirm", "off", "escalate", "confirm+escalate"]
 DEFAULTS: dict[str, Any] = {
     "enabled": False, "bundle": "", "bundle_path": "", "use_bundle_thresholds": True, "warn": 0.90,
     "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
-    "references": "",
+    "references": "", "memorization": True, "memorization_steps": 5, "memorization_threshold": 0.0,
+    "prompt_action": "warn",
 }
 LABELS = {
     "enabled": "Check every generated image by default",
@@ -35,8 +36,14 @@ LABELS = {
     "fetch_references": "Fetch training images of URL-only (LAION) bundles to verify them (tells each image's "
                         "host that someone looked at it)",
     "references": "Folder of the bundle's reference images, if it moved",
+    "memorization": "Read the memorization signal from the sampler's CFG predictions (no extra compute)",
+    "memorization_steps": "Sampling steps the memorization signal averages",
+    "memorization_threshold": "Memorization threshold for this model (0: the built-in table, which has none for "
+                              "Stable Diffusion: the score is then shown, unrated)",
+    "prompt_action": "How far a flagged prompt alone raises an image's verdict",
 }
-CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES}
+PROMPT_ACTIONS = ["warn", "pass", "block"]
+CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS}
 
 
 def option_name(key: str) -> str:
@@ -93,6 +100,10 @@ def options() -> dict[str, Any]:
         "verify": info("verify", gr.Radio, {"choices": VERIFY_MODES}),
         "fetch_references": info("fetch_references"),
         "references": info("references"),
+        "memorization": info("memorization"),
+        "memorization_steps": info("memorization_steps", gr.Slider, {"minimum": 1, "maximum": 50, "step": 1}),
+        "memorization_threshold": info("memorization_threshold", gr.Number, {"precision": 6}),
+        "prompt_action": info("prompt_action", gr.Radio, {"choices": PROMPT_ACTIONS}),
     }
 
 

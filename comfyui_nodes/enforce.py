@@ -6,7 +6,9 @@ Opt-in, by either
   path, or a server URL), or
 - a file provenance_guard.json in ComfyUI's user folder:
   {"enforce": {"bundle": "...", "fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-  "verify": "confirm+escalate"}}
+  "verify": "confirm+escalate", "monitor": true}}
+  (monitor: a Memorization Monitor goes in front of every sampler's model, so every enforced check also gets
+  the sampler's memorization signal).
   (exempt_nodes: output node classes a studio lets through unchecked, named explicitly; save_nodes: node
   classes to guard although they are not output nodes).
 
@@ -39,8 +41,11 @@ REFUSAL_ID = "provenance-guard-refused"
 CHECK_CLASS = "ProvenanceCheck"
 REFUSAL_CLASS = "ProvenanceGuardRefusal"
 DEFAULTS: dict[str, Any] = {"fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-                            "verify": "confirm+escalate"}
-KEYS = {"bundle", "fail_mode", "exempt_nodes", "save_nodes", "top_k", "verify"}
+                            "verify": "confirm+escalate", "monitor": True}
+KEYS = {"bundle", "fail_mode", "exempt_nodes", "save_nodes", "top_k", "verify", "monitor"}
+MONITOR_CLASS = "ProvenanceMemorizationMonitor"
+# Nodes whose "model" input is what samples with CFG: a Memorization Monitor goes in front of it.
+SAMPLING_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "CFGGuider", "DualCFGGuider")
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -105,8 +110,10 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise EnforcementConfigError(f'{where}: "top_k" must be a whole number from 1 to 100, not {top_k!r}')
     if cfg.get("verify") not in VERIFY_MODES:
         raise EnforcementConfigError(f'{where}: "verify" must be one of {list(VERIFY_MODES)}, not {cfg.get("verify")!r}')
+    if not isinstance(cfg.get("monitor"), bool):
+        raise EnforcementConfigError(f'{where}: "monitor" must be true or false, not {cfg.get("monitor")!r}')
     return {"bundle": bundle.strip(), "fail_mode": cfg["fail_mode"], "exempt_nodes": names("exempt_nodes"),
-            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"]}
+            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "monitor": cfg["monitor"]}
 
 
 def _is_path(bundle: str) -> bool:
@@ -160,6 +167,8 @@ def enforce_prompt(json_data: dict, config: dict[str, Any], classes: dict) -> di
         if not isinstance(prompt, dict):
             return json_data
         exempt, extra = set(config["exempt_nodes"]), set(config["save_nodes"])
+        if config.get("monitor", True):
+            _insert_monitors(prompt)
         for node_id, node in list(prompt.items()):
             if not isinstance(node, dict):
                 continue
@@ -190,6 +199,26 @@ def enforce_prompt(json_data: dict, config: dict[str, Any], classes: dict) -> di
         log.exception("provenance-guard: could not insert the enforced check; refusing the prompt")
         return refuse(json_data, f"Provenance Guard studio enforcement could not insert its check into this graph "
                                  f"({type(exc).__name__}: {exc}); the prompt is refused rather than run unchecked")
+
+
+def _insert_monitors(prompt: dict) -> None:
+    """A Memorization Monitor in front of the model input of every node that samples with CFG, so the
+    enforced checks also get the prompt-side signal (no extra forward pass)."""
+    for node_id, node in list(prompt.items()):
+        if not isinstance(node, dict) or node.get("class_type") not in SAMPLING_NODES:
+            continue
+        inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+        source = inputs.get("model")
+        if not (isinstance(source, list) and len(source) == 2 and str(source[0]) in prompt):
+            continue
+        if (prompt[str(source[0])] or {}).get("class_type") == MONITOR_CLASS:
+            continue
+        monitor_id = f"provenance-guard-monitor-{node_id}"
+        while monitor_id in prompt:
+            monitor_id += "-"
+        prompt[monitor_id] = {"class_type": MONITOR_CLASS, "inputs": {"model": source, "steps": 5},
+                              "_meta": {"title": "Memorization Monitor (studio enforced)"}}
+        inputs["model"] = [monitor_id, 0]
 
 
 def refuse(json_data: Any, reason: str) -> dict:

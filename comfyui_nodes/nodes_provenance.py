@@ -18,6 +18,8 @@ import json
 import os
 
 from .enforce import ProvenanceGuardRefusal
+from .nodes_memorization import NODE_CLASS_MAPPINGS as MEMORIZATION_NODES
+from .nodes_memorization import NODE_DISPLAY_NAME_MAPPINGS as MEMORIZATION_NAMES
 
 CATEGORY = "provenance"
 FOLDER = "provenance"
@@ -96,6 +98,25 @@ def _blocker(message: str):
     return ExecutionBlocker(message)
 
 
+def sampler_signals(record, images: int):
+    """(memorization scores, model family) that a Memorization Monitor recorded for the sampler these images
+    come from in this run; (None, None) when none was recorded."""
+    from ..core.memorization import MemorizationScore
+    from .nodes_memorization import RUNS, executing, run_key
+
+    sampler = (record.extra or {}).get("sampler_node") if record is not None else None
+    prompt_id, _ = executing()
+    monitor = RUNS.get(run_key(prompt_id, sampler)) if prompt_id and sampler else None
+    if monitor is None:
+        return None, None
+    scores = monitor.scores(images)
+    if len(scores) != images:
+        why = (f"the sampler's batch held {len(scores)} latents but {images} images reached this check: they "
+               f"cannot be paired")
+        scores = [MemorizationScore(None, 0, why)] * images
+    return scores, monitor.family
+
+
 def ui_payload(results) -> dict:
     """What the front-end draws on the node (raw strings; the front-end escapes them)."""
     from ..core.report import result_payload, worst_of
@@ -149,6 +170,9 @@ class ProvenanceCheck:
                     "image's host that someone looked at it")}),
                 "references": ("STRING", {"default": "", "tooltip": "where the bundle's reference image folder "
                                                                     "is now, if it moved"}),
+                "prompt_action": (["warn", "pass", "block"], {"default": "warn", "tooltip": (
+                    "how far a flagged prompt alone raises an image's verdict (a Memorization Monitor signal over "
+                    "its threshold, or the training caption of duplicated images)")}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
@@ -156,7 +180,7 @@ class ProvenanceCheck:
     @classmethod
     def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
                    on_match="warn", fail_mode="open", model_override="", verify="confirm", fetch_references=False,
-                   references="", **_):
+                   references="", prompt_action="warn", **_):
         """Re-run when the bundle on disk changes (a new version after a takedown), never NaN."""
         try:
             path = resolve_bundle(bundle or "", bundle_path or "")
@@ -164,11 +188,12 @@ class ProvenanceCheck:
         except Exception:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
             stamp = "unresolved"
         return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
-                           fail_mode, model_override, verify, fetch_references, references])
+                           fail_mode, model_override, verify, fetch_references, references, prompt_action])
 
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
               block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", verify="confirm",
-              fetch_references=False, references="", prompt=None, extra_pnginfo=None, unique_id=None):
+              fetch_references=False, references="", prompt_action="warn", prompt=None, extra_pnginfo=None,
+              unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
         from ..core.policy import Policy, host_action
@@ -179,7 +204,7 @@ class ProvenanceCheck:
         from ..core.references import ReferenceOptions
 
         policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
-                        fail_mode=fail_mode, top_k=int(top_k), verify=verify)
+                        fail_mode=fail_mode, top_k=int(top_k), verify=verify, prompt_action=prompt_action)
         reference_options = ReferenceOptions(root=(references or "").strip() or None, fetch=bool(fetch_references))
         # prompt -> output: the sampler, prompts and model this node's images come from, traced in the graph.
         try:
@@ -187,6 +212,7 @@ class ProvenanceCheck:
         except (ValueError, TypeError, AttributeError, RecursionError):
             record = None
         records = [record] * len(images)
+        signals, family = sampler_signals(record, len(images))
         results: list[CheckResult] = []
         try:
             checker = shared_checker(resolve_bundle(bundle, bundle_path), model=model_override or None,
@@ -200,7 +226,8 @@ class ProvenanceCheck:
             for start in range(0, len(images), CHUNK):
                 _interrupt_point()
                 results += checker.check(images[start:start + CHUNK], records=records[start:start + CHUNK],
-                                         policy=policy, embedder=embedder)
+                                         policy=policy, embedder=embedder, family=family,
+                                         signals=None if signals is None else signals[start:start + CHUNK])
                 if bar is not None:
                     bar.update(min(CHUNK, len(images) - start))
         except ConfigError as exc:
@@ -247,6 +274,7 @@ class ProvenanceCheck:
         extra_pnginfo["provenance"] = batch_record(results)
 
 
-NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck, "ProvenanceGuardRefusal": ProvenanceGuardRefusal}
+NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck, "ProvenanceGuardRefusal": ProvenanceGuardRefusal,
+                       **MEMORIZATION_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {"ProvenanceCheck": "Provenance Check",
-                              "ProvenanceGuardRefusal": "Provenance Guard (refused prompt)"}
+                              "ProvenanceGuardRefusal": "Provenance Guard (refused prompt)", **MEMORIZATION_NAMES}

@@ -22,7 +22,9 @@ from .errors import ConfigError, DimensionMismatchError, ImageInputError, Proven
 from .images import ImageInput, Pixels, pixels_sha256, to_pixels
 from .logs import quiet_third_party
 from .models import ModelSpec
-from .policy import NOT_A_COPY, Policy, apply_verification, verdict_for, worst
+from .captions import lookup as lookup_caption
+from .memorization import MemorizationScore, PromptCheck, prompt_check
+from .policy import NOT_A_COPY, Policy, apply_prompt, apply_verification, verdict_for, worst
 from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
@@ -126,11 +128,16 @@ class Checker:
     def check(self, images: Union[Sequence[ImageInput], "torch.Tensor", "np.ndarray"],
               records: Optional[Sequence[Optional[GenerationRecord]]] = None,
               policy: Optional[Policy] = None,
-              embedder: Optional[Embedder] = None) -> list[CheckResult]:
+              embedder: Optional[Embedder] = None,
+              signals: Optional[Sequence[Optional[MemorizationScore]]] = None,
+              family: Optional[str] = None) -> list[CheckResult]:
         """One result per image, in order. A batch goes through each model in one forward pass.
 
         ``embedder`` replaces the bundles' model (e.g. a host's already-loaded CLIP vision model that the
-        caller has verified to be the bundle's model).
+        caller has verified to be the bundle's model). ``signals``: the sampler's memorization score of each
+        image (core.memorization), judged for the model ``family``; with them, or with a prompt in the
+        records, each result gets its prompt section (the signal and the caption check), which
+        policy.prompt_action combines into the verdict.
         """
         t0 = time.perf_counter()
         policy = policy or self.policy
@@ -187,7 +194,38 @@ class Checker:
                 for slot, i in enumerate(good):
                     results[i] = self._result(per_image[slot], thresholds, policy, records[i],
                                               _image_info(pixels[i]), model_names, timings)
+        if signals is not None or any(r is not None and r.prompt for r in records):
+            for i, result in enumerate(results):
+                signal = signals[i] if signals is not None and i < len(signals) else None
+                result.prompt = self.prompt_section(records[i], signal, family, policy, signals is not None)
+                apply_prompt(result, policy.prompt_action)
         return results  # type: ignore[return-value]
+
+    def prompt_section(self, record: Optional[GenerationRecord], signal: Optional[MemorizationScore],
+                       family: Optional[str], policy: Policy, monitored: bool = True) -> PromptCheck:
+        """The prompt side of a result: the memorization signal judged for its family, and whether the prompt
+        is a training caption (and of how many near-duplicate images) in the first bundle with a caption
+        index."""
+        overrides = dict(policy.memorization_thresholds or {})
+        for b in self._bundles or []:
+            overrides = {**b.manifest.build.get("memorization", {}).get("thresholds", {}), **overrides}
+        section = (prompt_check(signal, family, overrides) if monitored or signal is not None
+                   else PromptCheck(verdict="unavailable", family=family,
+                                    reason="the sampler was not monitored (ComfyUI: Memorization Monitor node; "
+                                           "A1111/Forge: the extension's setting)"))
+        text = record.prompt if record is not None else None
+        if text:
+            for b in self._bundles or []:
+                found = lookup_caption(b, text)
+                if found is not None:
+                    section.caption_matches = found.to_json()
+                    break
+            else:
+                if self._bundles:
+                    section.caption_matches = {"bundle": None, "rows": None, "near_duplicates": None,
+                                               "note": "no bundle has a caption index: 'provenance-guard index "
+                                                       "captions BUNDLE' adds one"}
+        return section
 
     def check_embeddings(self, vectors: "np.ndarray", records: Optional[Sequence[Optional[GenerationRecord]]] = None,
                          policy: Optional[Policy] = None, model: Optional[str] = None) -> list[CheckResult]:

@@ -79,6 +79,9 @@ class Policy:
     top_k: int = DEFAULT_TOP_K
     verify: str = "off"
     verify_from: Optional[float] = None
+    # How far a flagged prompt alone raises the image's verdict: "pass" (never), "warn" or "block".
+    prompt_action: str = "warn"
+    memorization_thresholds: Optional[dict] = None  # family -> threshold, over the built-in table
 
     def __post_init__(self) -> None:
         if self.fail_mode not in FAIL_MODES:
@@ -87,6 +90,8 @@ class Policy:
             raise ConfigError(f"verify {self.verify!r}: give one of {', '.join(VERIFY_MODES)}")
         if self.verify_from is not None:
             validate_thresholds(self.verify_from, self.verify_from)
+        if self.prompt_action not in (PASS, WARN, BLOCK):
+            raise ConfigError(f"prompt action {self.prompt_action!r}: give pass, warn or block")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top-k {self.top_k!r}: give a whole number of matches >= 1")
         for name, value in (("warn", self.warn), ("block", self.block)):
@@ -125,6 +130,21 @@ def apply_verification(match: "Match", mode: str) -> None:
         verdict = BLOCK
     if verdict != match.verdict:
         match.clip_verdict, match.verdict = match.verdict, verdict
+
+
+def apply_prompt(result: "CheckResult", prompt_action: str) -> None:
+    """Combine the prompt verdict into the image's: a flagged prompt (memorization signal over its threshold,
+    or the caption of duplicated training images) raises the verdict to at most prompt_action."""
+    prompt = result.prompt
+    if prompt is None or prompt_action == PASS or result.error is not None:
+        return
+    flagged = prompt.verdict == "flag" or bool(prompt.caption_matches and prompt.caption_matches.get("near_duplicates"))
+    if flagged and SEVERITY.get(result.verdict, -1) < SEVERITY[prompt_action]:
+        result.verdict = prompt_action
+        result.warnings.append(f"the prompt raised the verdict to {prompt_action}: " + (
+            f"memorization signal {prompt.memorization_score:.4g} >= {prompt.threshold:g}"
+            if prompt.verdict == "flag" else
+            f"it is the training caption of {prompt.caption_matches['near_duplicates']} near-duplicate images"))
 
 
 def host_action(result: "CheckResult", action: str, blocking: str = BLOCK) -> str:

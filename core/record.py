@@ -394,6 +394,7 @@ def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = No
     if sampler_id is None:
         return rec
     inp = inputs_of(graph[sampler_id])
+    rec.extra["sampler_node"] = sampler_id
     guider = inputs_of(node(inp.get("guider")))
     seed = value(inp, "seed", int)
     rec.seed = seed if seed is not None else value(inp, "noise_seed", int, via=("noise",))

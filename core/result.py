@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .memorization import PromptCheck
     from .verify import Verification
 
 SCHEMA = "provenance-guard/check-result"
@@ -114,6 +115,7 @@ class CheckResult:
     checked_at: str = ""
     tool_version: str = ""
     verify: Optional[dict[str, Any]] = None  # {"mode", "from"}: how matches were verified on pixels, when they were
+    prompt: Optional["PromptCheck"] = None  # the prompt side: memorization signal and caption check
 
     @property
     def exact(self) -> bool:
@@ -148,6 +150,7 @@ class CheckResult:
             "checked_at": self.checked_at,
             "tool": {"name": "provenance-guard", "version": self.tool_version},
             **({"verify": self.verify} if self.verify else {}),
+            **({"prompt": self.prompt.to_json()} if self.prompt else {}),
         }
 
     def dumps(self, **kw) -> str:
@@ -169,7 +172,14 @@ class CheckResult:
             generation=GenerationRecord.from_json(d.get("generation")), warnings=list(d.get("warnings", [])),
             error=d.get("error"), timings_ms=dict(d.get("timings_ms") or {}), checked_at=d.get("checked_at", ""),
             tool_version=(d.get("tool") or {}).get("version", ""), verify=d.get("verify"),
+            prompt=_prompt_from_json(d.get("prompt")),
         )
+
+
+def _prompt_from_json(d):
+    from .memorization import PromptCheck
+
+    return PromptCheck.from_json(d)
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,7 +7,7 @@ Phases (each with a progress bar; the report at the end gives their times):
            the trained index -> parts/part_NNNN.index; each finished shard is recorded in state.json, so a
            killed build resumes after the last finished shard (on Ray, shards are tasks);
 4. index   merge the parts into on-disk inverted lists (IVF) or add all rows (exhaustive indices);
-5. metadata  every parquet in shard order -> metadata.arrow;
+5. metadata  every parquet in shard order -> metadata.arrow; then the caption index (core/captions.py);
 6. tune    exact search over all rows for sampled queries; pick nprobe for the target recall or latency;
            record recall@1/@10 on near-duplicate and held-out queries;
 7. publish manifest, then an atomic rename onto --out (an existing bundle there serves until then).
@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE, Bundle, BundleLock, Manifest,
                            MetadataWriter, RerankFileWriter, finalize, publish, read_manifest, rerank_file_names,
-                           search_parameters, space_for, utc_now)
+                           search_parameters, space_for, utc_now, write_caption_index)
 from ..core.config import DEFAULT_BLOCK, DEFAULT_WARN
 from ..core.errors import ConfigError, DiskFullError, ProvenanceError
 from ..core.images import release_freed_memory
@@ -119,6 +119,7 @@ class State:
         self.phases: dict[str, float] = {}
         self.completed: list[str] = []
         self.tuning: Optional[dict[str, Any]] = None
+        self.captions: Optional[str] = None
         self.publishing = False
 
     @classmethod
@@ -135,6 +136,7 @@ class State:
         state.phases = dict(data.get("phases", {}))
         state.completed = list(data.get("completed", []))
         state.tuning = data.get("tuning")
+        state.captions = data.get("captions")
         state.publishing = bool(data.get("publishing"))
         return state
 
@@ -147,12 +149,13 @@ class State:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": sorted(self.done),
                                    "phases": self.phases, "completed": self.completed, "tuning": self.tuning,
-                                   "publishing": self.publishing}))
+                                   "captions": self.captions, "publishing": self.publishing}))
         os.replace(tmp, self.path)
 
 
 # Test hook: a build SIGKILLs itself at the named checkpoint (after-train, after-add, after-index-written,
-# after-index, after-metadata, after-tune, before-publish, after-publish), as a crash or an OOM kill would.
+# after-index, after-metadata, after-captions, after-tune, before-publish, after-publish), as a crash or an
+# OOM kill would.
 ENV_KILL_AT = "PROVENANCE_GUARD_KILL_AT"
 
 
@@ -385,7 +388,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
         bar.close()
         phase("metadata", t0)
 
-    # tune
+    # captions (the index of the caption check before generation)
     t0 = time.perf_counter()
     manifest = Manifest(
         bundle_id=opts.bundle_id or out.name, bundle_version=opts.bundle_version or time.strftime(
@@ -394,6 +397,13 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
         trained_file=TRAINED_FILE, rerank_file=vec_name, rerank_dtype=rerank or "float16",
         rerank_scale_file=scale_name, warn=opts.warn, block=opts.block,
     )
+    if "captions" not in state.completed:
+        state.captions = write_caption_index(work, manifest)
+        phase("captions", t0)
+    manifest.captions_file = state.captions
+
+    # tune
+    t0 = time.perf_counter()
     if "tune" not in state.completed:
         finalize(work, manifest, hash_files=False)
         tuning = tune_bundle(work, shards, choice, opts)

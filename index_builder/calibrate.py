@@ -281,7 +281,7 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
     plot_path = Path(plot).expanduser() if plot else bundle_path.parent / f"{bundle_path.name}.calibration.png"
     bundle.close()
 
-    def change(m):
+    def change(m, _folder):
         m.warn, m.block = round(warn, 6), round(block, 6)
         m.verification = dict(cut)
         m.build["calibration"] = {

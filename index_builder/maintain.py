@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, BundleLock,
-                           Manifest, MetadataWriter, RerankFileWriter, finalize, publish, space_for, staging,
-                           sweep_leftovers, utc_now)
+                           Manifest, MetadataWriter, RerankFileWriter, finalize, normalize_metadata, publish,
+                           space_for, staging, sweep_leftovers, utc_now, write_caption_index)
+from ..core import captions
 from ..core.errors import ConfigError, DimensionMismatchError
 from .faiss_build import add_part, merge_parts
 from .shards import iter_vectors, metadata_schema, read_metadata, scan_shards
@@ -136,26 +137,39 @@ def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=No
                         f"{missing} listed {kind} matched no row" if missing else "")
 
 
-def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True) -> ChangeReport:
-    """A new version whose data files are the old ones (hard-linked) and whose manifest ``change(manifest)``
-    edits; change returns the history entry. Under the bundle's maintenance lock, like every change."""
+def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True,
+                    operation: str = "index calibrate") -> ChangeReport:
+    """A new version whose data files are the old ones (hard-linked) and whose manifest ``change(manifest,
+    folder)`` edits (it may write new files into the folder); change returns the history entry. Under the
+    bundle's maintenance lock, like every change."""
     bundle_path = Path(bundle_path).expanduser()
-    with BundleLock(bundle_path, "index calibrate", wait=wait):
+    with BundleLock(bundle_path, operation, wait=wait):
         sweep_leftovers(bundle_path)
         bundle = Bundle.open(bundle_path)
         try:
             m = copy.deepcopy(bundle.manifest)
+            old_names = set(m.data_files())
             with space_for(bundle_path.parent, 1 << 20, f"updating {bundle_path}"), staging(bundle_path) as tmp:
                 for name in m.data_files():
                     _link(bundle_path / name, tmp / name)
-                entry = change(m)
+                entry = change(m, tmp)
                 m.validate()
                 m.bundle_version = _new_version()
                 _history(m, entry)
-                _publish_change(tmp, bundle_path, m, dict(m.files))
+                _publish_change(tmp, bundle_path, m, {k: v for k, v in m.files.items() if (tmp / k).is_file()
+                                                      and k in old_names})
         finally:
             bundle.close()
     return ChangeReport(bundle_path, m.bundle_version, m.count, 0)
+
+
+def add_caption_index(bundle_path: Union[str, Path], wait: bool = True) -> ChangeReport:
+    """Write the caption index of a bundle built without one (as a new version)."""
+    def change(m, tmp):
+        m.captions_file = write_caption_index(tmp, m)
+        return {"op": "captions", "file": m.captions_file}
+
+    return update_manifest(bundle_path, change, wait, operation="index captions")
 
 
 # append and merge -----------------------------------------------------------------------------------------
@@ -257,7 +271,11 @@ def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str]
         writer.close()
         if m.removed_file:
             _link(bundle_path / m.removed_file, tmp / m.removed_file)
-        for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file):
+        if bundle.captions is not None:  # the new rows' captions join the index
+            captions.extend(tmp / captions.CAPTIONS_FILE, bundle.captions,
+                            (b for s in shards for b in normalize_metadata(read_metadata(s)).to_batches()),
+                            bundle.count)
+        for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file, m.captions_file):
             old_files.pop(name, None)
         m.count = bundle.count + new_rows
         m.bundle_version = _new_version()
@@ -324,6 +342,13 @@ def _merge(a: Bundle, b: Bundle, out: Path) -> ChangeReport:
             for batch in bundle.metadata_batches():
                 writer.write(_table(batch))
         writer.close()
+        if a.captions is not None or b.captions is not None:
+            shifted = None
+            if b.captions is not None:
+                shifted = np.array(b.captions)
+                shifted["row"] += a.count
+            captions.extend(tmp / captions.CAPTIONS_FILE, a.captions, [], 0, other=shifted)
+            m.captions_file = captions.CAPTIONS_FILE
         removed = np.union1d(a.removed, b.removed + a.count).astype(np.int64)
         m.removed_file, m.removed_count = (REMOVED_FILE, int(len(removed))) if len(removed) else (None, 0)
         if len(removed):

@@ -118,7 +118,7 @@ class FakeGradio(types.ModuleType):
             def __exit__(s, *a):
                 return False
 
-        for name in ("Accordion", "Row", "Checkbox", "Dropdown", "Textbox", "Slider", "Radio", "HTML"):
+        for name in ("Accordion", "Row", "Checkbox", "Dropdown", "Textbox", "Slider", "Radio", "HTML", "Number"):
             setattr(self, name, type(name, (Block,), {}))
 
 
@@ -140,10 +140,13 @@ def webui(tmp_path, monkeypatch, built_bundle):
     paths = types.ModuleType("modules.paths")
     paths.models_path = str(models)
     callbacks = types.ModuleType("modules.script_callbacks")
-    registry = {"ui_settings": [], "before_image_saved": [], "app_started": []}
+    registry = {"ui_settings": [], "before_image_saved": [], "app_started": [], "cfg_denoiser": [],
+                "cfg_denoised": []}
     callbacks.on_ui_settings = registry["ui_settings"].append
     callbacks.on_before_image_saved = registry["before_image_saved"].append
     callbacks.on_app_started = registry["app_started"].append
+    callbacks.on_cfg_denoiser = registry["cfg_denoiser"].append
+    callbacks.on_cfg_denoised = registry["cfg_denoised"].append
     callbacks.ImageSaveParams = ImageSaveParams
     modules.scripts, modules.shared, modules.paths, modules.script_callbacks = scripts_mod, shared, paths, callbacks
     gradio = FakeGradio()

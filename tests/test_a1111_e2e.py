@@ -51,7 +51,11 @@ BUNDLE_NAME = "e2e-provenance-refs"
 SCRIPT_TITLE = "Provenance Guard"
 HOSTS = {"a1111": ("A1111_DIR", "A1111_PYTHON"), "forge": ("FORGE_DIR", "FORGE_PYTHON")}
 OPTION_KEYS = [f"provenance_guard_{k}" for k in
-               ("enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode")]
+               ("enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode",
+                "verify", "fetch_references", "references")]
+# The script's API args (a1111_extension/script.py ARG_NAMES): 10 since pixel verification; callers sending the
+# first 8 get verify and fetch_references from the settings (test_fail_closed_missing_bundle sends 8).
+VERIFY_MODES = ("confirm", "off", "escalate", "confirm+escalate")
 SEED = 20261128
 PROMPT = "astronaut"  # longer prompts can give NaNs with random SD weights
 
@@ -235,8 +239,30 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
 
 
-def _script_args(bundle_path: str, action: str, fail_mode: str = "open") -> dict:
-    return {SCRIPT_TITLE: {"args": [True, "", bundle_path, True, DEMO_WARN, DEMO_BLOCK, action, fail_mode]}}
+def _script_args(bundle_path: str, action: str, fail_mode: str = "open", verify: str | None = "confirm",
+                 fetch_references: bool = False) -> dict:
+    """The script's args; verify None sends only the first 8 (an older caller: the settings' defaults apply)."""
+    args = [True, "", bundle_path, True, DEMO_WARN, DEMO_BLOCK, action, fail_mode]
+    if verify is not None:
+        assert verify in VERIFY_MODES, verify
+        args += [verify, fetch_references]
+    return {SCRIPT_TITLE: {"args": args}}
+
+
+def _data_uri(value: Any) -> bool:
+    return isinstance(value, str) and re.match(r"data:image/[a-z]+;base64,[A-Za-z0-9+/]{100,}={0,2}$", value) is not None
+
+
+def _top_verification_expected(host: "Host") -> bool:
+    """Whether the check verifies every image's top match on pixels whatever its score (core/check.py: a bundle of
+    at most SMALL_BUNDLE_ROWS rows whose manifest records a local images folder)."""
+    from provenance_guard.core.check import SMALL_BUNDLE_ROWS
+
+    manifest = json.loads((host.bundle / "manifest.json").read_text())
+    sources = (manifest.get("build") or {}).get("sources") or []
+    local = any(isinstance(s, dict) and s.get("kind") == "images" and s.get("path") and Path(s["path"]).is_dir()
+                for s in sources)
+    return int(manifest["count"]) <= SMALL_BUNDLE_ROWS and local
 
 
 def _traceback_blocks(log: str) -> list[str]:
@@ -444,11 +470,11 @@ def installed(host: Host) -> dict:
     code = f"from modules import launch_utils; launch_utils.run_extension_installer({str(host.ext)!r})"
     proc = _run([host.python, "-c", code], host.webui, host.env, INSTALL_TIMEOUT, "the extension's install.py")
     took = time.time() - t0
-    check = ("import json, numpy, pyarrow, faiss, open_clip\n"
+    check = ("import json, numpy, pyarrow, faiss, open_clip, cv2\n"
              "from importlib.metadata import version\n"
              "arr = pyarrow.array(numpy.arange(3, dtype=numpy.float32))\n"
              "print(json.dumps({'numpy': numpy.__version__, 'pyarrow': pyarrow.__version__, "
-             "'faiss': faiss.__version__, 'open_clip': version('open_clip_torch'), "
+             "'faiss': faiss.__version__, 'open_clip': version('open_clip_torch'), 'cv2': cv2.__version__, "
              "'arrow_sum': float(arr.to_numpy().sum())}))")
     imports = _run([host.python, "-c", check], host.tmp, host.env, 300, "the import check")
     return {"install": proc, "install_s": took, "imports": imports, "files": copied}
@@ -555,12 +581,14 @@ def test_install_from_url(host: Host, installed: dict):
     # run_extension_installer catches install.py's failure and only reports it: look for its report too
     assert "Error running install.py" not in proc.stdout + proc.stderr, f"install.py failed:\n{out}"
     imports = installed["imports"]
-    assert imports.returncode == 0, f"after install.py, the host cannot import pyarrow/faiss/open_clip/numpy:\n" \
+    assert imports.returncode == 0, f"after install.py, the host cannot import pyarrow/faiss/open_clip/numpy/cv2:\n" \
                                     f"{_output(imports)}\n--- install.py\n{out}"
     versions = json.loads(imports.stdout.strip().splitlines()[-1])
     assert versions["numpy"] == "1.26.2", f"install.py changed the host's numpy: {versions}\n{out}"
     assert versions["open_clip"] == "2.20.0", f"install.py changed the host's open_clip: {versions}\n{out}"
     assert versions["arrow_sum"] == 3.0, versions
+    # pixel verification needs OpenCV: both webuis ship opencv-python 4.11, which install.py must leave alone
+    assert versions["cv2"].startswith("4.11."), f"install.py changed the host's OpenCV: {versions}\n{out}"
     print(f"\n[{host.name}] install.py {installed['install_s']:.1f}s, {installed['files']} files; {versions}")
 
 
@@ -601,6 +629,19 @@ def test_txt2img_warn(webui: Webui):
         assert fields.get("Provenance similarity") and fields.get("Provenance bundle", "").startswith(BUNDLE_NAME), \
             f"image {i}: infotext lacks similarity/bundle: {fields}"
         assert abs(float(fields["Provenance similarity"]) - r["max_score"]) < 1e-3, (fields, r)
+    # verify "confirm": a small bundle with local reference images gets every image's top match compared on
+    # pixels, whatever its score; random-SD noise against unrelated photos is "different"
+    if _top_verification_expected(w.host):
+        for i, r in enumerate(results):
+            top = (r.get("matches") or [None])[0]
+            assert top is not None, f"image {i}: no matches in its Provenance results entry: {r}"
+            v = top.get("verification") or {}
+            assert v.get("status") == "different", \
+                f"image {i}: the top match was not verified as 'different' on pixels: {json.dumps(top)[:1500]}"
+            assert _data_uri(top.get("evidence")), f"image {i}: the verified top match has no evidence data URI: " \
+                                                   f"{str(top.get('evidence'))[:200]!r}"
+    w.state["warn_verification"] = [((r.get("matches") or [{}])[0].get("verification") or {}).get("status")
+                                    for r in results]
     for i, (raw, img) in enumerate(images):
         assert not _is_placeholder(img), f"warn mode: image {i} is dark ({_dark_share(img):.2f}); the random " \
                                          f"checkpoint should give mid-grey noise"
@@ -655,6 +696,16 @@ def test_txt2img_block_known_image(webui: Webui):
     assert results[0]["verdict"] == "block" and results[0]["max_score"] >= DEMO_BLOCK, \
         f"the regenerated known image (seed {SEED}) was not blocked: {results[0]}"
     assert results[0]["top"] and "known-generated" in (results[0]["top"]["url"] or ""), results[0]["top"]
+    # the block is verified on the known image's pixels (verify "confirm" keeps it a block) with its evidence
+    top = (results[0].get("matches") or [None])[0]
+    assert top is not None and "known-generated" in (top.get("url") or ""), \
+        f"image 0's first match in its Provenance results entry is not the known image: {json.dumps(top)[:1500]}"
+    assert (top.get("verification") or {}).get("status") == "copy", \
+        f"image 0's top match was not verified as a copy on pixels: {json.dumps(top)[:1500]}"
+    assert _data_uri(top.get("evidence")), \
+        f"image 0's verified top match has no evidence data URI: {str(top.get('evidence'))[:200]!r}"
+    w.state["block_verification"] = [((r.get("matches") or [{}])[0].get("verification") or {}).get("status")
+                                     for r in results]
     # the other seeds' noise may come near the known noise image (warn) with this tiny random CLIP, not to block
     assert verdicts[0] == "block" and "block" not in verdicts[1:], \
         f"per-image infotexts should say block for image 0 only: {verdicts}; results: {results}"
@@ -681,7 +732,9 @@ def test_txt2img_block_known_image(webui: Webui):
 def test_fail_closed_missing_bundle(webui: Webui):
     w = webui
     payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED + 10,
-               "save_images": True, "alwayson_scripts": _script_args("/nonexistent", "warn", "closed")}
+               "save_images": True,
+               # 8 args, as an older API caller sends: verify and fetch_references come from the settings
+               "alwayson_scripts": _script_args("/nonexistent", "warn", "closed", verify=None)}
     out = _generate(w, "txt2img", payload)
     parsed, _, results = _per_image(out, 2, w)
     for i, (fields, r) in enumerate(zip(parsed, results)):
@@ -721,7 +774,8 @@ def test_img2img_known_image(webui: Webui):
     _check_saved(w, saved[SEED], r["verdict"])
 
 
-def test_inpaint_overlay_keeps_placeholder(webui: Webui):
+@pytest.mark.parametrize("verify", ["off", "confirm"])
+def test_inpaint_overlay_keeps_placeholder(webui: Webui, verify: str):
     """Inpaint the known image's left half (inpainting_fill 1 = original, inpaint_full_res false) with action
     block: the webui pastes the kept right half of the init image back over the generated image (apply_overlay)
     after the batch check. When the batch check blocks, what comes back must be the placeholder, not the
@@ -729,13 +783,18 @@ def test_inpaint_overlay_keeps_placeholder(webui: Webui):
 
     The random-weight VAE does not reproduce the init image (and its encoder samples, so img2img is not even
     repeatable), so the image the batch check sees scores only ~0.89-0.92 against the known image with the tiny
-    CLIP: this call sets its own thresholds (warn INPAINT_WARN, block INPAINT_BLOCK) so that it is blocked."""
+    CLIP: this call sets its own thresholds (warn INPAINT_WARN, block INPAINT_BLOCK) so that it is blocked.
+
+    verify "off" keeps that path (the score alone decides the batch check). Under verify "confirm" the batch
+    check's block may be verified "different" on pixels (the VAE changed them) and become a warn; then the
+    final-image hook re-checks the composited pixels (the original's right half back), which must be blocked
+    and replaced by the placeholder all the same."""
     w = webui
     known = _known(w)
     mask = Image.new("L", known.size, 0)
     half = known.width // 2
     mask.paste(255, (0, 0, half, known.height))  # inpaint the left half; the right half is kept
-    args = [True, "", str(w.host.bundle), False, INPAINT_WARN, INPAINT_BLOCK, "block", "open"]
+    args = [True, "", str(w.host.bundle), False, INPAINT_WARN, INPAINT_BLOCK, "block", "open", verify, False]
     payload = {"init_images": [_b64_png(known)], "mask": _b64_png(mask), "prompt": PROMPT, "steps": 20,
                "denoising_strength": 0.05, "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0,
                "width": 64, "height": 64, "batch_size": 1, "seed": SEED, "save_images": True,
@@ -743,8 +802,8 @@ def test_inpaint_overlay_keeps_placeholder(webui: Webui):
     out = _generate(w, "img2img", payload)
     _, images, results = _per_image(out, 1, w)
     r = results[0]
-    w.state["inpaint"] = {"verdict": r["verdict"], "max_score": r["max_score"], "warnings": r["warnings"],
-                          "top": (r["top"] or {}).get("url")}
+    w.state.setdefault("inpaint", {})[verify] = {"verdict": r["verdict"], "max_score": r["max_score"],
+                                                 "warnings": r["warnings"], "top": (r["top"] or {}).get("url")}
     assert r["verdict"] == "block" and r["max_score"] >= INPAINT_BLOCK, \
         f"the inpaint of the known image was not blocked at block={INPAINT_BLOCK}: {r}"
     img = images[0][1]
@@ -783,6 +842,7 @@ def test_stop_and_log_clean(webui: Webui):
     print(f"\n[{w.host.name}] {time.time() - w.host.started:.0f}s in all, webui up {time.time() - w.started_at:.0f}s; "
           f"start {w.state.get('startup_s')}s; "
           f"rebuild {w.state.get('rebuild_s')}s; calls {w.state.get('timings')}; "
-          f"block {w.state.get('block_verdicts')}; "
+          f"block {w.state.get('block_verdicts')}; verification warn {w.state.get('warn_verification')} "
+          f"block {w.state.get('block_verification')}; "
           f"img2img {w.state.get('img2img')}; inpaint {w.state.get('inpaint')}")
     _assert_clean_log(w, "after the generations")

@@ -37,7 +37,7 @@ def test_built_bundle_layout_and_manifest(built_bundle):
     m = read_manifest(built_bundle)
     assert m.format_version == FORMAT_VERSION and m.count == 6 and m.dim == 64
     assert m.model.startswith("local-dir:") and m.index_factory == "Flat" and m.exact
-    assert set(m.files) == {INDEX_FILE, METADATA_FILE, VECTORS_FILE}
+    assert set(m.files) == {INDEX_FILE, METADATA_FILE, VECTORS_FILE, "captions.npy"} and m.captions_file
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in m.files.values())
     assert m.build["sources"][0]["kind"] == "images" and m.build["created"].endswith("Z")
     b = Bundle.open(built_bundle)

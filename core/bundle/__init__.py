@@ -29,7 +29,7 @@ from .manifest import (CAPTION_COLUMNS, FORMAT, FORMAT_VERSION, INDEX_FILE, IVFD
 from .reader import Bundle, quiet_stdout, read_removed, search_parameters
 from .rerank import RerankAppender, RerankFileWriter, decode_rerank, encode_rerank, rerank_file_names
 from .writer import (BundleWriter, MetadataWriter, finalize, human, is_disk_full, normalize_metadata, publish,
-                     space_for, staging, sweep_leftovers)
+                     space_for, staging, sweep_leftovers, write_caption_index)
 
 __all__ = [
     "Bundle", "BundleLock", "BundleWriter", "CAPTION_COLUMNS", "FORMAT", "FORMAT_VERSION", "INDEX_FILE",
@@ -37,5 +37,6 @@ __all__ = [
     "RerankAppender", "RerankFileWriter", "SCALES_FILE", "TRAINED_FILE", "URL_COLUMNS", "VECTORS_FILE",
     "VECTORS_I8_FILE", "bundle_file", "check_file_name", "decode_rerank", "encode_rerank", "finalize",
     "human", "is_disk_full", "lock_path", "manifest_stamp", "normalize_metadata", "publish", "quiet_stdout", "read_manifest",
-    "read_removed", "rerank_file_names", "search_parameters", "sha256_file", "space_for", "staging", "sweep_leftovers", "utc_now", "write_manifest",
+    "read_removed", "rerank_file_names", "search_parameters", "sha256_file", "space_for", "staging", "sweep_leftovers", "utc_now", "write_caption_index",
+    "write_manifest",
 ]

@@ -69,6 +69,7 @@ class Manifest:
     metadata_batch_rows: int = METADATA_BATCH_ROWS
     removed_file: Optional[str] = None
     removed_count: int = 0
+    captions_file: Optional[str] = None
     warn: float = DEFAULT_WARN
     block: float = DEFAULT_BLOCK
     description: str = ""
@@ -92,7 +93,7 @@ class Manifest:
     def data_files(self) -> list[str]:
         """Every file of the bundle but the manifest."""
         return [f for f in (self.index_file, self.ivfdata_file, self.trained_file, self.metadata_file,
-                            self.rerank_file, self.rerank_scale_file, self.removed_file) if f]
+                            self.rerank_file, self.rerank_scale_file, self.removed_file, self.captions_file) if f]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +109,7 @@ class Manifest:
                        "scale_file": self.rerank_scale_file, "scores": "exact" if self.exact else "approximate"},
             "metadata": {"file": self.metadata_file, "batch_rows": self.metadata_batch_rows},
             "removed": {"file": self.removed_file, "count": self.removed_count},
+            **({"captions": {"file": self.captions_file}} if self.captions_file else {}),
             "thresholds": {"warn": self.warn, "block": self.block},
             "build": self.build,
             "files": self.files,
@@ -149,6 +151,7 @@ class Manifest:
                 metadata_batch_rows=int(data["metadata"]["batch_rows"]),
                 removed_file=removed.get("file"),
                 removed_count=int(removed.get("count") or 0),
+                captions_file=(data.get("captions") or {}).get("file"),
                 warn=float(data["thresholds"]["warn"]),
                 block=float(data["thresholds"]["block"]),
                 build=dict(data.get("build") or {}),

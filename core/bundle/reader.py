@@ -104,6 +104,7 @@ class Bundle:
         self._metadata = metadata_reader
         self._batches: dict[int, Any] = {}
         self._fds: dict[str, int] = {}
+        self._captions = None
         # Re-rank rows: pread by default; through the memory map in a server (see vector()).
         self.mapped_reads = False
 
@@ -136,6 +137,17 @@ class Bundle:
     @property
     def exact(self) -> bool:
         return self.manifest.exact
+
+    @property
+    def captions(self):
+        """The caption index (core/captions.py), mapped on first use; None for bundles built without one."""
+        if not self.manifest.captions_file:
+            return None
+        if self._captions is None:
+            from ..captions import read_index
+
+            self._captions = read_index(self.path / self.manifest.captions_file, self.count)
+        return self._captions
 
     @property
     def verify_thresholds(self):

@@ -239,6 +239,7 @@ class BundleWriter:
         m.trained_file = TRAINED_FILE if trained is not None else None
         if self._rerank:
             m.rerank_file, m.rerank_scale_file = self._rerank.vec_name, self._rerank.scale_name
+        m.captions_file = write_caption_index(self.tmp, m)
         m.build = {"created": utc_now(), "tool": f"provenance-guard {_tool_version()}", **(build or {})}
         finalize(self.tmp, m)
         publish(self.tmp, self.out)
@@ -254,6 +255,20 @@ class BundleWriter:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._lock.__exit__()
+
+
+def write_caption_index(folder: Path, manifest: Manifest) -> Optional[str]:
+    """captions.npy from the finished metadata.arrow in folder (None when no row has a caption)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from ..captions import CAPTIONS_FILE, build
+
+    reader = ipc.open_file(pa.memory_map(str(folder / manifest.metadata_file), "r"))
+    if "caption" not in reader.schema.names:
+        return None
+    pairs = build(folder / CAPTIONS_FILE, (reader.get_batch(n) for n in range(reader.num_record_batches)))
+    return CAPTIONS_FILE if pairs else None
 
 
 def finalize(folder: Path, manifest: Manifest, hashed: Optional[dict[str, dict[str, Any]]] = None,

@@ -1,0 +1,210 @@
+"""The prompt side, during sampling: a memorization signal read from the sampler's own CFG predictions.
+
+Wen et al. (ICLR 2024, "Detecting, Explaining, and Mitigating Memorization in Diffusion Models") found that
+for a memorized prompt the text-conditional noise prediction differs strongly from the unconditional one
+from the very first sampling steps. With classifier-free guidance every sampler computes both, so the signal
+costs no extra forward pass: ``MemorizationMonitor`` takes them step by step and gives each image
+
+    score = mean over its first N steps of  RMS(eps(x_t, prompt) - eps(x_t, empty))
+
+(RMS over the latent's elements, so the score does not grow with the resolution). A host hands over either
+the two noise predictions (``add_eps``) or, as k-diffusion samplers and ComfyUI have them, the two denoised
+estimates with sigma (``add_denoised``): D = x - sigma * eps, so eps_c - eps_u = (D_u - D_c) / sigma, the
+same for eps- and v-prediction models. A run without CFG (guidance <= 1) has no unconditional prediction:
+its score is unavailable, never 0.
+
+Thresholds depend on the model family (the scale of the predictions differs): THRESHOLDS holds the ones that
+were measured, with their source; a family without one gets its score reported and the verdict "unrated"
+until a setting or the bundle's manifest (``memorization.thresholds``) provides one.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# Steps averaged: the signal is strongest at the first steps (Wen et al.; bench/q2_memorization.py).
+DEFAULT_STEPS = 5
+
+# family -> (threshold, source). Only measured values belong here.
+THRESHOLDS: dict[str, tuple[Optional[float], str]] = {
+    "toy-q2": (None, "bench/q2_memorization.py writes the threshold it measured into bench/out/q2/threshold.json"),
+    "sd1": (None, "not measured here (no Stable Diffusion weights on these machines): set one from your own "
+                  "runs of known memorized and ordinary prompts"),
+    "sd2": (None, "not measured here: set one from your own runs"),
+    "sdxl": (None, "not measured here: set one from your own runs"),
+}
+
+PASS, FLAG, UNRATED, UNAVAILABLE = "pass", "flag", "unrated", "unavailable"
+
+
+@dataclass
+class MemorizationScore:
+    """One image's signal: score (None when unavailable), the steps it averages, and why when unavailable."""
+
+    score: Optional[float]
+    steps: int
+    reason: str = ""
+
+
+@dataclass
+class PromptCheck:
+    """The prompt section of a result: the sampler's memorization signal and the caption check."""
+
+    memorization_score: Optional[float] = None
+    steps: int = 0
+    threshold: Optional[float] = None
+    family: Optional[str] = None
+    verdict: str = UNAVAILABLE
+    reason: str = ""
+    caption_matches: Optional[dict[str, Any]] = None  # {"rows", "near_duplicates", "bundle"} or None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"memorization_score": None if self.memorization_score is None else round(self.memorization_score, 6),
+               "steps": self.steps, "threshold": self.threshold, "family": self.family, "verdict": self.verdict,
+               "caption_matches": self.caption_matches}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_json(cls, d: Optional[dict[str, Any]]) -> Optional["PromptCheck"]:
+        if not d:
+            return None
+        return cls(memorization_score=d.get("memorization_score"), steps=int(d.get("steps") or 0),
+                   threshold=d.get("threshold"), family=d.get("family"), verdict=d.get("verdict", UNAVAILABLE),
+                   reason=d.get("reason", ""), caption_matches=d.get("caption_matches"))
+
+
+def threshold_for(family: Optional[str], overrides: Optional[dict[str, float]] = None) -> Optional[float]:
+    if family and overrides and family in overrides:
+        return float(overrides[family])
+    return THRESHOLDS.get(family or "", (None, ""))[0]
+
+
+def prompt_check(score: Optional[MemorizationScore], family: Optional[str],
+                 overrides: Optional[dict[str, float]] = None) -> PromptCheck:
+    """A memorization score judged against its family's threshold."""
+    if score is None:
+        return PromptCheck(verdict=UNAVAILABLE, family=family, reason="no sampler signal was recorded for this image")
+    threshold = threshold_for(family, overrides)
+    check = PromptCheck(memorization_score=score.score, steps=score.steps, threshold=threshold, family=family)
+    if score.score is None:
+        check.verdict, check.reason = UNAVAILABLE, score.reason
+    elif threshold is None:
+        check.verdict = UNRATED
+        check.reason = f"no memorization threshold for model family {family or 'unknown'}: " + \
+            THRESHOLDS.get(family or "", (None, "set one in the settings or the bundle's manifest"))[1]
+    else:
+        check.verdict = FLAG if score.score >= threshold else PASS
+    return check
+
+
+class MemorizationMonitor:
+    """Accumulates the CFG difference of a batch over its first ``steps`` sampling steps. Thread-safe; a host
+    makes one per generation (or calls reset()). Costs one subtraction and one norm per step: no forward pass."""
+
+    def __init__(self, steps: int = DEFAULT_STEPS):
+        if steps < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"memorization steps {steps}: give a whole number >= 1")
+        self.steps = steps
+        self.family: Optional[str] = None  # the model family the host found (for the threshold)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._sums: Optional["torch.Tensor"] = None
+            self._counts = 0
+            self._seen = 0
+            self._no_cfg = False
+            self._skipped = 0
+
+    @property
+    def done(self) -> bool:
+        return self._seen >= self.steps
+
+    def no_guidance(self) -> None:
+        """Tell the monitor this run samples without CFG (guidance <= 1): the score is unavailable."""
+        with self._lock:
+            self._no_cfg = True
+            self._seen += 1
+
+    def skip(self) -> None:
+        """A step whose unconditional prediction was not computed (A1111's skip_uncond): not counted."""
+        with self._lock:
+            self._skipped += 1
+
+    def add_eps(self, eps_cond: "torch.Tensor", eps_uncond: "torch.Tensor") -> None:
+        """One step's noise predictions, [B, ...] each (the same images in the same order)."""
+        if self.done:
+            return
+        diff = (eps_cond.detach().float() - eps_uncond.detach().float()).flatten(1)
+        self._add(diff.pow(2).mean(dim=1).sqrt())
+
+    def add_denoised(self, x: "torch.Tensor", denoised_cond: "torch.Tensor", denoised_uncond: "torch.Tensor",
+                     sigma: "torch.Tensor") -> None:
+        """One step's denoised estimates with the noise level: eps_c - eps_u = (D_u - D_c) / sigma."""
+        if self.done:
+            return
+        import torch
+
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=denoised_cond.device).flatten()
+        if sigma.numel() == 1:
+            sigma = sigma.expand(denoised_cond.shape[0])
+        diff = (denoised_uncond.detach().float() - denoised_cond.detach().float()).flatten(1)
+        diff = diff / sigma[: diff.shape[0]].clamp_min(1e-8)[:, None]
+        self._add(diff.pow(2).mean(dim=1).sqrt())
+
+    def _add(self, rms: "torch.Tensor") -> None:
+        # Kept on the sampler's device: reading it back (a GPU sync) waits for scores().
+        with self._lock:
+            if self._sums is None or self._sums.shape != rms.shape:
+                self._sums, self._counts = rms.clone(), 1
+            else:
+                self._sums += rms
+                self._counts += 1
+            self._seen += 1
+
+    def scores(self, images: Optional[int] = None) -> list[MemorizationScore]:
+        """One score per image of the batch (``images`` of them when the monitor saw none)."""
+        with self._lock:
+            if self._no_cfg:
+                n = images or (len(self._sums) if self._sums is not None else 1)
+                return [MemorizationScore(None, 0, "sampled without classifier-free guidance (CFG <= 1): the "
+                                                   "signal needs the unconditional prediction")] * n
+            if self._sums is None:
+                reason = ("the unconditional prediction was skipped at every step" if self._skipped
+                          else "no sampling step was observed")
+                return [MemorizationScore(None, 0, reason)] * (images or 1)
+            return [MemorizationScore(float(s) / self._counts, self._counts) for s in self._sums.cpu().tolist()]
+
+
+@dataclass
+class RunStore:
+    """Monitors by run id (ComfyUI's prompt id), least recently created out, so a Provenance Check can read
+    what the sampler of the same run recorded."""
+
+    capacity: int = 64
+    _runs: dict[str, MemorizationMonitor] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def monitor(self, run: str, steps: int = DEFAULT_STEPS) -> MemorizationMonitor:
+        with self._lock:
+            if run not in self._runs:
+                self._runs[run] = MemorizationMonitor(steps)
+                while len(self._runs) > self.capacity:
+                    self._runs.pop(next(iter(self._runs)))
+            return self._runs[run]
+
+    def get(self, run: str) -> Optional[MemorizationMonitor]:
+        with self._lock:
+            return self._runs.get(run)
+
+
+RUNS = RunStore()
