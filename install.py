@@ -23,6 +23,7 @@ PACKAGES = {
     "huggingface_hub": ("huggingface_hub", "huggingface_hub"),
     "fsspec": ("fsspec", "fsspec"),
     "requests": ("requests", "requests"),
+    "opencv-python-headless": ("cv2", "opencv-python-headless>=4.5"),  # the webuis ship opencv-python already
 }
 PINNED = ("torch", "torchvision", "numpy")
 PYARROW_FOR_NUMPY1 = "pyarrow>=14,<26"

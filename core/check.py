@@ -307,10 +307,10 @@ class Checker:
         for m, bundle in candidates:
             ref = self.references.resolve(bundle, m)
             if missing or not ref.available:
-                m.verification = unavailable(missing or ref.reason, ref.source)
+                m.verification = unavailable(missing or ref.reason, ref.label)
             else:
                 features = REFERENCE_FEATURES.get(f"{bundle.id}:{m.row_id}:{ref.source}", ref.image)
-                m.verification = verify(gen, features, bundle.verify_thresholds, ref.source)
+                m.verification = verify(gen, features, bundle.verify_thresholds, ref.label)
                 m.verification.evidence = evidence_picture(image, ref.image, m.verification)
             apply_verification(m, policy.verify)
 

@@ -161,7 +161,9 @@ class Embedder:
             if self._tokenizer is None:
                 self._tokenizer = open_clip.get_tokenizer(getattr(self.model, "provenance_guard_arch", None)
                                                           or self.spec.arch)
-        tokens = self._tokenizer(list(texts)).to(self.device)
+        # open_clip < 2.21 tokenizes to 77 tokens whatever the model's context length.
+        context = int(getattr(self.model, "context_length", 0) or 77)
+        tokens = self._tokenizer(list(texts), context_length=context).to(self.device)
         with torch.inference_mode():
             feats = self.model.encode_text(tokens).float()
             return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()

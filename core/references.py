@@ -37,16 +37,21 @@ FAILED_RETRY_S = 3600.0  # a dead link is not asked again for an hour
 class ReferenceOptions:
     root: Optional[str] = None        # where a bundle's image folder is now (it moved)
     fetch: bool = False               # fetch LAION-style URLs (opt-in)
-    cache_dir: Optional[str] = None   # default: $PROVENANCE_GUARD_REFERENCE_CACHE or ~/.cache/provenance-guard/references
+    cache_dir: Optional[str] = None   # default $PROVENANCE_GUARD_REFERENCE_CACHE, else ~/.cache/provenance-guard/...
     cache_bytes: int = 512 << 20
     allow_loopback: bool = False      # tests only
 
 
 @dataclass
 class Reference:
+    """image: the pixels (None when unavailable); source: where they were read (a local path or the URL);
+    label: what a record may say about it (the row's relative path, or the URL: never a local path, which
+    would tell whoever receives the image how this machine's folders are laid out)."""
+
     image: Optional["Image.Image"]
     source: str
     reason: str = ""
+    label: str = ""
 
     @property
     def available(self) -> bool:
@@ -154,21 +159,24 @@ class ReferenceResolver:
         from .images import open_image
 
         path = local_path(bundle, match, self.options.root)
+        rel = str(match.metadata.get("path") or match.metadata.get("image_path") or "")
         if path is not None:
             try:
-                return Reference(open_image(path).convert("RGB"), str(path))
+                return Reference(open_image(path).convert("RGB"), str(path), label=rel)
             except ImageInputError as exc:
-                return Reference(None, str(path), f"the reference file cannot be read: {exc}")
+                return Reference(None, str(path), f"the reference file {rel} cannot be read: {exc}", label=rel)
         url = match.url if isinstance(match.url, str) else ""
         if not url.lower().startswith(("http://", "https://")):
-            where = ", ".join(str(r) for r in image_roots(bundle, self.options.root)) or "no folder recorded"
-            return Reference(None, str(match.metadata.get("path") or url or f"row {match.row_id}"),
-                             f"the reference image is not on this machine (looked in {where}); give its folder with "
-                             f"--references DIR")
+            # The folders looked in stay out of the reason: it goes into records that leave this machine.
+            return Reference(None, rel or url or f"row {match.row_id}",
+                             f"the reference image {rel or ''} is not in the bundle's image folder on this machine "
+                             f"(moved or never copied); give its folder with --references DIR", label=rel or url)
         if not self.options.fetch:
-            return Reference(None, url, "reference fetching is off (--fetch-references turns it on; it tells the "
-                                        "image's host that someone looked)")
-        return self._fetch(url)
+            return Reference(None, url, label=url, reason="reference fetching is off (--fetch-references turns it "
+                                                          "on; it tells the image's host that someone looked)")
+        ref = self._fetch(url)
+        ref.label = url
+        return ref
 
     def _fetch(self, url: str) -> Reference:
         from .fetch import FetchError

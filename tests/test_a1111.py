@@ -524,7 +524,9 @@ def test_the_placeholder_is_drawn_with_the_webuis_bitmap_font(webui, monkeypatch
 
     from provenance_guard.core import report
 
-    monkeypatch.setattr(report, "_font", lambda size: ImageFont.load_default_imagefont())
+    # Pillow >= 10.1 keeps the bitmap font as load_default_imagefont(); before, load_default() is it.
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)
+    monkeypatch.setattr(report, "_font", lambda size: bitmap())
     img = report.placeholder_image(256, 256, "Blocked — too close to «日本の写真» … a known training image")
     assert is_placeholder(img) and np.asarray(img).max() > 200  # black, with light text on it
     p, processed, saved, originals = generate(webui, ["astronaut"], args(action="block"))

@@ -151,7 +151,7 @@ def test_a_reference_path_out_of_the_folder_is_not_followed(built_bundle, refere
     m = Match(score=1.0, exact=True, bundle_id=bundle.id, bundle_version=bundle.version, row_id=0,
               metadata={"path": "../../../../etc/passwd"})
     ref = ReferenceResolver().resolve(bundle, m)
-    assert not ref.available and "not on this machine" in ref.reason
+    assert not ref.available and "not in the bundle's image folder" in ref.reason
 
 
 # fetched references -----------------------------------------------------------------------------------------------
