@@ -15,7 +15,7 @@ its score is unavailable, never 0.
 
 Thresholds depend on the model family (the scale of the predictions differs): THRESHOLDS holds the ones that
 were measured, with their source; a family without one gets its score reported and the verdict "unrated"
-until a setting or the bundle's manifest (``memorization.thresholds``) provides one.
+until a setting or the bundle's manifest (``build.memorization.thresholds``) provides one.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ DEFAULT_STEPS = 5
 
 # family -> (threshold, source). Only measured values belong here.
 THRESHOLDS: dict[str, tuple[Optional[float], str]] = {
-    "toy-q2": (None, "bench/q2_memorization.py writes the threshold it measured into bench/out/q2/threshold.json"),
+    # bench/q2_memorization.py, 2026-11-28: the toy model's 5-step score above every one of 40 unseen prompts
+    # (FPR <= 1/40); its one memorized prompt scored above it. A rerun writes bench/out/q2/threshold.json.
+    "toy-q2": (0.0207, "bench/q2_memorization.py (toy pixel-space model trained to memorize; 40 unseen prompts)"),
     "sd1": (None, "not measured here (no Stable Diffusion weights on these machines): set one from your own "
                   "runs of known memorized and ordinary prompts"),
     "sd2": (None, "not measured here: set one from your own runs"),

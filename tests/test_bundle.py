@@ -280,3 +280,45 @@ def test_mapped_and_pread_row_reads_agree(tmp_path, rerank):
     b.mapped_reads = True
     np.testing.assert_array_equal(b.vector(ids), by_pread)
     np.testing.assert_allclose(by_pread, vecs[ids], atol=2e-2 if rerank == "int8" else 2e-3)
+
+
+def test_metadata_rows_read_from_buffers_equal_pyarrow_values(tmp_path):
+    """Strings, large strings, integers and floats are read from the Arrow buffers; every other type through
+    as_py. Each value must equal pyarrow's own, with nulls, unicode, empty strings and sliced arrays."""
+    import pyarrow.ipc as ipc
+
+    from provenance_guard.core.bundle.rows import BatchCache, BatchView, column_reader
+
+    n = 300
+    rng = np.random.default_rng(3)
+    null = lambda i, v: None if i % 7 == 3 else v  # noqa: E731
+    table = pa.table({
+        "url": pa.array([null(i, f"https://e.com/{i}?q=<b>&x=ü") for i in range(n)]),
+        "caption": pa.array([null(i, "" if i % 5 == 0 else "星 " * (i % 4) + "<i>x</i>") for i in range(n)],
+                            pa.large_string()),
+        "width": pa.array([null(i, int(rng.integers(-2**40, 2**40))) for i in range(n)], pa.int64()),
+        "small": pa.array([null(i, i % 120) for i in range(n)], pa.uint8()),
+        "f32": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float32()),
+        "f64": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float64()),
+        "nsfw": pa.array([null(i, i % 2 == 0) for i in range(n)], pa.bool_()),
+        "tags": pa.array([null(i, ["a", str(i)]) for i in range(n)], pa.list_(pa.string())),
+        "when": pa.array([null(i, i * 1000) for i in range(n)], pa.timestamp("ms")),
+        "kind": pa.array([["x", "y"][i % 2] for i in range(n)]).dictionary_encode(),
+        "empty": pa.array([None] * n, pa.string()),
+    })
+    batch = table.to_batches()[0]
+    for sliced in (batch, batch.slice(17, 150)):
+        view = BatchView(sliced, sliced.schema.names)
+        for j in range(sliced.num_rows):
+            assert view.row(j) == {name: sliced.column(c)[j].as_py() for c, name in enumerate(sliced.schema.names)}
+    readers = [column_reader(batch.column(c)) for c in range(batch.num_columns)]
+    assert [r is not None for r in readers] == [True] * 6 + [False] * 4 + [True]
+
+    path = tmp_path / "m.arrow"
+    with ipc.new_file(str(path), table.schema) as w:
+        for b in table.to_batches(max_chunksize=10):
+            w.write_batch(b)
+    cache = BatchCache(ipc.open_file(pa.memory_map(str(path), "r")), limit=4)
+    for k in range(30):
+        assert cache.get(k).row(3) == table.slice(k * 10 + 3, 1).to_pylist()[0]
+        assert len(cache) <= 4

@@ -18,6 +18,7 @@ from ..errors import (BundleError, BundleFileError, DimensionMismatchError, Inde
                       RowCountMismatchError)
 from .manifest import MANIFEST, RERANK_DTYPES, Manifest, bundle_file, read_manifest, sha256_file
 from .rerank import _advise_random, decode_rerank
+from .rows import BatchCache
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -102,7 +103,7 @@ class Bundle:
         self.removed = removed
         self.params, self._keep = search_parameters(index, manifest.search_params, removed)
         self._metadata = metadata_reader
-        self._batches: dict[int, Any] = {}
+        self._batches = BatchCache(metadata_reader)
         self._fds: dict[str, int] = {}
         self._captions = None
         # Re-rank rows: pread by default; through the memory map in a server (see vector()).
@@ -251,7 +252,7 @@ class Bundle:
                 continue
             fpath = path / name
             try:
-                arr = np.load(fpath, mmap_mode="r")
+                arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
                 _advise_random(arr)
             except (ValueError, OSError) as exc:
                 raise BundleFileError(f"{fpath} is not a readable .npy file ({exc}); rebuild the bundle") from exc
@@ -310,23 +311,11 @@ class Bundle:
         gone = self.is_removed(ids) if len(self.removed) else [False] * len(ids)
         out = []
         size = self.manifest.metadata_batch_rows
-        names = self._metadata.schema.names
         for i, removed in zip(ids, gone):
             if not 0 <= i < self.count:
                 raise IndexError(f"row {i} is outside bundle {self.id} (0..{self.count - 1})")
-            if removed:
-                out.append({"removed": True})
-                continue
-            batch, j = self._batch(i // size), i % size
-            out.append({name: batch.column(c)[j].as_py() for c, name in enumerate(names)})
+            out.append({"removed": True} if removed else self._batches.get(i // size).row(i % size))
         return out
-
-    def _batch(self, n: int):
-        # Locating a batch in the IPC file costs ~60 us; the batch objects themselves are zero-copy views.
-        batch = self._batches.get(n)
-        if batch is None:
-            batch = self._batches[n] = self._metadata.get_batch(n)
-        return batch
 
     def metadata_batches(self):
         """Every metadata record batch in row order (for rewriting a bundle)."""
