@@ -229,7 +229,8 @@ class Checker:
 
     def check_embeddings(self, vectors: "np.ndarray", records: Optional[Sequence[Optional[GenerationRecord]]] = None,
                          policy: Optional[Policy] = None, model: Optional[str] = None) -> list[CheckResult]:
-        """Check precomputed unit embeddings (rows) made with ``model`` (default: the bundles' model)."""
+        """Check precomputed embeddings (rows) made with ``model`` (default: the bundles' model). Rows are
+        scaled to unit length (a flat index scores inner products, which are cosines only between unit rows)."""
         import numpy as np
 
         t0 = time.perf_counter()
@@ -237,6 +238,11 @@ class Checker:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         records = list(records) if records is not None else [None] * len(vectors)
         try:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            if not (np.isfinite(norms).all() and (norms > 0).all()):
+                raise ImageInputError("an embedding is zero or holds a number that is not finite: give each "
+                                      "image's embedding as the model produced it")
+            vectors = vectors / norms
             bundles = self.open()
             if self.remote:
                 raise ConfigError("precomputed embeddings can only be checked against local bundles; the index "

@@ -98,7 +98,7 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", k: int):
     import numpy as np
 
     vecs = bundle.vector(np.where(ids >= 0, ids, 0).reshape(-1)).reshape(ids.shape[0], ids.shape[1], -1)
-    dots = np.einsum("qcd,qd->qc", vecs, queries)
+    dots = np.matmul(vecs, queries[:, :, None])[:, :, 0]  # BLAS; einsum's generic loop was 3x slower
     norms = np.sqrt(np.einsum("qcd,qcd->qc", vecs, vecs)) * np.linalg.norm(queries, axis=1, keepdims=True)
     exact = np.where(ids >= 0, dots / np.maximum(norms, 1e-12), -np.inf)
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]

@@ -26,15 +26,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import ConfigError, ImageInputError, ProvenanceError
 from .schemas import CheckOptions, CheckRequest, KnnRequest, MetadataRequest, problem_of
+
+if TYPE_CHECKING:  # numpy is imported lazily: nothing heavy at import time
+    import numpy as np
 
 log = logging.getLogger("provenance_guard.server")
 DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
@@ -246,6 +249,39 @@ def _pixels(blobs: list[bytes]):
     return pixels
 
 
+def json_body(content: Any) -> bytes:
+    """A response body as compact UTF-8 JSON: orjson when installed (it encodes forty results in a tenth of
+    json's time), else the standard library with the same output shape."""
+    try:
+        import orjson
+    except ImportError:
+        orjson = None
+    if orjson is not None:
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # a value orjson does not encode (an int beyond 64 bits): the slow path says what
+            pass
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def json_response(content: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(json_body(content), status_code=status, headers=headers, media_type="application/json")
+
+
+def unit_rows(rows: list, dim: int, field: str, of: str = "") -> "np.ndarray":
+    """Request embeddings as unit float32 rows, each of the bundle's dimension, finite and non-zero."""
+    import numpy as np
+
+    if any(len(r) != dim for r in rows):
+        bad = next(len(r) for r in rows if len(r) != dim)
+        raise HTTPProblem(400, f"{field} has a vector of {bad} numbers; the bundle holds {dim}-d vectors{of}")
+    q = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+    norms = np.linalg.norm(q, axis=1, keepdims=True)
+    if not np.isfinite(norms).all() or (norms == 0).any():
+        raise HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
+    return q / norms
+
+
 def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list[dict]:
     """clip-retrieval's /knn-service over one bundle, exact cosines. ``fetched``: the image_url's bytes,
     fetched by the route before this runs (so a slow URL holds no worker thread)."""
@@ -259,14 +295,7 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
                                "are embedded with the model and searched against the images)")
     num, num_ids = body.num_images, body.num_result_ids or body.num_images
     if body.embedding_input is not None:
-        q = np.asarray(body.embedding_input, dtype=np.float32).reshape(1, -1)
-        if q.shape[1] != bundle.dim:
-            raise HTTPProblem(400, f"embedding_input has {q.shape[1]} numbers but index "
-                                   f"{bundle.id} holds {bundle.dim}-d vectors of {bundle.model}")
-        norm = float(np.linalg.norm(q))
-        if not np.isfinite(norm) or norm == 0:
-            raise HTTPProblem(400, "embedding_input must be a finite, non-zero vector")
-        q /= norm
+        q = unit_rows([body.embedding_input], bundle.dim, "embedding_input", f" of index {bundle.id} ({bundle.model})")
     elif body.text:
         q = state.batcher(bundle.model).embedder.embed_text([body.text])
     elif body.image or fetched is not None:
@@ -294,21 +323,32 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     return out
 
 
-def deduplicate(vectors, matches: list, keep: int) -> list:
+def deduplicate(vectors, matches: list, keep: int, block: int = 128) -> list:
     """clip-retrieval's de-duplication: best first, drop a result within DEDUP_COSINE of one already kept.
-    Each candidate is compared with the kept ones only (at most ``keep``): O(n·keep), never n x n."""
+
+    Candidates are taken a block at a time: one product against the kept vectors and one within the block
+    (block x (keep + block) cosines, never n x n), then a plain loop over booleans decides, stopping once
+    ``keep`` are kept. A loop of one matrix product per candidate cost a knn request ~0.5 ms."""
     import numpy as np
 
     kept: list[int] = []
     kept_vectors = np.empty((keep, vectors.shape[1]), dtype=np.float32)
-    for i in range(len(matches)):
-        if kept and float((kept_vectors[:len(kept)] @ vectors[i]).max()) >= DEDUP_COSINE:
-            continue
-        kept_vectors[len(kept)] = vectors[i]
-        kept.append(i)
-        if len(kept) == keep:
-            break
-    return [matches[i] for i in kept]
+    for start in range(0, len(matches), block):
+        rows = vectors[start:start + block].astype(np.float32, copy=False)
+        near_kept = ((rows @ kept_vectors[:len(kept)].T) >= DEDUP_COSINE).any(axis=1).tolist() if kept \
+            else [False] * len(rows)
+        within = np.tril((rows @ rows.T) >= DEDUP_COSINE, -1)
+        earlier = {int(i): np.flatnonzero(within[i]).tolist() for i in np.flatnonzero(within.any(axis=1))}
+        kept_here: set[int] = set()
+        for i in range(len(rows)):
+            if near_kept[i] or any(j in kept_here for j in earlier.get(i, ())):
+                continue
+            kept_vectors[len(kept)] = rows[i]
+            kept.append(start + i)
+            kept_here.add(i)
+            if len(kept) == keep:
+                return [matches[k] for k in kept]
+    return [matches[k] for k in kept]
 
 
 def metadata(state: State, body: MetadataRequest) -> list[dict]:
@@ -326,14 +366,18 @@ def _json_value(v):
     return _jsonable(v)
 
 
-def check(state: State, blobs: list[bytes], options: CheckOptions) -> dict:
+def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: Optional[list] = None) -> dict:
+    """/v1/check of uploaded images, or of precomputed embeddings (``embeddings``, one row per image)."""
+    import numpy as np
+
     from ..core.policy import Policy
     from ..core.result import GenerationRecord
 
-    if not blobs:
+    count = len(embeddings) if embeddings is not None else len(blobs)
+    if not count:
         raise HTTPProblem(400, "no images: send them as multipart files named images, or JSON {\"images\": [base64]}")
-    if len(blobs) > state.config.max_images_per_request:
-        raise HTTPProblem(413, f"{len(blobs)} images in one request; at most {state.config.max_images_per_request}")
+    if count > state.config.max_images_per_request:
+        raise HTTPProblem(413, f"{count} images in one request; at most {state.config.max_images_per_request}")
     names = options.indices or list(state.bundles)
     for n in names:
         state.bundle(n)
@@ -350,24 +394,31 @@ def check(state: State, blobs: list[bytes], options: CheckOptions) -> dict:
             generation = CheckOptions.model_validate({"generation": json.loads(generation)}).generation
         except (ValueError, ValidationError) as exc:
             raise HTTPProblem(422, f"generation: {exc}")
-    records = generation if isinstance(generation, list) else [generation] * len(blobs)
-    if len(records) != len(blobs):
-        raise HTTPProblem(400, f"{len(records)} generation records for {len(blobs)} images")
+    records = generation if isinstance(generation, list) else [generation] * count
+    if len(records) != count:
+        raise HTTPProblem(400, f"{len(records)} generation records for {count} images")
     records = [GenerationRecord.from_json(r) if isinstance(r, dict) else None for r in records]
     checker = state.checker(tuple(names))
     models = {checker.model_for(b) for b in checker.open()}
     if len(models) != 1:
         raise HTTPProblem(400, f"indices {names} use different models ({sorted(models)}); check them in two requests")
-    with state.decoded(blobs) as pixels:
-        results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
-    for blob, r in zip(blobs, results):
-        r.image["sha256"] = hashlib.sha256(blob).hexdigest()
-        r.image["source"] = "upload"
+    if embeddings is not None:
+        vectors = unit_rows(embeddings, checker.open()[0].dim, "embeddings")
+        results = checker.check_embeddings(vectors, records=records, policy=policy)
+        for r in results:
+            r.image["source"] = "embedding"
+    else:
+        with state.decoded(blobs) as pixels:
+            results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
+        for blob, r in zip(blobs, results):
+            r.image["sha256"] = hashlib.sha256(blob).hexdigest()
+            r.image["source"] = "upload"
     state.metrics.verdicts(r.verdict for r in results)
     if state.audit:
         from ..core.audit import audit_entry
 
-        state.audit.append([audit_entry(r, source="server upload", user=options.user) for r in results])
+        source = "server upload" if embeddings is None else "server embedding"
+        state.audit.append([audit_entry(r, source=source, user=options.user) for r in results])
     return {"results": [r.to_json() for r in results]}
 
 
@@ -387,7 +438,7 @@ def create_app(config: ServerConfig):
     app.state.pg = state
 
     def problem(status: int, message: str, headers: Optional[dict[str, str]] = None):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return json_response({"error": message}, status, headers)
 
     app.add_middleware(Guard, config=config, metrics=state.metrics, problem=problem)
 
@@ -410,7 +461,7 @@ def create_app(config: ServerConfig):
 
     async def guarded(fn, *args):
         try:
-            return JSONResponse(await run_in_threadpool(fn, *args))
+            return json_response(await run_in_threadpool(fn, *args))
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
         except ProvenanceError as exc:
@@ -487,9 +538,11 @@ def create_app(config: ServerConfig):
                     raise HTTPProblem(422, problem_of(exc))
             else:
                 body = await parsed(request, CheckRequest)
-                if len(body.images) > config.max_images_per_request:
-                    raise HTTPProblem(413, f"{len(body.images)} images in one request; at most "
-                                           f"{config.max_images_per_request}")
+                count = len(body.images or body.embeddings)
+                if count > config.max_images_per_request:
+                    raise HTTPProblem(413, f"{count} images in one request; at most {config.max_images_per_request}")
+                if body.embeddings is not None:
+                    return await guarded(check, state, [], body, body.embeddings)
                 blobs = [_b64(x, f"images[{n}]") for n, x in enumerate(body.images)]
                 options = body
         except HTTPProblem as exc:

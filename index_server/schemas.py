@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Documented maxima (README, "Limits and guarantees").
 MAX_NUM_IMAGES = 1000          # /knn-service num_images and num_result_ids
@@ -95,7 +95,26 @@ class CheckOptions(_Body):
 
 
 class CheckRequest(CheckOptions):
-    images: list[str] = Field(..., min_length=1)
+    """JSON /v1/check: images (base64), or precomputed embeddings of the bundles' model (one per image)."""
+
+    images: Optional[list[str]] = Field(None, min_length=1)
+    embeddings: Optional[list[Annotated[list[float], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]]] = \
+        Field(None, min_length=1, max_length=MAX_NUM_IMAGES)
+
+    @field_validator("embeddings")
+    @classmethod
+    def _finite(cls, value):
+        import math
+
+        if value is not None and not all(math.isfinite(v) for row in value for v in row):
+            raise ValueError("must hold finite numbers only")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.images is None) == (self.embeddings is None):
+            raise ValueError("give either images (base64) or embeddings, not both and not neither")
+        return self
 
 
 def problem_of(exc: ValidationError) -> str:

@@ -142,6 +142,58 @@ def test_v1_check_multipart_and_json(server):
     assert {"image_sha256", "user", "host", "bundles", "verdict", "top_match"} <= set(lines[-1])
 
 
+def test_v1_check_precomputed_embeddings(server, built_bundle):
+    """JSON /v1/check with embeddings instead of images: same results as the library's check_embeddings,
+    normalised on arrival, wrong sizes and zero vectors refused, one of images/embeddings required."""
+    import jsonschema
+
+    from provenance_guard.core.check import Checker
+
+    schema = json.loads((ROOT / "core/schema/check-result.v1.json").read_text())
+    base, audit = server
+    bundle = Bundle.open(built_bundle)
+    rows = bundle.vector([1, 4])
+    body = {"embeddings": [(rows[0] * 3.0).tolist(), rows[1].tolist()], "top_k": 3,
+            "generation": [{"prompt": "first"}, None]}
+    results = requests.post(f"{base}/v1/check", json=body).json()["results"]
+    local = Checker(bundle).check_embeddings(rows)
+    assert [r["verdict"] for r in results] == [r.verdict for r in local] == ["block", "block"]
+    assert [r["matches"][0]["row_id"] for r in results] == [1, 4]
+    for got, want in zip(results, local):
+        jsonschema.validate(got, schema)
+        assert got["max_score"] == pytest.approx(want.max_score, abs=1e-5) and got["image"]["source"] == "embedding"
+    assert results[0]["generation"]["prompt"] == "first" and results[1]["generation"] is None
+    assert json.loads(audit.read_text().splitlines()[-1])["source"] == "server embedding"
+    for bad, status, words in (({"embeddings": [[0.1] * 3]}, 400, "64-d"),
+                               ({"embeddings": [[0.0] * 64]}, 400, "non-zero"),
+                               ({"embeddings": [[1e39] * 64]}, 400, "finite"),  # beyond float32
+                               ({"embeddings": [rows[0].tolist()], "images": ["aGk="]}, 422, "either"),
+                               ({"top_k": 2}, 422, "either")):
+        r = requests.post(f"{base}/v1/check", json=bad)
+        assert r.status_code == status and words in r.json()["error"], (bad.keys(), r.text)
+
+
+def test_json_bodies_are_the_same_with_and_without_orjson(monkeypatch):
+    """The fast encoder and the standard library's give the same JSON, HTML in captions included."""
+    import builtins
+
+    from provenance_guard.index_server.app import json_body
+
+    content = [{"id": 3, "similarity": 0.987654, "url": "https://e.com/a.jpg?x=<script>",
+                "caption": "<b>Ünïcode</b> \u2028 & \"quotes\"", "nested": {"n": None, "ok": True, "f": 1.5e-7}}]
+    fast = json_body(content)
+    real_import = builtins.__import__
+
+    def no_orjson(name, *a, **kw):
+        if name == "orjson":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_orjson)
+    slow = json_body(content)
+    assert json.loads(fast) == json.loads(slow) == content
+
+
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     base, _ = server
     big = b"x" * (3 << 20)
@@ -350,23 +402,41 @@ def test_malformed_bodies_are_4xx_never_500(server, raw, field):
 
 
 def test_deduplication_compares_with_kept_results_only():
-    """O(n * kept): 25k candidates against at most num_images kept vectors, never a 25k x 25k matrix."""
-    from provenance_guard.index_server.app import deduplicate
+    """Bounded work: 25k candidates are compared a block at a time with at most num_images kept vectors and
+    their own block, never as a 25k x 25k matrix; the result equals the greedy definition."""
+    from provenance_guard.index_server.app import DEDUP_COSINE, deduplicate
 
     class Counting(np.ndarray):
         largest = 0
 
         def __matmul__(self, other):
-            Counting.largest = max(Counting.largest, int(np.prod(self.shape)))
-            return np.asarray(self) @ np.asarray(other)
+            out = np.asarray(self) @ np.asarray(other)
+            Counting.largest = max(Counting.largest, out.size)
+            return out
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((25_000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors[1] = vectors[0]  # a duplicate of the best result
-    kept = deduplicate(vectors, list(range(25_000)), 40)
+    vectors[130] = vectors[129]  # a duplicate inside a later block
+    vectors[200] = vectors[5]  # a duplicate of a result kept in an earlier block
+    kept = deduplicate(vectors.view(Counting), list(range(25_000)), 40)
     assert len(kept) == 40 and 0 in kept and 1 not in kept
     assert kept == sorted(kept)
+    assert 0 < Counting.largest <= 128 * (40 + 128)
+
+    def greedy(n_keep):
+        out = []
+        for i in range(len(vectors)):
+            if not any(float(vectors[i] @ vectors[j]) >= DEDUP_COSINE for j in out):
+                out.append(i)
+                if len(out) == n_keep:
+                    return out
+        return out
+
+    expected = greedy(300)
+    assert 130 not in expected and 200 not in expected
+    assert deduplicate(vectors, list(range(25_000)), 300) == expected
 
 
 class _Origin:
