@@ -4,14 +4,19 @@ The server (`provenance-guard serve`, one process) holds the P1 bundle (1M rando
 IVF2048,PQ96, nprobe 32, float16 re-rank vectors; built by p1_check_overhead.py if missing). 32 clients
 on loopback keep one HTTP/1.1 keep-alive connection each and send a bounded number of requests: POST
 /knn-service with embedding_input, num_images 40 and deduplicate true (clip-retrieval client's defaults),
-each a different near-duplicate of a stored row. Prints throughput and p50/p99 latency, next to clip
-back's documented ~20 QPS (its users report 10 QPS taking the service down). Target >= 10x.
+each a different near-duplicate of a stored row. Prints throughput and p50/p99 latency against two anchors:
+  - the bare-FAISS bound measured in the same run: the bundle's index searched in-process, one query at a
+    time (k 40, the same nprobe) from 2 threads, OpenMP at one thread each. Target >= 0.5x;
+  - clip back's documented ~20 QPS (its users report 10 QPS taking the service down). Target >= 10x.
+The same load on POST /v1/check with precomputed embeddings goes in the same table. Memory: the server's
+RSS after warm-up, and again after --soak-s seconds (600) of the knn load; target within 5 %.
 Then installs clip-retrieval into its own virtual environment (it pins numpy<2) and runs `clip back` side
 by side over the same FAISS index file (same nprobe) and the same Arrow metadata, under the same load
 (a bounded share of the requests); if it does not install or start, says why. Both servers' answers are
 checked: the share of queries whose top result is the row the query was made from.
 
-    .venv/bin/python bench/p4_server_load.py [--requests 6400] [--clients 32] [--clip-back-requests 960]
+    .venv/bin/python bench/p4_server_load.py [--requests 6400] [--clients 32] [--soak-s 600]
+                                             [--clip-back-requests 960] [--skip-clip-back]
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,14 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def client(host: str, port: int, bodies: list[bytes], latencies: list[float]) -> None:
+async def client(host: str, port: int, bodies: list[bytes], latencies: list[float], path: str) -> None:
     reader = writer = None
     try:
         for body in bodies:
             t0 = time.perf_counter()
             if writer is None:  # clip back's server (werkzeug, HTTP/1.0) closes the connection after each reply
                 reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"POST /knn-service HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             await writer.drain()
             status = await reader.readline()
@@ -74,31 +80,85 @@ async def client(host: str, port: int, bodies: list[bytes], latencies: list[floa
             writer.close()
 
 
-async def load(port: int, bodies: list[bytes], clients: int) -> tuple[float, list[float]]:
+async def load(port: int, bodies: list[bytes], clients: int, path: str) -> tuple[float, list[float]]:
     latencies: list[float] = []
     share = [bodies[i::clients] for i in range(clients)]
     t0 = time.perf_counter()
-    await asyncio.gather(*(client("127.0.0.1", port, s, latencies) for s in share))
+    await asyncio.gather(*(client("127.0.0.1", port, s, latencies, path) for s in share))
     return time.perf_counter() - t0, latencies
 
 
-def measure(port: int, bodies: list[bytes], clients: int) -> tuple[float, float, float, int]:
+def measure(port: int, bodies: list[bytes], clients: int, path: str = "/knn-service") -> tuple[float, float, float, int]:
     """Warm up, then send every body from `clients` connections: (req/s, p50 ms, p99 ms, requests)."""
-    asyncio.run(load(port, bodies[: clients * 4], clients))
-    wall, lat = asyncio.run(load(port, bodies, clients))
+    asyncio.run(load(port, bodies[: clients * 4], clients, path))
+    wall, lat = asyncio.run(load(port, bodies, clients, path))
     lat_ms = sorted(x * 1e3 for x in lat)
     return len(lat) / wall, statistics.median(lat_ms), lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))], len(lat)
 
 
-def top1_agreement(port: int, bodies: list[bytes], expected: "np.ndarray") -> float:
+def top1_agreement(port: int, bodies: list[bytes], expected: "np.ndarray", path: str = "/knn-service") -> float:
     """Share of queries whose first result is the stored row the query was made from: the answers are real."""
     import requests
 
     hits = 0
     for body, want in zip(bodies, expected):
-        out = requests.post(f"http://127.0.0.1:{port}/knn-service", data=body, timeout=30).json()
+        out = requests.post(f"http://127.0.0.1:{port}{path}", data=body, timeout=30).json()
+        if path == "/v1/check":
+            out = [{"id": m["row_id"]} for m in out["results"][0]["matches"]]
         hits += bool(out) and out[0]["id"] == int(want)
     return hits / len(bodies)
+
+
+def faiss_bound(bundle_path: Path, queries: "np.ndarray", k: int = 40, threads: int = 2,
+                seconds: float = 15.0) -> tuple[float, float]:
+    """The bare-FAISS bound: the bundle's index (as the server opens it) searched one query at a time from
+    `threads` threads, OpenMP at one thread each. Returns (queries/s from `threads` threads, from one)."""
+    import faiss
+
+    from provenance_guard.core.bundle import Bundle
+
+    faiss.omp_set_num_threads(1)
+    index = Bundle.open(bundle_path).index  # nprobe set from the manifest, as the server searches it
+
+    def rate(n_threads: int) -> float:
+        done = [0] * n_threads
+        stop = time.perf_counter() + seconds
+
+        def worker(t: int) -> None:
+            i = t
+            while time.perf_counter() < stop:
+                index.search(queries[i % len(queries)][None, :], k)
+                done[t] += 1
+                i += n_threads
+
+        for i in range(32):  # warm the page cache and the inverted lists
+            index.search(queries[i][None, :], k)
+        workers = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(done) / (time.perf_counter() - t0)
+
+    return rate(threads), rate(1)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(port: int, bodies: list[bytes], clients: int, seconds: float) -> int:
+    """The knn load, repeated until `seconds` have passed. Returns the number of requests sent."""
+    sent, stop = 0, time.monotonic() + seconds
+    while time.monotonic() < stop:
+        asyncio.run(load(port, bodies, clients, "/knn-service"))
+        sent += len(bodies)
+    return sent
 
 
 def wait_until_up(port: int, path: str, proc: subprocess.Popen, seconds: float) -> None:
@@ -187,6 +247,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6400)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--clip-back-requests", type=int, default=960)
+    ap.add_argument("--soak-s", type=float, default=600.0, help="seconds of knn load between the RSS readings")
     ap.add_argument("--skip-clip-back", action="store_true")
     args = ap.parse_args()
     from p1_check_overhead import build
@@ -204,13 +265,22 @@ def main() -> None:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     bodies = [json.dumps({"embedding_input": [round(float(v), 6) for v in row], "modality": "image",
                           "num_images": 40, "indice_name": "laion", "deduplicate": True}).encode() for row in q]
+    checks = [json.dumps({"embeddings": [[round(float(v), 6) for v in row]], "top_k": 10}).encode() for row in q]
+    bound2, bound1 = faiss_bound(path, q)
+    print(f"bare FAISS bound: {bound2:7.1f} queries/s from 2 threads ({bound1:.1f} from one), k 40, "
+          f"{bundle.manifest.search_params}", flush=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve", "--index", f"laion={path}",
                                "--port", str(port), "--log-level", "warning"], stderr=subprocess.DEVNULL)
     try:
         wait_until_up(port, "/healthz", server, 120)
         qps, p50, p99, n = measure(port, bodies, args.clients)
+        rss_warm = rss_mb(server.pid)
         top1 = top1_agreement(port, bodies[:50], ids[:50])
+        c_qps, c_p50, c_p99, c_n = measure(port, checks, args.clients, "/v1/check")
+        c_top1 = top1_agreement(port, checks[:50], ids[:50], "/v1/check")
+        soaked = soak(port, bodies, args.clients, args.soak_s) if args.soak_s > 0 else 0
+        rss_after = rss_mb(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -219,6 +289,13 @@ def main() -> None:
           f"{args.clients} keep-alive clients, num_images 40, deduplicate")
     print(f"ours:      {n} requests, {qps:6.1f} req/s; latency p50 {p50:7.1f} ms, p99 {p99:7.1f} ms; "
           f"top-1 = source row {top1:.2f}", flush=True)
+    print(f"/v1/check: {c_n} requests (one precomputed embedding each, top_k 10), {c_qps:6.1f} req/s; latency "
+          f"p50 {c_p50:7.1f} ms, p99 {c_p99:7.1f} ms; top-1 = source row {c_top1:.2f}")
+    print(f"P4 knn throughput / bare-FAISS bound (2 threads) = {qps / bound2:.2f} (target >= 0.5); "
+          f"/v1/check: {c_qps / bound2:.2f}")
+    if soaked:
+        print(f"server RSS: {rss_warm:.0f} MB after warm-up, {rss_after:.0f} MB after {args.soak_s:.0f} s more "
+              f"({soaked:,} requests): {100 * (rss_after / rss_warm - 1):+.1f} % (target within 5 %)", flush=True)
     theirs = None
     if not args.skip_clip_back:
         # clip back serves ~20 req/s: a bounded share of the same bodies keeps its run to minutes.

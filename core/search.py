@@ -7,9 +7,10 @@ marked inexact.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .bundle import Bundle
 from .config import RERANK_CANDIDATES_FACTOR
@@ -24,11 +25,14 @@ if TYPE_CHECKING:  # pragma: no cover
 class SearchOutput:
     matches: list[list[Match]]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    vectors: Optional[list["np.ndarray"]] = None  # with_vectors: each query's matches' stored rows, in order
 
 
-def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True) -> SearchOutput:
+def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
+           with_vectors: bool = False) -> SearchOutput:
     """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first.
-    With metadata=False the matches carry ids and scores only (join later with ``join_metadata``)."""
+    With metadata=False the matches carry ids and scores only (join later with ``join_metadata``);
+    with_vectors also returns the matches' stored vectors (float32), read once for the re-rank anyway."""
     import numpy as np
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -38,6 +42,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True)
             f"vectors of {bundle.model}; check with that model"
         )
     k = max(1, min(int(k), bundle.live_count))
+    bundle.warm_up()  # a process that searches maps the rows it will read, once, in the background
     flat_index = bundle.manifest.flat
     rerank = bundle.vectors is not None and not flat_index
     # PQ mis-orders the top of the list: a few dozen extra candidates, re-scored exactly, put it right.
@@ -45,24 +50,36 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True)
     t0 = time.perf_counter()
     scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
     t1 = time.perf_counter()
-    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= bundle.count):
+    # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
+    exact = bundle.exact
+    # Lists from here on: a check handles tens of candidates, where each numpy call costs more than the
+    # Python it replaces (the search has just evicted the caches numpy's own code runs from).
+    id_rows = ids.tolist()
+    found = [i for row in id_rows for i in row]
+    if found and (min(found) < -1 or max(found) >= bundle.count):
         raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) returned row ids outside 0..{bundle.count - 1}: "
                                 f"its index is damaged; run 'provenance-guard index verify {bundle.path}' and copy "
                                 f"the bundle again or rebuild it")
-    # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
-    exact = bundle.exact
+    vectors = None
     if rerank:
-        scores, ids = _rerank(bundle, queries, ids, k)
-    _check_scores(bundle, scores, ids, SCORE_SLACK if rerank or flat_index else APPROXIMATE_SLACK)
-    if rerank or flat_index:
-        scores = np.clip(scores, -1.0, 1.0)  # float sums of unit vectors stray just past 1 (1.0000001)
+        ranked, vectors = _rerank(bundle, queries, id_rows, k)
+    else:
+        ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
+                  for row_scores, row_ids in zip(scores.tolist(), id_rows)]
+    slack = SCORE_SLACK if rerank or flat_index else APPROXIMATE_SLACK
+    _check_scores(bundle, [sc for row in ranked for sc, _ in row], slack)
+    if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001)
+        ranked = [[(min(1.0, max(-1.0, sc)), i) for sc, i in row] for row in ranked]
     t2 = time.perf_counter()
-    out = [[Match(score=float(sc), exact=exact, bundle_id=bundle.id, bundle_version=bundle.version, row_id=int(i))
-            for sc, i in zip(row_scores, row_ids) if i >= 0] for row_scores, row_ids in zip(scores, ids)]
+    bid, version = bundle.id, bundle.version
+    out = [[Match(sc, exact, bid, version, i) for sc, i in row] for row in ranked]
     if metadata:
         join_metadata(bundle, [m for ms in out for m in ms])
     t3 = time.perf_counter()
-    return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3})
+    if with_vectors and vectors is None and bundle.vectors is not None:
+        vectors = [bundle.vector([m.row_id for m in ms]) for ms in out]
+    return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
+                        vectors if with_vectors else None)
 
 
 # Cosines of unit vectors lie in [-1, 1]; float16 storage and float32 sums stray by far less than SCORE_SLACK.
@@ -71,17 +88,16 @@ SCORE_SLACK = 1e-3
 APPROXIMATE_SLACK = 0.5
 
 
-def _check_scores(bundle: Bundle, scores: "np.ndarray", ids: "np.ndarray", slack: float) -> None:
+def _check_scores(bundle: Bundle, scores: list[float], slack: float) -> None:
     """A score that is no cosine (NaN, infinite, beyond 1) means damaged index or vector bytes: a same-size
     bit flip in index.faiss once scored 1.68e26 and blocked an unrelated image. Report it, never act on it."""
-    import numpy as np
+    import math
 
-    found = scores[ids >= 0]
-    if found.size and not (np.isfinite(found).all() and float(np.abs(found).max()) <= 1.0 + slack):
-        bad = found[~np.isfinite(found) | (np.abs(found) > 1.0 + slack)][0]
-        raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) scored a match {float(bad)!r}, which is no cosine: "
-                                f"its index or re-rank vectors are damaged; run 'provenance-guard index verify "
-                                f"{bundle.path}' and copy the bundle again or rebuild it")
+    for sc in scores:
+        if not (math.isfinite(sc) and abs(sc) <= 1.0 + slack):
+            raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) scored a match {sc!r}, which is no cosine: "
+                                    f"its index or re-rank vectors are damaged; run 'provenance-guard index verify "
+                                    f"{bundle.path}' and copy the bundle again or rebuild it")
 
 
 def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
@@ -93,13 +109,26 @@ def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
         m.url, m.caption, m.metadata = md.pop("url", None), md.pop("caption", None), md
 
 
-def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", k: int):
-    """Exact cosines of each query with its candidates; returns (scores, ids), k columns, best first."""
+def _rerank(bundle: Bundle, queries: "np.ndarray", id_rows: list[list[int]], k: int):
+    """Exact cosines of each query with its candidates: per query, the best k (score, id) pairs, best first,
+    and their stored vectors (float32, the same order)."""
     import numpy as np
 
-    vecs = bundle.vector(np.where(ids >= 0, ids, 0).reshape(-1)).reshape(ids.shape[0], ids.shape[1], -1)
-    dots = np.matmul(vecs, queries[:, :, None])[:, :, 0]  # BLAS; einsum's generic loop was 3x slower
-    norms = np.sqrt(np.einsum("qcd,qcd->qc", vecs, vecs)) * np.linalg.norm(queries, axis=1, keepdims=True)
-    exact = np.where(ids >= 0, dots / np.maximum(norms, 1e-12), -np.inf)
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
+    n, c = len(id_rows), len(id_rows[0]) if id_rows else 0
+    vecs = bundle.vector([i if i >= 0 else 0 for row in id_rows for i in row]).reshape(n, c, -1)
+    dots = np.matmul(vecs, queries[:, :, None])[:, :, 0].tolist()  # BLAS; einsum's generic loop was 3x slower
+    norms = np.einsum("qcd,qcd->qc", vecs, vecs).tolist()
+    q_norms = np.einsum("qd,qd->q", queries, queries).tolist()
+    out, rows = [], []
+    for n, (row_ids, row_dots, row_norms, qn) in enumerate(zip(id_rows, dots, norms, q_norms)):
+        ranked = [(d / max(math.sqrt(nv * qn), 1e-12), i, c) for c, (i, d, nv) in
+                  enumerate(zip(row_ids, row_dots, row_norms)) if i >= 0]
+        ranked.sort(key=_by_score)  # stable: equal scores keep the index's order
+        del ranked[k:]
+        out.append([(sc, i) for sc, i, _ in ranked])
+        rows.append(vecs[n].take([c for _, _, c in ranked], axis=0))
+    return out, rows
+
+
+def _by_score(pair: tuple) -> float:
+    return -pair[0]

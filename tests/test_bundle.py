@@ -287,6 +287,34 @@ def test_mapped_and_pread_row_reads_agree(tmp_path, rerank):
     np.testing.assert_allclose(by_pread, vecs[ids], atol=2e-2 if rerank == "int8" else 2e-3)
 
 
+def test_warm_up_maps_rows_and_metadata_and_reads_stay_the_same(tmp_path, monkeypatch):
+    """warm_up touches every page of the re-rank and metadata maps on a background thread, once, then
+    re-rank rows come through the map; a bundle over a quarter of the available memory is left alone."""
+    import provenance_guard.core.bundle.reader as reader
+
+    vecs = unit(3000, 24, seed=12)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=24) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(len(vecs))]}))
+        w.finish()
+    ids = [2999, 0, 17, 1500]
+    b = Bundle.open(tmp_path / "b")
+    before, rows_before = b.vector(ids), b.rows(ids)
+    monkeypatch.setattr(reader, "available_memory", lambda: 4 * 1024)  # far less than the files
+    b.warm_up(wait=True)
+    assert not b.mapped_reads and not b._warming.is_alive()
+    b.warm_up(wait=True)  # once per bundle: a second call starts nothing
+    assert not b.mapped_reads
+
+    monkeypatch.setattr(reader, "available_memory", lambda: 1 << 40)
+    warm = Bundle.open(tmp_path / "b")
+    warm.warm_up(wait=True)
+    assert warm.mapped_reads
+    np.testing.assert_array_equal(warm.vector(ids), before)
+    assert warm.rows(ids) == rows_before and [r["url"] for r in rows_before] == [f"u{i}" for i in ids]
+    out = search(warm, vecs[[5]], 3)
+    assert out.matches[0][0].row_id == 5 and out.matches[0][0].exact
+
+
 def test_metadata_rows_read_from_buffers_equal_pyarrow_values(tmp_path):
     """Strings, large strings, integers and floats are read from the Arrow buffers; every other type through
     as_py. Each value must equal pyarrow's own, with nulls, unicode, empty strings and sliced arrays."""

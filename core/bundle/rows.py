@@ -20,39 +20,50 @@ BATCH_LIMIT = 1024
 
 
 def _valid(col) -> Optional[Callable[[int], bool]]:
-    import numpy as np
-
     if not col.null_count:
         return None
-    bitmap, off = np.frombuffer(col.buffers()[0], dtype=np.uint8), col.offset
+    bitmap, off = memoryview(col.buffers()[0]), col.offset
     return lambda j: bool((bitmap[(j + off) >> 3] >> ((j + off) & 7)) & 1)
+
+
+# struct formats of the number types read from their buffers; values come out as Python ints and floats
+# exactly as as_py gives them (a float32 widens to the same double).
+_NUMBER_FORMATS = {"int8": "b", "int16": "h", "int32": "i", "int64": "q", "uint8": "B", "uint16": "H",
+                   "uint32": "I", "uint64": "Q", "float": "f", "double": "d"}
 
 
 def column_reader(col) -> Optional[Callable[[int], Any]]:
     """A function j -> the j-th value of an Arrow array as a Python object, or None when the type is not
-    one read here (the caller uses as_py)."""
-    import numpy as np
+    one read here (the caller uses as_py). struct.unpack_from on the buffers: one C call per value, where
+    a numpy scalar index and .item() cost several."""
+    import struct
+
     import pyarrow as pa
 
     t, n, off = col.type, len(col), col.offset
     valid = _valid(col)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         bufs = col.buffers()
-        offsets = np.frombuffer(bufs[1], dtype=np.int64 if pa.types.is_large_string(t) else np.int32)[off:off + n + 1]
+        pair = struct.Struct("<qq" if pa.types.is_large_string(t) else "<ii")
+        offsets = memoryview(bufs[1])
         data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+        step, unpack = pair.size // 2, pair.unpack_from
 
         def read(j: int):
             if valid is not None and not valid(j):
                 return None
-            return str(data[offsets[j]:offsets[j + 1]], "utf-8")
+            start, end = unpack(offsets, (j + off) * step)
+            return str(data[start:end], "utf-8")
         return read
-    if (pa.types.is_integer(t) or pa.types.is_float32(t) or pa.types.is_float64(t)) and n:
-        values = np.frombuffer(col.buffers()[1], dtype=t.to_pandas_dtype())[off:off + n]
+    fmt = _NUMBER_FORMATS.get(str(t))
+    if fmt is not None and n:
+        one = struct.Struct("<" + fmt)
+        values, size, unpack = memoryview(col.buffers()[1]), one.size, one.unpack_from
 
         def read(j: int):
             if valid is not None and not valid(j):
                 return None
-            return values[j].item()
+            return unpack(values, (j + off) * size)[0]
         return read
     return None
 
