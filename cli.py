@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoded image memory all requests may hold at once; beyond it requests wait, then get "
                          "503 with Retry-After (default 2048)")
     sv.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json")
+    sv.add_argument("--workers", type=_positive, default=1,
+                    help="server processes on the one port (default 1; one per CPU core serves the most "
+                         "requests): each maps the bundles, shared through the page cache, and loads its own "
+                         "model for image checks")
     add_verify_options(sv, default="confirm+escalate")
     sv.add_argument("--max-request-mb", type=float, default=20.0)
     sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
@@ -587,9 +591,11 @@ def cmd_serve(args) -> int:
                           batch_wait_ms=args.batch_wait_ms, device=args.device,
                           audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
                           warn=args.warn, block=args.block, fail_mode=args.fail_mode, verify=args.verify,
-                          verify_from=args.verify_from, references=reference_options(args))
+                          verify_from=args.verify_from, references=reference_options(args),
+                          workers=args.workers)
     print(f"serving {', '.join(f'{n}={p}' for n, p in indices.items())} on http://{args.host}:{args.port}"
-          + (" (token required)" if config.token else ""), file=sys.stderr, flush=True)
+          + (" (token required)" if config.token else "")
+          + (f", {config.workers} worker processes" if config.workers > 1 else ""), file=sys.stderr, flush=True)
     serve(config, args.host, args.port, log_level=args.log_level)
     return EXIT_OK
 

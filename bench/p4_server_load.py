@@ -1,6 +1,6 @@
 """P4: the index server under load: embedding queries against a 1M bundle from 32 concurrent clients.
 
-The server (`provenance-guard serve`, one process) holds the P1 bundle (1M random unit 768-d vectors,
+The server (`provenance-guard serve --workers N`, N = --workers, default one per CPU core) holds the P1 bundle (1M random unit 768-d vectors,
 IVF2048,PQ96, nprobe 32, float16 re-rank vectors; built by p1_check_overhead.py if missing). 32 clients
 on loopback keep one HTTP/1.1 keep-alive connection each and send a bounded number of requests: POST
 /knn-service with embedding_input, num_images 40 and deduplicate true (clip-retrieval client's defaults),
@@ -15,7 +15,7 @@ by side over the same FAISS index file (same nprobe) and the same Arrow metadata
 (a bounded share of the requests); if it does not install or start, says why. Both servers' answers are
 checked: the share of queries whose top result is the row the query was made from.
 
-    .venv/bin/python bench/p4_server_load.py [--requests 6400] [--clients 32] [--soak-s 600]
+    .venv/bin/python bench/p4_server_load.py [--requests 6400] [--clients 32] [--soak-s 600] [--workers N]
                                              [--clip-back-requests 960] [--skip-clip-back]
 """
 from __future__ import annotations
@@ -144,12 +144,18 @@ def faiss_bound(bundle_path: Path, queries: "np.ndarray", k: int = 40, threads: 
     return rate(threads), rate(1)
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mb(pid: int, tree: bool = False) -> float:
+    """VmRSS of pid (with tree: summed with its child processes, the server's workers; pages of the mapped
+    bundle they share count once per worker, so the sum overstates the memory they take together)."""
+    pids = [pid]
+    if tree:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(x) for x in f.read().split()]
+    total = 0.0
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            total += next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    return total
 
 
 def soak(port: int, bodies: list[bytes], clients: int, seconds: float) -> int:
@@ -249,6 +255,7 @@ def main() -> None:
     ap.add_argument("--clip-back-requests", type=int, default=960)
     ap.add_argument("--soak-s", type=float, default=600.0, help="seconds of knn load between the RSS readings")
     ap.add_argument("--skip-clip-back", action="store_true")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes")
     args = ap.parse_args()
     from p1_check_overhead import build
 
@@ -271,20 +278,22 @@ def main() -> None:
           f"{bundle.manifest.search_params}", flush=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve", "--index", f"laion={path}",
-                               "--port", str(port), "--log-level", "warning"], stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--log-level", "warning", "--workers", str(args.workers)],
+                              stderr=subprocess.DEVNULL)
     try:
         wait_until_up(port, "/healthz", server, 120)
         qps, p50, p99, n = measure(port, bodies, args.clients)
-        rss_warm = rss_mb(server.pid)
+        rss_warm = rss_mb(server.pid, tree=True)
         top1 = top1_agreement(port, bodies[:50], ids[:50])
         c_qps, c_p50, c_p99, c_n = measure(port, checks, args.clients, "/v1/check")
         c_top1 = top1_agreement(port, checks[:50], ids[:50], "/v1/check")
         soaked = soak(port, bodies, args.clients, args.soak_s) if args.soak_s > 0 else 0
-        rss_after = rss_mb(server.pid)
+        rss_after = rss_mb(server.pid, tree=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server and clients on the same machine")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server ({args.workers} worker processes) and "
+          f"clients on the same machine")
     print(f"{bundle.count:,} x {bundle.dim}-d, {bundle.manifest.index_factory}, {bundle.manifest.search_params}; "
           f"{args.clients} keep-alive clients, num_images 40, deduplicate")
     print(f"ours:      {n} requests, {qps:6.1f} req/s; latency p50 {p50:7.1f} ms, p99 {p99:7.1f} ms; "

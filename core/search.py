@@ -62,7 +62,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
                                 f"the bundle again or rebuild it")
     vectors = None
     if rerank:
-        ranked, vectors = _rerank(bundle, queries, id_rows, k)
+        ranked, vectors = _rerank(bundle, queries, ids, id_rows, k, with_vectors)
     else:
         ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
                   for row_scores, row_ids in zip(scores.tolist(), id_rows)]
@@ -109,13 +109,14 @@ def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
         m.url, m.caption, m.metadata = md.pop("url", None), md.pop("caption", None), md
 
 
-def _rerank(bundle: Bundle, queries: "np.ndarray", id_rows: list[list[int]], k: int):
+def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", id_rows: list[list[int]], k: int,
+            with_vectors: bool = True):
     """Exact cosines of each query with its candidates: per query, the best k (score, id) pairs, best first,
-    and their stored vectors (float32, the same order)."""
+    and (with_vectors, else None) their stored vectors (float32, the same order)."""
     import numpy as np
 
     n, c = len(id_rows), len(id_rows[0]) if id_rows else 0
-    vecs = bundle.vector([i if i >= 0 else 0 for row in id_rows for i in row]).reshape(n, c, -1)
+    vecs = bundle.vector(np.maximum(ids, 0).reshape(-1)).reshape(n, c, -1)  # -1: no candidate (scored out below)
     dots = np.matmul(vecs, queries[:, :, None])[:, :, 0].tolist()  # BLAS; einsum's generic loop was 3x slower
     norms = np.einsum("qcd,qcd->qc", vecs, vecs).tolist()
     q_norms = np.einsum("qd,qd->q", queries, queries).tolist()
@@ -126,8 +127,9 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", id_rows: list[list[int]], k: 
         ranked.sort(key=_by_score)  # stable: equal scores keep the index's order
         del ranked[k:]
         out.append([(sc, i) for sc, i, _ in ranked])
-        rows.append(vecs[n].take([c for _, _, c in ranked], axis=0))
-    return out, rows
+        if with_vectors:
+            rows.append(vecs[n].take([c for _, _, c in ranked], axis=0))
+    return out, rows if with_vectors else None
 
 
 def _by_score(pair: tuple) -> float:

@@ -35,7 +35,9 @@ class KnnRequest(_Body):
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
     image: Optional[str] = None
     image_url: Optional[str] = Field(None, max_length=MAX_URL_CHARS)
-    embedding_input: Optional[list[float]] = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    # Finite numbers, checked by pydantic's own parser: a Python loop over 768 values cost a request 40 us.
+    embedding_input: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = \
+        Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
     deduplicate: bool = True
     # Accepted for clip-retrieval clients and ignored: no safety model, no aesthetic mixing here.
     use_safety_model: bool = False
@@ -43,15 +45,6 @@ class KnnRequest(_Body):
     aesthetic_score: IgnoredNumber = None
     aesthetic_weight: IgnoredNumber = None
     use_mclip: bool = False
-
-    @field_validator("embedding_input")
-    @classmethod
-    def _finite(cls, value):
-        import math
-
-        if value is not None and not all(math.isfinite(v) for v in value):
-            raise ValueError("must hold finite numbers only")
-        return value
 
 
 class MetadataRequest(_Body):

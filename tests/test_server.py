@@ -644,3 +644,90 @@ def test_large_uploads_are_admitted_by_memory_and_memory_returns(built_bundle):
         assert rss(proc.pid) - warm < 64 << 20, f"{(rss(proc.pid) - warm) / 2**20:.0f} MiB more than after warm-up"
     finally:
         assert stop(proc) in CLEAN_EXIT
+
+
+def _children(pid: int) -> list[int]:
+    """The server's worker processes (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        pids = [int(x) for x in f.read().split()]
+    out = []
+    for child in pids:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+        except OSError:
+            continue  # it just ended
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
+def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle):
+    proc, base = start(built_bundle, "--workers", "2")
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        body = {"embedding_input": Bundle.open(built_bundle).vector([2])[0].tolist(), "num_images": 3,
+                "indice_name": "refs"}
+        for _ in range(30):  # a new connection each: the kernel spreads them over both workers' sockets
+            r = requests.post(f"{base}/knn-service", json=body)
+            assert r.ok and r.json()[0]["id"] == 2
+        deadline = time.time() + 10
+        while time.time() < deadline:  # each worker writes its counts at most a second after a request
+            time.sleep(0.5)
+            text = requests.get(f"{base}/metrics").text
+            served = [line for line in text.splitlines()
+                      if line.startswith('provenance_guard_requests_total{path="/knn-service"')]
+            if served == ['provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 30']:
+                break
+        assert served == ['provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 30']
+        import tempfile
+
+        folder = next(p for p in Path(tempfile.gettempdir()).glob("provenance-guard-metrics-*")
+                      if {f"{w}.json" for w in workers} & {f.name for f in p.iterdir()})
+        assert sorted(f.name for f in folder.glob("*.json")) == sorted(f"{w}.json" for w in workers)
+
+        # A crashed worker is replaced. The connections it held are lost with it (as with any crashed
+        # server); the server as a whole keeps its port and, once the replacement listens, serves them all.
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and (workers[0] in _children(proc.pid) or len(_children(proc.pid)) < 2):
+            time.sleep(0.2)
+        assert len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(folder.glob("*.json"))) < 3:  # the new one has answered
+            try:
+                requests.post(f"{base}/knn-service", json=body, timeout=5)
+            except requests.ConnectionError:
+                pass  # a connection the killed worker's socket took as it went
+            time.sleep(0.3)
+        assert all(requests.post(f"{base}/knn-service", json=body).ok for _ in range(20))
+        counts = requests.get(f"{base}/metrics").text
+        assert 'provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 30' not in counts
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+    assert not folder.exists()  # the shared metrics folder goes with the server
+
+
+def test_a_worker_that_cannot_open_its_bundle_stops_the_server_with_the_reason(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={tmp_path / 'none'}",
+                          "--port", str(free_port()), "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "does not exist or is not a folder" in out.stderr and "did not start" in out.stderr
+
+
+def test_metrics_of_several_workers_add_up(tmp_path):
+    from provenance_guard.index_server.metrics import Metrics
+
+    a, b = Metrics(), Metrics(str(tmp_path))
+    a.request("/knn-service", "POST", 200, 0.002)
+    a.verdicts(["block", "pass"])
+    a.batch(3)
+    (tmp_path / "1.json").write_text(json.dumps(a.snapshot()))
+    (tmp_path / "2.json").write_text("{damaged")  # a file being replaced is skipped, not fatal
+    b.request("/knn-service", "POST", 200, 0.5)
+    text = b.render({"provenance_guard_indices": 1})
+    assert 'provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 2' in text
+    assert 'provenance_guard_request_seconds_bucket{path="/knn-service",le="0.0025"} 1' in text
+    assert 'provenance_guard_request_seconds_count{path="/knn-service"} 2' in text
+    assert 'provenance_guard_checks_total{verdict="block"} 1' in text
+    assert "provenance_guard_embed_batch_images_total 3" in text
