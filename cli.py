@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["serve-worker"]:  # a process of serve --workers N
+        from .index_server.app import worker_main
+
+        return worker_main()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":

@@ -85,16 +85,23 @@ class DecodeBudget:
     and after ``wait_s`` gets 503 with Retry-After; one that could never fit gets 413. Large uploads then
     queue instead of taking the server out of memory."""
 
-    def __init__(self, limit: int, wait_s: float):
+    def __init__(self, limit: int, wait_s: float, workers: int = 1):
         import threading
 
-        self.limit, self.wait_s, self.used = limit, wait_s, 0
+        # With N worker processes each admits limit / N: the server's whole decode memory stays bounded.
+        self.limit, self.wait_s, self.used, self.workers = limit // max(1, workers), wait_s, 0, max(1, workers)
         self._cond = threading.Condition()
 
     def acquire(self, cost: int) -> int:
         if cost > self.limit:
-            raise HTTPProblem(413, f"the images of this request take {cost / 2**20:,.0f} MiB decoded, more than this "
-                                   f"server admits at once ({self.limit / 2**20:,.0f} MiB); send fewer or smaller images")
+            mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+            if self.workers == 1:
+                raise HTTPProblem(413, f"the images of this request take {mib(cost)} decoded, more than this server "
+                                       f"admits at once ({mib(self.limit)}); send fewer or smaller images")
+            raise HTTPProblem(413, f"the images of this request take {mib(cost)} decoded, more than each of this "
+                                   f"server's {self.workers} worker processes admits at once ({mib(self.limit)}, its "
+                                   f"share of --max-decode-mb); send fewer or smaller images, or start the server "
+                                   f"with a larger --max-decode-mb or fewer --workers")
         with self._cond:
             if not self._cond.wait_for(lambda: self.used + cost <= self.limit, timeout=self.wait_s):
                 raise HTTPProblem(503, "the server is busy decoding other images; retry shortly",
@@ -141,12 +148,11 @@ class State:
         self._tlock = threading.Lock()
         self._stamps: dict[str, Optional[tuple]] = {}
         self.bundles = {name: self._open(name) for name in config.indices}
-        self.metrics = Metrics(config.metrics_dir)
+        self.metrics = Metrics(config.metrics_dir, config.extra.get("metrics_name"))
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
-        # The decode budget is the whole server's: each worker process admits its share.
-        self.budget = DecodeBudget(config.max_decode_memory // max(1, config.workers), config.admission_wait_s)
+        self.budget = DecodeBudget(config.max_decode_memory, config.admission_wait_s, config.workers)
         self.fetcher = None
         if config.allow_image_url:
             from ..core.fetch import Fetcher, FetchPolicy
@@ -672,6 +678,10 @@ def is_loopback(host: str) -> bool:
 
 MAX_WORKERS = 64
 STARTUP_S = 300.0  # a worker that has not opened its bundles by then is stopped as failed
+WORKER_COMMAND = "serve-worker"  # the hidden CLI command a worker process runs (see serve_workers)
+RESTART_MAX_S = 60.0  # a worker that keeps dying is restarted after 1, 2, 4 ... at most this many seconds
+STEADY_S = 60.0  # a worker that has served this long starts its slot's back-off from 1 s again
+STOP_S = 30.0  # graceful shutdown: how long all workers together get to finish their requests
 
 
 def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
@@ -693,24 +703,67 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
                                   access_log=False)).run()
 
 
+class _Worker:
+    """One worker process of serve_workers, as its supervisor sees it."""
+
+    def __init__(self, proc, ready_fd: int, name: str):
+        self.proc, self.ready_fd, self.name = proc, ready_fd, name
+        self.started = time.monotonic()
+        self.ready_at: Optional[float] = None
+
+    def poll_ready(self) -> bool:
+        import os
+
+        if self.ready_at is None and self.ready_fd >= 0:
+            try:
+                if os.read(self.ready_fd, 1):
+                    self.ready_at = time.monotonic()
+            except BlockingIOError:
+                return False
+            os.close(self.ready_fd)  # ready, or the worker closed its end without being ready
+            self.ready_fd = -1
+        return self.ready_at is not None
+
+
 def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) -> None:
     """Worker processes, each with its own listening socket on the port (SO_REUSEPORT): the kernel spreads
     connections across them evenly. (One shared socket, as uvicorn's --workers has, let one worker accept
-    most of a burst of keep-alive connections: 4,749 requests against 1,908 in one P4 run.) Each worker
-    opens the bundles itself (memory-mapped: their pages are shared through the page cache) and loads its
-    own model for image checks; they sum their metrics through a private folder. A worker that dies is
-    replaced; one that fails before serving stops the server with its error (the same cause would stop
-    every replacement). SIGINT/SIGTERM: every worker finishes its in-flight requests, then this returns."""
-    import multiprocessing
+    most of a burst of keep-alive connections: 4,749 requests against 1,908 in one P4 run.)
+
+    Each worker is this package run again (``python <package folder> serve-worker``, the way a clone that pip
+    did not install runs too), with its settings on stdin, which stays open: a worker whose stdin ends (its
+    supervisor is gone, even SIGKILLed) shuts down. It opens the bundles itself (memory-mapped: their pages
+    are shared through the page cache), loads its own model for image checks, and signals ready on a pipe.
+    Workers sum their metrics through a private folder. One that fails before the server first serves stops
+    the server with its error (exit code 2: the same cause would stop every replacement); one that dies later
+    is replaced, after 1, 2, 4 ... RESTART_MAX_S seconds if it keeps dying. SIGINT/SIGTERM: every worker
+    finishes its in-flight requests, then the signal is raised again here, as single-process serving does."""
+    import os
+    import secrets
     import shutil
     import signal
     import socket
+    import subprocess
     import tempfile
     from dataclasses import asdict
+    from pathlib import Path
+
+    from .metrics import retire
 
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("--workers needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per port instead")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # SO_REUSEPORT would let this server share a port another server of this user already listens on:
+    # first make sure the port is free for a socket that shares nothing.
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            if port == 0:
+                port = probe.getsockname()[1]
+                print(f"listening on port {port}", file=sys.stderr, flush=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
     holder = socket.socket(family, socket.SOCK_STREAM)  # bound, never listening: keeps the port ours
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
@@ -718,74 +771,149 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
     except OSError as exc:
         holder.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
-    ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's threads' locks mid-use
     folder = tempfile.mkdtemp(prefix="provenance-guard-metrics-")  # mode 0700: this user's workers only
-    shared = json.dumps({**asdict(config), "metrics_dir": folder})  # to each worker through a pipe, not argv
-    stopping = []
+    package = str(Path(__file__).resolve().parent.parent)
+    settings = {"config": {**asdict(config), "metrics_dir": folder}, "host": host, "port": port,
+                "log_level": log_level}
+    stopping: list[int] = []
     previous = {sig: signal.signal(sig, lambda sig, _frame: stopping.append(sig))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def start():
-        ready = ctx.Event()
-        proc = ctx.Process(target=_worker_main, args=(shared, host, port, log_level, ready), daemon=False,
-                           name="provenance-guard-worker")
-        proc.start()
-        return proc, ready, time.monotonic()
+    def start() -> _Worker:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        name = f"w{secrets.token_hex(6)}"
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches this supervisor, which stops the workers in order.
+            proc = subprocess.Popen([sys.executable, package, WORKER_COMMAND], stdin=subprocess.PIPE,
+                                    pass_fds=(write_fd,), start_new_session=True)
+            proc.stdin.write((json.dumps({**settings, "ready_fd": write_fd, "name": name}) + "\n").encode())
+            proc.stdin.flush()
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return _Worker(proc, read_fd, name)
 
-    workers = [start() for _ in range(config.workers)]
+    workers: list[Optional[_Worker]] = []
+    delay = [0.0] * config.workers
+    restart_at = [0.0] * config.workers
+    serving = False  # every worker has been ready once: from then on a failed worker is restarted
     failure = None
     try:
+        workers = [start() for _ in range(config.workers)]
         while not stopping and failure is None:
             time.sleep(0.2)
-            for n, (proc, ready, started) in enumerate(workers):
-                if proc.is_alive() and (ready.is_set() or time.monotonic() - started < STARTUP_S):
-                    continue
-                if not ready.is_set():
-                    failure = f"a server worker did not start (exit code {proc.exitcode}): see its error above"
+            now = time.monotonic()
+            for n, w in enumerate(workers):
+                if stopping:
                     break
-                log.warning("server worker %s ended (exit code %s); starting another", proc.pid, proc.exitcode)
-                workers[n] = start()
+                if w is None:
+                    if now >= restart_at[n]:
+                        workers[n] = start()
+                    continue
+                ready = w.poll_ready()
+                if w.proc.poll() is None:
+                    if ready and now - w.ready_at > STEADY_S:
+                        delay[n] = 0.0
+                    elif not ready and now - w.started > STARTUP_S:
+                        log.warning("server worker %s did not start within %.0f s; stopping it", w.proc.pid, STARTUP_S)
+                        w.proc.kill()
+                    continue
+                w.poll_ready()
+                retire(folder, w.name)  # its counts stay in the sums
+                if not serving:
+                    failure = f"a server worker did not start (exit code {w.proc.returncode}): see its error above"
+                    break
+                delay[n] = min(RESTART_MAX_S, max(1.0, delay[n] * 2))
+                log.warning("server worker %s ended (exit code %s); starting another in %.0f s", w.proc.pid,
+                            w.proc.returncode, delay[n])
+                workers[n], restart_at[n] = None, now + delay[n]
+            serving = serving or all(w is not None and w.ready_at is not None for w in workers)
     finally:
-        for proc, _, _ in workers:
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
-        for proc, _, _ in workers:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _stop_workers([w for w in workers if w is not None])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         holder.close()
         shutil.rmtree(folder, ignore_errors=True)
-    if failure:
+    if failure and not stopping:
         raise ConfigError(failure)
+    if stopping:
+        signal.raise_signal(stopping[0])  # as uvicorn does: the process ends as the signal says
 
 
-def _worker_main(shared: str, host: str, port: int, log_level: str, ready) -> None:
-    """One worker process of serve_workers: the app, then its own listening socket on the shared port."""
+def _stop_workers(workers: list) -> None:
+    """Graceful shutdown of all workers at once (SIGTERM, then STOP_S for all together), then SIGKILL."""
+    import os
+
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.terminate()
+    deadline = time.monotonic() + STOP_S
+    for w in workers:
+        try:
+            w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+            w.proc.kill()
+            w.proc.wait()
+        if w.proc.stdin is not None:
+            try:
+                w.proc.stdin.close()
+            except OSError:
+                pass
+        if w.ready_fd >= 0:
+            os.close(w.ready_fd)
+            w.ready_fd = -1
+
+
+def worker_main() -> int:
+    """A worker process of serve_workers (``provenance-guard serve-worker``): its settings come as one JSON
+    line on stdin; the app, then its own listening socket on the shared port, then ready on its pipe."""
+    import os
+    import signal
     import socket
+    import threading
 
     import uvicorn
 
     from ..core.references import ReferenceOptions
 
-    data = json.loads(shared)
+    try:
+        settings = json.loads(sys.stdin.buffer.readline(1 << 20) or b"null")
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        print("provenance-guard: serve-worker: a worker of 'provenance-guard serve --workers N'; not run by hand",
+              file=sys.stderr)
+        return 2
+
+    def orphaned():
+        while sys.stdin.buffer.read(4096):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor is gone: finish in-flight requests, then exit
+
+    threading.Thread(target=orphaned, name="provenance-guard-supervisor", daemon=True).start()
+    data = settings["config"]
     refs = data.pop("references", None)
     config = ServerConfig(**data, references=ReferenceOptions(**refs) if refs is not None else None)
+    config.extra["metrics_name"] = settings["name"]
+    host = settings["host"]
     try:
         app = _ready_app(config)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        sock.bind((host, settings["port"]))
         sock.listen(2048)
     except (ProvenanceError, OSError) as exc:  # the CLI's one-line message, not a worker's traceback
         print(f"provenance-guard: worker: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    ready.set()
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15,
+        return 2
+    os.write(settings["ready_fd"], b"r")
+    os.close(settings["ready_fd"])
+    uvicorn.Server(uvicorn.Config(app, log_level=settings["log_level"], timeout_graceful_shutdown=15,
                                   access_log=False)).run(sockets=[sock])
+    return 0
 
 
 def _ready_app(config: ServerConfig):

@@ -1,9 +1,12 @@
 """Prometheus text exposition for the server, without a client library: counters, a latency histogram, summed
 across the server's worker processes.
 
-With ``--workers N`` each worker counts its own requests and writes them, at most once a second, to
-``<shared folder>/<pid>.json``; whichever worker answers GET /metrics sums every worker's file with its own
-live counts. A worker's file stays after it exits, so a restarted worker never makes a counter go back.
+With ``--workers N`` each worker counts its own requests and writes them, at most once a second and at
+each scrape, to ``<shared folder>/<worker name>.json``. Whichever worker answers GET /metrics writes its own
+file, then sums the files: every file only grows, so no counter ever goes back, whichever worker answers
+(adding live counts to other workers' older files would: the next scrape, answered by another worker, could
+sum less). When a worker ends, the supervisor moves its counts into ``retired.json`` (``retire``), which
+lists the workers it holds, so a reader never counts one twice nor loses one in between.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 FLUSH_S = 1.0
 MAX_WORKER_FILES = 1024       # worker snapshots read per scrape (restarts included)
 MAX_WORKER_FILE_BYTES = 1 << 20
+RETIRED = "retired.json"
+MAX_RETIRED_NAMES = 256       # the names retired.json remembers (a reader needs the last few only)
 
 
 def _labels(pairs: tuple) -> str:
@@ -27,14 +32,16 @@ def _labels(pairs: tuple) -> str:
 
 
 class Metrics:
-    def __init__(self, folder: Optional[str] = None):
+    def __init__(self, folder: Optional[str] = None, name: Optional[str] = None):
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one writer of this worker's file at a time (scrape and timer)
         self.requests: dict[tuple, int] = defaultdict(int)
         self.latency: dict[tuple, list] = {}
         self.checks: dict[tuple, int] = defaultdict(int)
         self.batches = 0
         self.batch_images = 0
         self.folder = Path(folder) if folder else None
+        self.name = name or f"p{os.getpid()}"
         self._changes = self._flushed = 0
         if self.folder is not None:
             threading.Thread(target=self._flush_loop, name="provenance-guard-metrics", daemon=True).start()
@@ -93,15 +100,13 @@ class Metrics:
         """Write this worker's counts to its file (atomically: a reader sees the old file or the new one)."""
         if self.folder is None:
             return
-        changes = self._changes
-        target = self.folder / f"{os.getpid()}.json"
-        tmp = target.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()))
-            os.replace(tmp, target)
-            self._flushed = changes
-        except OSError:
-            pass  # the folder went away (the server is stopping); the next flush tries again
+        with self._flush_lock:
+            changes = self._changes
+            try:
+                _write_atomic(self.folder / f"{self.name}.json", self.snapshot())
+                self._flushed = changes
+            except OSError:
+                pass  # the folder went away (the server is stopping); the next flush tries again
 
     def _flush_loop(self) -> None:
         import time
@@ -112,19 +117,18 @@ class Metrics:
                 self.flush()
 
     def _all_workers(self) -> "Metrics":
+        self.flush()
+        # Worker files first, retired.json after: a worker retired in between is then in retired.json.
+        files = _read_files(self.folder)
+        retired = _read_json(self.folder / RETIRED) or {}
+        merged = set(retired.get("names", ()))
         total = Metrics()
-        total.add(self.snapshot())
-        own = f"{os.getpid()}.json"
-        try:
-            files = sorted(p for p in self.folder.glob("*.json") if p.name != own)[:MAX_WORKER_FILES]
-        except OSError:
-            files = []
-        for p in files:
-            try:
-                if p.stat().st_size <= MAX_WORKER_FILE_BYTES:
-                    total.add(json.loads(p.read_text()))
-            except (OSError, ValueError, TypeError):
-                continue  # a worker's file being replaced or damaged: its counts come with the next scrape
+        for name, snap in [("", retired.get("counts", {}))] + list(files.items()):
+            if name not in merged:
+                try:
+                    total.add(snap)
+                except (TypeError, ValueError, AttributeError):
+                    continue  # a damaged file
         return total
 
     def render(self, gauges: dict[str, float]) -> str:
@@ -157,3 +161,57 @@ class Metrics:
                     typed.add(base)
                 out.append(f"{name} {value}")
             return "\n".join(out) + "\n"
+
+
+def _write_atomic(target: Path, data: dict) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, target)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        if path.stat().st_size <= MAX_WORKER_FILE_BYTES:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        pass  # gone, being replaced or damaged: its counts come with the next scrape
+    return None
+
+
+def _read_files(folder: Path) -> dict[str, dict]:
+    try:
+        paths = sorted(p for p in folder.glob("*.json") if p.name != RETIRED)[:MAX_WORKER_FILES]
+    except OSError:
+        return {}
+    out = {}
+    for p in paths:
+        snap = _read_json(p)
+        if snap is not None:
+            out[p.stem] = snap
+    return out
+
+
+def retire(folder: str, name: str) -> None:
+    """Move an ended worker's counts into retired.json (the supervisor's job, one call at a time), then
+    remove its file: written in that order, a reader (files first, then retired.json) counts it once."""
+    base = Path(folder)
+    snap = _read_json(base / f"{name}.json")
+    retired = _read_json(base / RETIRED) or {}
+    names = list(retired.get("names", ()))
+    if snap is not None and name not in names:
+        total = Metrics()
+        try:
+            total.add(retired.get("counts", {}))
+            total.add(snap)
+        except (TypeError, ValueError):
+            return  # a damaged file: left where it is
+        try:
+            _write_atomic(base / RETIRED, {"names": (names + [name])[-MAX_RETIRED_NAMES:],
+                                           "counts": total.snapshot()})
+        except OSError:
+            return
+    try:
+        (base / f"{name}.json").unlink()
+    except OSError:
+        pass

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -607,10 +608,17 @@ def test_decode_budget_admits_waits_and_refuses():
     assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"}
     with pytest.raises(HTTPProblem) as never:
         budget.acquire(101)
-    assert never.value.status == 413
+    assert never.value.status == 413 and "send fewer or smaller images" in never.value.message
     threading.Timer(0.05, budget.release, args=(held,)).start()
     budget.wait_s = 5.0
     assert budget.acquire(40) == 40 and budget.used == 40
+    # Each of N worker processes admits its share: the server's whole decode memory stays bounded.
+    share = DecodeBudget(100, wait_s=0.2, workers=2)
+    assert share.acquire(50) == 50
+    with pytest.raises(HTTPProblem) as never:
+        share.acquire(51)
+    assert never.value.status == 413 and "2 worker processes" in never.value.message
+    assert "--max-decode-mb or fewer --workers" in never.value.message
 
 
 def rss(pid: int) -> int:
@@ -647,72 +655,86 @@ def test_large_uploads_are_admitted_by_memory_and_memory_returns(built_bundle):
 
 
 def _children(pid: int) -> list[int]:
-    """The server's worker processes (not multiprocessing's resource tracker)."""
+    """The server's worker processes."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         pids = [int(x) for x in f.read().split()]
     out = []
     for child in pids:
         try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"serve-worker" in Path(f"/proc/{child}/cmdline").read_bytes():
                 out.append(child)
         except OSError:
             continue  # it just ended
     return out
 
 
+def _wait(condition, seconds: float = 60.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def _metrics_folders() -> set:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("provenance-guard-metrics-*"))
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
-def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle):
-    proc, base = start(built_bundle, "--workers", "2")
+def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle, bundle_copy):
+    before = _metrics_folders()
+    proc, base = start(bundle_copy, "--workers", "2")
     try:
         workers = _children(proc.pid)
         assert len(workers) == 2
+        (folder,) = _metrics_folders() - before
         body = {"embedding_input": Bundle.open(built_bundle).vector([2])[0].tolist(), "num_images": 3,
                 "indice_name": "refs"}
         for _ in range(30):  # a new connection each: the kernel spreads them over both workers' sockets
             r = requests.post(f"{base}/knn-service", json=body)
             assert r.ok and r.json()[0]["id"] == 2
-        deadline = time.time() + 10
-        while time.time() < deadline:  # each worker writes its counts at most a second after a request
-            time.sleep(0.5)
-            text = requests.get(f"{base}/metrics").text
-            served = [line for line in text.splitlines()
-                      if line.startswith('provenance_guard_requests_total{path="/knn-service"')]
-            if served == ['provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 30']:
-                break
-        assert served == ['provenance_guard_requests_total{path="/knn-service",method="POST",status="200"} 30']
-        import tempfile
 
-        folder = next(p for p in Path(tempfile.gettempdir()).glob("provenance-guard-metrics-*")
-                      if {f"{w}.json" for w in workers} & {f.name for f in p.iterdir()})
-        assert sorted(f.name for f in folder.glob("*.json")) == sorted(f"{w}.json" for w in workers)
+        def served_ok() -> int:
+            line = next((x for x in requests.get(f"{base}/metrics").text.splitlines() if x.startswith(
+                'provenance_guard_requests_total{path="/knn-service",method="POST",status="200"}')), "x 0")
+            return int(line.split()[-1])
+
+        # Scrapes land on either worker; each sums what every worker has written, its own counts just now.
+        seen = [served_ok() for _ in range(10)]
+        assert seen == sorted(seen) and _wait(lambda: served_ok() == 30, 10)
+        assert len(list(folder.glob("w*.json"))) == 2  # both workers served and wrote their counts
 
         # A crashed worker is replaced. The connections it held are lost with it (as with any crashed
         # server); the server as a whole keeps its port and, once the replacement listens, serves them all.
         os.kill(workers[0], signal.SIGKILL)
-        deadline = time.time() + 60
-        while time.time() < deadline and (workers[0] in _children(proc.pid) or len(_children(proc.pid)) < 2):
-            time.sleep(0.2)
-        assert len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid)
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list(folder.glob("*.json"))) < 3:  # the new one has answered
+        assert _wait(lambda: len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid))
+        assert _wait(lambda: (folder / "retired.json").is_file())  # the killed worker's counts, kept
+        ok = 0
+        for _ in range(40):
             try:
-                requests.post(f"{base}/knn-service", json=body, timeout=5)
+                ok += requests.post(f"{base}/knn-service", json=body, timeout=5).ok
             except requests.ConnectionError:
                 pass  # a connection the killed worker's socket took as it went
-            time.sleep(0.3)
-        assert all(requests.post(f"{base}/knn-service", json=body).ok for _ in range(20))
+        assert _wait(lambda: served_ok() == 30 + ok, 10)  # the 30 before the kill stay counted, plus the new
 
-        def served_ok() -> int:
-            line = next(x for x in requests.get(f"{base}/metrics").text.splitlines() if x.startswith(
-                'provenance_guard_requests_total{path="/knn-service",method="POST",status="200"}'))
-            return int(line.split()[-1])
-
-        deadline = time.time() + 10
-        while time.time() < deadline and served_ok() < 50:
-            time.sleep(0.5)
-        assert served_ok() >= 50  # the 30 before the kill stay counted (the killed worker's share too), plus 20
+        # A replacement that cannot start (its bundle is being republished) does not take the server down:
+        # the other worker serves, and the slot is retried with a growing pause until the bundle is back.
+        bundle_copy.rename(bundle_copy.with_name("away"))
+        replacement = next(w for w in _children(proc.pid) if w != workers[1])
+        os.kill(replacement, signal.SIGKILL)
+        assert _wait(lambda: replacement not in _children(proc.pid))
+        time.sleep(4)
+        assert all(requests.post(f"{base}/knn-service", json=body, timeout=5).ok for _ in range(5))
+        assert proc.poll() is None
+        bundle_copy.with_name("away").rename(bundle_copy)
+        assert _wait(lambda: len(_children(proc.pid)) == 2, 90)
     finally:
         assert stop(proc) in CLEAN_EXIT
+    log = proc.stdout.read().decode(errors="replace")
+    assert "starting another in 1 s" in log and "starting another in 2 s" in log, log[-3000:]
     assert not folder.exists()  # the shared metrics folder goes with the server
 
 
@@ -721,6 +743,86 @@ def test_a_worker_that_cannot_open_its_bundle_stops_the_server_with_the_reason(t
                           "--port", str(free_port()), "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist or is not a folder" in out.stderr and "did not start" in out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
+def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_supervisor(built_bundle, tmp_path):
+    import provenance_guard
+
+    # A clone that pip did not install, in a folder not named like the package (custom_nodes/, extensions/).
+    clone = tmp_path / "Provenance Guard clone"
+    shutil.copytree(Path(provenance_guard.__file__).parent, clone, ignore=shutil.ignore_patterns(
+        ".*", "tests", "bench", "*.egg-info", "__pycache__", "demo-out"))
+    port = free_port()
+    env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(clone), "serve", "--index", f"refs={built_bundle}", "--port", str(port),
+           "--log-level", "warning", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert _wait(lambda: len(_children(proc.pid)) == 2 and _healthy(port) or proc.poll() is not None)
+        assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+        workers = _children(proc.pid)
+        body = {"embedding_input": Bundle.open(built_bundle).vector([1])[0].tolist(), "num_images": 2}
+        assert requests.post(f"http://127.0.0.1:{port}/knn-service", json=body).json()[0]["id"] == 1
+
+        # A second server on the same port would silently share its connections (both ask for SO_REUSEPORT).
+        second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "cannot listen on" in second.stderr and "choose another --port" in second.stderr
+
+        # A supervisor that is killed outright takes its workers with it (they finish their requests first).
+        proc.kill()
+        proc.wait()
+        assert _wait(lambda: not any(Path(f"/proc/{w}").exists() and b"serve-worker" in
+                                     Path(f"/proc/{w}/cmdline").read_bytes() for w in workers), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
+def test_ctrl_c_stops_every_worker_and_the_server_says_interrupted(built_bundle):
+    proc, base = start(built_bundle, "--workers", "2")
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches the supervisor only (workers have own sessions)
+    assert proc.wait(timeout=60) == 130
+    out = proc.stdout.read().decode(errors="replace")
+    assert "interrupted" in out and "did not start" not in out and "starting another" not in out, out[-2000:]
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_metrics_never_go_back_whichever_worker_answers_and_outlive_their_worker(tmp_path):
+    from provenance_guard.index_server.metrics import Metrics, retire
+
+    def served(m: Metrics) -> int:
+        line = next(x for x in m.render({}).splitlines() if x.startswith("provenance_guard_requests_total{"))
+        return int(line.split()[-1])
+
+    a, b = Metrics(str(tmp_path), "wa"), Metrics(str(tmp_path), "wb")
+    seen = []
+    for i in range(20):  # scrapes alternate between the workers, as a load balancer's would
+        a.request("/knn-service", "POST", 200, 0.002)
+        b.request("/knn-service", "POST", 200, 0.002)
+        if i == 5:
+            b.flush()  # b's once-a-second write falls here, while a has written nothing yet
+        seen.append(served(a if i % 2 else b))
+    # Every scrape counts at least the answering worker's own requests, and never fewer than the scrape before.
+    assert seen == sorted(seen) and all(n >= i + 1 for i, n in enumerate(seen)), seen
+    b.flush()
+    assert served(a) == 40
+    retire(str(tmp_path), "wb")  # worker b ended: its counts move into retired.json, once
+    retire(str(tmp_path), "wb")
+    assert not (tmp_path / "wb.json").exists() and served(a) == 40
+    c = Metrics(str(tmp_path), "wc")  # its replacement
+    c.request("/knn-service", "POST", 200, 0.002)
+    assert served(c) == 41 and served(a) == 41
 
 
 def test_metrics_of_several_workers_add_up(tmp_path):
