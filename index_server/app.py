@@ -724,6 +724,19 @@ class _Worker:
             self.ready_fd = -1
         return self.ready_at is not None
 
+    def close(self) -> None:
+        """The supervisor's ends of an ended worker's pipes."""
+        import os
+
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        if self.ready_fd >= 0:
+            os.close(self.ready_fd)
+            self.ready_fd = -1
+
 
 def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) -> None:
     """Worker processes, each with its own listening socket on the port (SO_REUSEPORT): the kernel spreads
@@ -821,7 +834,8 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
                         log.warning("server worker %s did not start within %.0f s; stopping it", w.proc.pid, STARTUP_S)
                         w.proc.kill()
                     continue
-                w.poll_ready()
+                w.poll_ready()  # a ready byte written just before it ended still counts
+                w.close()
                 retire(folder, w.name)  # its counts stay in the sums
                 if not serving:
                     failure = f"a server worker did not start (exit code {w.proc.returncode}): see its error above"
@@ -845,8 +859,6 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
 
 def _stop_workers(workers: list) -> None:
     """Graceful shutdown of all workers at once (SIGTERM, then STOP_S for all together), then SIGKILL."""
-    import os
-
     for w in workers:
         if w.proc.poll() is None:
             w.proc.terminate()
@@ -857,14 +869,7 @@ def _stop_workers(workers: list) -> None:
         except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
             w.proc.kill()
             w.proc.wait()
-        if w.proc.stdin is not None:
-            try:
-                w.proc.stdin.close()
-            except OSError:
-                pass
-        if w.ready_fd >= 0:
-            os.close(w.ready_fd)
-            w.ready_fd = -1
+        w.close()
 
 
 def worker_main() -> int:
