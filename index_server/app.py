@@ -632,7 +632,8 @@ class Guard:
                 response = self.problem(500, "internal server error")
             await response(scope, receive, send_status)
         finally:
-            self.metrics.request(path if path in KNOWN_PATHS else "other", scope["method"], status,
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # labels stay a bounded set
+            self.metrics.request(path if path in KNOWN_PATHS else "other", method, status,
                                  time.perf_counter() - t0)
 
     def refusal(self, path: str, headers: dict):
@@ -648,6 +649,7 @@ class Guard:
         return None
 
 
+KNOWN_METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"}
 KNOWN_PATHS = {"/healthz", "/indices-list", "/v1/indices", "/knn-service", "/metadata", "/v1/check", "/metrics"}
 
 
@@ -747,10 +749,11 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
     did not install runs too), with its settings on stdin, which stays open: a worker whose stdin ends (its
     supervisor is gone, even SIGKILLed) shuts down. It opens the bundles itself (memory-mapped: their pages
     are shared through the page cache), loads its own model for image checks, and signals ready on a pipe.
-    Workers sum their metrics through a private folder. One that fails before the server first serves stops
-    the server with its error (exit code 2: the same cause would stop every replacement); one that dies later
-    is replaced, after 1, 2, 4 ... RESTART_MAX_S seconds if it keeps dying. SIGINT/SIGTERM: every worker
-    finishes its in-flight requests, then the signal is raised again here, as single-process serving does."""
+    Workers sum their metrics through a private folder. A worker that fails before every worker has first
+    been ready stops the server with its error (exit code 2: the same cause would stop every replacement);
+    one that ends after serving is replaced, after 1, 2, 4 ... RESTART_MAX_S seconds if it keeps ending, and
+    so is a replacement that cannot start. SIGINT/SIGTERM/SIGHUP: every worker finishes its in-flight
+    requests, then the signal is raised again here, as single-process serving does."""
     import os
     import secrets
     import shutil
@@ -765,45 +768,38 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
 
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("--workers needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per port instead")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # SO_REUSEPORT would let this server share a port another server of this user already listens on:
-    # first make sure the port is free for a socket that shares nothing.
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            if port == 0:
-                port = probe.getsockname()[1]
-                print(f"listening on port {port}", file=sys.stderr, flush=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
-    holder = socket.socket(family, socket.SOCK_STREAM)  # bound, never listening: keeps the port ours
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        holder.bind((host, port))
-    except OSError as exc:
-        holder.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
-    folder = tempfile.mkdtemp(prefix="provenance-guard-metrics-")  # mode 0700: this user's workers only
+    holder = _hold_port(host, port)
+    port = holder.getsockname()[1]
+    _remove_stale_metrics()
+    # mode 0700: this user's workers only; the supervisor's pid in the name lets a later start remove it
+    # when this process could not (SIGKILL)
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     package = str(Path(__file__).resolve().parent.parent)
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()  # -I, -X ..., -W ... as this process has
     settings = {"config": {**asdict(config), "metrics_dir": folder}, "host": host, "port": port,
                 "log_level": log_level}
     stopping: list[int] = []
-    previous = {sig: signal.signal(sig, lambda sig, _frame: stopping.append(sig))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # a background job ignores SIGINT
+            previous[sig] = signal.signal(sig, lambda sig, _frame: stopping.append(sig))
 
     def start() -> _Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         name = f"w{secrets.token_hex(6)}"
+        proc = None
         try:
             # A session of its own: a terminal's Ctrl-C reaches this supervisor, which stops the workers in order.
-            proc = subprocess.Popen([sys.executable, package, WORKER_COMMAND], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, *flags, package, WORKER_COMMAND], stdin=subprocess.PIPE,
                                     pass_fds=(write_fd,), start_new_session=True)
             proc.stdin.write((json.dumps({**settings, "ready_fd": write_fd, "name": name}) + "\n").encode())
             proc.stdin.flush()
         except BaseException:
             os.close(read_fd)
+            if proc is not None:
+                proc.kill()
+                proc.wait()
             raise
         finally:
             os.close(write_fd)
@@ -812,10 +808,11 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
     workers: list[Optional[_Worker]] = []
     delay = [0.0] * config.workers
     restart_at = [0.0] * config.workers
-    serving = False  # every worker has been ready once: from then on a failed worker is restarted
+    serving = False  # every worker has been ready once: from then on an ended worker is restarted
     failure = None
     try:
-        workers = [start() for _ in range(config.workers)]
+        for _ in range(config.workers):
+            workers.append(start())
         while not stopping and failure is None:
             time.sleep(0.2)
             now = time.monotonic()
@@ -824,7 +821,12 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
                     break
                 if w is None:
                     if now >= restart_at[n]:
-                        workers[n] = start()
+                        try:
+                            workers[n] = start()
+                        except OSError as exc:  # out of processes or files, the interpreter gone: later
+                            delay[n] = min(RESTART_MAX_S, max(1.0, delay[n] * 2))
+                            restart_at[n] = now + delay[n]
+                            log.warning("cannot start a server worker (%s); trying again in %.0f s", exc, delay[n])
                     continue
                 ready = w.poll_ready()
                 if w.proc.poll() is None:
@@ -834,27 +836,86 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
                         log.warning("server worker %s did not start within %.0f s; stopping it", w.proc.pid, STARTUP_S)
                         w.proc.kill()
                     continue
-                w.poll_ready()  # a ready byte written just before it ended still counts
+                ready = w.poll_ready()  # a ready byte written just before it ended still counts
                 w.close()
                 retire(folder, w.name)  # its counts stay in the sums
-                if not serving:
+                if not serving and not ready:
                     failure = f"a server worker did not start (exit code {w.proc.returncode}): see its error above"
                     break
                 delay[n] = min(RESTART_MAX_S, max(1.0, delay[n] * 2))
-                log.warning("server worker %s ended (exit code %s); starting another in %.0f s", w.proc.pid,
-                            w.proc.returncode, delay[n])
+                log.warning("server worker %s %s (exit code %s); starting another in %.0f s", w.proc.pid,
+                            "ended" if ready else "did not start", w.proc.returncode, delay[n])
                 workers[n], restart_at[n] = None, now + delay[n]
-            serving = serving or all(w is not None and w.ready_at is not None for w in workers)
+            if not serving and all(w is not None and w.ready_at is not None for w in workers):
+                serving = True
+                print(f"serving on http://{host}:{port} with {len(workers)} worker processes", file=sys.stderr,
+                      flush=True)
     finally:
         _stop_workers([w for w in workers if w is not None])
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         holder.close()
         shutil.rmtree(folder, ignore_errors=True)
-    if failure and not stopping:
-        raise ConfigError(failure)
     if stopping:
         signal.raise_signal(stopping[0])  # as uvicorn does: the process ends as the signal says
+        sys.exit(128 + stopping[0])  # a handler (SIGINT's raises KeyboardInterrupt) that let the process go on
+    if failure:
+        raise ConfigError(failure)
+
+
+METRICS_PREFIX = "provenance-guard-metrics-"
+
+
+def _hold_port(host: str, port: int):
+    """A bound, never listening SO_REUSEPORT socket that keeps the port this server's while workers come
+    and go. A port another process listens on is refused first: sockets that all ask for SO_REUSEPORT
+    would share it, a second server silently taking half of the first's connections."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        # SO_REUSEADDR on Linux: a listener conflicts, TIME_WAIT leftovers of a server that just stopped do not.
+        # BSD/macOS let such a socket bind beside a listener on another address: probe without it there.
+        probes = [(host, sys.platform.startswith("linux"))]
+        if not sys.platform.startswith("linux") and host not in ("0.0.0.0", "::"):
+            probes.append(("::" if family == socket.AF_INET6 else "0.0.0.0", False))
+        for address, reuse in probes:
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    if reuse:
+                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((address, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); another server holds it: "
+                                  f"choose another --port") from exc
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((host, port))  # port 0: the kernel picks a free one, read back by the caller
+    except OSError as exc:
+        holder.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
+    return holder
+
+
+def _remove_stale_metrics() -> None:
+    """Metrics folders of this user's supervisors that are gone (killed before they could remove them)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # alive (another user's pid) or not ours to judge
 
 
 def _stop_workers(workers: list) -> None:
@@ -884,41 +945,64 @@ def worker_main() -> int:
 
     from ..core.references import ReferenceOptions
 
-    try:
-        settings = json.loads(sys.stdin.buffer.readline(1 << 20) or b"null")
-    except ValueError:
-        settings = None
-    if not isinstance(settings, dict):
-        print("provenance-guard: serve-worker: a worker of 'provenance-guard serve --workers N'; not run by hand",
-              file=sys.stderr)
+    usage = "provenance-guard: serve-worker: a worker process of 'provenance-guard serve --workers N', not run by hand"
+    if sys.stdin.isatty():
+        print(usage, file=sys.stderr)
         return 2
+    try:
+        settings = json.loads(_read_line(0, MAX_SETTINGS_BYTES))
+        data = dict(settings["config"])
+        refs = data.pop("references", None)
+        config = ServerConfig(**data, references=ReferenceOptions(**refs) if refs is not None else None)
+        host, port, ready_fd = str(settings["host"]), int(settings["port"]), int(settings["ready_fd"])
+        config.extra["metrics_name"] = str(settings["name"])
+        log_level = str(settings["log_level"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        print(f"{usage} ({exc})", file=sys.stderr)
+        return 2
+    os.set_inheritable(ready_fd, False)  # nothing this worker starts keeps its supervisor waiting
 
     def orphaned():
-        while sys.stdin.buffer.read(4096):
+        # os.read, not sys.stdin: a thread blocked in a buffered read holds its lock, and the interpreter
+        # aborts at exit when it cannot take it.
+        while os.read(0, 4096):
             pass
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor is gone: finish in-flight requests, then exit
 
     threading.Thread(target=orphaned, name="provenance-guard-supervisor", daemon=True).start()
-    data = settings["config"]
-    refs = data.pop("references", None)
-    config = ServerConfig(**data, references=ReferenceOptions(**refs) if refs is not None else None)
-    config.extra["metrics_name"] = settings["name"]
-    host = settings["host"]
     try:
         app = _ready_app(config)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, settings["port"]))
+        sock.bind((host, port))
         sock.listen(2048)
     except (ProvenanceError, OSError) as exc:  # the CLI's one-line message, not a worker's traceback
         print(f"provenance-guard: worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    os.write(settings["ready_fd"], b"r")
-    os.close(settings["ready_fd"])
-    uvicorn.Server(uvicorn.Config(app, log_level=settings["log_level"], timeout_graceful_shutdown=15,
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15,
                                   access_log=False)).run(sockets=[sock])
     return 0
+
+
+MAX_SETTINGS_BYTES = 16 << 20
+
+
+def _read_line(fd: int, limit: int) -> bytes:
+    """One line from fd, read unbuffered (stdin stays free for the thread that waits for its end)."""
+    import os
+
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"settings over {limit:,} bytes")
+    return bytes(data)
 
 
 def _ready_app(config: ServerConfig):

@@ -20,7 +20,7 @@ from typing import Optional
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FLUSH_S = 1.0
 MAX_WORKER_FILES = 1024       # worker snapshots read per scrape (restarts included)
-MAX_WORKER_FILE_BYTES = 1 << 20
+MAX_WORKER_FILE_BYTES = 64 << 20  # the folder is the server's own (0700); labels are a bounded set
 RETIRED = "retired.json"
 MAX_RETIRED_NAMES = 256       # the names retired.json remembers (a reader needs the last few only)
 
@@ -79,22 +79,30 @@ class Metrics:
                     "batches": self.batches, "batch_images": self.batch_images}
 
     def add(self, snap: dict) -> None:
-        """Add another worker's snapshot into these counts."""
+        """Add another worker's snapshot into these counts: all of it, or (damaged: ValueError) none of it."""
         key = lambda pairs: tuple((str(a), b) for a, b in pairs)  # noqa: E731
+        try:
+            requests = [(key(pairs), int(v)) for pairs, v in snap.get("requests", ())]
+            latency = [(key(pairs), [int(c) for c in counts], float(total), int(n))
+                       for pairs, counts, total, n in snap.get("latency", ()) if len(counts) == len(BUCKETS)]
+            checks = [(key(pairs), int(v)) for pairs, v in snap.get("checks", ())]
+            batches, batch_images = int(snap.get("batches", 0)), int(snap.get("batch_images", 0))
+            for k, *_ in requests + latency + checks:
+                hash(k)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"a damaged metrics snapshot ({exc})") from None
         with self._lock:
-            for pairs, v in snap.get("requests", ()):
-                self.requests[key(pairs)] += int(v)
-            for pairs, counts, total, n in snap.get("latency", ()):
-                if len(counts) != len(BUCKETS):
-                    continue
-                hist = self.latency.setdefault(key(pairs), [[0] * len(BUCKETS), 0.0, 0])
-                hist[0] = [a + int(b) for a, b in zip(hist[0], counts)]
-                hist[1] += float(total)
-                hist[2] += int(n)
-            for pairs, v in snap.get("checks", ()):
-                self.checks[key(pairs)] += int(v)
-            self.batches += int(snap.get("batches", 0))
-            self.batch_images += int(snap.get("batch_images", 0))
+            for k, v in requests:
+                self.requests[k] += v
+            for k, counts, total, n in latency:
+                hist = self.latency.setdefault(k, [[0] * len(BUCKETS), 0.0, 0])
+                hist[0] = [a + b for a, b in zip(hist[0], counts)]
+                hist[1] += total
+                hist[2] += n
+            for k, v in checks:
+                self.checks[k] += v
+            self.batches += batches
+            self.batch_images += batch_images
 
     def flush(self) -> None:
         """Write this worker's counts to its file (atomically: a reader sees the old file or the new one)."""
@@ -121,13 +129,13 @@ class Metrics:
         # Worker files first, retired.json after: a worker retired in between is then in retired.json.
         files = _read_files(self.folder)
         retired = _read_json(self.folder / RETIRED) or {}
-        merged = set(retired.get("names", ()))
+        merged = _names(retired)
         total = Metrics()
         for name, snap in [("", retired.get("counts", {}))] + list(files.items()):
             if name not in merged:
                 try:
                     total.add(snap)
-                except (TypeError, ValueError, AttributeError):
+                except ValueError:
                     continue  # a damaged file
         return total
 
@@ -192,26 +200,47 @@ def _read_files(folder: Path) -> dict[str, dict]:
     return out
 
 
+def _names(retired: dict) -> set:
+    names = retired.get("names", ())
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
 def retire(folder: str, name: str) -> None:
     """Move an ended worker's counts into retired.json (the supervisor's job, one call at a time), then
-    remove its file: written in that order, a reader (files first, then retired.json) counts it once."""
+    remove its file: written in that order, a reader (files first, then retired.json) counts it once.
+    Nothing is dropped on a damaged file: the worker's file then stays where it is, still summed."""
+    import logging
+
     base = Path(folder)
-    snap = _read_json(base / f"{name}.json")
-    retired = _read_json(base / RETIRED) or {}
-    names = list(retired.get("names", ()))
-    if snap is not None and name not in names:
+    path, tmp = base / f"{name}.json", base / f"{name}.json.tmp"
+    try:
+        tmp.unlink()  # a write the worker did not finish
+    except OSError:
+        pass
+    if not path.exists():
+        return
+    snap = _read_json(path)
+    retired = _read_json(base / RETIRED)
+    if snap is None or (retired is None and (base / RETIRED).exists()):
+        logging.getLogger("provenance_guard.server").warning(
+            "metrics of an ended worker not merged (%s unreadable); its file stays", path if snap is None else RETIRED)
+        return
+    retired = retired or {}
+    listed = retired.get("names")
+    names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else []  # oldest first
+    if name not in names:
         total = Metrics()
         try:
             total.add(retired.get("counts", {}))
             total.add(snap)
-        except (TypeError, ValueError):
-            return  # a damaged file: left where it is
+        except ValueError:
+            return
         try:
             _write_atomic(base / RETIRED, {"names": (names + [name])[-MAX_RETIRED_NAMES:],
                                            "counts": total.snapshot()})
         except OSError:
             return
     try:
-        (base / f"{name}.json").unlink()
+        path.unlink()
     except OSError:
         pass

@@ -233,6 +233,9 @@ def test_concurrent_requests_are_batched_and_counted(server):
     assert images == 8 and batches < 8  # several requests shared a forward pass
     assert 'provenance_guard_checks_total{verdict="block"}' in after
     assert 'provenance_guard_requests_total{path="/v1/check",method="POST",status="200"}' in after
+    requests.request("PROPFIND", f"{base}/healthz")  # a method label never grows past a fixed set
+    assert 'method="PROPFIND"' not in requests.get(f"{base}/metrics").text
+    assert 'path="/healthz",method="other"' in requests.get(f"{base}/metrics").text
 
 
 def test_remote_backend_matches_local(server, built_bundle):
@@ -677,20 +680,52 @@ def _wait(condition, seconds: float = 60.0) -> bool:
     return condition()
 
 
-def _metrics_folders() -> set:
-    import tempfile
+class Supervisor:
+    """`serve --workers N` in a subprocess, its output collected line by line as it comes."""
 
-    return set(Path(tempfile.gettempdir()).glob("provenance-guard-metrics-*"))
+    def __init__(self, cmd: list, cwd=None, new_session: bool = False):
+        env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=new_session)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def serving(self, seconds: float = 120.0) -> str:
+        """Wait for the line the supervisor prints once every worker is ready; the server's base URL."""
+        assert _wait(lambda: "serving on http" in self.log or self.proc.poll() is not None, seconds), self.log[-3000:]
+        line = next((x for x in self.lines if x.startswith("serving on http")), None)
+        assert line is not None, self.log[-3000:]
+        return line.split()[2]
+
+    def folder(self) -> Path:
+        import tempfile
+
+        (found,) = Path(tempfile.gettempdir()).glob(f"provenance-guard-metrics-{self.proc.pid}-*")
+        return found
+
+
+def _serve_cmd(bundle: Path, *extra: str, entry=("-m", "provenance_guard")) -> list:
+    return [sys.executable, *entry, "serve", "--index", f"refs={bundle}", "--log-level", "warning", "--workers",
+            "2", *extra]
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
 def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle, bundle_copy):
-    before = _metrics_folders()
-    proc, base = start(bundle_copy, "--workers", "2")
+    sup = Supervisor(_serve_cmd(bundle_copy, "--port", str(free_port())))
+    proc = sup.proc
     try:
+        base = sup.serving()
         workers = _children(proc.pid)
         assert len(workers) == 2
-        (folder,) = _metrics_folders() - before
+        folder = sup.folder()
         body = {"embedding_input": Bundle.open(built_bundle).vector([2])[0].tolist(), "num_images": 3,
                 "indice_name": "refs"}
         for _ in range(30):  # a new connection each: the kernel spreads them over both workers' sockets
@@ -702,39 +737,42 @@ def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle,
                 'provenance_guard_requests_total{path="/knn-service",method="POST",status="200"}')), "x 0")
             return int(line.split()[-1])
 
-        # Scrapes land on either worker; each sums what every worker has written, its own counts just now.
-        seen = [served_ok() for _ in range(10)]
-        assert seen == sorted(seen) and _wait(lambda: served_ok() == 30, 10)
-        assert len(list(folder.glob("w*.json"))) == 2  # both workers served and wrote their counts
+        def both_serve() -> bool:  # each worker has answered since it started: it wrote its counts
+            for _ in range(4):
+                try:
+                    requests.post(f"{base}/knn-service", json=body, timeout=10)
+                except requests.RequestException:
+                    pass  # a connection a killed worker's socket took as it went
+            return len(list(folder.glob("w*.json"))) == 2
+
+        assert _wait(lambda: served_ok() == 30, 10)  # summed over both workers, whichever answers
+        assert _wait(both_serve, 10)
+        counted = served_ok()
 
         # A crashed worker is replaced. The connections it held are lost with it (as with any crashed
         # server); the server as a whole keeps its port and, once the replacement listens, serves them all.
         os.kill(workers[0], signal.SIGKILL)
         assert _wait(lambda: len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid))
         assert _wait(lambda: (folder / "retired.json").is_file())  # the killed worker's counts, kept
-        ok = 0
-        for _ in range(40):
-            try:
-                ok += requests.post(f"{base}/knn-service", json=body, timeout=5).ok
-            except requests.ConnectionError:
-                pass  # a connection the killed worker's socket took as it went
-        assert _wait(lambda: served_ok() == 30 + ok, 10)  # the 30 before the kill stay counted, plus the new
+        assert served_ok() >= counted
+        assert _wait(both_serve, 60)
 
         # A replacement that cannot start (its bundle is being republished) does not take the server down:
         # the other worker serves, and the slot is retried with a growing pause until the bundle is back.
         bundle_copy.rename(bundle_copy.with_name("away"))
         replacement = next(w for w in _children(proc.pid) if w != workers[1])
         os.kill(replacement, signal.SIGKILL)
-        assert _wait(lambda: replacement not in _children(proc.pid))
-        time.sleep(4)
-        assert all(requests.post(f"{base}/knn-service", json=body, timeout=5).ok for _ in range(5))
+        assert _wait(lambda: "did not start (exit code 2); starting another in 4 s" in sup.log, 60), sup.log[-3000:]
+        assert all(requests.post(f"{base}/knn-service", json=body, timeout=10).ok for _ in range(5))
         assert proc.poll() is None
         bundle_copy.with_name("away").rename(bundle_copy)
-        assert _wait(lambda: len(_children(proc.pid)) == 2, 90)
+        assert _wait(both_serve, 90)
     finally:
         assert stop(proc) in CLEAN_EXIT
-    log = proc.stdout.read().decode(errors="replace")
-    assert "starting another in 1 s" in log and "starting another in 2 s" in log, log[-3000:]
+    _wait(lambda: "in 2 s" in sup.log, 5)  # the reader thread drains the last lines
+    log = sup.log
+    assert "ended (exit code -9); starting another in 1 s" in log, log[-3000:]
+    assert "ended (exit code -9); starting another in 2 s" in log and "Fatal Python error" not in log
     assert not folder.exists()  # the shared metrics folder goes with the server
 
 
@@ -743,59 +781,92 @@ def test_a_worker_that_cannot_open_its_bundle_stops_the_server_with_the_reason(t
                           "--port", str(free_port()), "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist or is not a folder" in out.stderr and "did not start" in out.stderr
+    assert "Fatal Python error" not in out.stderr
+
+
+def test_a_worker_exits_2_with_one_line_on_bad_settings_or_a_bundle_it_cannot_open(tmp_path):
+    from dataclasses import asdict
+
+    from provenance_guard.index_server.app import ServerConfig
+
+    read_fd, write_fd = os.pipe()
+    settings = {"config": asdict(ServerConfig(indices={"refs": str(tmp_path / "none")})), "host": "127.0.0.1",
+                "port": free_port(), "log_level": "warning", "ready_fd": write_fd, "name": "w1"}
+    for line, says in ((json.dumps(settings), "does not exist or is not a folder"),
+                       ('{"config": 5}', "not run by hand"), ("not json", "not run by hand")):
+        # stdin stays open, as the supervisor keeps it: its end tells a worker that the supervisor is gone
+        worker = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve-worker"], stdin=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, pass_fds=(write_fd,))
+        worker.stdin.write(line.encode() + b"\n")
+        worker.stdin.flush()
+        code = worker.wait(timeout=120)
+        err = worker.stderr.read().decode(errors="replace")
+        worker.stdin.close()
+        assert code == 2 and says in err, err[-2000:]
+        assert "Fatal Python error" not in err and "Traceback" not in err
+    os.close(write_fd)
+    assert os.read(read_fd, 1) == b""  # never said ready
+    os.close(read_fd)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"serve-worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
 def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_supervisor(built_bundle, tmp_path):
     import provenance_guard
+    from provenance_guard.index_server.app import _remove_stale_metrics
 
     # A clone that pip did not install, in a folder not named like the package (custom_nodes/, extensions/).
     clone = tmp_path / "Provenance Guard clone"
     shutil.copytree(Path(provenance_guard.__file__).parent, clone, ignore=shutil.ignore_patterns(
         ".*", "tests", "bench", "*.egg-info", "__pycache__", "demo-out"))
-    port = free_port()
-    env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(clone), "serve", "--index", f"refs={built_bundle}", "--port", str(port),
-           "--log-level", "warning", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    sup = Supervisor(_serve_cmd(built_bundle, "--port", "0", entry=(str(clone),)), cwd=tmp_path)
+    proc = sup.proc
     try:
-        assert _wait(lambda: len(_children(proc.pid)) == 2 and _healthy(port) or proc.poll() is not None)
-        assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+        base = sup.serving()  # --port 0: the port the kernel picked, in the line that says it serves
+        port = int(base.rsplit(":", 1)[1])
+        assert port > 0
         workers = _children(proc.pid)
+        assert len(workers) == 2
+        folder = sup.folder()
         body = {"embedding_input": Bundle.open(built_bundle).vector([1])[0].tolist(), "num_images": 2}
-        assert requests.post(f"http://127.0.0.1:{port}/knn-service", json=body).json()[0]["id"] == 1
+        assert requests.post(f"{base}/knn-service", json=body).json()[0]["id"] == 1
 
         # A second server on the same port would silently share its connections (both ask for SO_REUSEPORT).
-        second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and "cannot listen on" in second.stderr and "choose another --port" in second.stderr
+        second = subprocess.run(_serve_cmd(built_bundle, "--port", str(port), entry=(str(clone),)), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "another server holds it: choose another --port" in second.stderr
 
-        # A supervisor that is killed outright takes its workers with it (they finish their requests first).
+        # A supervisor that is killed outright takes its workers with it (they finish their requests first);
+        # its metrics folder, left behind, goes with the next server's start.
         proc.kill()
         proc.wait()
-        assert _wait(lambda: not any(Path(f"/proc/{w}").exists() and b"serve-worker" in
-                                     Path(f"/proc/{w}/cmdline").read_bytes() for w in workers), 30)
+        assert _wait(lambda: not any(_is_worker(w) for w in workers), 30)
+        assert folder.exists()
+        _remove_stale_metrics()
+        assert not folder.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def _healthy(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
-    except requests.ConnectionError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
 def test_ctrl_c_stops_every_worker_and_the_server_says_interrupted(built_bundle):
-    proc, base = start(built_bundle, "--workers", "2")
-    workers = _children(proc.pid)
-    proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches the supervisor only (workers have own sessions)
-    assert proc.wait(timeout=60) == 130
-    out = proc.stdout.read().decode(errors="replace")
-    assert "interrupted" in out and "did not start" not in out and "starting another" not in out, out[-2000:]
-    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+    sup = Supervisor(_serve_cmd(built_bundle, "--port", str(free_port())), new_session=True)
+    sup.serving()
+    workers = _children(sup.proc.pid)
+    assert len(workers) == 2
+    os.killpg(sup.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+    assert sup.proc.wait(timeout=60) == 130
+    assert _wait(lambda: "interrupted" in sup.log, 5)
+    assert "did not start" not in sup.log and "starting another" not in sup.log, sup.log[-2000:]
+    assert _wait(lambda: not any(_is_worker(w) for w in workers), 10)
 
 
 def test_metrics_never_go_back_whichever_worker_answers_and_outlive_their_worker(tmp_path):
@@ -817,12 +888,29 @@ def test_metrics_never_go_back_whichever_worker_answers_and_outlive_their_worker
     assert seen == sorted(seen) and all(n >= i + 1 for i, n in enumerate(seen)), seen
     b.flush()
     assert served(a) == 40
+    import provenance_guard.index_server.metrics as metrics
+
+    real = metrics._read_files
+
+    def retire_meanwhile(folder):  # b ends between a scrape's reading of the worker files and retired.json
+        files = real(folder)
+        retire(str(tmp_path), "wb")
+        return files
+
+    metrics._read_files = retire_meanwhile
+    try:
+        assert served(a) == 40
+    finally:
+        metrics._read_files = real
     retire(str(tmp_path), "wb")  # worker b ended: its counts move into retired.json, once
     retire(str(tmp_path), "wb")
     assert not (tmp_path / "wb.json").exists() and served(a) == 40
     c = Metrics(str(tmp_path), "wc")  # its replacement
     c.request("/knn-service", "POST", 200, 0.002)
     assert served(c) == 41 and served(a) == 41
+    (tmp_path / "retired.json").write_text("{damaged")  # never overwritten: the counts in it would be lost
+    retire(str(tmp_path), "wc")
+    assert (tmp_path / "wc.json").exists() and (tmp_path / "retired.json").read_text() == "{damaged"
 
 
 def test_metrics_of_several_workers_add_up(tmp_path):
