@@ -71,6 +71,7 @@ class ServerConfig:
     # Processes serving the same socket; each maps the bundles (their pages are shared) and loads its own model.
     workers: int = 1
     metrics_dir: Optional[str] = None  # set by serve() for workers: where they share their counts
+    metrics_name: Optional[str] = None  # set by serve() for each worker: its file in metrics_dir
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,7 +149,7 @@ class State:
         self._tlock = threading.Lock()
         self._stamps: dict[str, Optional[tuple]] = {}
         self.bundles = {name: self._open(name) for name in config.indices}
-        self.metrics = Metrics(config.metrics_dir, config.extra.get("metrics_name"))
+        self.metrics = Metrics(config.metrics_dir, config.metrics_name)
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
@@ -953,9 +954,9 @@ def worker_main() -> int:
         settings = json.loads(_read_line(0, MAX_SETTINGS_BYTES))
         data = dict(settings["config"])
         refs = data.pop("references", None)
+        data["metrics_name"] = str(settings["name"])
         config = ServerConfig(**data, references=ReferenceOptions(**refs) if refs is not None else None)
         host, port, ready_fd = str(settings["host"]), int(settings["port"]), int(settings["ready_fd"])
-        config.extra["metrics_name"] = str(settings["name"])
         log_level = str(settings["log_level"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         print(f"{usage} ({exc})", file=sys.stderr)

@@ -129,7 +129,7 @@ class Metrics:
         # Worker files first, retired.json after: a worker retired in between is then in retired.json.
         files = _read_files(self.folder)
         retired = _read_json(self.folder / RETIRED) or {}
-        merged = _names(retired)
+        merged = set(_names(retired))
         total = Metrics()
         for name, snap in [("", retired.get("counts", {}))] + list(files.items()):
             if name not in merged:
@@ -200,9 +200,10 @@ def _read_files(folder: Path) -> dict[str, dict]:
     return out
 
 
-def _names(retired: dict) -> set:
-    names = retired.get("names", ())
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+def _names(retired: dict) -> list:
+    """The workers retired.json holds, oldest first (whatever a damaged file lists instead)."""
+    names = retired.get("names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def retire(folder: str, name: str) -> None:
@@ -226,8 +227,7 @@ def retire(folder: str, name: str) -> None:
             "metrics of an ended worker not merged (%s unreadable); its file stays", path if snap is None else RETIRED)
         return
     retired = retired or {}
-    listed = retired.get("names")
-    names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else []  # oldest first
+    names = _names(retired)
     if name not in names:
         total = Metrics()
         try:
