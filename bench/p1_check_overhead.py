@@ -80,6 +80,7 @@ def main() -> None:
             while f.read(1 << 24):
                 pass
     bundle = Bundle.open(path)
+    bundle.warm_up(wait=True)  # what a serving process has done in the background by its second check
     checker = Checker(bundle)
     rng = np.random.default_rng(7)
     # Near-duplicate queries of stored rows, as a generated copy would be.

@@ -9,6 +9,7 @@ disk is picked up by the next call. Under the fail mode, any failure becomes a r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -29,7 +30,7 @@ from .policy import NOT_A_COPY, Policy, apply_prompt, apply_verification, verdic
 from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
-from .search import search
+from .search import row_squares, search
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -42,6 +43,11 @@ SMALL_BUNDLE_ROWS = 100_000
 log = logging.getLogger("provenance_guard")
 
 
+# A row whose squared norm is this close to 1 is unit already (float32 rounding of a normalized row).
+UNIT_SLACK = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
 def _tool_version() -> str:
     from .. import __version__
 
@@ -236,14 +242,22 @@ class Checker:
 
         t0 = time.perf_counter()
         policy = policy or self.policy
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        # Few numpy calls: each costs a check tens of microseconds when the caches are cold (as after a search).
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim < 2:
+            vectors = vectors.reshape(1, -1)
         records = list(records) if records is not None else [None] * len(vectors)
         try:
-            squares = np.einsum("ij,ij->i", vectors, vectors)  # one call: numpy's per-call cost is what a check pays
-            if not all(math.isfinite(x) and x > 0 for x in squares.tolist()):
+            if vectors.ndim != 2:
+                raise ImageInputError(f"embeddings came as a {vectors.ndim}-d array: give one row per image "
+                                      f"(an array of shape images x dimension)")
+            squares = row_squares(vectors)
+            if not all(math.isfinite(x) and x > 0 for x in squares):
                 raise ImageInputError("an embedding is zero or holds a number that is not finite: give each "
                                       "image's embedding as the model produced it")
-            vectors = vectors / np.sqrt(squares)[:, None]
+            if any(abs(x - 1.0) > UNIT_SLACK for x in squares):
+                vectors = vectors / np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
+                squares = None  # the scaled rows' own are computed where needed
             bundles = self.open()
             if self.remote:
                 raise ConfigError("precomputed embeddings can only be checked against local bundles; the index "
@@ -251,7 +265,8 @@ class Checker:
             spec = model or self.model_override
             models = {b.id: spec or b.model for b in bundles}
             timings: dict[str, float] = {}
-            per_image = self._search_all(bundles, models, {m: vectors for m in set(models.values())}, policy, timings)
+            per_image = self._search_all(bundles, models, {m: vectors for m in set(models.values())}, policy, timings,
+                                         None if squares is None else {m: squares for m in set(models.values())})
             thresholds = self._thresholds(bundles, policy)
         except ProvenanceError as exc:
             return [self._failure(policy, str(exc), r, {"source": "embedding"}) for r in records]
@@ -260,8 +275,10 @@ class Checker:
                              " + ".join(sorted(set(models.values()))), timings) for n in range(len(vectors))]
 
     def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, "np.ndarray"],
-                    policy: Policy, timings: dict[str, float]) -> list[list[Match]]:
-        """Matches of every image across all bundles, merged by score, top-k, each with its verdict."""
+                    policy: Policy, timings: dict[str, float],
+                    squares: Optional[dict[str, list[float]]] = None) -> list[list[Match]]:
+        """Matches of every image across all bundles, merged by score, top-k, each with its verdict.
+        squares: each model's rows' squared norms, where the caller has them."""
         n = len(next(iter(vectors.values())))
         merged: list[list[Match]] = [[] for _ in range(n)]
         for b in bundles:
@@ -271,7 +288,7 @@ class Checker:
                     f"model {models[b.id]} gives {q.shape[1]}-d embeddings but bundle {b.id} ({b.path}) holds "
                     f"{b.dim}-d vectors of {b.model}; check with the bundle's model"
                 )
-            out = search(b, q, policy.top_k)
+            out = search(b, q, policy.top_k, squares=(squares or {}).get(models[b.id]))
             for key, ms in out.timings_ms.items():
                 timings[key] = timings.get(key, 0.0) + ms
             warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)

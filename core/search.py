@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from .bundle import Bundle
+from .bundle.rerank import FLOAT16_NORM_SLACK, NORM2_HIGH, NORM2_LOW, FaissRerank
 from .config import RERANK_CANDIDATES_FACTOR
 from .errors import DimensionMismatchError, IndexCorruptError
 from .result import Match
@@ -29,13 +30,15 @@ class SearchOutput:
 
 
 def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
-           with_vectors: bool = False) -> SearchOutput:
+           with_vectors: bool = False, squares: Optional[list[float]] = None) -> SearchOutput:
     """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first.
     With metadata=False the matches carry ids and scores only (join later with ``join_metadata``);
-    with_vectors also returns the matches' stored vectors (float32), read once for the re-rank anyway."""
+    with_vectors also returns the matches' stored vectors (float32), read once for the re-rank anyway.
+    squares: the rows' squared norms (``row_squares``), when the caller has them already."""
     import numpy as np
 
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not (isinstance(queries, np.ndarray) and queries.dtype == np.float32 and queries.flags.c_contiguous):
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != bundle.dim:
         raise DimensionMismatchError(
             f"query vectors are {queries.shape[-1]}-d but bundle {bundle.id} ({bundle.path}) holds {bundle.dim}-d "
@@ -47,21 +50,30 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     rerank = bundle.vectors is not None and not flat_index
     # PQ mis-orders the top of the list: a few dozen extra candidates, re-scored exactly, put it right.
     candidates = min(bundle.count, k + (RERANK_CANDIDATES_FACTOR - 1) * min(k, 10)) if rerank else k
+    # Once the bundle is warm, FAISS scores the candidates' float16 rows in the same call (rerank.FaissRerank).
+    refine = bundle.refine if rerank else None
+    if refine is not None:  # numpy before the search, while its code is still in the caches
+        q_norms = squares if squares is not None and len(squares) == len(queries) else row_squares(queries)
     t0 = time.perf_counter()
-    scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
+    if refine is not None:
+        scores, ids = refine.search(queries, candidates, bundle.params)
+    else:
+        scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
     t1 = time.perf_counter()
     # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
     exact = bundle.exact
     # Lists from here on: a check handles tens of candidates, where each numpy call costs more than the
     # Python it replaces (the search has just evicted the caches numpy's own code runs from).
     id_rows = ids.tolist()
-    found = [i for row in id_rows for i in row]
+    found = [i for row in id_rows for i in row] if refine is None else []  # FaissRerank checked its index's ids
     if found and (min(found) < -1 or max(found) >= bundle.count):
         raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) returned row ids outside 0..{bundle.count - 1}: "
                                 f"its index is damaged; run 'provenance-guard index verify {bundle.path}' and copy "
                                 f"the bundle again or rebuild it")
     vectors = None
-    if rerank:
+    if refine is not None:
+        ranked = _exact_from_dots(refine, q_norms, scores, id_rows, k)
+    elif rerank:
         ranked, vectors = _rerank(bundle, queries, ids, id_rows, k, with_vectors)
     else:
         ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
@@ -80,6 +92,13 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
         vectors = [bundle.vector([m.row_id for m in ms]) for ms in out]
     return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
                         vectors if with_vectors else None)
+
+
+def row_squares(x: "np.ndarray") -> list[float]:
+    """Squared norms of the rows of a 2-d array, in float64 (inf or nan when a row holds one). Without numpy
+    arithmetic: right after a FAISS search each numpy call costs ~40 us of cold caches, math.hypot over a
+    row's values a few."""
+    return [math.hypot(*row) ** 2 for row in x.tolist()]
 
 
 # Cosines of unit vectors lie in [-1, 1]; float16 storage and float32 sums stray by far less than SCORE_SLACK.
@@ -130,6 +149,36 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", id_rows: l
         if with_vectors:
             rows.append(vecs[n].take([c for _, _, c in ranked], axis=0))
     return out, rows if with_vectors else None
+
+
+def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarray", id_rows: list[list[int]],
+                     k: int) -> list[list[tuple[float, int]]]:
+    """Per query, the best k (exact cosine, id) pairs, best first, from FAISS's inner products with the stored
+    rows (best first by inner product). A cosine divides by the row's norm, which for a float16 unit row is
+    within FLOAT16_NORM_SLACK of 1: only rows that can reach the top k under that bound need theirs (the k
+    best by inner product, and the few just behind); should a row break the bound, every candidate gets its
+    own."""
+    out = []
+    for row_ids, row_dots, qn in zip(id_rows, dots.tolist(), q_norms):
+        pairs = [(d, i) for d, i in zip(row_dots, row_ids) if i >= 0]
+        end = min(k, len(pairs))
+        if end < len(pairs):
+            # the k-th's least possible cosine, and the least inner product that could still beat it
+            kth = pairs[end - 1][0]
+            floor = kth / (1.0 + FLOAT16_NORM_SLACK) if kth >= 0 else kth / (1.0 - FLOAT16_NORM_SLACK)
+            reach = floor * (1.0 - FLOAT16_NORM_SLACK) if floor >= 0 else floor * (1.0 + FLOAT16_NORM_SLACK)
+            while end < len(pairs) and pairs[end][0] >= reach:
+                end += 1
+        chosen = pairs[:end]
+        norms = refine.squared_norms([i for _, i in chosen])
+        if end < len(pairs) and not all(NORM2_LOW <= n <= NORM2_HIGH for n in norms):
+            chosen = pairs
+            norms = refine.squared_norms([i for _, i in chosen])
+        ranked = [(d / max(math.sqrt(n * qn), 1e-12), i) for (d, i), n in zip(chosen, norms)]
+        ranked.sort(key=_by_score)  # stable: equal scores keep FAISS's order
+        del ranked[k:]
+        out.append(ranked)
+    return out
 
 
 def _by_score(pair: tuple) -> float:

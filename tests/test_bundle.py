@@ -137,6 +137,121 @@ def test_ivfpq_bundle_reranks_to_exact_cosine(tmp_path):
         assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
 
 
+def _ivfpq_bundle(path: Path, n: int = 6000, d: int = 32, removed=()) -> tuple[Bundle, np.ndarray]:
+    vecs = unit(n, d, seed=5)
+    index = faiss.index_factory(d, "IVF32,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add(vecs)
+    with BundleWriter(path, model="m/t", dim=d) as w:
+        w.no_flat_index()
+        w.add(vecs, pa.table({"url": [str(i) for i in range(n)]}))
+        w.finish(index, factory="IVF32,PQ8x4", search_params={"nprobe": 32})
+    if removed:
+        from provenance_guard.index_builder.maintain import remove_rows
+
+        remove_rows(path, ids=list(removed), reason="test")
+    return Bundle.open(path), vecs
+
+
+def _python_rerank(b: Bundle, q: np.ndarray, k: int, **kw):
+    refine, b.refine = b.refine, None
+    try:
+        return search(b, q, k, **kw)
+    finally:
+        b.refine = refine
+
+
+def _same_matches(fast, slow) -> None:
+    for a, c in zip(fast.matches, slow.matches):
+        assert [m.row_id for m in a] == [m.row_id for m in c]
+        assert max(abs(x.score - y.score) for x, y in zip(a, c)) < 1e-5
+        assert all(x.exact for x in a)
+
+
+def test_warm_bundle_reranks_inside_faiss_with_the_same_results(tmp_path):
+    b, vecs = _ivfpq_bundle(tmp_path / "b", removed=[11, 12])
+    assert b.refine is None  # nothing is set up before warm-up has checked the index's ids
+    b.warm_up(wait=True)
+    assert b.refine is not None
+    rng = np.random.default_rng(1)
+    q = vecs[[10, 11, 400, 4000]] + 0.02 * unit(4, 32, seed=8)
+    q = np.concatenate([q, unit(4, 32, seed=9)])  # and queries near nothing stored
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    for k in (1, 5, 10, 40):
+        fast, slow = search(b, q, k, with_vectors=True), _python_rerank(b, q, k, with_vectors=True)
+        _same_matches(fast, slow)
+        for ms, rows in zip(fast.matches, fast.vectors):
+            np.testing.assert_array_equal(rows, b.vector([m.row_id for m in ms]))
+        assert all(m.row_id not in (11, 12) for ms in fast.matches for m in ms)  # removed rows stay out
+    assert fast.matches[0][0].row_id == 10 and fast.matches[0][0].url == "10"
+    # the exact cosine with the stored float16 row, whatever the query's length
+    scaled = search(b, 3.0 * q[:1], 3, squares=None)
+    row = b.vector([10])[0]
+    expected = float(q[0] @ row / np.linalg.norm(row))
+    assert abs(scaled.matches[0][0].score - expected) < 1e-6
+    rng.shuffle(q)
+
+
+def test_rows_off_the_unit_length_get_their_own_norms(tmp_path):
+    """The FAISS re-rank reads norms only for rows that can reach the top k, trusting stored float16 rows to be
+    unit within FLOAT16_NORM_SLACK: a file that is not (a sample at warm-up) keeps the Python re-rank, and a
+    row off the bound among those read makes a search read every candidate's norm."""
+    from provenance_guard.core.bundle.rerank import norm_sample
+
+    b, vecs = _ivfpq_bundle(tmp_path / "b")
+    del b
+
+    def scale(rows, factor):
+        arr = np.load(tmp_path / "b" / VECTORS_FILE, mmap_mode="r+")
+        arr[rows] = (arr[rows].astype(np.float32) * factor).astype(np.float16)
+        arr.flush()
+
+    sampled = set(norm_sample(6000))
+    assert len(sampled) == 1024 and max(sampled) == 5999
+    targets = [i for i in range(5, 6000) if i not in sampled][:3]
+    scale(targets, 0.9)  # a few rows the warm-up sample misses
+    b = Bundle.open(tmp_path / "b")
+    b.warm_up(wait=True)
+    assert b.refine is not None
+    q = vecs[targets] + 0.02 * unit(3, 32, seed=4)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    read, norms = [], b.refine.squared_norms
+    b.refine.squared_norms = lambda ids: read.append(len(ids)) or norms(ids)
+    for k in (1, 3, 10):
+        fast, slow = search(b, q, k), _python_rerank(b, q, k)
+        _same_matches(fast, slow)
+        assert [ms[0].row_id for ms in fast.matches] == targets
+    assert 40 in read  # k=10: the target's norm broke the bound, so all 40 candidates' norms were read
+    scale(list(range(0, 6000, 2)), 0.5)  # half the file off unit length
+    b = Bundle.open(tmp_path / "b")
+    b.warm_up(wait=True)
+    assert b.refine is None and b.mapped_reads
+
+
+def test_index_ids_outside_the_bundle_keep_the_checked_python_rerank(tmp_path):
+    """FAISS's refine stage reads a row at whatever id the index gives: an index whose lists hold an id past
+    the bundle's rows never gets it, and searching it still reports the damage instead of reading past the
+    vectors file."""
+    from provenance_guard.core.bundle.rerank import ivf_ids_within
+
+    b, vecs = _ivfpq_bundle(tmp_path / "b")
+    index = faiss.read_index(str(tmp_path / "b" / INDEX_FILE))
+    ivf = faiss.extract_index_ivf(index)
+    target = int(ivf.quantizer.assign(vecs[:1], 1)[0, 0])
+    ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(target), ivf.invlists.list_size(target))
+    ids[ids == 0] = 10 ** 9  # row 0's id, far outside the 6000 rows
+    assert not ivf_ids_within(index, b.count)
+    faiss.write_index(index, str(tmp_path / "b" / INDEX_FILE))
+    b = Bundle.open(tmp_path / "b")  # same size: opening does not hash the files
+    b.warm_up(wait=True)
+    assert b.refine is None and b.mapped_reads
+    with pytest.raises(IndexCorruptError, match="outside 0..5999"):
+        search(b, vecs[:1], 5)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(vecs[:10])
+    assert not ivf_ids_within(flat, 10)  # only IVF indices are checked, so only they get the FAISS re-rank
+
+
 def test_bundle_without_rerank_vectors_says_approximate(tmp_path):
     vecs = unit(3000, 16)
     index = faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)

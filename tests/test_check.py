@@ -251,3 +251,18 @@ def test_check_embeddings(built_bundle, checker):
     vec = checker.embedders()[checker.model_for(checker.open()[0])].embed([sample_image("rocket")])
     (r,) = Checker(built_bundle, device="cpu").check_embeddings(vec)
     assert r.verdict == "block" and r.matches[0].url == "rocket.png"
+
+
+def test_check_embeddings_scales_rows_and_refuses_other_shapes(built_bundle, checker):
+    """Embeddings of any length score the same cosines (rows are scaled to unit length); an array that is not
+    one row per image, or a row of zeros, is a failed check with one message, not an exception."""
+    vec = checker.embedders()[checker.model_for(checker.open()[0])].embed([sample_image("rocket")])
+    c = Checker(built_bundle, device="cpu")
+    (unit_r,) = c.check_embeddings(vec)
+    (long_r,) = c.check_embeddings(7.5 * vec[0])  # one 1-d row, not unit length
+    assert [m.row_id for m in long_r.matches] == [m.row_id for m in unit_r.matches]
+    assert max(abs(a.score - b.score) for a, b in zip(long_r.matches, unit_r.matches)) < 1e-5
+    (cube,) = c.check_embeddings(vec[None, :, :])
+    assert cube.verdict == "unchecked" and "one row per image" in cube.error
+    zero, nan = c.check_embeddings(np.stack([np.zeros_like(vec[0]), np.full_like(vec[0], np.nan)]))
+    assert zero.verdict == nan.verdict == "unchecked" and "zero or holds a number that is not finite" in zero.error

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 from ..errors import (BundleError, BundleFileError, DimensionMismatchError, IndexCorruptError, ManifestError,
                       RowCountMismatchError)
 from .manifest import MANIFEST, RERANK_DTYPES, Manifest, bundle_file, read_manifest, sha256_file
-from .rerank import _advise_random, decode_rerank
+from .rerank import FaissRerank, _advise_random, decode_rerank
 from .rows import BatchCache
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,6 +120,8 @@ class Bundle:
         self._captions = None
         # Re-rank rows: pread by default; through the memory map in a server or once warm (see vector()).
         self.mapped_reads = False
+        # float16 re-rank inside FAISS (rerank.FaissRerank), set up by warm_up once the index's ids are checked
+        self.refine: Optional[FaissRerank] = None
         self._warming: Optional[threading.Thread] = None
 
     # identity -----------------------------------------------------------------------------------------
@@ -194,7 +196,8 @@ class Bundle:
         fault-around), so touching every page once costs ~12 ms per 1.5 GB held in the page cache. Files
         that would not fit a quarter of the available memory are left alone (touching them would read
         them from disk and push out what else is cached); so are systems that do not report it. Once warm,
-        re-rank rows are read through the map (see vector()). Called at each search; cheap after the first."""
+        re-rank rows are read through the map (see vector()), and float16 ones are scored inside FAISS
+        (``refine``). Called at each search; cheap after the first."""
         if self._warming is not None:
             if wait:
                 self._warming.join()
@@ -219,6 +222,8 @@ class Bundle:
             for view in maps:
                 int(view[::4096].sum())  # one byte per page: the fault maps its neighbours too
             self.mapped_reads = True
+            if self.scales is None and not self.manifest.flat:
+                self.refine = FaissRerank.build(self.index, self.vectors, self.count)
         except Exception:  # noqa: BLE001 - a hint only: reads stay correct without it
             return
 
@@ -361,13 +366,13 @@ class Bundle:
     def rows(self, ids: Iterable[int]) -> list[dict[str, Any]]:
         """Metadata of the given row ids, each a dict of every column; a removed row gives {"removed": True}."""
         ids = [int(i) for i in ids]
-        gone = self.is_removed(ids) if len(self.removed) else [False] * len(ids)
+        gone = self.is_removed(ids).tolist() if len(self.removed) else None
         out = []
-        size = self.manifest.metadata_batch_rows
-        for i, removed in zip(ids, gone):
-            if not 0 <= i < self.count:
-                raise IndexError(f"row {i} is outside bundle {self.id} (0..{self.count - 1})")
-            out.append({"removed": True} if removed else self._batches.get(i // size).row(i % size))
+        size, count, batch = self.manifest.metadata_batch_rows, self.manifest.count, self._batches.get
+        for n, i in enumerate(ids):
+            if not 0 <= i < count:
+                raise IndexError(f"row {i} is outside bundle {self.id} (0..{count - 1})")
+            out.append({"removed": True} if gone is not None and gone[n] else batch(i // size).row(i % size))
         return out
 
     def metadata_batches(self):

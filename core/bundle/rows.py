@@ -75,11 +75,15 @@ class BatchView:
 
     def __init__(self, batch, names: list[str]):
         self.batch, self.names = batch, names
-        self.readers = [column_reader(batch.column(c)) for c in range(len(names))]
+        self.readers = [(name, column_reader(batch.column(c)) or _as_py(batch.column(c)))
+                        for c, name in enumerate(names)]
 
     def row(self, j: int) -> dict[str, Any]:
-        return {name: read(j) if read is not None else self.batch.column(c)[j].as_py()
-                for c, (name, read) in enumerate(zip(self.names, self.readers))}
+        return {name: read(j) for name, read in self.readers}
+
+
+def _as_py(col) -> Callable[[int], Any]:
+    return lambda j: col[j].as_py()
 
 
 class BatchCache:
@@ -92,11 +96,14 @@ class BatchCache:
         self._lock = threading.Lock()
 
     def get(self, n: int) -> BatchView:
-        with self._lock:
-            view = self._views.get(n)
-            if view is not None:
+        # A hit takes no lock: get and move_to_end are each atomic, and a view evicted in between is still whole.
+        view = self._views.get(n)
+        if view is not None:
+            try:
                 self._views.move_to_end(n)
-                return view
+            except KeyError:
+                pass
+            return view
         # Locating a batch in the IPC file costs ~60 us; the batch itself is a zero-copy view of the map.
         view = BatchView(self._reader.get_batch(n), self._names)
         with self._lock:
