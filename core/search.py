@@ -8,14 +8,15 @@ marked inexact.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from .bundle import Bundle
-from .bundle.rerank import FLOAT16_NORM_SLACK, NORM2_HIGH, NORM2_LOW, FaissRerank
+from .bundle.rerank import FaissRerank
 from .config import RERANK_CANDIDATES_FACTOR
-from .errors import DimensionMismatchError, IndexCorruptError
+from .errors import DimensionMismatchError, ImageInputError, IndexCorruptError
 from .result import Match
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,8 +53,12 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     candidates = min(bundle.count, k + (RERANK_CANDIDATES_FACTOR - 1) * min(k, 10)) if rerank else k
     # Once the bundle is warm, FAISS scores the candidates' float16 rows in the same call (rerank.FaissRerank).
     refine = bundle.refine if rerank else None
-    if refine is not None:  # numpy before the search, while its code is still in the caches
-        q_norms = squares if squares is not None and len(squares) == len(queries) else row_squares(queries)
+    q_norms = squares if squares is not None and len(squares) == len(queries) else row_squares(queries)
+    if not all(math.isfinite(x) for x in q_norms):
+        # FAISS would search with it anyway, and may find nothing: a silent pass for a model that overflowed
+        raise ImageInputError("an embedding holds a number that is not finite (NaN or infinity): the model's "
+                              "output overflowed or the embedding given is damaged; run the model in float32 "
+                              "(device cpu) or give the embedding as the model produced it")
     t0 = time.perf_counter()
     if refine is not None:
         scores, ids = refine.search(queries, candidates, bundle.params)
@@ -74,7 +79,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     if refine is not None:
         ranked = _exact_from_dots(refine, q_norms, scores, id_rows, k)
     elif rerank:
-        ranked, vectors = _rerank(bundle, queries, ids, id_rows, k, with_vectors)
+        ranked, vectors = _rerank(bundle, queries, q_norms, ids, id_rows, k, with_vectors)
     else:
         ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
                   for row_scores, row_ids in zip(scores.tolist(), id_rows)]
@@ -89,17 +94,22 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
         join_metadata(bundle, [m for ms in out for m in ms])
     t3 = time.perf_counter()
     if with_vectors and vectors is None and bundle.vectors is not None:
-        vectors = [bundle.vector([m.row_id for m in ms]) for ms in out]
+        read = refine.rows if refine is not None else bundle.vector
+        vectors = [read([m.row_id for m in ms]) for ms in out]
     return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
                         vectors if with_vectors else None)
 
 
 def row_squares(x: "np.ndarray") -> list[float]:
-    """Squared norms of the rows of a 2-d array, in float64 (inf or nan when a row holds one). Without numpy
-    arithmetic: right after a FAISS search each numpy call costs ~40 us of cold caches, math.hypot over a
-    row's values a few."""
-    return [math.hypot(*row) ** 2 for row in x.tolist()]
+    """Squared norms of the rows of a 2-d float32 array (inf or nan when a row holds one). One BLAS dot a
+    row: right after a FAISS search every numpy call pays tens of microseconds of cold caches, and this was
+    the cheapest way measured (einsum, a product and a sum, math.hypot over tolist() all cost more)."""
+    import numpy as np
 
+    return [float(np.vdot(row, row)) for row in x]
+
+
+_SCORE = operator.itemgetter(0)  # sort keys in C: a Python key function cost a call per candidate
 
 # Cosines of unit vectors lie in [-1, 1]; float16 storage and float32 sums stray by far less than SCORE_SLACK.
 # An index's own approximations (PQ, SQ) stray further (1.02 seen) but never by whole units.
@@ -128,8 +138,8 @@ def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
         m.url, m.caption, m.metadata = md.pop("url", None), md.pop("caption", None), md
 
 
-def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", id_rows: list[list[int]], k: int,
-            with_vectors: bool = True):
+def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "np.ndarray",
+            id_rows: list[list[int]], k: int, with_vectors: bool = True):
     """Exact cosines of each query with its candidates: per query, the best k (score, id) pairs, best first,
     and (with_vectors, else None) their stored vectors (float32, the same order)."""
     import numpy as np
@@ -138,12 +148,11 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", id_rows: l
     vecs = bundle.vector(np.maximum(ids, 0).reshape(-1)).reshape(n, c, -1)  # -1: no candidate (scored out below)
     dots = np.matmul(vecs, queries[:, :, None])[:, :, 0].tolist()  # BLAS; einsum's generic loop was 3x slower
     norms = np.einsum("qcd,qcd->qc", vecs, vecs).tolist()
-    q_norms = np.einsum("qd,qd->q", queries, queries).tolist()
     out, rows = [], []
     for n, (row_ids, row_dots, row_norms, qn) in enumerate(zip(id_rows, dots, norms, q_norms)):
         ranked = [(d / max(math.sqrt(nv * qn), 1e-12), i, c) for c, (i, d, nv) in
                   enumerate(zip(row_ids, row_dots, row_norms)) if i >= 0]
-        ranked.sort(key=_by_score)  # stable: equal scores keep the index's order
+        ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep the index's order
         del ranked[k:]
         out.append([(sc, i) for sc, i, _ in ranked])
         if with_vectors:
@@ -154,32 +163,15 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", ids: "np.ndarray", id_rows: l
 def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarray", id_rows: list[list[int]],
                      k: int) -> list[list[tuple[float, int]]]:
     """Per query, the best k (exact cosine, id) pairs, best first, from FAISS's inner products with the stored
-    rows (best first by inner product). A cosine divides by the row's norm, which for a float16 unit row is
-    within FLOAT16_NORM_SLACK of 1: only rows that can reach the top k under that bound need theirs (the k
-    best by inner product, and the few just behind); should a row break the bound, every candidate gets its
-    own."""
+    rows and the rows' inverse norms."""
+    inverse = refine.inverse_norms
     out = []
     for row_ids, row_dots, qn in zip(id_rows, dots.tolist(), q_norms):
-        pairs = [(d, i) for d, i in zip(row_dots, row_ids) if i >= 0]
-        end = min(k, len(pairs))
-        if end < len(pairs):
-            # the k-th's least possible cosine, and the least inner product that could still beat it
-            kth = pairs[end - 1][0]
-            floor = kth / (1.0 + FLOAT16_NORM_SLACK) if kth >= 0 else kth / (1.0 - FLOAT16_NORM_SLACK)
-            reach = floor * (1.0 - FLOAT16_NORM_SLACK) if floor >= 0 else floor * (1.0 + FLOAT16_NORM_SLACK)
-            while end < len(pairs) and pairs[end][0] >= reach:
-                end += 1
-        chosen = pairs[:end]
-        norms = refine.squared_norms([i for _, i in chosen])
-        if end < len(pairs) and not all(NORM2_LOW <= n <= NORM2_HIGH for n in norms):
-            chosen = pairs
-            norms = refine.squared_norms([i for _, i in chosen])
-        ranked = [(d / max(math.sqrt(n * qn), 1e-12), i) for (d, i), n in zip(chosen, norms)]
-        ranked.sort(key=_by_score)  # stable: equal scores keep FAISS's order
+        iq = 1.0 / math.sqrt(qn) if qn > 0 else 0.0  # a zero query scores 0, as in _rerank (nan: refused above)
+        ranked = [(d * inverse[i] * iq, i) for d, i in zip(row_dots, row_ids) if i >= 0]
+        ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep FAISS's order
         del ranked[k:]
         out.append(ranked)
     return out
 
 
-def _by_score(pair: tuple) -> float:
-    return -pair[0]

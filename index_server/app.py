@@ -298,7 +298,7 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     """clip-retrieval's /knn-service over one bundle, exact cosines. ``fetched``: the image_url's bytes,
     fetched by the route before this runs (so a slow URL holds no worker thread)."""
 
-    from ..core.search import join_metadata, search
+    from ..core.search import search
 
     bundle = state.bundle(body.indice_name)
     if body.modality != "image":
@@ -321,47 +321,54 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     else:
         raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
     want = max(num, num_ids) * 2 if body.deduplicate else num
-    found = search(bundle, q, min(want, bundle.live_count), metadata=False, with_vectors=body.deduplicate)
-    matches = found.matches[0]
-    if body.deduplicate and found.vectors is not None and matches:
-        matches = deduplicate(found.vectors[0], matches, num)
+    matches = search(bundle, q, min(want, bundle.live_count), metadata=False).matches[0]
+    if body.deduplicate and bundle.vectors is not None and matches:
+        ids = [m.row_id for m in matches]  # from the search: inside the bundle
+        refine = bundle.refine
+        read = refine.rows if refine is not None else bundle.vector
+        matches = deduplicate(lambda start, stop: read(ids[start:stop]), matches, num)
     matches = matches[:num]
-    join_metadata(bundle, matches)
     out = []
-    for m in matches:
-        row = {k: _json_value(v) for k, v in m.metadata.items()}
-        row.update({"id": m.row_id, "similarity": round(m.score, 6), "url": m.url, "caption": m.caption})
+    for m, md in zip(matches, bundle.rows([m.row_id for m in matches])):  # what join_metadata reads, as rows
+        row = {k: _json_value(v) for k, v in md.items()}
+        row["id"], row["similarity"] = m.row_id, round(m.score, 6)
+        row.setdefault("url", None)
+        row.setdefault("caption", None)
         out.append(row)
     return out
 
 
-def deduplicate(vectors, matches: list, keep: int, block: Optional[int] = None) -> list:
+def deduplicate(rows_of, matches: list, keep: int, block: Optional[int] = None) -> list:
     """clip-retrieval's de-duplication: best first, drop a result within DEDUP_COSINE of one already kept.
+    rows_of(start, stop): the stored vectors (float32) of matches[start:stop].
 
     Candidates are taken a block at a time (``keep`` of them by default: without duplicates the first block
-    is the answer): one product against the kept vectors and one within the block (never n x n), then a
-    plain loop decides, stopping once ``keep`` are kept. A loop of one matrix product per candidate cost a
-    knn request ~0.5 ms; a block of all candidates, twice the products needed."""
+    is the answer, and only its rows are read): one product against the kept vectors and one within the
+    block (never n x n), then a plain loop decides, stopping once ``keep`` are kept. A loop of one matrix
+    product per candidate cost a knn request ~0.5 ms; a block of all candidates, twice the products needed."""
     import numpy as np
 
     block = max(1, block or keep)
     kept: list[int] = []
+    kept_rows = None
     for start in range(0, len(matches), block):
-        rows = vectors[start:start + block].astype(np.float32, copy=False)
-        near_kept = ((rows @ vectors.take(kept, axis=0).astype(np.float32, copy=False).T) >= DEDUP_COSINE
-                     ).any(axis=1).tolist() if kept else [False] * len(rows)
+        rows = rows_of(start, min(start + block, len(matches)))
+        rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        near_kept = ((rows @ kept_rows.T) >= DEDUP_COSINE).any(axis=1).tolist() if kept else [False] * len(rows)
         earlier: dict[int, list[int]] = {}
         for i, j in zip(*(x.tolist() for x in np.nonzero(rows @ rows.T >= DEDUP_COSINE))):
             if j < i:
                 earlier.setdefault(i, []).append(j)
-        kept_here: set[int] = set()
+        kept_here: list[int] = []
         for i in range(len(rows)):
             if near_kept[i] or any(j in kept_here for j in earlier.get(i, ())):
                 continue
             kept.append(start + i)
-            kept_here.add(i)
+            kept_here.append(i)
             if len(kept) == keep:
                 return [matches[k] for k in kept]
+        here = rows.take(kept_here, axis=0)
+        kept_rows = here if kept_rows is None else np.concatenate([kept_rows, here])
     return [matches[k] for k in kept]
 
 

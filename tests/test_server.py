@@ -424,10 +424,15 @@ def test_deduplication_compares_with_kept_results_only():
     vectors[1] = vectors[0]  # a duplicate of the best result
     vectors[130] = vectors[129]  # a duplicate inside a later block
     vectors[200] = vectors[5]  # a duplicate of a result kept in an earlier block
-    kept = deduplicate(vectors.view(Counting), list(range(25_000)), 40)
+    counting = vectors.view(Counting)
+    kept = deduplicate(lambda a, b: counting[a:b], list(range(25_000)), 40)
     assert len(kept) == 40 and 0 in kept and 1 not in kept
     assert kept == sorted(kept)
     assert 0 < Counting.largest <= 128 * (40 + 128)
+    reads = []  # without a duplicate among the first 40, only their rows are read
+    assert deduplicate(lambda a, b: reads.append((a, b)) or vectors[2 + a:2 + b], list(range(24_998)), 40) == \
+        list(range(40))
+    assert reads == [(0, 40)]
 
     def greedy(n_keep):
         out = []
@@ -440,7 +445,7 @@ def test_deduplication_compares_with_kept_results_only():
 
     expected = greedy(300)
     assert 130 not in expected and 200 not in expected
-    assert deduplicate(vectors, list(range(25_000)), 300) == expected
+    assert deduplicate(lambda a, b: vectors[a:b], list(range(25_000)), 300) == expected
 
 
 class _Origin:

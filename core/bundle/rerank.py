@@ -3,6 +3,7 @@ scale per row, and the writers that stream them to .npy files without holding th
 """
 from __future__ import annotations
 
+import array
 import os
 import struct
 from pathlib import Path
@@ -141,31 +142,22 @@ class RerankAppender:
             handle.close()
 
 
-# |v| of a unit vector stored as float16 lies within 2**-11 of 1 (each component rounds by at most that
-# relative step; fp16 subnormals add ~1e-6): a bound with room, checked on every row it is relied on for.
-FLOAT16_NORM_SLACK = 1e-3
-NORM2_LOW, NORM2_HIGH = (1.0 - FLOAT16_NORM_SLACK) ** 2, (1.0 + FLOAT16_NORM_SLACK) ** 2
-# Rows whose norms warm-up checks before trusting the bound for a whole file (evenly spread; ~1 ms).
-NORM_SAMPLE_ROWS = 1024
-
-
-def norm_sample(count: int) -> list[int]:
-    """The row ids whose norms ``FaissRerank.build`` checks."""
-    if count <= NORM_SAMPLE_ROWS:
-        return list(range(count))
-    return [i * (count - 1) // (NORM_SAMPLE_ROWS - 1) for i in range(NORM_SAMPLE_ROWS)]
+# Rows decoded at a time while warm-up computes every row's norm (8192 x 768 float32: 25 MB).
+NORM_CHUNK_ROWS = 8192
 
 
 class FaissRerank:
     """The float16 re-rank inside FAISS: an IndexRefine over the bundle's index whose refine stage reads the
     memory-mapped vectors file in place (a scalar-quantizer view, no copy), so one call returns each query's
-    candidates with their exact inner products. In Python that stage cost a check ~0.4 ms: gathering,
-    widening and scoring 40 rows right after a search, with every cache cold; here ~10 us, outside the GIL.
+    candidates with their exact inner products, outside the GIL. In Python that stage cost a check ~0.4 ms:
+    gathering, widening and scoring 40 rows right after a search, with every cache cold.
 
-    FAISS reads a candidate's row at the id the index gives, unchecked, so ``build`` refuses an index whose
-    ids it has not first found inside 0..count-1 (IVF indices: every inverted list's ids). It also refuses
-    a vectors file whose rows are not unit length (a sample of them; every writer here stores unit rows):
-    the search reads the norms of only the rows that can reach the top k under that bound."""
+    A cosine also needs each row's norm: ``build`` computes all of them once (FAISS decodes the file in
+    chunks: ~1 s per million 768-d rows, on warm-up's background thread) and keeps their inverses in an
+    array of 4 bytes a row, so a search reads them with no call into FAISS: a call per row made a server's request
+    threads queue for the GIL at each one. FAISS reads a candidate's row at the id the index gives,
+    unchecked, so ``build`` first refuses an index with an id outside 0..count-1 (IVF indices: every
+    inverted list's ids)."""
 
     def __init__(self, index, vectors):
         import faiss
@@ -183,31 +175,43 @@ class FaissRerank:
         self._params: tuple = (None, None)  # the bundle's search parameters, wrapped (see search())
         # FAISS objects hold raw pointers: keep what they point into alive as long as this object
         self._keep = (index, sq, rows, vectors)
-        # symmetric_dis reads only the codes (no query state): one computer serves every thread. Its SWIG
-        # function is called directly: the Python method around it cost as much as the C++ inside.
-        self._dc = sq.get_distance_computer()
-        self._symmetric_dis = faiss._swigfaiss.DistanceComputer_symmetric_dis
+        self._sq = sq
+        self.inverse_norms = self._inverse_norms()
+
+    def _inverse_norms(self) -> array.array:
+        """1 / |v| of every stored row in row order (0 for a zero row, which scores 0 either way; nan stays
+        nan, for the score check to report)."""
+        import faiss
+        import numpy as np
+
+        n, d = self._sq.ntotal, self._sq.d
+        out = array.array("f", bytes(4 * n))
+        view = np.frombuffer(out, dtype=np.float32)  # FAISS writes the array's own memory
+        buf = np.empty((min(n, NORM_CHUNK_ROWS), d), dtype=np.float32)
+        for first in range(0, n, NORM_CHUNK_ROWS):
+            rows = min(NORM_CHUNK_ROWS, n - first)
+            self._sq.reconstruct_n_c(first, rows, faiss.swig_ptr(buf))
+            faiss.fvec_norms_L2sqr(faiss.swig_ptr(view[first:]), faiss.swig_ptr(buf), d, rows)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(1.0, np.sqrt(view), out=view, where=view != 0)  # zero rows keep their 0
+        del view
+        return out
 
     @classmethod
     def build(cls, index, vectors, count: int) -> Optional["FaissRerank"]:
         """A FaissRerank for float16 vectors over an IVF index whose ids all lie in 0..count-1, else None
         (the caller keeps the Python re-rank)."""
+        import faiss
         import numpy as np
 
         if vectors is None or vectors.dtype != np.float16 or getattr(vectors, "_mmap", None) is None:
             return None
-        import faiss
-
         if (not vectors.flags.c_contiguous or index.ntotal != count or vectors.shape[0] != count
                 or index.metric_type != faiss.METRIC_INNER_PRODUCT):
             return None
         if not ivf_ids_within(index, count):
             return None
-        refine = cls(index, vectors)
-        # zero rows (a writer's zero vectors) score 0 either way
-        if not all(n == 0.0 or NORM2_LOW <= n <= NORM2_HIGH for n in refine.squared_norms(norm_sample(count))):
-            return None
-        return refine
+        return cls(index, vectors)
 
     def search(self, queries: "np.ndarray", candidates: int, params) -> tuple["np.ndarray", "np.ndarray"]:
         """(inner products, ids) of each query's candidates, best first by inner product; id -1 pads. params:
@@ -222,10 +226,11 @@ class FaissRerank:
             self._params = (params, wrapped)  # one assignment: threads see the old pair or the new
         return self.index.search(queries, candidates, params=wrapped)
 
-    def squared_norms(self, ids: list[int]) -> list[float]:
-        """|v|^2 of stored rows (ids already checked to lie in the bundle)."""
-        dis, dc = self._symmetric_dis, self._dc
-        return [dis(dc, i, i) for i in ids]
+    def rows(self, ids: list[int]) -> "np.ndarray":
+        """Stored rows as float32 (ids already checked to lie in the bundle), decoded by FAISS in one call."""
+        import numpy as np
+
+        return self._sq.reconstruct_batch(np.array(ids, dtype=np.int64))
 
 
 def ivf_ids_within(index, count: int) -> bool:
