@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from .logs import quiet_third_party
 from .models import ModelSpec
 from .captions import lookup as lookup_caption
 from .memorization import MemorizationScore, PromptCheck, prompt_check
-from .policy import NOT_A_COPY, Policy, apply_prompt, apply_verification, verdict_for, worst
+from .policy import BLOCK, NOT_A_COPY, PASS, WARN, Policy, apply_prompt, apply_verification, worst
 from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
@@ -43,6 +44,7 @@ SMALL_BUNDLE_ROWS = 100_000
 log = logging.getLogger("provenance_guard")
 
 
+_SCORE = operator.attrgetter("score")
 # A row whose squared norm is this close to 1 is unit already (float32 rounding of a normalized row).
 UNIT_SLACK = 1e-6
 
@@ -293,11 +295,11 @@ class Checker:
                 timings[key] = timings.get(key, 0.0) + ms
             warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
             for slot, matches in enumerate(out.matches):
-                for m in matches:
-                    m.verdict = verdict_for(m.score, warn, block)
+                for m in matches:  # verdict_for, inline: a check pays for every call after a search
+                    m.verdict = BLOCK if m.score >= block else WARN if m.score >= warn else PASS
                 merged[slot].extend(matches)
         for slot in range(n):
-            merged[slot].sort(key=lambda m: -m.score)
+            merged[slot].sort(key=_SCORE, reverse=True)  # stable: equal scores keep their order
             del merged[slot][policy.top_k:]
         return merged
 

@@ -133,9 +133,15 @@ def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
     """Fill url, caption and the other columns of matches (of this bundle) from its metadata."""
     wanted = sorted({m.row_id for m in matches})
     rows = dict(zip(wanted, bundle.rows(wanted)))
+    first: dict[int, Match] = {}
     for m in matches:
-        md = dict(rows[m.row_id])
+        md = rows.pop(m.row_id, None)  # a row's dict is fresh: its first match takes it as it is
+        if md is None:  # a row matched again (another query): a copy of the first match's values
+            f = first[m.row_id]
+            m.url, m.caption, m.metadata = f.url, f.caption, dict(f.metadata)
+            continue
         m.url, m.caption, m.metadata = md.pop("url", None), md.pop("caption", None), md
+        first[m.row_id] = m
 
 
 def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "np.ndarray",

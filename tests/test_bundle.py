@@ -188,6 +188,10 @@ def test_warm_bundle_reranks_inside_faiss_with_the_same_results(tmp_path):
     row = b.vector([10])[0]
     expected = float(q[0] @ row / np.linalg.norm(row))
     assert abs(scaled.matches[0][0].score - expected) < 1e-6
+    twice = search(b, np.stack([q[0], q[0]]), 3)  # the same rows for two queries: each match its own values
+    first, again = twice.matches
+    assert [(m.row_id, m.url, m.metadata) for m in first] == [(m.row_id, m.url, m.metadata) for m in again]
+    assert first[0].url == "10" and first[0].metadata is not again[0].metadata
     nan = q[:2].copy()
     nan[1, 3] = np.nan  # a model that overflowed: refused, on either path, rather than searched (and passed)
     for run in (search, _python_rerank):
