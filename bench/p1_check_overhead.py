@@ -4,6 +4,8 @@ A bundle of N random unit 768-d vectors (IVF-PQ index, float16 re-rank vectors, 
 under bench/out/ (reused by later runs). Then, for the same query embeddings, one at a time:
   anchor = faiss index.search(q, 10) on the bundle's index (same nprobe);
   check  = Checker.check_embeddings(q): search (k x 4 candidates) + exact re-rank + metadata + verdict.
+The bundle is warmed first, as a serving process's is by its second check: its search then returns the
+candidates' inner products with their stored rows (core/bundle/rerank.py), and "re-rank" is their scoring.
 Prints the medians, the parts, and the ratio check / anchor. Target <= 1.25 (median over >= 1,000 queries).
 The cold path is reported beside it: a fresh process that opens the bundle and checks one embedding (what a
 CLI check pays), timed as open, first check and second check.

@@ -18,8 +18,8 @@ sizes, and index, metadata and vectors are memory-mapped read-only. Row ids are 
 order rows were added; removal keeps positions, so ids stay stable across versions.
 
 The package, one concern a module: manifest.py (manifest.json, file names), reader.py (opening, validation,
-reading rows), rerank.py (re-rank vector codecs and writers), writer.py (BundleWriter, metadata, publishing),
-lock.py (maintenance operations take turns). The names below are the public ones.
+reading rows), rerank.py (re-rank vector codecs, writers, the re-rank inside FAISS), writer.py (BundleWriter,
+metadata, publishing), lock.py (maintenance operations take turns). The names below are the public ones.
 """
 from .lock import BundleLock, lock_path
 from .manifest import (CAPTION_COLUMNS, FORMAT, FORMAT_VERSION, INDEX_FILE, IVFDATA_FILE, MANIFEST, METADATA_FILE,

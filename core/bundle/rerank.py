@@ -1,5 +1,6 @@
 """Re-rank vectors: the unit vectors a bundle stores for exact cosines, as float16 or as int8 codes with one
-scale per row, and the writers that stream them to .npy files without holding them in memory.
+scale per row, the writers that stream them to .npy files without holding them in memory, and the float16
+re-rank done inside FAISS over the mapped file (FaissRerank).
 """
 from __future__ import annotations
 
