@@ -224,10 +224,10 @@ def test_rows_off_the_unit_length_score_their_exact_cosines(tmp_path):
     assert 7 not in [m.row_id for m in search(b, q[3:], 3).matches[0]]
 
 
-def test_index_ids_outside_the_bundle_keep_the_checked_python_rerank(tmp_path):
+def test_index_ids_outside_the_bundle_keep_the_checked_python_rerank(tmp_path, monkeypatch):
     """FAISS's refine stage reads a row at whatever id the index gives: an index whose lists hold an id past
     the bundle's rows never gets it, and searching it still reports the damage instead of reading past the
-    vectors file."""
+    vectors file. Nor does a FAISS too old to lay its codes over the file."""
     from provenance_guard.core.bundle.rerank import ivf_ids_within
 
     b, vecs = _ivfpq_bundle(tmp_path / "b")
@@ -243,6 +243,12 @@ def test_index_ids_outside_the_bundle_keep_the_checked_python_rerank(tmp_path):
     assert b.refine is None and b.mapped_reads
     with pytest.raises(IndexCorruptError, match="outside 0..5999"):
         search(b, vecs[:1], 5)
+    good = tmp_path / "good"
+    _ivfpq_bundle(good)
+    monkeypatch.delattr(faiss, "MaybeOwnedVectorUInt8")  # FAISS before 1.10: codes no view can be laid over
+    older = Bundle.open(good)
+    older.warm_up(wait=True)
+    assert older.refine is None and older.mapped_reads and search(older, vecs[:1], 1).matches[0][0].row_id == 0
     flat = faiss.IndexFlatIP(32)
     flat.add(vecs[:10])
     assert not ivf_ids_within(flat, 10)  # only IVF indices are checked, so only they get the FAISS re-rank

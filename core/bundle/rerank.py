@@ -177,7 +177,23 @@ class FaissRerank:
         # FAISS objects hold raw pointers: keep what they point into alive as long as this object
         self._keep = (index, sq, rows, vectors)
         self._sq = sq
+        self.inverse_norms: Optional[array.array] = None
+
+    def _reads(self, vectors) -> bool:
+        """True when FAISS reads the file's own rows through the view (first and last row decoded and
+        compared); then every row's inverse norm is computed."""
+        import faiss
+        import numpy as np
+
+        codes = self._sq.codes
+        if not isinstance(codes, faiss.MaybeOwnedVectorUInt8) or codes.size() != vectors.nbytes:
+            return False
+        for i in (0, len(vectors) - 1):
+            row = np.asarray(vectors[i], dtype=np.float32)
+            if not np.array_equal(self._sq.reconstruct(i), row, equal_nan=True):
+                return False
         self.inverse_norms = self._inverse_norms()
+        return True
 
     def _inverse_norms(self) -> array.array:
         """1 / |v| of every stored row in row order (0 for a zero row, which scores 0 either way; nan stays
@@ -207,12 +223,15 @@ class FaissRerank:
 
         if vectors is None or vectors.dtype != np.float16 or getattr(vectors, "_mmap", None) is None:
             return None
-        if (not vectors.flags.c_contiguous or index.ntotal != count or vectors.shape[0] != count
+        if (not count or not vectors.flags.c_contiguous or index.ntotal != count or vectors.shape[0] != count
                 or index.metric_type != faiss.METRIC_INNER_PRODUCT):
             return None
-        if not ivf_ids_within(index, count):
+        # FAISS before 1.10 keeps codes in a std::vector: no view can be laid over the map (and SWIG would let
+        # the fields be set on the Python proxy alone, leaving FAISS an empty vector to read past)
+        if not hasattr(faiss, "MaybeOwnedVectorUInt8") or not ivf_ids_within(index, count):
             return None
-        return cls(index, vectors)
+        refine = cls(index, vectors)
+        return refine if refine._reads(vectors) else None
 
     def search(self, queries: "np.ndarray", candidates: int, params) -> tuple["np.ndarray", "np.ndarray"]:
         """(inner products, ids) of each query's candidates, best first by inner product; id -1 pads. params:
