@@ -47,7 +47,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
         )
     k = max(1, min(int(k), bundle.live_count))
     bundle.warm_up()  # a process that searches maps the rows it will read, once, in the background
-    flat_index = bundle.manifest.flat
+    flat_index = bundle.flat
     rerank = bundle.vectors is not None and not flat_index
     # PQ mis-orders the top of the list: a few dozen extra candidates, re-scored exactly, put it right.
     candidates = min(bundle.count, k + (RERANK_CANDIDATES_FACTOR - 1) * min(k, 10)) if rerank else k
@@ -83,10 +83,10 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     else:
         ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
                   for row_scores, row_ids in zip(scores.tolist(), id_rows)]
-    slack = SCORE_SLACK if rerank or flat_index else APPROXIMATE_SLACK
-    _check_scores(bundle, [sc for row in ranked for sc, _ in row], slack)
-    if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001)
-        ranked = [[(min(1.0, max(-1.0, sc)), i) for sc, i in row] for row in ranked]
+    if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001): clamped, once checked
+        ranked = [[(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
+    else:
+        _check_scores(bundle, [sc for row in ranked for sc, _ in row], APPROXIMATE_SLACK)
     t2 = time.perf_counter()
     bid, version = bundle.id, bundle.version
     out = [[Match(sc, exact, bid, version, i) for sc, i in row] for row in ranked]
@@ -127,6 +127,12 @@ def _check_scores(bundle: Bundle, scores: list[float], slack: float) -> None:
             raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) scored a match {sc!r}, which is no cosine: "
                                     f"its index or re-rank vectors are damaged; run 'provenance-guard index verify "
                                     f"{bundle.path}' and copy the bundle again or rebuild it")
+
+
+def _clamped(bundle: Bundle, score: float) -> float:
+    """An exact score just outside [-1, 1], clamped; one that is no cosine is reported (_check_scores)."""
+    _check_scores(bundle, [score], SCORE_SLACK)
+    return min(1.0, max(-1.0, score))
 
 
 def join_metadata(bundle: Bundle, matches: list[Match]) -> None:

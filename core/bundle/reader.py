@@ -114,6 +114,8 @@ class Bundle:
         self.scales = scales
         self.removed = removed
         self.params, self._keep = search_parameters(index, manifest.search_params, removed)
+        # a bundle's manifest never changes: read per search, these are worked out once
+        self.flat, self._exact = manifest.flat, manifest.exact
         self._metadata = metadata_reader
         self._batches = BatchCache(metadata_reader)
         self._fds: dict[str, int] = {}
@@ -152,7 +154,7 @@ class Bundle:
 
     @property
     def exact(self) -> bool:
-        return self.manifest.exact
+        return self._exact
 
     @property
     def captions(self):
@@ -222,7 +224,7 @@ class Bundle:
             for view in maps:
                 int(view[::4096].sum())  # one byte per page: the fault maps its neighbours too
             self.mapped_reads = True
-            if self.scales is None and not self.manifest.flat:
+            if self.scales is None and not self.flat:
                 self.refine = FaissRerank.build(self.index, self.vectors, self.count)
         except Exception:  # noqa: BLE001 - a hint only: reads stay correct without it
             return
