@@ -27,7 +27,7 @@ from .logs import quiet_third_party
 from .models import ModelSpec
 from .captions import lookup as lookup_caption
 from .memorization import MemorizationScore, PromptCheck, prompt_check
-from .policy import BLOCK, NOT_A_COPY, PASS, WARN, Policy, apply_prompt, apply_verification, worst
+from .policy import NOT_A_COPY, Policy, apply_prompt, apply_verification, verdict_for, worst
 from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
@@ -295,8 +295,8 @@ class Checker:
                 timings[key] = timings.get(key, 0.0) + ms
             warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
             for slot, matches in enumerate(out.matches):
-                for m in matches:  # verdict_for, inline: a check pays for every call after a search
-                    m.verdict = BLOCK if m.score >= block else WARN if m.score >= warn else PASS
+                for m in matches:
+                    m.verdict = verdict_for(m.score, warn, block)
                 merged[slot].extend(matches)
         for slot in range(n):
             merged[slot].sort(key=_SCORE, reverse=True)  # stable: equal scores keep their order

@@ -287,11 +287,13 @@ def unit_rows(rows: list, dim: int, field: str, of: str = "") -> "np.ndarray":
     if any(len(r) != dim for r in rows):
         bad = next(len(r) for r in rows if len(r) != dim)
         raise HTTPProblem(400, f"{field} has a vector of {bad} numbers; the bundle holds {dim}-d vectors{of}")
+    from ..core.search import row_squares
+
     q = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
-    squares = np.einsum("ij,ij->i", q, q)
-    if not all(math.isfinite(x) and x > 0 for x in squares.tolist()):
+    squares = row_squares(q)
+    if not all(math.isfinite(x) and x > 0 for x in squares):
         raise HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
-    return q / np.sqrt(squares)[:, None]
+    return q / np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
 
 
 def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list[dict]:

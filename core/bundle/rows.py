@@ -71,10 +71,10 @@ def column_reader(col) -> Optional[Callable[[int], Any]]:
 class BatchView:
     """One record batch and a reader per column."""
 
-    __slots__ = ("batch", "names", "readers")
+    __slots__ = ("batch", "readers")
 
     def __init__(self, batch, names: list[str]):
-        self.batch, self.names = batch, names
+        self.batch = batch  # the readers view its buffers
         self.readers = [(name, column_reader(batch.column(c)) or _as_py(batch.column(c)))
                         for c, name in enumerate(names)]
 
