@@ -36,6 +36,31 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     With metadata=False the matches carry ids and scores only (join later with ``join_metadata``);
     with_vectors also returns the matches' stored vectors (float32), read once for the re-rank anyway.
     squares: the rows' squared norms (``row_squares``), when the caller has them already."""
+    ranked, vectors, (t0, t1, t2) = _ranked(bundle, queries, k, with_vectors, squares)
+    # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
+    exact, bid, version = bundle.exact, bundle.id, bundle.version
+    out = [[Match(sc, exact, bid, version, i) for sc, i in row] for row in ranked]
+    if metadata:
+        join_metadata(bundle, [m for ms in out for m in ms])
+    t3 = time.perf_counter()
+    if with_vectors and vectors is None and bundle.vectors is not None:
+        refine = bundle.refine
+        read = refine.rows if refine is not None else bundle.vector
+        vectors = [read([m.row_id for m in ms]) for ms in out]
+    return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
+                        vectors if with_vectors else None)
+
+
+def search_scores(bundle: Bundle, queries: "np.ndarray", k: int,
+                  squares: Optional[list[float]] = None) -> list[list[tuple[float, int]]]:
+    """What search() finds, as (score, row id) pairs per query, best first: no Match objects and no metadata
+    (the index server builds its rows from these; 80 Match objects cost a knn request ~0.1 ms)."""
+    return _ranked(bundle, queries, k, False, squares)[0]
+
+
+def _ranked(bundle: Bundle, queries: "np.ndarray", k: int, with_vectors: bool, squares: Optional[list[float]]):
+    """search()'s work up to the Match objects: (pairs per query, stored vectors or None, the times the index
+    search began and ended and the scoring ended)."""
     import numpy as np
 
     if not (isinstance(queries, np.ndarray) and queries.dtype == np.float32 and queries.flags.c_contiguous):
@@ -65,8 +90,6 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
     else:
         scores, ids = bundle.index.search(queries, candidates, params=bundle.params)
     t1 = time.perf_counter()
-    # A flat index already scores the exact cosine in float32; stored float16 vectors would only blur it.
-    exact = bundle.exact
     # Lists from here on: a check handles tens of candidates, where each numpy call costs more than the
     # Python it replaces (the search has just evicted the caches numpy's own code runs from).
     id_rows = ids.tolist()
@@ -87,17 +110,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
         ranked = [[(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
     else:
         _check_scores(bundle, [sc for row in ranked for sc, _ in row], APPROXIMATE_SLACK)
-    t2 = time.perf_counter()
-    bid, version = bundle.id, bundle.version
-    out = [[Match(sc, exact, bid, version, i) for sc, i in row] for row in ranked]
-    if metadata:
-        join_metadata(bundle, [m for ms in out for m in ms])
-    t3 = time.perf_counter()
-    if with_vectors and vectors is None and bundle.vectors is not None:
-        read = refine.rows if refine is not None else bundle.vector
-        vectors = [read([m.row_id for m in ms]) for ms in out]
-    return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
-                        vectors if with_vectors else None)
+    return ranked, vectors, (t0, t1, time.perf_counter())
 
 
 def row_squares(x: "np.ndarray") -> list[float]:

@@ -12,6 +12,7 @@ clip-retrieval back's API:
 This server's own:
   POST /v1/check     multipart (images=files..., indices, generation, top_k, warn, block, fail_mode) or JSON
                      {images: [base64...], ...} -> {"results": [check-result v1 ...]}
+  GET  /v1/indices -> {name: {id, version, model, dim, rows, warn, block, exact, warm}}
   GET  /healthz, GET /metrics (Prometheus)
 Every route but /healthz needs "Authorization: Bearer <token>" when a token is set; one must be set to
 listen beyond loopback. Bodies over the size limit get 413; undecodable images 400.
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -169,6 +171,9 @@ class State:
         self._stamps[name] = manifest_stamp(path)
         bundle = Bundle.open(path)
         bundle.mapped_reads = True
+        # Warm from the start, not at the first search: until warm, requests take the slower re-rank and
+        # compete with the warm-up (~1 s of a core per million rows) for the CPU.
+        bundle.warm_up()
         return bundle
 
     def bundle(self, name: Optional[str]):
@@ -300,7 +305,7 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     """clip-retrieval's /knn-service over one bundle, exact cosines. ``fetched``: the image_url's bytes,
     fetched by the route before this runs (so a slow URL holds no worker thread)."""
 
-    from ..core.search import search
+    from ..core.search import search_scores
 
     bundle = state.bundle(body.indice_name)
     if body.modality != "image":
@@ -323,17 +328,17 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     else:
         raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
     want = max(num, num_ids) * 2 if body.deduplicate else num
-    matches = search(bundle, q, min(want, bundle.live_count), metadata=False).matches[0]
-    if body.deduplicate and bundle.vectors is not None and matches:
-        ids = [m.row_id for m in matches]  # from the search: inside the bundle
+    ranked = search_scores(bundle, q, min(want, bundle.live_count))[0]  # (score, row id), best first
+    if body.deduplicate and bundle.vectors is not None and ranked:
+        ids = [i for _, i in ranked]  # from the search: inside the bundle
         refine = bundle.refine
         read = refine.rows if refine is not None else bundle.vector
-        matches = deduplicate(lambda start, stop: read(ids[start:stop]), matches, num)
-    matches = matches[:num]
+        ranked = deduplicate(lambda start, stop: read(ids[start:stop]), ranked, num)
+    ranked = ranked[:num]
     out = []
-    for m, md in zip(matches, bundle.rows([m.row_id for m in matches])):  # what join_metadata reads, as rows
+    for (score, i), md in zip(ranked, bundle.rows([i for _, i in ranked])):  # what join_metadata reads, as rows
         row = {k: _json_value(v) for k, v in md.items()}
-        row["id"], row["similarity"] = m.row_id, round(m.score, 6)
+        row["id"], row["similarity"] = i, round(score, 6)
         row.setdefault("url", None)
         row.setdefault("caption", None)
         out.append(row)
@@ -361,6 +366,12 @@ def deduplicate(rows_of, matches: list, keep: int, block: Optional[int] = None) 
         for i, j in zip(*(x.tolist() for x in np.nonzero(rows @ rows.T >= DEDUP_COSINE))):
             if j < i:
                 earlier.setdefault(i, []).append(j)
+        if not kept and not earlier:  # the usual first block: no near-duplicates, all of it is kept
+            kept = list(range(start, start + min(len(rows), keep)))
+            if len(kept) == keep:
+                return matches[start:start + keep]
+            kept_rows = rows
+            continue
         kept_here: list[int] = []
         for i in range(len(rows)):
             if near_kept[i] or any(j in kept_here for j in earlier.get(i, ())):
@@ -447,14 +458,31 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: O
     return {"results": [r.to_json() for r in results]}
 
 
-def create_app(config: ServerConfig):
+def create_app(config: ServerConfig) -> Guard:
+    """The server's ASGI app: Guard in front of the FastAPI app (``.app``) that holds the routes."""
     from contextlib import asynccontextmanager
 
     state = State(config)
 
+    pools: dict[str, Any] = {}
+
+    def searching():
+        """The thread pool of requests that only search (embedding queries, metadata): FAISS releases the GIL,
+        the rest of a search holds it, so threads beyond a few per core only queue for it (40 threads served
+        a fifth fewer knn requests than 4 on 2 cores, at a higher p99). A plain executor: handing a call to
+        it and back costs the event loop ~50 us, anyio's to_thread ~110 us. Requests that embed images keep
+        anyio's default pool: they wait on the model's batcher, and more of them make fuller batches."""
+        if "search" not in pools:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pools["search"] = ThreadPoolExecutor(search_threads(), thread_name_prefix="provenance-guard-search")
+        return pools["search"]
+
     @asynccontextmanager
     async def lifespan(_app):
         yield
+        for pool in pools.values():
+            pool.shutdown(wait=True)  # uvicorn has let the in-flight requests finish
         state.close()
 
     # No /docs or /redoc: their pages load Swagger from a CDN. --openapi serves the schema itself.
@@ -465,10 +493,10 @@ def create_app(config: ServerConfig):
     def problem(status: int, message: str, headers: Optional[dict[str, str]] = None):
         return json_response({"error": message}, status, headers)
 
-    # The busy routes, called straight from Guard (filled in below): FastAPI's routing and middleware
-    # layers cost a knn request more of the event loop than the rest of its handling.
+    # The busy routes, called straight from Guard (filled in below), which wraps the whole FastAPI app:
+    # FastAPI's routing and its five middleware layers (error page, telemetry, body limit, exceptions, exit
+    # stack) cost a knn request more of the event loop than the rest of its handling.
     direct: dict[tuple[str, str], Any] = {}
-    app.add_middleware(Guard, config=config, metrics=state.metrics, problem=problem, direct=direct)
 
     async def body_bytes(request: Request) -> bytes:
         data = bytearray()
@@ -487,24 +515,17 @@ def create_app(config: ServerConfig):
             kinds = {e.get("type") for e in exc.errors()}
             raise HTTPProblem(400 if kinds & {"json_invalid", "recursion_loop"} else 422, problem_of(exc))
 
-    limiters: dict[str, Any] = {}
-
-    def searching():
-        """The thread limit of requests that only search (embedding queries, metadata): FAISS releases the GIL,
-        the rest of a search holds it, so threads beyond a few per core only queue for it (40 threads served
-        a fifth fewer knn requests than 4 on 2 cores, at a higher p99). Requests that embed images keep
-        anyio's default pool: they wait on the model's batcher, and more of them make fuller batches."""
-        if "search" not in limiters:
-            import anyio
-
-            limiters["search"] = anyio.CapacityLimiter(search_threads())
-        return limiters["search"]
-
-    async def guarded(fn, *args, limiter=None):
-        import anyio.to_thread
-
+    async def guarded(fn, *args, pool=None):
         try:
-            return json_response(await anyio.to_thread.run_sync(fn, *args, limiter=limiter))
+            if pool is not None:
+                import asyncio
+
+                result = await asyncio.get_running_loop().run_in_executor(pool, _one_thread_pools, fn, *args)
+            else:
+                import anyio.to_thread
+
+                result = await anyio.to_thread.run_sync(_one_thread_pools, fn, *args)
+            return json_response(result)
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
         except ProvenanceError as exc:
@@ -540,7 +561,7 @@ def create_app(config: ServerConfig):
     @app.get("/v1/indices")
     async def indices_info():
         return {name: {"id": b.id, "version": b.version, "model": b.model, "dim": b.dim, "rows": b.live_count,
-                       "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact}
+                       "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact, "warm": b.warm}
                 for name, b in state.bundles.items()}
 
     @app.post("/knn-service")
@@ -551,7 +572,7 @@ def create_app(config: ServerConfig):
                 body.embedding_input or body.text or body.image) else None
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
-        return await guarded(knn, state, body, blob, limiter=searching() if body.embedding_input else None)
+        return await guarded(knn, state, body, blob, pool=searching() if body.embedding_input else None)
 
     @app.post("/metadata")
     async def metadata_route(request: Request):
@@ -559,7 +580,7 @@ def create_app(config: ServerConfig):
             body = await parsed(request, MetadataRequest)
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
-        return await guarded(metadata, state, body, limiter=searching())
+        return await guarded(metadata, state, body, pool=searching())
 
     @app.post("/v1/check")
     async def check_route(request: Request):
@@ -585,7 +606,7 @@ def create_app(config: ServerConfig):
                 if count > config.max_images_per_request:
                     raise HTTPProblem(413, f"{count} images in one request; at most {config.max_images_per_request}")
                 if body.embeddings is not None:
-                    return await guarded(check, state, [], body, body.embeddings, limiter=searching())
+                    return await guarded(check, state, [], body, body.embeddings, pool=searching())
                 blobs = [_b64(x, f"images[{n}]") for n, x in enumerate(body.images)]
                 options = body
         except HTTPProblem as exc:
@@ -604,7 +625,7 @@ def create_app(config: ServerConfig):
         gauges.update({f'provenance_guard_index_rows{{index="{n}"}}': b.live_count for n, b in state.bundles.items()})
         return PlainTextResponse(state.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
-    return app
+    return Guard(app, config=config, metrics=state.metrics, problem=problem, direct=direct)
 
 
 class Guard:
@@ -661,6 +682,23 @@ class Guard:
 
 KNOWN_METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"}
 KNOWN_PATHS = {"/healthz", "/indices-list", "/v1/indices", "/knn-service", "/metadata", "/v1/check", "/metrics"}
+
+
+_pools = threading.local()
+
+
+def _one_thread_pools(fn, *args):
+    """fn(*args) on a request thread whose FAISS OpenMP pool (and the BLAS inside FAISS, which follows it) is
+    one thread. OpenMP's thread count belongs to each thread: _ready_app's limit holds for the main thread
+    only, and every request thread started with a pool of one thread per core. FAISS opens no parallel
+    region for a single query, but it does for a batch of them (several images in one check), and there
+    pools of several threads spin and contend across request threads and worker processes."""
+    if not getattr(_pools, "one", False):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        _pools.one = True
+    return fn(*args)
 
 
 def cpu_count() -> int:

@@ -416,16 +416,17 @@ def test_warm_up_maps_rows_and_metadata_and_reads_stay_the_same(tmp_path, monkey
     ids = [2999, 0, 17, 1500]
     b = Bundle.open(tmp_path / "b")
     before, rows_before = b.vector(ids), b.rows(ids)
+    assert not b.warm
     monkeypatch.setattr(reader, "available_memory", lambda: 4 * 1024)  # far less than the files
     b.warm_up(wait=True)
-    assert not b.mapped_reads and not b._warming.is_alive()
+    assert not b.mapped_reads and b.warm  # warm-up has finished: it left the files alone
     b.warm_up(wait=True)  # once per bundle: a second call starts nothing
     assert not b.mapped_reads
 
     monkeypatch.setattr(reader, "available_memory", lambda: 1 << 40)
     warm = Bundle.open(tmp_path / "b")
     warm.warm_up(wait=True)
-    assert warm.mapped_reads
+    assert warm.mapped_reads and warm.warm
     np.testing.assert_array_equal(warm.vector(ids), before)
     assert warm.rows(ids) == rows_before and [r["url"] for r in rows_before] == [f"u{i}" for i in ids]
     out = search(warm, vecs[[5]], 3)

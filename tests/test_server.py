@@ -116,6 +116,32 @@ def test_knn_with_image_and_text(server):
     assert r.status_code == 404
 
 
+def test_indices_info_says_when_warm(server, built_bundle):
+    base, _ = server
+    deadline = time.monotonic() + 60
+    info = requests.get(f"{base}/v1/indices").json()["refs"]
+    while not info["warm"] and time.monotonic() < deadline:  # warmed in the background from start-up
+        time.sleep(0.1)
+        info = requests.get(f"{base}/v1/indices").json()["refs"]
+    bundle = Bundle.open(built_bundle)
+    assert info["warm"] is True
+    assert (info["id"], info["rows"], info["dim"], info["exact"]) == (bundle.id, bundle.live_count, bundle.dim, bundle.exact)
+
+
+def test_request_threads_run_faiss_on_one_thread():
+    """OpenMP's thread count belongs to each thread: a request thread sets its own (the server's limit at
+    start-up holds for its main thread only)."""
+    import faiss
+
+    from provenance_guard.index_server.app import _one_thread_pools
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.extend(_one_thread_pools(faiss.omp_get_max_threads) for _ in range(2)))
+    t.start()
+    t.join()
+    assert seen == [1, 1]  # the second call finds the thread set already
+
+
 def test_metadata(server):
     base, _ = server
     out = requests.post(f"{base}/metadata", json={"indice_name": "refs", "ids": [0, 3]}).json()
@@ -434,10 +460,10 @@ def test_deduplication_compares_with_kept_results_only():
         list(range(40))
     assert reads == [(0, 40)]
 
-    def greedy(n_keep):
+    def greedy(n_keep, vecs=vectors):
         out = []
-        for i in range(len(vectors)):
-            if not any(float(vectors[i] @ vectors[j]) >= DEDUP_COSINE for j in out):
+        for i in range(len(vecs)):
+            if not any(float(vecs[i] @ vecs[j]) >= DEDUP_COSINE for j in out):
                 out.append(i)
                 if len(out) == n_keep:
                     return out
@@ -446,6 +472,11 @@ def test_deduplication_compares_with_kept_results_only():
     expected = greedy(300)
     assert 130 not in expected and 200 not in expected
     assert deduplicate(lambda a, b: vectors[a:b], list(range(25_000)), 300) == expected
+    # blocks smaller than num_images, the first without a duplicate (kept whole), the later ones with them
+    shifted = vectors[2:]
+    expected = greedy(300, shifted)
+    assert 128 not in expected and 198 not in expected
+    assert deduplicate(lambda a, b: shifted[a:b], list(range(len(shifted))), 300, block=16) == expected
 
 
 class _Origin:

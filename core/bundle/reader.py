@@ -209,6 +209,11 @@ class Bundle:
         if wait:
             self._warming.join()
 
+    @property
+    def warm(self) -> bool:
+        """True once warm_up() has finished (whether or not the files fitted to be mapped)."""
+        return self._warming is not None and not self._warming.is_alive()
+
     def _touch_pages(self) -> None:
         import numpy as np
 
