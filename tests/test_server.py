@@ -899,7 +899,17 @@ def test_ctrl_c_stops_every_worker_and_the_server_says_interrupted(built_bundle)
     workers = _children(sup.proc.pid)
     assert len(workers) == 2
     os.killpg(sup.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
-    assert sup.proc.wait(timeout=60) == 130
+    try:
+        code = sup.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # once seen in CI, not reproduced: say where each process was
+        where = {pid: Path(f"/proc/{pid}/wchan").read_text() if Path(f"/proc/{pid}/wchan").exists() else "ended"
+                 for pid in [sup.proc.pid, *workers]}
+        sup.proc.kill()
+        for w in workers:
+            if _is_worker(w):
+                os.kill(w, signal.SIGKILL)
+        pytest.fail(f"the server had not stopped 60 s after Ctrl-C; waiting in {where}; log:\n{sup.log[-3000:]}")
+    assert code == 130
     assert _wait(lambda: "interrupted" in sup.log, 5)
     assert "did not start" not in sup.log and "starting another" not in sup.log, sup.log[-2000:]
     assert _wait(lambda: not any(_is_worker(w) for w in workers), 10)
