@@ -184,25 +184,28 @@ def wait_until_up(port: int, path: str, proc: subprocess.Popen, seconds: float) 
     raise RuntimeError(f"not serving after {seconds:.0f} s")
 
 
-def wait_until_warm(port: int, workers: int, seconds: float = 300.0) -> float:
-    """Wait until every worker has warmed its bundle (mapped the files, set up the re-rank inside FAISS):
-    8 answers per worker in a row, each on a fresh connection (the kernel spreads them over the workers),
-    say warm. Measuring earlier would time the warm-up's own CPU and the slower cold re-rank. Returns the
-    seconds waited."""
+def wait_until_warm(port: int, workers: int, seconds: float = 300.0) -> tuple[float, bool]:
+    """Wait until every worker has finished warming its bundle (mapping the files, setting up the re-rank
+    inside FAISS where it can): 8 answers per worker in a row, each on a fresh connection (the kernel spreads
+    them over the workers), say warm. Measuring earlier would time the warm-up's own CPU and the slower cold
+    re-rank. Returns the seconds waited and whether every answer had the re-rank inside FAISS."""
     import requests
 
     t0 = deadline = time.monotonic()
     deadline += seconds
-    in_a_row = 0
+    in_a_row, faiss_rerank = 0, True
     while in_a_row < 8 * workers:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the server's bundles were not warm after {seconds:.0f} s")
         with requests.Session() as s:
-            warm = all(v["warm"] for v in s.get(f"http://127.0.0.1:{port}/v1/indices", timeout=10).json().values())
+            info = s.get(f"http://127.0.0.1:{port}/v1/indices", timeout=10).json().values()
+        warm = all(v["warm"] for v in info)
         in_a_row = in_a_row + 1 if warm else 0
-        if not warm:
+        if warm:
+            faiss_rerank = faiss_rerank and all(v["faiss_rerank"] for v in info)
+        else:
             time.sleep(0.2)
-    return time.monotonic() - t0
+    return time.monotonic() - t0, faiss_rerank
 
 
 def try_clip_back(bundle_path: Path, bodies: list[bytes], clients: int, expected: "np.ndarray"):
@@ -304,7 +307,7 @@ def main() -> None:
                               stderr=subprocess.DEVNULL)
     try:
         wait_until_up(port, "/healthz", server, 120)
-        warm_s = wait_until_warm(port, args.workers)
+        warm_s, faiss_rerank = wait_until_warm(port, args.workers)
         qps, p50, p99, n = measure(port, bodies, args.clients)
         rss_warm = rss_mb(server.pid, tree=True)
         top1 = top1_agreement(port, bodies[:50], ids[:50])
@@ -317,7 +320,7 @@ def main() -> None:
         server.wait(timeout=30)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server ({args.workers} worker processes) and "
           f"clients on the same machine; measured once every worker said its bundle was warm ({warm_s:.1f} s "
-          f"after it answered)")
+          f"after it answered; re-rank inside FAISS: {'yes' if faiss_rerank else 'no, the Python re-rank'})")
     print(f"{bundle.count:,} x {bundle.dim}-d, {bundle.manifest.index_factory}, {bundle.manifest.search_params}; "
           f"{args.clients} keep-alive clients, num_images 40, deduplicate")
     print(f"ours:      {n} requests, {qps:6.1f} req/s; latency p50 {p50:7.1f} ms, p99 {p99:7.1f} ms; "

@@ -12,7 +12,7 @@ clip-retrieval back's API:
 This server's own:
   POST /v1/check     multipart (images=files..., indices, generation, top_k, warn, block, fail_mode) or JSON
                      {images: [base64...], ...} -> {"results": [check-result v1 ...]}
-  GET  /v1/indices -> {name: {id, version, model, dim, rows, warn, block, exact, warm}}
+  GET  /v1/indices -> {name: {id, version, model, dim, rows, warn, block, exact, warm, faiss_rerank}}
   GET  /healthz, GET /metrics (Prometheus)
 Every route but /healthz needs "Authorization: Bearer <token>" when a token is set; one must be set to
 listen beyond loopback. Bodies over the size limit get 413; undecodable images 400.
@@ -172,7 +172,7 @@ class State:
         bundle = Bundle.open(path)
         bundle.mapped_reads = True
         # Warm from the start, not at the first search: until warm, requests take the slower re-rank and
-        # compete with the warm-up (~1 s of a core per million rows) for the CPU.
+        # compete with the warm-up (1-2 s of a core per million rows: pages, the index's ids, norms) for the CPU.
         bundle.warm_up()
         return bundle
 
@@ -481,8 +481,12 @@ def create_app(config: ServerConfig) -> Guard:
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        for pool in pools.values():
-            pool.shutdown(wait=True)  # uvicorn has let the in-flight requests finish
+        pool = pools.pop("search", None)  # a later lifespan (an app served again) starts a new one
+        if pool is not None:
+            import asyncio
+
+            # off the event loop: a request uvicorn cancelled after its grace period may still be searching
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
         state.close()
 
     # No /docs or /redoc: their pages load Swagger from a CDN. --openapi serves the schema itself.
@@ -494,8 +498,8 @@ def create_app(config: ServerConfig) -> Guard:
         return json_response({"error": message}, status, headers)
 
     # The busy routes, called straight from Guard (filled in below), which wraps the whole FastAPI app:
-    # FastAPI's routing and its five middleware layers (error page, telemetry, body limit, exceptions, exit
-    # stack) cost a knn request more of the event loop than the rest of its handling.
+    # FastAPI's routing and middleware layers (error page, telemetry, body limit) cost a knn request more
+    # of the event loop than the rest of its handling.
     direct: dict[tuple[str, str], Any] = {}
 
     async def body_bytes(request: Request) -> bytes:
@@ -561,7 +565,8 @@ def create_app(config: ServerConfig) -> Guard:
     @app.get("/v1/indices")
     async def indices_info():
         return {name: {"id": b.id, "version": b.version, "model": b.model, "dim": b.dim, "rows": b.live_count,
-                       "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact, "warm": b.warm}
+                       "warn": b.manifest.warn, "block": b.manifest.block, "exact": b.exact,
+                       "warm": b.warm, "faiss_rerank": b.refine is not None}
                 for name, b in state.bundles.items()}
 
     @app.post("/knn-service")

@@ -124,8 +124,33 @@ def test_indices_info_says_when_warm(server, built_bundle):
         time.sleep(0.1)
         info = requests.get(f"{base}/v1/indices").json()["refs"]
     bundle = Bundle.open(built_bundle)
-    assert info["warm"] is True
+    assert info["warm"] is True and isinstance(info["faiss_rerank"], bool)
     assert (info["id"], info["rows"], info["dim"], info["exact"]) == (bundle.id, bundle.live_count, bundle.dim, bundle.exact)
+
+
+def test_server_warms_its_bundles_before_any_search_and_serves_again_after_its_lifespan(built_bundle):
+    """Bundles start warming as the app opens them; the search pool ends with the lifespan, and an app served
+    again (a second uvicorn server, a second lifespan) gets a new one."""
+    import uvicorn
+
+    from provenance_guard.index_server.app import ServerConfig, create_app
+
+    app = create_app(ServerConfig(indices={"refs": str(built_bundle)}))
+    assert app.app.state.pg.bundles["refs"]._warming is not None  # no search has run yet
+    for _ in range(2):
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        t = threading.Thread(target=server.run)
+        t.start()
+        try:
+            assert _wait(lambda: server.started, 30)
+            r = requests.post(f"http://127.0.0.1:{port}/metadata", json={"indice_name": "refs", "ids": [0]})
+            assert r.status_code == 200 and r.json()[0]["id"] == 0
+            assert requests.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"  # FastAPI behind Guard
+        finally:
+            server.should_exit = True
+            t.join(30)
+        assert not t.is_alive()
 
 
 def test_request_threads_run_faiss_on_one_thread():
@@ -135,10 +160,14 @@ def test_request_threads_run_faiss_on_one_thread():
 
     from provenance_guard.index_server.app import _one_thread_pools
 
-    seen = []
-    t = threading.Thread(target=lambda: seen.extend(_one_thread_pools(faiss.omp_get_max_threads) for _ in range(2)))
-    t.start()
-    t.join()
+    bare, seen = [], []
+    for target in (lambda: bare.append(faiss.omp_get_max_threads()),
+                   lambda: seen.extend(_one_thread_pools(faiss.omp_get_max_threads) for _ in range(2))):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        assert bare[0] > 1  # what a new thread starts with, whatever the main thread set
     assert seen == [1, 1]  # the second call finds the thread set already
 
 
@@ -716,13 +745,21 @@ def _wait(condition, seconds: float = 60.0) -> bool:
     return condition()
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Supervisor:
     """`serve --workers N` in a subprocess, its output collected line by line as it comes."""
 
     def __init__(self, cmd: list, cwd=None, new_session: bool = False):
         env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
+        # new_session stands for a terminal's foreground job, where SIGINT is not ignored; a test run that is
+        # itself a background job of a script (nohup ... &) hands its children SIGINT ignored, which the
+        # server keeps, as a background job should.
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=new_session)
+                                     start_new_session=new_session,
+                                     preexec_fn=_sigint_default if new_session else None)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -211,7 +211,8 @@ class Bundle:
 
     @property
     def warm(self) -> bool:
-        """True once warm_up() has finished (whether or not the files fitted to be mapped)."""
+        """True once warm_up() has finished, whether or not it mapped the files (``mapped_reads``) and set up
+        the re-rank inside FAISS (``refine``)."""
         return self._warming is not None and not self._warming.is_alive()
 
     def _touch_pages(self) -> None:
