@@ -44,9 +44,7 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
         join_metadata(bundle, [m for ms in out for m in ms])
     t3 = time.perf_counter()
     if with_vectors and vectors is None and bundle.vectors is not None:
-        refine = bundle.refine
-        read = refine.rows if refine is not None else bundle.vector
-        vectors = [read([m.row_id for m in ms]) for ms in out]
+        vectors = [bundle.vector([m.row_id for m in ms]) for ms in out]
     return SearchOutput(out, {"search": (t1 - t0) * 1e3, "rerank": (t2 - t1) * 1e3, "metadata": (t3 - t2) * 1e3},
                         vectors if with_vectors else None)
 

@@ -330,10 +330,8 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     want = max(num, num_ids) * 2 if body.deduplicate else num
     ranked = search_scores(bundle, q, min(want, bundle.live_count))[0]  # (score, row id), best first
     if body.deduplicate and bundle.vectors is not None and ranked:
-        ids = [i for _, i in ranked]  # from the search: inside the bundle
-        refine = bundle.refine
-        read = refine.rows if refine is not None else bundle.vector
-        ranked = deduplicate(lambda start, stop: read(ids[start:stop]), ranked, num)
+        ids = [i for _, i in ranked]
+        ranked = deduplicate(lambda start, stop: bundle.vector(ids[start:stop]), ranked, num)
     ranked = ranked[:num]
     out = []
     for (score, i), md in zip(ranked, bundle.rows([i for _, i in ranked])):  # what join_metadata reads, as rows

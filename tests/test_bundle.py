@@ -183,6 +183,11 @@ def test_warm_bundle_reranks_inside_faiss_with_the_same_results(tmp_path):
             np.testing.assert_array_equal(rows, b.vector([m.row_id for m in ms]))
         assert all(m.row_id not in (11, 12) for ms in fast.matches for m in ms)  # removed rows stay out
     assert fast.matches[0][0].row_id == 10 and fast.matches[0][0].url == "10"
+    # warm rows come decoded by FAISS: the stored float16 values exactly, ids outside the bundle refused
+    np.testing.assert_array_equal(b.vector([4000, 0, 7]), np.asarray(b.vectors[[4000, 0, 7]], dtype=np.float32))
+    for bad in ([b.count], [0, -1]):
+        with pytest.raises(IndexError, match="outside bundle"):
+            b.vector(bad)
     # the exact cosine with the stored float16 row, whatever the query's length
     scaled = search(b, 3.0 * q[:1], 3, squares=None)
     row = b.vector([10])[0]

@@ -247,7 +247,8 @@ class FaissRerank:
         return self.index.search(queries, candidates, params=wrapped)
 
     def rows(self, ids: list[int]) -> "np.ndarray":
-        """Stored rows as float32 (ids already checked to lie in the bundle), decoded by FAISS in one call."""
+        """Stored rows as float32 (ids already checked to lie in the bundle: Bundle.vector), decoded by FAISS in
+        one call."""
         import numpy as np
 
         return self._sq.reconstruct_batch(np.array(ids, dtype=np.int64))
