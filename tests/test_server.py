@@ -460,6 +460,126 @@ def test_malformed_bodies_are_4xx_never_500(server, raw, field):
     assert requests.post(f"{base}/knn-service", json={"text": "still fine", "indice_name": "refs"}).ok
 
 
+def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monkeypatch):
+    """knn_many (the search batcher's work): queries of one index and count share a FAISS call, and each
+    request gets what knn() gives it alone, on the IVF-PQ bundle with FAISS re-rank as on the flat one; a
+    bad request in the batch gets its own error and the others their answers."""
+    import faiss
+    import pyarrow as pa
+
+    from provenance_guard.core import search as search_mod
+    from provenance_guard.core.bundle import BundleWriter
+    from provenance_guard.index_server.app import HTTPProblem, ServerConfig, State, knn, knn_many
+    from provenance_guard.index_server.schemas import KnnRequest
+
+    n, d = 4000, 32
+    vecs = np.random.default_rng(4).standard_normal((n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs[11] = vecs[10]  # near-duplicates for de-duplication to drop
+    index = faiss.index_factory(d, "IVF32,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add(vecs)
+    with BundleWriter(tmp_path / "ivf", model="m/t", dim=d) as w:
+        w.no_flat_index()
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)], "caption": ["<b>c</b>"] * n}))
+        w.finish(index, factory="IVF32,PQ8x4", search_params={"nprobe": 8})
+    state = State(ServerConfig(indices={"ivf": str(tmp_path / "ivf")}))
+    state.bundles["ivf"].warm_up(wait=True)
+    assert state.bundles["ivf"].refine is not None  # the re-rank inside FAISS, as the P4 server runs it
+
+    def body(row, **kw):
+        return KnnRequest.model_validate({"embedding_input": (vecs[row] + 0.01).tolist(), "indice_name": "ivf",
+                                          **kw})
+
+    bodies = [body(10), body(3, num_images=5), body(10, deduplicate=False), body(10, num_images=5),
+              KnnRequest.model_validate({"embedding_input": [0.1] * 3, "indice_name": "ivf"}),
+              body(5, indice_name="nope"), body(6, modality="text"), body(200, num_images=17), body(300)]
+    calls = []
+    real = search_mod.search_scores
+    monkeypatch.setattr(search_mod, "search_scores", lambda b, q, k, **kw: calls.append((len(q), k)) or real(b, q, k))
+    answers = knn_many(state, bodies)
+    assert sorted(calls) == [(1, 34), (1, 40), (2, 10), (2, 80)]  # one call per (index, count), not per query
+    for b, got in zip(bodies, answers):
+        if b.indice_name == "nope" or b.modality == "text" or len(b.embedding_input) == 3:
+            assert isinstance(got, HTTPProblem)
+            assert got.status == (404 if b.indice_name == "nope" else 400)
+            continue
+        assert got == knn(state, b)
+        assert len(got) == b.num_images and got[0]["caption"] == "<b>c</b>"
+    assert answers[0][0]["id"] in (10, 11) and {10, 11} - {r["id"] for r in answers[0]}  # one of the pair kept
+    assert {10, 11} <= {r["id"] for r in answers[2]}  # both, without de-duplication
+
+    # a batch whose shared search fails is searched again one query at a time: each gets its own outcome
+    def fails_batched(b, q, k, **kw):
+        if len(q) > 1:
+            raise RuntimeError("batched search failed")
+        return real(b, q, k)
+
+    monkeypatch.setattr(search_mod, "search_scores", fails_batched)
+    assert knn_many(state, bodies[:4]) == answers[:4]
+    state.close()
+
+
+def test_search_batcher_takes_what_waits_answers_each_early_and_refuses_after_close():
+    import asyncio
+
+    from provenance_guard.index_server.batcher import SearchBatcher
+
+    started, release, sizes = threading.Event(), threading.Event(), []
+    first_answered = threading.Event()
+
+    def fn(items, answer):
+        sizes.append(len(items))
+        started.set()
+        release.wait(30)
+        if "all" in items:
+            raise RuntimeError("the whole batch failed")
+        for n, x in enumerate(items):
+            answer(n, ValueError(f"bad {x}") if x < 0 else x * 10)
+            if len(items) == 4 and n == 0:  # the next answers wait until the loop has the first
+                assert first_answered.wait(30)
+
+    batcher = SearchBatcher(fn, threads=1, max_batch=4, flush=1)
+
+    async def main():
+        first = batcher.submit(1)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+        rest = [batcher.submit(x) for x in (2, -3, 4, 5, 6)]  # queued while the first batch runs
+        rest[0].add_done_callback(lambda _: first_answered.set())
+        release.set()
+        answers = await asyncio.gather(first, *rest, return_exceptions=True)
+        failed = await asyncio.gather(batcher.submit("all"), return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close, ConnectionAbortedError("closing"))
+        late = await asyncio.gather(batcher.submit(7), return_exceptions=True)
+        return answers, failed, late
+
+    answers, failed, late = asyncio.run(main())
+    assert sizes == [1, 4, 1, 1]  # what waited, up to max_batch, without waiting for more
+    assert answers[:2] == [10, 20] and isinstance(answers[2], ValueError) and answers[3:] == [40, 50, 60]
+    assert isinstance(failed[0], RuntimeError)
+    assert isinstance(late[0], ConnectionAbortedError)  # never queued for a thread that is gone
+    assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_concurrent_knn_queries_get_the_answers_they_get_alone(server, built_bundle):
+    base, _ = server
+    bundle = Bundle.open(built_bundle)
+    bodies = [{"embedding_input": (bundle.vector([i % bundle.count])[0] + 0.05 * (i % 3)).tolist(),
+               "indice_name": "refs", "num_images": 1 + i % 4, "deduplicate": i % 2 == 0} for i in range(24)]
+    alone = [requests.post(f"{base}/knn-service", json=b).json() for b in bodies]
+    together = [None] * len(bodies)
+
+    def one(i):
+        together[i] = requests.post(f"{base}/knn-service", json=bodies[i]).json()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and all(len(a) == 1 + i % 4 for i, a in enumerate(alone))
+
+
 def test_deduplication_compares_with_kept_results_only():
     """Bounded work: 25k candidates are compared a block at a time with at most num_images kept vectors and
     their own block, never as a 25k x 25k matrix; the result equals the greedy definition."""
