@@ -354,12 +354,14 @@ def knn_many(state: State, bodies: list[KnnRequest], answer: Optional[Callable[[
             groups.setdefault((id(bundle), _knn_want(bundle, body)), []).append((n, bundle, q))
         except Exception as exc:  # noqa: BLE001 - this request's answer; the others go on
             done(n, exc)
-    for (_, want), members in groups.items():
+    for (_, want), members in sorted(groups.items(), key=lambda g: g[0][1]):  # the lightest answered first
         bundle = members[0][1]
-        try:
-            ranked = search_scores(bundle, np.concatenate([q for _, _, q in members]), want)
-        except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
-            ranked = None
+        ranked = None
+        if len(members) > 1 and _batch_exact(bundle):
+            try:
+                ranked = search_scores(bundle, np.concatenate([q for _, _, q in members]), want)
+            except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
+                ranked = None
         for j, (n, _, q) in enumerate(members):
             try:
                 rows = _knn_rows(bundle, bodies[n], ranked[j] if ranked is not None else
@@ -368,6 +370,22 @@ def knn_many(state: State, bodies: list[KnnRequest], answer: Optional[Callable[[
                 rows = exc
             done(n, rows)
     return out
+
+
+def _batch_exact(bundle) -> bool:
+    """Whether several queries searched in one call of this bundle's index get exactly what each gets alone.
+    Not behind a transform (OPQ, PCA): FAISS applies it to the whole batch in one matrix product, whose
+    rounding depends on the batch (PQ scores, and rarely the candidates, differ from a query's alone)."""
+    import faiss
+
+    return not isinstance(faiss.downcast_index(bundle.index), faiss.IndexPreTransform)
+
+
+def knn_batched(body: KnnRequest) -> bool:
+    """Whether /knn-service sends this request to the search batcher: embedding queries of at most
+    KNN_BATCH_CANDIDATES candidates. Larger ones (up to 2,000 with num_images 1000) take the thread pool,
+    so one of them never holds up the light queries batched after it."""
+    return body.embedding_input is not None and _knn_candidates(body) <= KNN_BATCH_CANDIDATES
 
 
 def _knn_bundle(state: State, body: KnnRequest):
@@ -385,9 +403,12 @@ def _knn_embedding(bundle, body: KnnRequest) -> "np.ndarray":
 
 def _knn_want(bundle, body: KnnRequest) -> int:
     """Candidates to search: with de-duplication, twice the results asked for (clip-retrieval's margin)."""
+    return min(_knn_candidates(body), bundle.live_count)
+
+
+def _knn_candidates(body: KnnRequest) -> int:
     num = body.num_images
-    want = max(num, body.num_result_ids or num) * 2 if body.deduplicate else num
-    return min(want, bundle.live_count)
+    return max(num, body.num_result_ids or num) * 2 if body.deduplicate else num
 
 
 def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
@@ -549,7 +570,8 @@ def create_app(config: ServerConfig) -> Guard:
 
             pools["knn"] = SearchBatcher(lambda bodies, answer: knn_many(state, bodies, answer),
                                          max(1, cpu_count() // max(1, config.workers)), KNN_BATCH,
-                                         setup=lambda: _one_thread_pools(lambda: None), flush=KNN_FLUSH)
+                                         setup=lambda: _one_thread_pools(lambda: None), flush=KNN_FLUSH,
+                                         on_batch=state.metrics.search_batch)
         return pools["knn"]
 
     @asynccontextmanager
@@ -560,11 +582,13 @@ def create_app(config: ServerConfig) -> Guard:
         loop = asyncio.get_running_loop()
         # A later lifespan (an app served again) starts new ones. Off the event loop: a request uvicorn
         # cancelled after its grace period may still be searching.
-        pool, batches = pools.pop("search", None), pools.pop("knn", None)
-        if batches is not None:
-            await loop.run_in_executor(None, batches.close, HTTPProblem(503, "the server is shutting down"))
-        if pool is not None:
-            await loop.run_in_executor(None, pool.shutdown)
+        # Taken out after they are closed: a request in between meets the closed one (503), never a new one.
+        if "knn" in pools:
+            await loop.run_in_executor(None, pools["knn"].close,
+                                       lambda: HTTPProblem(503, "the server is shutting down; retry shortly"))
+        if "search" in pools:
+            await loop.run_in_executor(None, pools["search"].shutdown)
+        pools.clear()
         state.close()
 
     # No /docs or /redoc: their pages load Swagger from a CDN. --openapi serves the schema itself.
@@ -657,9 +681,9 @@ def create_app(config: ServerConfig) -> Guard:
                 body.embedding_input or body.text or body.image) else None
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
-        if body.embedding_input is not None:
+        if knn_batched(body):
             return await answered(knn_batches().submit(body))
-        return await guarded(knn, state, body, blob)
+        return await guarded(knn, state, body, blob, pool=searching() if body.embedding_input else None)
 
     @app.post("/metadata")
     async def metadata_route(request: Request):
@@ -802,9 +826,11 @@ def search_threads() -> int:
     return cpu_count() + 2
 
 
-# Queries per FAISS call of /knn-service. Below FAISS's BLAS threshold (20 queries), each query's coarse
-# search runs the same code as alone; 8 and 16 cost the same CPU per query, and 16 lets a worker catch up.
+# Queries per FAISS call of /knn-service. FAISS moves a flat or coarse search to BLAS only for larger batches
+# (at 20 queries in older releases, 128,000 query values in 1.15), so 16 queries of at most 4,096 values
+# each run the code a query runs alone. 8 and 16 cost about the same CPU per query; 16 lets a worker catch up.
 KNN_BATCH = 16
+KNN_BATCH_CANDIDATES = 200  # heavier /knn-service requests take the thread pool (knn_batched)
 # Answers handed back to the event loop in groups of this many while the rest of the batch is worked on, so
 # clients answered early send their next query during the batch. In alternating runs, groups of 4 cost a
 # request 0.2-0.4 ms less CPU than one group per batch; one answer at a time woke the loop too often.

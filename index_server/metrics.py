@@ -40,6 +40,8 @@ class Metrics:
         self.checks: dict[tuple, int] = defaultdict(int)
         self.batches = 0
         self.batch_images = 0
+        self.search_batches = 0
+        self.search_batch_queries = 0
         self.folder = Path(folder) if folder else None
         self.name = name or f"p{os.getpid()}"
         self._changes = self._flushed = 0
@@ -70,13 +72,20 @@ class Metrics:
             self.batch_images += images
             self._changes += 1
 
+    def search_batch(self, queries: int) -> None:
+        with self._lock:
+            self.search_batches += 1
+            self.search_batch_queries += queries
+            self._changes += 1
+
     # across workers -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         with self._lock:
             return {"requests": [[list(map(list, k)), v] for k, v in self.requests.items()],
                     "latency": [[list(map(list, k)), c, t, n] for k, (c, t, n) in self.latency.items()],
                     "checks": [[list(map(list, k)), v] for k, v in self.checks.items()],
-                    "batches": self.batches, "batch_images": self.batch_images}
+                    "batches": self.batches, "batch_images": self.batch_images,
+                    "search_batches": self.search_batches, "search_batch_queries": self.search_batch_queries}
 
     def add(self, snap: dict) -> None:
         """Add another worker's snapshot into these counts: all of it, or (damaged: ValueError) none of it."""
@@ -87,6 +96,7 @@ class Metrics:
                        for pairs, counts, total, n in snap.get("latency", ()) if len(counts) == len(BUCKETS)]
             checks = [(key(pairs), int(v)) for pairs, v in snap.get("checks", ())]
             batches, batch_images = int(snap.get("batches", 0)), int(snap.get("batch_images", 0))
+            searches = int(snap.get("search_batches", 0)), int(snap.get("search_batch_queries", 0))
             for k, *_ in requests + latency + checks:
                 hash(k)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -103,6 +113,8 @@ class Metrics:
                 self.checks[k] += v
             self.batches += batches
             self.batch_images += batch_images
+            self.search_batches += searches[0]
+            self.search_batch_queries += searches[1]
 
     def flush(self) -> None:
         """Write this worker's counts to its file (atomically: a reader sees the old file or the new one)."""
@@ -160,7 +172,12 @@ class Metrics:
             out += ["# TYPE provenance_guard_embed_batches_total counter",
                     f"provenance_guard_embed_batches_total {self.batches}",
                     "# TYPE provenance_guard_embed_batch_images_total counter",
-                    f"provenance_guard_embed_batch_images_total {self.batch_images}"]
+                    f"provenance_guard_embed_batch_images_total {self.batch_images}",
+                    "# HELP provenance_guard_search_batches_total /knn-service embedding searches run together.",
+                    "# TYPE provenance_guard_search_batches_total counter",
+                    f"provenance_guard_search_batches_total {self.search_batches}",
+                    "# TYPE provenance_guard_search_batch_queries_total counter",
+                    f"provenance_guard_search_batch_queries_total {self.search_batch_queries}"]
             typed = set()
             for name, value in sorted(gauges.items()):
                 base = name.split("{", 1)[0]

@@ -273,7 +273,7 @@ def test_concurrent_requests_are_batched_and_counted(server):
 
     def one(name):
         r = requests.post(f"{base}/v1/check", files=[("images", ("i.png", png(name), "image/png"))])
-        results.append(r.json()["results"][0]["verdict"])
+        results.append(r.json()["results"][0]["verdict"] if r.ok else (r.status_code, r.text))
 
     threads = [threading.Thread(target=one, args=(n,)) for n in ["astronaut", "camera"] * 4]
     for t in threads:
@@ -519,6 +519,42 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
     assert knn_many(state, bodies[:4]) == answers[:4]
     state.close()
 
+    # behind a transform (OPQ) FAISS rotates a batch in one matrix product, whose rounding depends on the
+    # batch: each query is searched alone; a flat index takes the batch and answers exactly as alone
+    opq = faiss.index_factory(d, "OPQ8_32,IVF32,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    opq.train(vecs)
+    opq.add(vecs)
+    with BundleWriter(tmp_path / "opq", model="m/t", dim=d) as w:
+        w.no_flat_index()
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)]}))
+        w.finish(opq, factory="OPQ8_32,IVF32,PQ8x4", search_params={"nprobe": 8})
+    with BundleWriter(tmp_path / "flat", model="m/t", dim=d) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)]}))
+        w.finish()
+    state = State(ServerConfig(indices={"opq": str(tmp_path / "opq"), "flat": str(tmp_path / "flat")}))
+    monkeypatch.setattr(search_mod, "search_scores", lambda b, q, k, **kw: calls.append((b.id, len(q))) or
+                        real(b, q, k))
+    bodies = [body(r, indice_name=name) for name in ("opq", "flat") for r in (10, 20, 30)]
+    calls.clear()
+    answers = knn_many(state, bodies)
+    assert sorted(calls) == sorted([(state.bundles["opq"].id, 1)] * 3 + [(state.bundles["flat"].id, 3)])
+    assert answers == [knn(state, b) for b in bodies] and all(len(a) == 40 for a in answers)
+    state.close()
+
+
+def test_heavy_knn_requests_are_not_batched():
+    from provenance_guard.index_server.app import KNN_BATCH_CANDIDATES, knn_batched
+    from provenance_guard.index_server.schemas import KnnRequest
+
+    def req(**kw):
+        return KnnRequest.model_validate({"embedding_input": [0.5, 0.5], **kw})
+
+    assert knn_batched(req()) and knn_batched(req(num_images=100))
+    assert knn_batched(req(num_images=200, deduplicate=False))
+    assert not knn_batched(req(num_images=KNN_BATCH_CANDIDATES // 2 + 1))  # twice as many candidates, de-duplicated
+    assert not knn_batched(req(num_images=1000)) and not knn_batched(req(num_images=10, num_result_ids=500))
+    assert not knn_batched(KnnRequest.model_validate({"text": "a cat"}))
+
 
 def test_search_batcher_takes_what_waits_answers_each_early_and_refuses_after_close():
     import asyncio
@@ -549,7 +585,7 @@ def test_search_batcher_takes_what_waits_answers_each_early_and_refuses_after_cl
         release.set()
         answers = await asyncio.gather(first, *rest, return_exceptions=True)
         failed = await asyncio.gather(batcher.submit("all"), return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, batcher.close, ConnectionAbortedError("closing"))
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close, lambda: ConnectionAbortedError("x"))
         late = await asyncio.gather(batcher.submit(7), return_exceptions=True)
         return answers, failed, late
 
@@ -572,12 +608,19 @@ def test_concurrent_knn_queries_get_the_answers_they_get_alone(server, built_bun
     def one(i):
         together[i] = requests.post(f"{base}/knn-service", json=bodies[i]).json()
 
+    def queries_batched():
+        text = requests.get(f"{base}/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("provenance_guard_search_batch_queries_total "))
+
+    before = queries_batched()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert together == alone and all(len(a) == 1 + i % 4 for i, a in enumerate(alone))
+    assert queries_batched() - before == len(bodies)  # every one went through the search batcher
 
 
 def test_deduplication_compares_with_kept_results_only():
