@@ -550,8 +550,8 @@ def create_app(config: ServerConfig) -> Guard:
     pools: dict[str, Any] = {}
 
     def searching():
-        """The thread pool of requests that only search (metadata, checks of embeddings; /knn-service's
-        embedding queries go through knn_batches): FAISS releases the GIL,
+        """The thread pool of requests that only search (metadata, checks of embeddings, /knn-service embedding
+        queries too heavy for knn_batches): FAISS releases the GIL,
         the rest of a search holds it, so threads beyond a few per core only queue for it (40 threads served
         a fifth fewer knn requests than 4 on 2 cores, at a higher p99). A plain executor: handing a call to
         it and back costs the event loop ~50 us, anyio's to_thread ~110 us. Requests that embed images keep
@@ -570,7 +570,7 @@ def create_app(config: ServerConfig) -> Guard:
 
             pools["knn"] = SearchBatcher(lambda bodies, answer: knn_many(state, bodies, answer),
                                          max(1, cpu_count() // max(1, config.workers)), KNN_BATCH,
-                                         setup=lambda: _one_thread_pools(lambda: None), flush=KNN_FLUSH,
+                                         setup=_faiss_one_thread, flush=KNN_FLUSH,
                                          on_batch=state.metrics.search_batch)
         return pools["knn"]
 
@@ -580,9 +580,9 @@ def create_app(config: ServerConfig) -> Guard:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        # A later lifespan (an app served again) starts new ones. Off the event loop: a request uvicorn
-        # cancelled after its grace period may still be searching.
-        # Taken out after they are closed: a request in between meets the closed one (503), never a new one.
+        # Closed off the event loop (a request uvicorn cancelled after its grace period may still be
+        # searching), then taken out: a request in between meets the closed one (503), never a new one, and a
+        # later lifespan (an app served again) starts new ones.
         if "knn" in pools:
             await loop.run_in_executor(None, pools["knn"].close,
                                        lambda: HTTPProblem(503, "the server is shutting down; retry shortly"))
@@ -804,12 +804,17 @@ def _one_thread_pools(fn, *args):
     only, and every request thread started with a pool of one thread per core. FAISS opens no parallel
     region for a single query, but it does for a batch of them (several images in one check), and there
     pools of several threads spin and contend across request threads and worker processes."""
+    _faiss_one_thread()
+    return fn(*args)
+
+
+def _faiss_one_thread() -> None:
+    """This thread's FAISS OpenMP pool set to one thread (once per thread)."""
     if not getattr(_pools, "one", False):
         import faiss
 
         faiss.omp_set_num_threads(1)
         _pools.one = True
-    return fn(*args)
 
 
 def cpu_count() -> int:

@@ -98,8 +98,8 @@ class SearchBatcher:
         self.fn, self.max_batch, self.setup, self.flush = fn, max(1, max_batch), setup, max(1, flush)
         self.on_batch = on_batch
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._lock, self._closed = threading.Lock(), False
-        self._refusal: Callable[[], BaseException] = lambda: RuntimeError("closed")
+        self._lock = threading.Lock()
+        self._refusal: Optional[Callable[[], BaseException]] = None  # set by close(): closed from then on
         self._threads = [threading.Thread(target=self._run, name=f"provenance-guard-search-{n}", daemon=True)
                          for n in range(max(1, threads))]
         for t in self._threads:
@@ -111,7 +111,7 @@ class SearchBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:  # nothing is queued once close() has begun: it would wait for a thread forever
-            if self._closed:
+            if self._refusal is not None:
                 future.set_exception(self._refusal())
             else:
                 self._queue.put((item, future, loop))
@@ -121,7 +121,7 @@ class SearchBatcher:
         """Stops the threads once the requests queued before this call are answered; any submitted after it
         get ``refusal()``. Blocks (at most ``timeout`` seconds in all): call it off the event loop."""
         with self._lock:
-            self._closed, self._refusal = True, refusal
+            self._refusal = refusal
             for _ in self._threads:
                 self._queue.put(_STOP)
         deadline = time.monotonic() + timeout
