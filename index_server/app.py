@@ -415,17 +415,22 @@ def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
     """One query's (score, row id) pairs, best first -> its /knn-service rows: de-duplicated, metadata joined."""
     num = body.num_images
     if body.deduplicate and bundle.vectors is not None and ranked:
-        ids = [i for _, i in ranked]
-        ranked = deduplicate(lambda start, stop: bundle.vector(ids[start:stop]), ranked, num)
+        found = [i for _, i in ranked]
+        ranked = deduplicate(lambda start, stop: bundle.vector(found[start:stop]), ranked, num)
     ranked = ranked[:num]
-    out = []
-    for (score, i), md in zip(ranked, bundle.rows([i for _, i in ranked])):  # what join_metadata reads, as rows
-        row = {k: _json_value(v) for k, v in md.items()}
-        row["id"], row["similarity"] = i, round(score, 6)
-        row.setdefault("url", None)
-        row.setdefault("caption", None)
-        out.append(row)
-    return out
+    ids = [i for _, i in ranked]
+    extra = {"id": ids, "similarity": [round(score, 6) for score, _ in ranked]}
+    columns = bundle.columns
+    for name in ("url", "caption"):  # clip-retrieval's client reads both
+        if name not in columns:
+            extra[name] = [None] * len(ids)
+    rows = bundle.rows(ids, json_values=True, extra=extra)  # what join_metadata reads, as rows
+    if len(bundle.removed):  # a removed row (the index's filter keeps them out) answers as every row does
+        for row, gone in zip(rows, bundle.is_removed(ids).tolist()):
+            if gone:
+                row.setdefault("url", None)
+                row.setdefault("caption", None)
+    return rows
 
 
 def deduplicate(rows_of, matches: list, keep: int, block: Optional[int] = None) -> list:
@@ -473,17 +478,7 @@ def metadata(state: State, body: MetadataRequest) -> list[dict]:
     bad = [i for i in body.ids if not 0 <= i < bundle.count]
     if bad:
         raise HTTPProblem(400, f"ids {bad[:5]} are outside index {bundle.id} (0..{bundle.count - 1})")
-    return [{"id": i, "metadata": {k: _json_value(v) for k, v in row.items()}}
-            for i, row in zip(body.ids, bundle.rows(body.ids))]
-
-
-def _json_value(v):
-    kind = type(v)
-    if v is None or kind is str or kind is int or (kind is float and math.isfinite(v)):  # most metadata values
-        return v
-    from ..core.result import _jsonable
-
-    return _jsonable(v)
+    return [{"id": i, "metadata": row} for i, row in zip(body.ids, bundle.rows(body.ids, json_values=True))]
 
 
 def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: Optional[list] = None) -> dict:

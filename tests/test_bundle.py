@@ -478,3 +478,228 @@ def test_metadata_rows_read_from_buffers_equal_pyarrow_values(tmp_path):
     for k in range(30):
         assert cache.get(k).row(3) == table.slice(k * 10 + 3, 1).to_pylist()[0]
         assert len(cache) <= 4
+
+
+def _ipc_file(path: Path, table, batch_rows: int):
+    import pyarrow.ipc as ipc
+
+    with ipc.new_file(str(path), table.schema) as w:
+        for b in table.to_batches(max_chunksize=batch_rows):
+            w.write_batch(b)
+    source = pa.memory_map(str(path), "r")
+    reader = ipc.open_file(source)
+    source.seek(0)
+    return reader, source.read_buffer()
+
+
+def _gather_table(n: int = 300):
+    rng = np.random.default_rng(4)
+    null = lambda i, v: None if i % 7 == 3 else v  # noqa: E731
+    f32 = [null(i, float(rng.random())) for i in range(n)]
+    f32[5], f32[6], f32[8] = float("nan"), float("inf"), float("-inf")
+    return pa.table({
+        "url": pa.array([null(i, f"https://e.com/{i}?q=<b>&x=ü") for i in range(n)]),
+        "caption": pa.array([null(i, "" if i % 5 == 0 else "星 " * (i % 4) + "<i>x</i>") for i in range(n)],
+                            pa.large_string()),
+        "width": pa.array([null(i, int(rng.integers(-2**40, 2**40))) for i in range(n)], pa.int64()),
+        "small": pa.array([null(i, i % 120) for i in range(n)], pa.uint8()),
+        "height": pa.array([i * 3 for i in range(n)], pa.int32()),  # grouped with no other column
+        "f32": pa.array(f32, pa.float32()),
+        "f64": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float64()),
+        "empty": pa.array([None] * n, pa.string()),
+        "key": pa.array([f"{i:09d}" for i in range(n)]),  # a second string column without nulls
+    })
+
+
+def test_row_gather_reads_every_value_as_pyarrow_does(tmp_path):
+    """A knn answer's rows read in a few numpy gathers: every value equals pyarrow's (nulls, unicode, empty
+    strings, large strings, every number width), whatever the order of the ids and with repeats; json_values
+    turns floats that are not finite into None and nothing else."""
+    import math
+
+    from provenance_guard.core.bundle.rows import RowGather
+
+    table = _gather_table()
+    reader, whole = _ipc_file(tmp_path / "m.arrow", table, 64)
+    gather = RowGather(reader, whole, 64, table.num_rows)
+    want = table.to_pylist()
+    ids = np.array([299, 0, 63, 64, 65, 5, 6, 8, 3, 150, 5, 256, 255], dtype=np.int64)
+    got = [dict(zip(gather.names, vals)) for vals in zip(*gather.columns(ids))]
+    for i, row in zip(ids.tolist(), got):
+        assert row.keys() == want[i].keys()
+        for k, v in row.items():
+            assert v == want[i][k] or (isinstance(v, float) and math.isnan(v) and math.isnan(want[i][k])), (i, k)
+            assert type(v) is type(want[i][k])
+    safe = [dict(zip(gather.names, vals)) for vals in zip(*gather.columns(ids, json_values=True))]
+    assert [r["f32"] for r in safe[5:8]] == [None, None, None]
+    assert [{k: v for k, v in r.items() if k != "f32"} for r in safe] == \
+        [{k: v for k, v in r.items() if k != "f32"} for r in got]
+    every = np.arange(table.num_rows, dtype=np.int64)
+    assert [dict(zip(gather.names, v)) for v in zip(*gather.columns(every, json_values=True))] == \
+        [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in want]
+
+
+def test_row_gather_refuses_damaged_files_and_leaves_other_types_to_batch_views(tmp_path):
+    """Offsets that point outside their data, or a record batch of the wrong length, are a BundleFileError
+    naming the fix; a column type it does not read (bool, lists) leaves the file to BatchCache."""
+    import pyarrow.ipc as ipc
+
+    from provenance_guard.core.bundle.rows import NotGathered, RowGather
+
+    table = pa.table({"url": [f"u{i}" for i in range(100)], "w": pa.array(range(100), pa.int32())})
+    reader, whole = _ipc_file(tmp_path / "ok.arrow", table, 10)
+    with pytest.raises(BundleFileError, match="record batch 0 holds 10 rows where 8 belong"):
+        RowGather(reader, whole, 8, 100).columns(np.array([1], dtype=np.int64))
+
+    offsets = reader.get_batch(3).column(0).buffers()[1]
+    at = offsets.address - whole.address + 4 * 5  # the end of row 34's string
+    data = bytearray((tmp_path / "ok.arrow").read_bytes())
+    data[at:at + 4] = (1 << 30).to_bytes(4, "little")
+    (tmp_path / "bad.arrow").write_bytes(bytes(data))
+    source = pa.memory_map(str(tmp_path / "bad.arrow"), "r")
+    bad = ipc.open_file(source)
+    source.seek(0)
+    gather = RowGather(bad, source.read_buffer(), 10, 100)
+    assert gather.columns(np.array([3, 99], dtype=np.int64)) == [["u3", "u99"], [3, 99]]  # other batches read
+    with pytest.raises(BundleFileError, match="string offsets outside its data.*rebuild the bundle"):
+        gather.columns(np.array([31], dtype=np.int64))
+
+    flags = pa.table({"url": ["a", "b"], "nsfw": [True, False]})
+    with pytest.raises(NotGathered, match="nsfw is bool"):
+        RowGather(*_ipc_file(tmp_path / "f.arrow", flags, 10), 10, 2)
+
+
+def test_bundle_rows_read_many_rows_by_gather_as_batch_views_do(tmp_path):
+    """Bundle.rows of a knn answer's many rows (the gather) equals the row-by-row read, removed rows and
+    json_values included; a bundle whose metadata has a type the gather does not read answers the same way."""
+    from provenance_guard.core.bundle.rows import GATHER_MIN_ROWS
+
+    table = _gather_table(200)
+    vecs = unit(200, 8, seed=2)
+    flags = table.append_column("nsfw", pa.array([i % 2 == 0 for i in range(200)]))
+    for name, meta in (("plain", table), ("flags", flags)):
+        with BundleWriter(tmp_path / name, model="m/t", dim=8) as w:
+            w.add(vecs, meta)
+            w.finish()
+        from provenance_guard.index_builder.maintain import remove_rows
+
+        remove_rows(tmp_path / name, ids=[7, 150], reason="test")
+        b, slow = Bundle.open(tmp_path / name), Bundle.open(tmp_path / name)
+        slow._row_gather = False
+        ids = [150, 0, 5, 6, 8, 7, 199, 3] + list(range(100, 100 + GATHER_MIN_ROWS))
+        for json_values in (False, True):
+            got, want = b.rows(ids, json_values=json_values), slow.rows(ids, json_values=json_values)
+            assert repr(got) == repr(want)  # NaN included
+            assert got[0] == got[5] == {"removed": True}
+        assert (b._metadata_gather() is None) == (name == "flags")
+        with pytest.raises(IndexError, match="row 200 is outside"):
+            b.rows(ids + [200])
+
+
+def test_batch_scoring_in_numpy_equals_the_python_scoring():
+    """The index server's batches are scored in numpy: the same float64 products in the same order, so the
+    same scores; the same stable order (equal scores keep FAISS's order); -1 padding dropped; a score that is
+    not finite leaves the batch to the Python path."""
+    import array
+    from types import SimpleNamespace
+
+    from provenance_guard.core import search as S
+
+    rng = np.random.default_rng(8)
+    n, c, k = 16, 100, 80
+    inverse = array.array("f", (rng.random(5000) + 0.5).astype(np.float32).tobytes())
+    refine = SimpleNamespace(inverse_norms=inverse)
+    ids = rng.integers(0, 5000, (n, c)).astype(np.int64)
+    ids[3, 60:] = -1  # fewer candidates than asked
+    ids[4, 10:] = -1  # fewer than k
+    ids[5, :] = -1  # none
+    dots = rng.random((n, c)).astype(np.float32)
+    dots[6, 20:30] = dots[6, 5]  # ties: equal dots of one row...
+    ids[6, 20:30] = ids[6, 5]  # ...and the same id, so equal scores
+    q_norms = [float(x) for x in rng.random(n) + 0.5]
+    q_norms[7] = 0.0  # a zero query scores 0 throughout
+    python = S._exact_from_dots(refine, q_norms, dots, ids, ids.tolist(), k)
+    assert dots.size >= S.NUMPY_SCORING_CANDIDATES
+    fast = S._exact_from_dots_numpy(refine, q_norms, dots, ids, k)
+    small = S.NUMPY_SCORING_CANDIDATES
+    try:
+        S.NUMPY_SCORING_CANDIDATES = 10 ** 9
+        slow = S._exact_from_dots(refine, q_norms, dots, ids, ids.tolist(), k)
+    finally:
+        S.NUMPY_SCORING_CANDIDATES = small
+    assert fast == slow == python
+    assert [len(r) for r in fast[3:6]] == [60, 10, 0] and len(fast[0]) == k
+    tied = [j for j, (_, i) in enumerate(fast[6]) if i == ids[6, 5]]
+    assert tied == list(range(tied[0], tied[0] + 11))  # eleven equal scores, side by side
+    dots[2, 0] = np.nan
+    assert S._exact_from_dots_numpy(refine, q_norms, dots, ids, k) is None
+
+
+def test_bundle_rows_take_extra_values_after_the_metadata(tmp_path):
+    """extra values (a knn answer's id and similarity) follow the metadata's columns; one the metadata has
+    keeps its place, whichever way the rows are read; a removed row keeps them too."""
+    from provenance_guard.core.bundle.rows import GATHER_MIN_ROWS
+
+    n = 100
+    vecs = unit(n, 8, seed=3)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)], "similarity": [0.5] * n}))
+        w.finish()
+    from provenance_guard.index_builder.maintain import remove_rows
+
+    remove_rows(tmp_path / "b", ids=[4], reason="test")
+    b = Bundle.open(tmp_path / "b")
+    for count in (3, GATHER_MIN_ROWS):
+        ids = list(range(count))
+        plain = b.rows(ids)
+        rows = b.rows(ids, extra={"id": ids, "similarity": [i / 100 for i in ids]})
+        assert list(rows[1]) == list(plain[1]) + ["id"]  # similarity where the metadata has it, id after
+        assert rows[1] == {**plain[1], "similarity": 0.01, "id": 1} and plain[1]["url"] == "u1"
+    assert b.rows([4], extra={"id": [4]}) == [{"removed": True, "id": 4}]
+
+
+def test_row_gather_never_decodes_a_null_slot_and_rows_check_their_extra(tmp_path):
+    """A null string's bytes are undefined (Arrow lets them be anything, invalid UTF-8 too): the gather
+    reads None there without decoding them, as the row-by-row read does. extra lists of the wrong length
+    are refused."""
+    from provenance_guard.core.bundle.rows import RowGather
+
+    n = 40
+    offsets = np.arange(n + 1, dtype=np.int32)
+    data = bytearray(b"a" * n)
+    data[3] = 0xFF  # row 3: null, over a byte that is no UTF-8
+    valid = np.ones(n, dtype=bool)
+    valid[3] = False
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
+    col = pa.Array.from_buffers(pa.string(), n, [bitmap, pa.py_buffer(offsets.tobytes()), pa.py_buffer(bytes(data))],
+                                null_count=1)
+    table = pa.table({"url": col, "w": pa.array(range(n), pa.int64())})
+    gather = RowGather(*_ipc_file(tmp_path / "m.arrow", table, 16), 16, n)
+    assert gather.columns(np.array([2, 3, 4, 35], dtype=np.int64)) == [["a", None, "a", "a"], [2, 3, 4, 35]]
+
+    vecs = unit(30, 8, seed=1)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(30)]}))
+        w.finish()
+    with pytest.raises(ValueError, match="one value per id"):
+        Bundle.open(tmp_path / "b").rows([1, 2], extra={"id": [1]})
+
+
+def test_a_last_metadata_batch_longer_than_the_others_is_refused(tmp_path):
+    """Rows are found by batch number and position: a last record batch longer than the manifest's batch
+    size would put rows in the wrong place, though the row count adds up."""
+    from pyarrow import ipc
+
+    vecs = unit(25, 8, seed=1)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(25)]}))
+        w.finish()
+    src = ipc.open_file(pa.memory_map(str(tmp_path / "b" / METADATA_FILE))).read_all()
+    with pa.OSFile(str(tmp_path / "b" / METADATA_FILE), "wb") as f:
+        with ipc.new_file(f, src.schema) as w:
+            w.write_table(src.slice(0, 10))
+            w.write_table(src.slice(10, 15))
+    refresh_file_entry(tmp_path / "b", METADATA_FILE)
+    write_manifest(tmp_path / "b", lambda d: d["metadata"].update(batch_rows=10))
+    with pytest.raises(RowCountMismatchError, match="a last record batch of 15 rows .batches hold 10.*rebuild"):
+        Bundle.open(tmp_path / "b")

@@ -1175,3 +1175,30 @@ def test_metrics_of_several_workers_add_up(tmp_path):
     assert 'provenance_guard_request_seconds_count{path="/knn-service"} 2' in text
     assert 'provenance_guard_checks_total{verdict="block"} 1' in text
     assert "provenance_guard_embed_batch_images_total 3" in text
+
+
+def test_knn_rows_keep_url_and_caption_on_every_row(tmp_path):
+    """A /knn-service row always has url and caption (clip-retrieval's client reads both), a removed row's
+    too (the index's filter keeps removed rows out of answers; were one to come through, it reads the same),
+    and the answer's similarity replaces a metadata column of that name in its place."""
+    import pyarrow as pa
+
+    from provenance_guard.core.bundle import BundleWriter
+    from provenance_guard.index_builder.maintain import remove_rows
+    from provenance_guard.index_server.app import _knn_rows
+    from provenance_guard.index_server.schemas import KnnRequest
+
+    vecs = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(40)], "similarity": [0.25] * 40}))
+        w.finish()
+    remove_rows(tmp_path / "b", ids=[4], reason="test")
+    bundle = Bundle.open(tmp_path / "b")
+    body = KnnRequest(embedding_input=vecs[0].tolist(), num_images=30, deduplicate=False)
+    for n in (6, 30):  # row by row, and gathered
+        ranked = [(0.9 - i / 100, i) for i in range(n)]
+        rows = _knn_rows(bundle, body, ranked)
+        assert rows[4] == {"removed": True, "id": 4, "similarity": 0.86, "url": None, "caption": None}
+        assert rows[1] == {"url": "u1", "caption": None, "similarity": 0.89, "id": 1}
+        assert list(rows[1]) == ["url", "caption", "similarity", "id"]

@@ -18,7 +18,7 @@ from ..errors import (BundleError, BundleFileError, DimensionMismatchError, Inde
                       RowCountMismatchError)
 from .manifest import MANIFEST, RERANK_DTYPES, Manifest, bundle_file, read_manifest, sha256_file
 from .rerank import FaissRerank, _advise_random, decode_rerank
-from .rows import BatchCache
+from .rows import GATHER_MIN_ROWS, BatchCache, NotGathered, RowGather, json_value
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -118,6 +118,7 @@ class Bundle:
         self.flat, self._exact = manifest.flat, manifest.exact
         self._metadata = metadata_reader
         self._batches = BatchCache(metadata_reader)
+        self._row_gather: Union[RowGather, bool, None] = None  # see _metadata_gather()
         self._fds: dict[str, int] = {}
         self._captions = None
         # Re-rank rows: pread by default; through the memory map in a server or once warm (see vector()).
@@ -345,12 +346,13 @@ class Bundle:
         except (pa.ArrowInvalid, OSError) as exc:
             raise BundleFileError(f"{fpath} is not a readable Arrow IPC file ({exc}); rebuild the bundle") from exc
         batches = reader.num_record_batches
-        rows = 0 if batches == 0 else (batches - 1) * m.metadata_batch_rows + reader.get_batch(batches - 1).num_rows
-        if rows != m.count:
-            raise RowCountMismatchError(
-                f"{fpath} holds {rows:,} metadata rows but the manifest says {m.count:,}: metadata would be joined to "
-                f"the wrong vectors; rebuild the bundle"
-            )
+        last = 0 if batches == 0 else reader.get_batch(batches - 1).num_rows
+        rows = 0 if batches == 0 else (batches - 1) * m.metadata_batch_rows + last
+        if rows != m.count or last > m.metadata_batch_rows:
+            held = f"a last record batch of {last:,} rows (batches hold {m.metadata_batch_rows:,})" \
+                if rows == m.count else f"{rows:,} metadata rows but the manifest says {m.count:,}"
+            raise RowCountMismatchError(f"{fpath} holds {held}: metadata would be joined to the wrong vectors; "
+                                        f"rebuild the bundle")
         return reader
 
     @staticmethod
@@ -371,17 +373,60 @@ class Bundle:
         pos = np.searchsorted(self.removed, ids).clip(0, len(self.removed) - 1)
         return self.removed[pos] == ids
 
-    def rows(self, ids: Iterable[int]) -> list[dict[str, Any]]:
-        """Metadata of the given row ids, each a dict of every column; a removed row gives {"removed": True}."""
+    def rows(self, ids: Iterable[int], json_values: bool = False,
+             extra: Optional[dict[str, list]] = None) -> list[dict[str, Any]]:
+        """Metadata of the given row ids, each a dict of every column; a removed row gives {"removed": True}.
+        json_values: every value as a JSON answer holds it (a float that is not finite reads None; bytes,
+        dates and other types as core.result makes them). extra: more values for each row, one list per
+        key in the order of ids, set after the metadata's (a key the metadata has keeps its place)."""
         ids = [int(i) for i in ids]
         gone = self.is_removed(ids).tolist() if len(self.removed) else None
-        out = []
-        size, count, batch = self.manifest.metadata_batch_rows, self.manifest.count, self._batches.get
-        for n, i in enumerate(ids):
-            if not 0 <= i < count:
-                raise IndexError(f"row {i} is outside bundle {self.id} (0..{count - 1})")
-            out.append({"removed": True} if gone is not None and gone[n] else batch(i // size).row(i % size))
+        size, count = self.manifest.metadata_batch_rows, self.manifest.count
+        bad = next((i for i in ids if not 0 <= i < count), None)
+        if bad is not None:
+            raise IndexError(f"row {bad} is outside bundle {self.id} (0..{count - 1})")
+        extra = extra or {}
+        if any(len(v) != len(ids) for v in extra.values()):
+            raise ValueError("rows(): every extra list needs one value per id")
+        gather = self._metadata_gather() if len(ids) >= GATHER_MIN_ROWS else None
+        out = None
+        if gather is not None:
+            import numpy as np
+
+            try:
+                columns = gather.columns(np.asarray(ids, dtype=np.int64), json_values) + list(extra.values())
+            except NotGathered:  # a record batch it does not read (compressed, say): row by row from now on
+                self._row_gather = False
+            else:
+                names = gather.names + list(extra)
+                out = [dict(zip(names, values)) for values in zip(*columns)] if names else [{} for _ in ids]
+        if out is None:
+            batch = self._batches.get
+            out = [batch(i // size).row(i % size) for i in ids]
+            if json_values:
+                out = [{k: json_value(v) for k, v in row.items()} for row in out]
+            if extra:
+                for row, values in zip(out, zip(*extra.values())):
+                    row.update(zip(extra, values))
+        if gone is not None:
+            for n, removed in enumerate(gone):
+                if removed:
+                    out[n] = {"removed": True, **{k: v[n] for k, v in extra.items()}}
         return out
+
+    def _metadata_gather(self) -> Optional[RowGather]:
+        """The metadata's RowGather, made on first use; None where the file has what it does not read."""
+        gather = self._row_gather
+        if gather is None:
+            whole = getattr(self._metadata, "_pg_pages", None)
+            try:
+                if whole is None:
+                    raise NotGathered("the metadata is not memory-mapped")
+                gather = RowGather(self._metadata, whole, self.manifest.metadata_batch_rows, self.manifest.count)
+            except NotGathered:
+                gather = False
+            self._row_gather = gather  # a race builds two equal ones; either is kept
+        return gather or None
 
     def metadata_batches(self):
         """Every metadata record batch in row order (for rewriting a bundle)."""
@@ -397,22 +442,19 @@ class Bundle:
 
         By default rows are read with pread: for a check's few random rows that is faster than a fresh
         memory map (a page fault per row: ~150 us against ~60 us for 40 rows from the page cache). With
-        ``mapped_reads`` (the index server) they come through the map in one call that keeps the GIL: a
-        pread per row hands the GIL over at every row, which with dozens of request threads cost the server
-        half its throughput, and a long-running process soon has the rows it reads mapped. Once warm, float16
-        rows are decoded by FAISS in one call (``refine``): numpy widens float16 one value at a time."""
+        ``mapped_reads`` (the index server, or once warm) they come through the map in one call that keeps
+        the GIL: a pread per row hands the GIL over at every row, which with dozens of request threads cost
+        the server half its throughput, and a long-running process soon has the rows it reads mapped.
+        float16 rows are widened by numpy: FAISS's reconstruct_batch (``refine``'s index) took ~1.1x as long
+        for a knn request's 40 rows."""
         import numpy as np
 
         if self.vectors is None:
             raise BundleError(f"bundle {self.id} stores no re-rank vectors; rebuild it with re-rank vectors")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        refine = self.refine
-        if refine is not None:
-            # FAISS reads whatever row it is given: bounds are checked here (numpy's take checks its own)
-            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.count):
-                bad = next(int(i) for i in ids if not 0 <= i < self.count)
-                raise IndexError(f"row {bad} is outside bundle {self.id} (0..{self.count - 1})")
-            return refine.rows(ids)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.count):  # take would wrap a negative id
+            bad = next(int(i) for i in ids if not 0 <= i < self.count)
+            raise IndexError(f"row {bad} is outside bundle {self.id} (0..{self.count - 1})")
         gather = (lambda arr: np.asarray(arr).take(ids, axis=0)) if self.mapped_reads else \
             (lambda arr: self._gather(arr, ids))
         return decode_rerank(gather(self.vectors), None if self.scales is None else gather(self.scales))

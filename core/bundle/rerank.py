@@ -246,13 +246,6 @@ class FaissRerank:
             self._params = (params, wrapped)  # one assignment: threads see the old pair or the new
         return self.index.search(queries, candidates, params=wrapped)
 
-    def rows(self, ids: list[int]) -> "np.ndarray":
-        """Stored rows as float32 (ids already checked to lie in the bundle: Bundle.vector), decoded by FAISS in
-        one call."""
-        import numpy as np
-
-        return self._sq.reconstruct_batch(np.array(ids, dtype=np.int64))
-
 
 def ivf_ids_within(index, count: int) -> bool:
     """True when index is an IVF index (possibly under a transform) and every id in its inverted lists
