@@ -90,20 +90,21 @@ def _ranked(bundle: Bundle, queries: "np.ndarray", k: int, with_vectors: bool, s
     t1 = time.perf_counter()
     # Lists from here on: a check handles tens of candidates, where each numpy call costs more than the
     # Python it replaces (the search has just evicted the caches numpy's own code runs from).
-    id_rows = ids.tolist()
-    found = [i for row in id_rows for i in row] if refine is None else []  # FaissRerank checked its index's ids
-    if found and (min(found) < -1 or max(found) >= bundle.count):
-        raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) returned row ids outside 0..{bundle.count - 1}: "
-                                f"its index is damaged; run 'provenance-guard index verify {bundle.path}' and copy "
-                                f"the bundle again or rebuild it")
     vectors = None
-    if refine is not None:
-        ranked = _exact_from_dots(refine, q_norms, scores, ids, id_rows, k)
-    elif rerank:
-        ranked, vectors = _rerank(bundle, queries, q_norms, ids, id_rows, k, with_vectors)
+    if refine is not None:  # FaissRerank checked its index's ids
+        ranked = _exact_from_dots(refine, q_norms, scores, ids, k)
     else:
-        ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
-                  for row_scores, row_ids in zip(scores.tolist(), id_rows)]
+        id_rows = ids.tolist()
+        found = [i for row in id_rows for i in row]
+        if found and (min(found) < -1 or max(found) >= bundle.count):
+            raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) returned row ids outside "
+                                    f"0..{bundle.count - 1}: its index is damaged; run 'provenance-guard index "
+                                    f"verify {bundle.path}' and copy the bundle again or rebuild it")
+        if rerank:
+            ranked, vectors = _rerank(bundle, queries, q_norms, ids, id_rows, k, with_vectors)
+        else:
+            ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
+                      for row_scores, row_ids in zip(scores.tolist(), id_rows)]
     if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001): clamped, once checked
         ranked = [[(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
     else:
@@ -187,7 +188,7 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "n
 
 
 def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarray", ids: "np.ndarray",
-                     id_rows: list[list[int]], k: int) -> list[list[tuple[float, int]]]:
+                     k: int) -> list[list[tuple[float, int]]]:
     """Per query, the best k (exact cosine, id) pairs, best first, from FAISS's inner products with the stored
     rows and the rows' inverse norms."""
     if dots.size >= NUMPY_SCORING_CANDIDATES:
@@ -196,7 +197,7 @@ def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarra
             return ranked
     inverse = refine.inverse_norms
     out = []
-    for row_ids, row_dots, qn in zip(id_rows, dots.tolist(), q_norms):
+    for row_ids, row_dots, qn in zip(ids.tolist(), dots.tolist(), q_norms):
         iq = 1.0 / math.sqrt(qn) if qn > 0 else 0.0  # a zero query scores 0, as in _rerank (nan: refused above)
         ranked = [(d * inverse[i] * iq, i) for d, i in zip(row_dots, row_ids) if i >= 0]
         ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep FAISS's order

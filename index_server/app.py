@@ -419,17 +419,10 @@ def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
         ranked = deduplicate(lambda start, stop: bundle.vector(found[start:stop]), ranked, num)
     ranked = ranked[:num]
     ids = [i for _, i in ranked]
-    extra = {"id": ids, "similarity": [round(score, 6) for score, _ in ranked]}
-    columns = bundle.columns
-    for name in ("url", "caption"):  # clip-retrieval's client reads both
-        if name not in columns:
-            extra[name] = [None] * len(ids)
-    rows = bundle.rows(ids, json_values=True, extra=extra)  # what join_metadata reads, as rows
-    if len(bundle.removed):  # a removed row (the index's filter keeps them out) answers as every row does
-        for row, gone in zip(rows, bundle.is_removed(ids).tolist()):
-            if gone:
-                row.setdefault("url", None)
-                row.setdefault("caption", None)
+    rows = bundle.rows(ids, json_values=True, extra={"id": ids, "similarity": [round(s, 6) for s, _ in ranked]})
+    for row in rows:  # clip-retrieval's client reads both, whatever the metadata (or a removed row) holds
+        row.setdefault("url", None)
+        row.setdefault("caption", None)
     return rows
 
 

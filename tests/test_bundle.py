@@ -618,13 +618,13 @@ def test_batch_scoring_in_numpy_equals_the_python_scoring():
     ids[6, 20:30] = ids[6, 5]  # ...and the same id, so equal scores
     q_norms = [float(x) for x in rng.random(n) + 0.5]
     q_norms[7] = 0.0  # a zero query scores 0 throughout
-    python = S._exact_from_dots(refine, q_norms, dots, ids, ids.tolist(), k)
+    python = S._exact_from_dots(refine, q_norms, dots, ids, k)
     assert dots.size >= S.NUMPY_SCORING_CANDIDATES
     fast = S._exact_from_dots_numpy(refine, q_norms, dots, ids, k)
     small = S.NUMPY_SCORING_CANDIDATES
     try:
         S.NUMPY_SCORING_CANDIDATES = 10 ** 9
-        slow = S._exact_from_dots(refine, q_norms, dots, ids, ids.tolist(), k)
+        slow = S._exact_from_dots(refine, q_norms, dots, ids, k)
     finally:
         S.NUMPY_SCORING_CANDIDATES = small
     assert fast == slow == python
