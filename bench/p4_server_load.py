@@ -205,8 +205,8 @@ def wait_until_up(port: int, path: str, proc: subprocess.Popen, seconds: float) 
 
 def wait_until_warm(port: int, workers: int, seconds: float = 300.0) -> tuple[float, bool]:
     """Wait until every worker has finished warming its bundle (mapping the files, setting up the re-rank
-    inside FAISS where it can): 8 answers per worker in a row, each on a fresh connection (the kernel spreads
-    them over the workers), say warm. Measuring earlier would time the warm-up's own CPU and the slower cold
+    inside FAISS where it can): 8 answers per worker in a row, each on a fresh connection (the supervisor hands
+    them to the workers in turn), say warm. Measuring earlier would time the warm-up's own CPU and the slower cold
     re-rank. Returns the seconds waited and whether every answer had the re-rank inside FAISS."""
     import requests
 

@@ -42,6 +42,8 @@ from .schemas import CheckOptions, CheckRequest, KnnRequest, MetadataRequest, pr
 if TYPE_CHECKING:  # numpy is imported lazily: nothing heavy at import time
     import numpy as np
 
+    from .dispatch import Link
+
 log = logging.getLogger("provenance_guard.server")
 DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
 IMAGE_URL_FAILED = "image_url could not be fetched"
@@ -871,8 +873,8 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
 class _Worker:
     """One worker process of serve_workers, as its supervisor sees it."""
 
-    def __init__(self, proc, ready_fd: int, name: str):
-        self.proc, self.ready_fd, self.name = proc, ready_fd, name
+    def __init__(self, proc, ready_fd: int, name: str, link: Link):
+        self.proc, self.ready_fd, self.name, self.link = proc, ready_fd, name, link
         self.started = time.monotonic()
         self.ready_at: Optional[float] = None
 
@@ -890,9 +892,10 @@ class _Worker:
         return self.ready_at is not None
 
     def close(self) -> None:
-        """The supervisor's ends of an ended worker's pipes."""
+        """The supervisor's ends of an ended worker's pipes and link."""
         import os
 
+        self.link.close()
         if self.proc.stdin is not None:
             try:
                 self.proc.stdin.close()
@@ -904,9 +907,10 @@ class _Worker:
 
 
 def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) -> None:
-    """Worker processes, each with its own listening socket on the port (SO_REUSEPORT): the kernel spreads
-    connections across them evenly. (One shared socket, as uvicorn's --workers has, let one worker accept
-    most of a burst of keep-alive connections: 4,749 requests against 1,908 in one P4 run.)
+    """Worker processes behind one listening socket that this supervisor accepts on: each connection goes to
+    the worker with the fewest open ones (``dispatch``). (One shared socket, as uvicorn's --workers has, let
+    one worker accept most of a burst of keep-alive connections: 4,749 requests against 1,908 in one P4 run;
+    a SO_REUSEPORT socket per worker split 32 of them 18/14.)
 
     Each worker is this package run again (``python <package folder> serve-worker``, the way a clone that pip
     did not install runs too), with its settings on stdin, which stays open: a worker whose stdin ends (its
@@ -919,28 +923,29 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
     requests, then the signal is raised again here, as single-process serving does."""
     import os
     import secrets
+    import select
     import shutil
     import signal
-    import socket
     import subprocess
     import tempfile
     from dataclasses import asdict
     from pathlib import Path
 
+    from . import dispatch
     from .metrics import retire
 
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigError("--workers needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per port instead")
-    holder = _hold_port(host, port)
-    port = holder.getsockname()[1]
+    if not dispatch.supported():
+        raise ConfigError("--workers needs sockets passed between processes (Linux, macOS, BSD); run one server "
+                          "per port instead")
+    listener = _bind_port(host, port)
+    port = listener.getsockname()[1]
     _remove_stale_metrics()
     # mode 0700: this user's workers only; the supervisor's pid in the name lets a later start remove it
     # when this process could not (SIGKILL)
     folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     package = str(Path(__file__).resolve().parent.parent)
     flags = getattr(subprocess, "_args_from_interpreter_flags", list)()  # -I, -X ..., -W ... as this process has
-    settings = {"config": {**asdict(config), "metrics_dir": folder}, "host": host, "port": port,
-                "log_level": log_level}
+    settings = {"config": {**asdict(config), "metrics_dir": folder}, "log_level": log_level}
     stopping: list[int] = []
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -948,25 +953,63 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
             previous[sig] = signal.signal(sig, lambda sig, _frame: stopping.append(sig))
 
     def start() -> _Worker:
-        read_fd, write_fd = os.pipe()
+        ours, theirs = dispatch.link_pair()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         os.set_blocking(read_fd, False)
         name = f"w{secrets.token_hex(6)}"
         proc = None
         try:
             # A session of its own: a terminal's Ctrl-C reaches this supervisor, which stops the workers in order.
             proc = subprocess.Popen([sys.executable, *flags, package, WORKER_COMMAND], stdin=subprocess.PIPE,
-                                    pass_fds=(write_fd,), start_new_session=True)
-            proc.stdin.write((json.dumps({**settings, "ready_fd": write_fd, "name": name}) + "\n").encode())
+                                    pass_fds=(write_fd, theirs.fileno()), start_new_session=True)
+            proc.stdin.write((json.dumps({**settings, "ready_fd": write_fd, "link_fd": theirs.fileno(),
+                                          "name": name}) + "\n").encode())
             proc.stdin.flush()
         except BaseException:
             os.close(read_fd)
+            ours.close()
             if proc is not None:
                 proc.kill()
                 proc.wait()
             raise
         finally:
             os.close(write_fd)
-        return _Worker(proc, read_fd, name)
+            theirs.close()
+        return _Worker(proc, read_fd, name, dispatch.Link(ours))
+
+    turn, accept_again, dropping = 0, 0.0, False
+
+    def handle_connections(seconds: float) -> None:
+        """Hand over connections and read the workers' closed ones for `seconds` (a signal is seen at the
+        next pass: select is resumed after its handler, within `seconds`)."""
+        nonlocal turn, accept_again, dropping
+        deadline = time.monotonic() + seconds
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            ready = [w for w in workers if w is not None and w.ready_at is not None and w.link.sock is not None]
+            # The listener listens once every worker has been ready (serving). While no worker is (all are
+            # being replaced) connections are closed at once rather than left waiting in the backlog.
+            accepting = serving and time.monotonic() >= accept_again
+            watched = [w.link.sock for w in ready] + ([listener] if accepting else [])
+            if not watched:
+                time.sleep(min(left, max(0.01, accept_again - time.monotonic())) if serving else left)
+                continue
+            readable, _, _ = select.select(watched, [], [], left)
+            for w in ready:
+                if w.link.sock in readable:
+                    w.link.read()
+            if listener in readable:
+                turn, dropped, error = dispatch.accept_and_hand(listener, [w.link for w in ready], turn)
+                if error is not None:  # out of descriptors, say: the backlog keeps the rest for a second
+                    log.warning("cannot accept connections (%s); trying again in 1 s", error)
+                    accept_again = time.monotonic() + 1.0
+                if dropped and not dropping:
+                    log.warning("no server worker can take connections now: they are closed until one can")
+                dropping = bool(dropped)
 
     workers: list[Optional[_Worker]] = []
     delay = [0.0] * config.workers
@@ -977,7 +1020,7 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
         for _ in range(config.workers):
             workers.append(start())
         while not stopping and failure is None:
-            time.sleep(0.2)
+            handle_connections(0.2)
             now = time.monotonic()
             for n, w in enumerate(workers):
                 if stopping:
@@ -1010,14 +1053,19 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
                             "ended" if ready else "did not start", w.proc.returncode, delay[n])
                 workers[n], restart_at[n] = None, now + delay[n]
             if not serving and all(w is not None and w.ready_at is not None for w in workers):
+                try:
+                    listener.listen(2048)
+                except OSError as exc:  # a server that bound the port beside this one's and listened first
+                    failure = f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port"
+                    break
                 serving = True
                 print(f"serving on http://{host}:{port} with {len(workers)} worker processes", file=sys.stderr,
                       flush=True)
     finally:
+        listener.close()  # new connections are refused while the workers finish theirs
         _stop_workers([w for w in workers if w is not None])
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        holder.close()
         shutil.rmtree(folder, ignore_errors=True)
     if stopping:
         signal.raise_signal(stopping[0])  # as uvicorn does: the process ends as the signal says
@@ -1029,10 +1077,11 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
 METRICS_PREFIX = "provenance-guard-metrics-"
 
 
-def _hold_port(host: str, port: int):
-    """A bound, never listening SO_REUSEPORT socket that keeps the port this server's while workers come
-    and go. A port another process listens on is refused first: sockets that all ask for SO_REUSEPORT
-    would share it, a second server silently taking half of the first's connections."""
+def _bind_port(host: str, port: int):
+    """The supervisor's socket, bound and non-blocking, which keeps the port this server's while workers come
+    and go; it listens once every worker is ready (until then clients are refused, not kept waiting). A port
+    another process listens on is refused, also where BSD or macOS would let it bind beside a listener on
+    another address."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1051,15 +1100,15 @@ def _hold_port(host: str, port: int):
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); another server holds it: "
                                   f"choose another --port") from exc
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        holder.bind((host, port))  # port 0: the kernel picks a free one, read back by the caller
+        listener.bind((host, port))  # port 0: the kernel picks a free one, read back by the caller
     except OSError as exc:
-        holder.close()
+        listener.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
-    return holder
+    listener.setblocking(False)
+    return listener
 
 
 def _remove_stale_metrics() -> None:
@@ -1098,7 +1147,7 @@ def _stop_workers(workers: list) -> None:
 
 def worker_main() -> int:
     """A worker process of serve_workers (``provenance-guard serve-worker``): its settings come as one JSON
-    line on stdin; the app, then its own listening socket on the shared port, then ready on its pipe."""
+    line on stdin; the app, then ready on its pipe, then the connections its supervisor hands over its link."""
     import os
     import signal
     import socket
@@ -1107,6 +1156,7 @@ def worker_main() -> int:
     import uvicorn
 
     from ..core.references import ReferenceOptions
+    from .dispatch import HandedServer
 
     usage = "provenance-guard: serve-worker: a worker process of 'provenance-guard serve --workers N', not run by hand"
     if sys.stdin.isatty():
@@ -1118,12 +1168,20 @@ def worker_main() -> int:
         refs = data.pop("references", None)
         data["metrics_name"] = str(settings["name"])
         config = ServerConfig(**data, references=ReferenceOptions(**refs) if refs is not None else None)
-        host, port, ready_fd = str(settings["host"]), int(settings["port"]), int(settings["ready_fd"])
+        ready_fd, link_fd = int(settings["ready_fd"]), int(settings["link_fd"])
         log_level = str(settings["log_level"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         print(f"{usage} ({exc})", file=sys.stderr)
         return 2
     os.set_inheritable(ready_fd, False)  # nothing this worker starts keeps its supervisor waiting
+    try:
+        link = socket.socket(fileno=link_fd)
+        if link.family != socket.AF_UNIX:
+            raise OSError(f"descriptor {link_fd} is not a Unix socket")
+    except OSError as exc:
+        print(f"{usage} (link: {exc})", file=sys.stderr)
+        return 2
+    link.set_inheritable(False)
 
     def orphaned():
         # os.read, not sys.stdin: a thread blocked in a buffered read holds its lock, and the interpreter
@@ -1135,18 +1193,14 @@ def worker_main() -> int:
     threading.Thread(target=orphaned, name="provenance-guard-supervisor", daemon=True).start()
     try:
         app = _ready_app(config)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
     except (ProvenanceError, OSError) as exc:  # the CLI's one-line message, not a worker's traceback
         print(f"provenance-guard: worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
     os.write(ready_fd, b"r")
     os.close(ready_fd)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15,
-                                  access_log=False)).run(sockets=[sock])
+    # ws="none": no route takes WebSockets, and an upgrade would hide the connection's close from the count.
+    HandedServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15, access_log=False,
+                                ws="none"), link).run()
     return 0
 
 

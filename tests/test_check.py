@@ -266,3 +266,18 @@ def test_check_embeddings_scales_rows_and_refuses_other_shapes(built_bundle, che
     assert cube.verdict == "unchecked" and "one row per image" in cube.error
     zero, nan = c.check_embeddings(np.stack([np.zeros_like(vec[0]), np.full_like(vec[0], np.nan)]))
     assert zero.verdict == nan.verdict == "unchecked" and "zero or holds a number that is not finite" in zero.error
+
+
+def test_row_squares_sum_each_row_as_float32_whatever_the_array_layout():
+    from provenance_guard.core.search import row_squares
+
+    x = np.random.default_rng(5).standard_normal((6, 768)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3] = np.nan, np.inf, 0.0
+    want = [float(v) for v in (x.astype(np.float64) ** 2).sum(axis=1)]
+    for layout in (x, np.asfortranarray(x), x.astype(np.float64), x.astype(">f4"), np.repeat(x, 2, axis=1)[:, ::2]):
+        got = row_squares(layout)
+        assert len(got) == 6 and np.isnan(got[1]) and got[2] == float("inf") and got[3] == 0.0
+        assert np.allclose([got[i] for i in (0, 4, 5)], [want[i] for i in (0, 4, 5)], rtol=1e-6)
+    assert row_squares(np.zeros((2, 0), np.float32)) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="2-d"):
+        row_squares(x[0])

@@ -964,7 +964,7 @@ def test_workers_share_the_port_sum_their_metrics_and_are_replaced(built_bundle,
         folder = sup.folder()
         body = {"embedding_input": Bundle.open(built_bundle).vector([2])[0].tolist(), "num_images": 3,
                 "indice_name": "refs"}
-        for _ in range(30):  # a new connection each: the kernel spreads them over both workers' sockets
+        for _ in range(30):  # a new connection each: the supervisor hands them to both workers in turn
             r = requests.post(f"{base}/knn-service", json=body)
             assert r.ok and r.json()[0]["id"] == 2
 
@@ -1026,13 +1026,15 @@ def test_a_worker_exits_2_with_one_line_on_bad_settings_or_a_bundle_it_cannot_op
     from provenance_guard.index_server.app import ServerConfig
 
     read_fd, write_fd = os.pipe()
-    settings = {"config": asdict(ServerConfig(indices={"refs": str(tmp_path / "none")})), "host": "127.0.0.1",
-                "port": free_port(), "log_level": "warning", "ready_fd": write_fd, "name": "w1"}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    settings = {"config": asdict(ServerConfig(indices={"refs": str(tmp_path / "none")})), "log_level": "warning",
+                "ready_fd": write_fd, "link_fd": theirs.fileno(), "name": "w1"}
     for line, says in ((json.dumps(settings), "does not exist or is not a folder"),
+                       (json.dumps({**settings, "link_fd": write_fd}), "not run by hand (link: "),
                        ('{"config": 5}', "not run by hand"), ("not json", "not run by hand")):
         # stdin stays open, as the supervisor keeps it: its end tells a worker that the supervisor is gone
         worker = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve-worker"], stdin=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, pass_fds=(write_fd,))
+                                  stderr=subprocess.PIPE, pass_fds=(write_fd, theirs.fileno()))
         worker.stdin.write(line.encode() + b"\n")
         worker.stdin.flush()
         code = worker.wait(timeout=120)
@@ -1043,6 +1045,177 @@ def test_a_worker_exits_2_with_one_line_on_bad_settings_or_a_bundle_it_cannot_op
     os.close(write_fd)
     assert os.read(read_fd, 1) == b""  # never said ready
     os.close(read_fd)
+    ours.close()
+    theirs.close()
+
+
+def _status_line(conn: socket.socket, path: str = "/healthz") -> bytes:
+    """One keep-alive GET on conn; its status line, the body read to its end."""
+    import re
+
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536) or pytest.fail(f"closed after {data!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+    while len(body) < length:
+        body += conn.recv(65536) or pytest.fail("closed mid-body")
+    return head.split(b"\r\n")[0]
+
+
+def _worker_of_each_client(workers: list[int], port: int, established: bool = True) -> dict[int, int]:
+    """Client port -> the worker process that holds the server side of its connection to `port` (from /proc:
+    each worker's socket descriptors against the kernel's table of loopback TCP connections); with
+    established=False, connections in any state (a closed one leaves once its worker closes its side)."""
+    inode_to_client = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and (f[3] == "01" or not established):
+            inode_to_client[f[9]] = int(f[2].split(":")[1], 16)
+    owner = {}
+    for pid in workers:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inode_to_client:
+                owner[inode_to_client[target[8:-1]]] = pid
+    return owner
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads connections from /proc (Linux)")
+def test_workers_get_connections_in_turn_and_a_new_one_goes_to_the_least_busy(built_bundle):
+    port = free_port()
+    sup = Supervisor(_serve_cmd(built_bundle, "--port", str(port)))
+    conns = []
+    try:
+        # Until every worker is ready the port refuses connections; none is taken and left waiting.
+        while "serving on http" not in sup.log and sup.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as early:
+                    assert _status_line(early) == b"HTTP/1.1 200 OK"  # answered: it came as they were ready
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        sup.serving()
+        workers = _children(sup.proc.pid)
+        assert len(workers) == 2
+        for _ in range(8):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            assert _status_line(conns[-1]) == b"HTTP/1.1 200 OK"
+        for conn in conns:  # the supervisor handed the connection over; the worker keeps it alive
+            assert all(_status_line(conn) == b"HTTP/1.1 200 OK" for _ in range(3))
+        owner = _worker_of_each_client(workers, port)
+        order = [owner.get(c.getsockname()[1]) for c in conns]
+        assert set(order) == set(workers) and order == order[:2] * 4, order  # in turn: 4 and 4
+
+        # The first worker's four clients leave: the next two connections both go to it.
+        mine = {c.getsockname()[1]: c for c in conns}
+        leaving = [p for p, w in owner.items() if w == order[0]]
+        for p in leaving:
+            mine[p].close()
+            conns.remove(mine[p])
+        assert _wait(lambda: not set(leaving) & set(_worker_of_each_client(workers, port, established=False)), 30)
+        time.sleep(0.5)  # the worker's closed-connection bytes reach the supervisor
+        for conn in conns:  # the staying clients' connections stay open (uvicorn closes idle ones after 5 s)
+            assert _status_line(conn) == b"HTTP/1.1 200 OK"
+        for _ in range(2):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            assert _status_line(conns[-1]) == b"HTTP/1.1 200 OK"
+        owner = _worker_of_each_client(workers, port)
+        assert [owner[c.getsockname()[1]] for c in conns[-2:]] == [order[0]] * 2
+    finally:
+        for conn in conns:
+            conn.close()
+        assert stop(sup.proc) in CLEAN_EXIT
+
+
+def test_the_supervisor_hands_each_connection_to_the_least_busy_worker_that_can_take_it():
+    from provenance_guard.index_server import dispatch
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        pairs = [dispatch.link_pair() for _ in range(3)]
+        links = [dispatch.Link(ours) for ours, _ in pairs]
+        clients = []
+
+        def connect_and_hand(n: int, turn: int) -> tuple[int, int]:
+            for _ in range(n):
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            handed = dropped = 0
+            while handed + dropped < n:
+                turn, d, error = dispatch.accept_and_hand(listener, links, turn)
+                assert error is None
+                dropped += d
+                handed = sum(link.open for link in links) - before
+            return turn, dropped
+
+        def received(theirs) -> int:
+            got = 0
+            theirs.setblocking(False)
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(theirs, 1, 1)
+                except BlockingIOError:
+                    return got
+                assert data == dispatch.HANDED and len(fds) == 1
+                with socket.socket(fileno=fds[0]) as conn:
+                    assert conn.getsockname()[1] == port  # the accepted connection itself
+                got += 1
+
+        try:
+            before = 0
+            turn, dropped = connect_and_hand(6, 0)
+            assert dropped == 0 and [link.open for link in links] == [2, 2, 2]
+            assert [received(theirs) for _, theirs in pairs] == [2, 2, 2]
+
+            # Closed connections come back as bytes; the least busy worker takes the next ones.
+            pairs[1][1].send(dispatch.CLOSED * 2)
+            links[1].read()
+            assert links[1].open == 0
+            before = sum(link.open for link in links)
+            turn, dropped = connect_and_hand(2, turn)
+            assert [link.open for link in links] == [2, 2, 2] and received(pairs[1][1]) == 2
+
+            # A link that cannot take more (its worker does not read) sends the connection to the next one.
+            pairs[0][0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            while True:
+                try:
+                    socket.send_fds(pairs[0][0], [dispatch.HANDED], [clients[0].fileno()])
+                except BlockingIOError:
+                    break
+            links[0].open = 0  # the least busy on paper
+            before = sum(link.open for link in links)
+            turn, dropped = connect_and_hand(1, turn)
+            assert dropped == 0 and links[0].open == 0 and links[0].sock is not None
+
+            # A worker that has ended: its link closes at the first try and it gets nothing more.
+            pairs[2][1].close()
+            links[1].open = 10
+            before = sum(link.open for link in links)
+            turn, dropped = connect_and_hand(1, turn)
+            assert links[2].sock is None and links[1].open == 11
+            links[1].close()
+            before = sum(link.open for link in links)
+            turn, dropped = connect_and_hand(1, turn)
+            assert dropped == 1  # no worker could take it: closed, the client sees it reset
+        finally:
+            for conn in clients:
+                conn.close()
+            for link, (_, theirs) in zip(links, pairs):
+                link.close()
+                theirs.close()
+
+
+def test_workers_are_refused_where_sockets_cannot_pass_between_processes(monkeypatch):
+    from provenance_guard.index_server import dispatch
+    from provenance_guard.index_server.app import ServerConfig, serve
+
+    monkeypatch.setattr(dispatch, "supported", lambda: False)
+    with pytest.raises(ConfigError, match="--workers needs sockets passed between processes"):
+        serve(ServerConfig(indices={}, workers=2), "127.0.0.1", free_port())
 
 
 def _is_worker(pid: int) -> bool:
@@ -1073,7 +1246,7 @@ def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_s
         body = {"embedding_input": Bundle.open(built_bundle).vector([1])[0].tolist(), "num_images": 2}
         assert requests.post(f"{base}/knn-service", json=body).json()[0]["id"] == 1
 
-        # A second server on the same port would silently share its connections (both ask for SO_REUSEPORT).
+        # A second server on the same port is refused: it cannot listen where the supervisor listens.
         second = subprocess.run(_serve_cmd(built_bundle, "--port", str(port), entry=(str(clone),)), cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "another server holds it: choose another --port" in second.stderr
