@@ -1131,6 +1131,42 @@ def test_workers_get_connections_in_turn_and_a_new_one_goes_to_the_least_busy(bu
         assert stop(sup.proc) in CLEAN_EXIT
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes through /proc (Linux)")
+def test_workers_finish_a_request_in_flight_on_sigterm_and_the_port_refuses_new_ones(built_bundle):
+    port = free_port()
+    sup = Supervisor(_serve_cmd(built_bundle, "--port", str(port), "--batch-wait-ms", "2500"))
+    got = {}
+    try:
+        base = sup.serving()
+        workers = _children(sup.proc.pid)
+
+        def slow():
+            got["r"] = requests.post(f"{base}/v1/check", files=[("images", ("i.png", png("astronaut"), "image/png"))],
+                                     timeout=120)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(1.0)  # handed to a worker, waiting in its image batch
+        sup.proc.send_signal(signal.SIGTERM)
+        assert _wait(lambda: not _connects(port), 10)  # the supervisor stopped listening first
+        t.join(timeout=120)
+        assert got["r"].status_code == 200 and got["r"].json()["results"][0]["verdict"] == "block"
+        assert sup.proc.wait(timeout=60) in CLEAN_EXIT
+        assert _wait(lambda: not any(_is_worker(w) for w in workers), 10)
+    finally:
+        if sup.proc.poll() is None:
+            sup.proc.kill()
+            sup.proc.wait()
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_the_supervisor_hands_each_connection_to_the_least_busy_worker_that_can_take_it():
     from provenance_guard.index_server import dispatch
 
