@@ -996,7 +996,7 @@ def serve_workers(config: ServerConfig, host: str, port: int, log_level: str) ->
             accepting = serving and time.monotonic() >= accept_again
             watched = [w.link.sock for w in ready] + ([listener] if accepting else [])
             if not watched:
-                time.sleep(min(left, max(0.01, accept_again - time.monotonic())) if serving else left)
+                time.sleep(min(left, 0.05))
                 continue
             readable, _, _ = select.select(watched, [], [], left)
             for w in ready:
@@ -1198,9 +1198,8 @@ def worker_main() -> int:
         return 2
     os.write(ready_fd, b"r")
     os.close(ready_fd)
-    # ws="none": no route takes WebSockets, and an upgrade would hide the connection's close from the count.
-    HandedServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15, access_log=False,
-                                ws="none"), link).run()
+    HandedServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=15, access_log=False),
+                 link).run()
     return 0
 
 

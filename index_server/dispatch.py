@@ -118,6 +118,9 @@ class HandedServer(uvicorn.Server):
     same way."""
 
     def __init__(self, config: uvicorn.Config, link: socket.socket):
+        # No route takes WebSockets, and an upgrade would swap in another protocol, whose close would never
+        # be counted: the config takes none.
+        config.ws = "none"
         super().__init__(config)
         self.link = link
         self.link.setblocking(False)
@@ -135,8 +138,7 @@ class HandedServer(uvicorn.Server):
         if not self.started:
             return
         # What uvicorn's own listener makes for each connection (the same arguments from 0.29 on), told to
-        # say when its connection closes. The worker's Config has ws="none": a WebSocket upgrade would swap
-        # in another protocol, whose close would never be counted.
+        # say when its connection closes.
         kwargs = {"config": self.config, "server_state": self.server_state, "app_state": self.lifespan.state}
         closed = self.handed_closed
 

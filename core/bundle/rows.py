@@ -123,9 +123,8 @@ class BatchCache:
         return len(self._views)
 
 
-# numpy dtypes of the number types a RowGather reads (the struct formats above, as arrays)
-_NUMBER_DTYPES = {"int8": "<i1", "int16": "<i2", "int32": "<i4", "int64": "<i8", "uint8": "<u1", "uint16": "<u2",
-                  "uint32": "<u4", "uint64": "<u8", "float": "<f4", "double": "<f8"}
+# numpy dtypes of the number types a RowGather reads: the struct formats above, which numpy reads alike
+_NUMBER_DTYPES = {name: "<" + fmt for name, fmt in _NUMBER_FORMATS.items()}
 # Fewer rows than this are read through BatchCache: a check's ten rows cost less there than a RowGather's
 # numpy calls per column.
 GATHER_MIN_ROWS = 24
