@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     av = ausub.add_parser("verify", help="check the chain of an audit log; exit 1 at the first broken line")
     av.add_argument("file")
 
+    rc = sub.add_parser("record", help="read the provenance record stored in an image")
+    rcsub = rc.add_subparsers(dest="record_command", required=True)
+    rs = rcsub.add_parser("show", help="print the record an image carries (its PNG chunk or .provenance.json "
+                                       "sidecar) and which host wrote it; exit 2 when an image has none")
+    rs.add_argument("images", nargs="+", metavar="IMAGE")
+    rs.add_argument("--json", action="store_true", help="print each record as stored (one JSON object a line)")
+
     d = sub.add_parser("demo", help="the main job on built-in samples: build a bundle, check, write records")
     d.add_argument("--out", default="demo-out", help="working folder (default ./demo-out)")
     d.add_argument("--model", help="open_clip model spec; default: a tiny CLIP built locally (no download)")
@@ -260,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_audit_verify(args)
         if args.command == "prompt":
             return cmd_prompt(args)
+        if args.command == "record":
+            return cmd_record_show(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -642,6 +651,74 @@ def cmd_verify(args) -> int:
         return EXIT_CONFIG
     print(f"OK {bundle.path}: {len(bundle.manifest.files)} files match their sha256, {bundle.count:,} rows")
     return EXIT_OK
+
+
+HOSTS = {"a1111": "Automatic1111 webui", "forge": "Forge webui", "comfyui": "ComfyUI", "cli": "provenance-guard check",
+         "diffusers": "diffusers pipeline", "server": "provenance-guard server"}
+
+
+def cmd_record_show(args) -> int:
+    """Print what each image's stored record says; exit 2 when one has none or it cannot be read."""
+    import json
+
+    from .core.record import read_record, sidecar_path
+    from .core.report import match_line, short
+
+    status = EXIT_OK
+    for raw in args.images:
+        path = Path(raw).expanduser()
+        try:
+            if not path.is_file():
+                raise ConfigError(f"{path}: no such file; give the saved image")
+            result = read_record(path)
+        except ConfigError as exc:
+            print(f"provenance-guard: error: {exc}", file=sys.stderr)
+            status = EXIT_CONFIG
+            continue
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            print(f"provenance-guard: error: {path}: its record cannot be read ({type(exc).__name__}: "
+                  f"{short(str(exc), 120)}); it may have been damaged or written by another tool", file=sys.stderr)
+            status = EXIT_CONFIG
+            continue
+        if result is None:
+            print(f"provenance-guard: error: {path}: no provenance record (no 'provenance' PNG chunk, no "
+                  f"{sidecar_path(path).name}); a re-save or a format without text chunks drops it",
+                  file=sys.stderr)
+            status = EXIT_CONFIG
+            continue
+        if args.json:
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+            continue
+        gen = result.generation
+        source = (gen.source if gen is not None else None) or "unknown"
+        print(f"{path}")
+        print(f"  written by:  {HOSTS.get(source, source)}" + (f" ({source})" if source in HOSTS else ""))
+        score = "-" if result.max_score is None else f"{result.max_score:.4f}"
+        print(f"  verdict:     {result.verdict} (max similarity {score}, fail mode {result.fail_mode})")
+        if result.error:
+            print(f"  error:       {short(result.error, 200)}")
+        for t in result.thresholds:
+            print(f"  bundle:      {t.bundle_id}@{t.bundle_version} (warn {t.warn}, block {t.block})")
+        if result.model:
+            print(f"  CLIP model:  {result.model}")
+        if result.checked_at:
+            print(f"  checked at:  {result.checked_at}")
+        for m in result.matches[:5]:
+            print(f"  match:       {short(match_line(m), 200)}")
+        if gen is not None:
+            for name in ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "width", "height", "model",
+                         "model_hash"):
+                value = getattr(gen, name)
+                if value not in (None, ""):
+                    print(f"  {name + ':':<13}{short(str(value), 200)}")
+        if result.prompt is not None:
+            from .core.memorization import score_text
+
+            print(f"  memorization: {score_text(result.prompt)}" +
+                  (f" — {short(result.prompt.reason, 160)}" if result.prompt.reason else ""))
+        for w in result.warnings:
+            print(f"  ! {short(w, 200)}")
+    return status
 
 
 def cmd_audit_verify(args) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -34,9 +35,10 @@ import modules.scripts as scripts
 from ..core.check import failed_result, shared_checker
 from ..core.errors import ConfigError
 from ..core.references import ReferenceOptions
-from ..core.memorization import DEFAULT_STEPS, MemorizationMonitor
+from ..core.memorization import DEFAULT_STEPS, MemorizationMonitor, post_cfg_step, score_text
 from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, apply_prompt, host_action
-from ..core.report import batch_summary, block_message, placeholder_image, result_payload, short, summary_line
+from ..core.report import (batch_summary, block_message, placeholder_image, result_payload, short, short_notices,
+                           summary_line)
 from ..core.result import CheckResult, GenerationRecord
 from . import settings
 
@@ -50,7 +52,13 @@ ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn"
 HIGHRES_COPY = ("a copy of this image from before highres fix was saved before any check could run "
                 "('Save a copy of image before applying highres fix' is on); turn that setting off so no "
                 "unchecked copy reaches the outputs")
-INFOTEXT_FIELDS = ("Provenance", "Provenance similarity", "Provenance bundle")
+INFOTEXT_FIELDS = ("Provenance", "Provenance similarity", "Provenance bundle", "Provenance memorization")
+# The webui's API fills the script arguments a caller leaves out with the values of the components ui()
+# returns when it collects its defaults (modules/api/api.py init_default_script_args, cached at the first API
+# call). Those components carry FROM_SETTINGS instead, so what a caller leaves out follows the settings as
+# they are at each call; a caller may also send null for "as in Settings".
+FROM_SETTINGS = None
+API_DEFAULTS_CALLER = "init_default_script_args"
 
 
 @dataclass
@@ -79,40 +87,41 @@ class RunState:
 
 
 def parse_args(args) -> dict[str, Any]:
+    """The script's arguments by name; one left out (an API caller sending fewer) or FROM_SETTINGS (what the
+    API fills in for one left out, or a caller's null) takes the setting's value at this call."""
     values = dict(zip(ARG_NAMES, args))
-    if len(args) < len(ARG_NAMES):  # older API callers may send fewer args: fill from the settings
-        for name in ARG_NAMES[len(args):]:
+    for name in ARG_NAMES:
+        if values.get(name, FROM_SETTINGS) is FROM_SETTINGS:
             values[name] = settings.default(name)
     return values
 
 
 def run_state(values: dict[str, Any]) -> RunState:
-    """The run's state from validated arguments; what cannot be used becomes state.error (fail mode applies,
-    and a fail mode that is itself unusable counts as closed)."""
-    fail_mode = values.get("fail_mode")
+    """The run's state from the arguments. A safety value that cannot be used counts as its safe value
+    (settings.SAFE: closed, block, confirm+escalate, ...) and the run says so once; thresholds or a bundle
+    that cannot be used make every check of the run fail under the fail mode."""
+    warnings: list[str] = []
+    fail_mode = settings.safe_choice("fail_mode", values.get("fail_mode"), warnings)
+    action = settings.safe_choice("action", values.get("action"), warnings)
+    verify = settings.safe_choice("verify", values.get("verify"), warnings)
+    prompt_action = settings.choice("prompt_action")
+    use_bundle = settings.safe_choice("use_bundle_thresholds", values.get("use_bundle_thresholds"), warnings)
+    fetch = values.get("fetch_references") is True
+    strict = settings.safe_choice("strict", settings.default("strict"), warnings)
     problems = []
-    if fail_mode not in FAIL_MODES:
-        problems.append(f"fail mode {fail_mode!r} is not one of {', '.join(FAIL_MODES)}")
-        fail_mode = "closed"
-    action = values.get("action")
-    if action not in ACTIONS:
-        problems.append(f"action {action!r} is not one of {', '.join(ACTIONS)}")
-    verify = values.get("verify")
-    if verify not in settings.VERIFY_MODES:
-        problems.append(f"verify {verify!r} is not one of {', '.join(settings.VERIFY_MODES)}")
-    policy = Policy(fail_mode=fail_mode)
-    if not problems:
-        try:
-            threshold = float(settings.default("memorization_threshold") or 0.0)
-            policy = Policy(warn=None if values.get("use_bundle_thresholds") else float(values["warn"]),
-                            block=None if values.get("use_bundle_thresholds") else float(values["block"]),
-                            fail_mode=fail_mode, verify=verify, prompt_action=settings.choice("prompt_action"),
-                            memorization_thresholds={"*": threshold} if threshold > 0 else None)
-        except (ConfigError, TypeError, ValueError) as exc:
-            problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
-    state = RunState(action=action if action in ACTIONS else BLOCK, policy=policy,
+    policy = Policy(fail_mode=fail_mode, strict=strict)
+    try:
+        threshold = float(settings.default("memorization_threshold") or 0.0)
+        policy = Policy(warn=None if use_bundle else float(values["warn"]),
+                        block=None if use_bundle else float(values["block"]),
+                        fail_mode=fail_mode, verify=verify, prompt_action=prompt_action, strict=strict,
+                        memorization_thresholds={"*": threshold} if threshold > 0 else None)
+    except (ConfigError, TypeError, ValueError) as exc:
+        problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
+    state = RunState(action=action, policy=policy, warnings=warnings,
                      references=ReferenceOptions(root=(settings.default("references") or "").strip() or None,
-                                                 fetch=bool(values.get("fetch_references"))))
+                                                 fetch=fetch, root_hint=settings.FIELDS["references"],
+                                                 fetch_hint=settings.FIELDS["fetch"]))
     if problems:
         state.error = ("Provenance Guard settings cannot be used: " + "; ".join(problems) +
                        ". Fix them in Settings > Provenance Guard or in the script's arguments")
@@ -138,6 +147,18 @@ def resolve_bundle(bundle: str, bundle_path: str) -> str:
     return path
 
 
+def _collecting_api_defaults() -> bool:
+    """Whether ui() is being called by the webui's API to collect default argument values (not to draw)."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == API_DEFAULTS_CALLER:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _to_bhwc(images):
     """The webui's batch (CHW float tensors in 0..1, or numpy) -> one [B,H,W,C] float tensor on the CPU."""
     import numpy as np
@@ -152,9 +173,15 @@ def _to_bhwc(images):
 
 
 def _host() -> str:
+    """"forge" inside Forge (it imports its modules_forge package at start-up), else "a1111"."""
     import importlib.util
 
-    return "forge" if importlib.util.find_spec("modules_forge") is not None else "a1111"
+    if "modules_forge" in sys.modules:
+        return "forge"
+    try:
+        return "forge" if importlib.util.find_spec("modules_forge") is not None else "a1111"
+    except (ImportError, ValueError):
+        return "a1111"
 
 
 def _global_index(p, position: int) -> int:
@@ -185,7 +212,16 @@ def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, Option
         "Provenance similarity": f"{max(scores):.4f}" if scores else None,
         "Provenance bundle": (f"{first.thresholds[0].bundle_id}@{first.thresholds[0].bundle_version}"
                               if first else None),
+        "Provenance memorization": _batch_memorization(results) if batch else score_text(results[0].prompt),
     }
+
+
+def _batch_memorization(results: list[CheckResult]) -> Optional[str]:
+    """The batch's highest memorization score in a few words (None when no image has one)."""
+    scored = [r.prompt for r in results if r.prompt is not None and r.prompt.memorization_score is not None]
+    if scored:
+        return score_text(max(scored, key=lambda c: c.memorization_score))
+    return next((score_text(r.prompt) for r in results if r.prompt is not None), None)
 
 
 def result_summary(index: int, r: CheckResult) -> dict[str, Any]:
@@ -235,13 +271,17 @@ class ProvenanceGuardScript(scripts.Script):
             # Filled by javascript/provenance_guard.js from this generation's info (never from a shared route).
             gr.HTML("", elem_id=f"provenance_guard_panel_{'img2img' if is_img2img else 'txt2img'}")
         self.infotext_fields = []
-        return [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch]
+        components = [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch]
+        if _collecting_api_defaults():
+            for component in components:  # never drawn: what the API fills in for arguments left out
+                component.value = FROM_SETTINGS
+        return components
 
     # hooks ---------------------------------------------------------------------------------------------
     def process(self, p, *args):
         values = parse_args(args)
         p._provenance = None
-        if not values["enabled"]:
+        if not settings.safe_choice("enabled", values["enabled"]):
             return
         state = run_state(values)
         try:
@@ -255,7 +295,7 @@ class ProvenanceGuardScript(scripts.Script):
         p._provenance = state
         for name in INFOTEXT_FIELDS:
             p.extra_generation_params[name] = infotext_value(state, name)
-        if settings.default("memorization"):
+        if settings.safe_choice("memorization", settings.default("memorization"), state.warnings):
             model = getattr(p, "sd_model", None)
             state.family = ("sdxl" if getattr(model, "is_sdxl", False) else
                             "sd2" if getattr(model, "is_sd2", False) else "sd1")
@@ -271,20 +311,26 @@ class ProvenanceGuardScript(scripts.Script):
             state.monitor.no_guidance()
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        """Forge: on_cfg_denoised never fires there; its ComfyUI-style patcher gets the same post-CFG function
-        ComfyUI's node uses (cond_denoised, uncond_denoised, sigma, input). A1111 has no such hook."""
+        """Forge: on_cfg_denoised never fires there; its ComfyUI-style patcher gets the post-CFG function
+        (core.memorization.post_cfg_step). Forge's arguments carry no cond_scale: the step's guidance comes
+        from on_cfg_denoiser (cfg_denoiser below), by the webui's own rule. A1111 has no such hook."""
         state: Optional[RunState] = getattr(p, "_provenance", None)
         objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
         if state is None or state.monitor is None or objects is None:
             return
-        monitor = state.monitor
         unet = objects.unet.clone()
 
         def record(args):
-            if args.get("uncond") is None or float(args.get("cond_scale", 1.0)) <= 1.0:
-                monitor.no_guidance()
+            monitor = state.monitor  # the current batch's
+            if monitor is None:
+                return args["denoised"]
+            step = getattr(_PENDING, "guidance", None)
+            _PENDING.guidance = None
+            cfg, skipped = step if step is not None else (_cfg_scale(p), False)
+            if cfg > 1.0 and skipped:
+                monitor.skip()
             else:
-                monitor.add_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"])
+                post_cfg_step(monitor, args, cfg_scale=cfg)
             return args["denoised"]
 
         unet.set_model_sampler_post_cfg_function(record)
@@ -364,7 +410,8 @@ class ProvenanceGuardScript(scripts.Script):
         elif index not in state.withheld and result.checked:
             result = self._recheck_if_changed(state, p, pp, index, result)
         if index in state.withheld:
-            pp.image = placeholder_image(pp.image.width, pp.image.height, block_message(result))
+            pp.image = placeholder_image(pp.image.width, pp.image.height, block_message(result),
+                                         short_notices(result))
         elif result.verdict in (WARN, BLOCK):
             p.comment(f"Provenance Guard, image {index + 1}: {summary_line(result)}")
         elif result.verdict == UNCHECKED:
@@ -417,15 +464,48 @@ class ProvenanceGuardScript(scripts.Script):
 _PENDING = threading.local()
 
 
+def _cfg_scale(p) -> float:
+    """The run's guidance (the highres pass's own where it has one)."""
+    try:
+        if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None):
+            return float(p.hr_cfg)
+        return float(getattr(p, "cfg_scale", 7.0))
+    except (TypeError, ValueError):
+        return 7.0
+
+
+def skips_uncond(denoiser, sigma) -> bool:
+    """Whether the webui leaves out this step's unconditional prediction: its own rule
+    (modules/sd_samplers_cfg_denoiser.py: "Skip Early CFG" for the first steps, NGMS below s_min_uncond),
+    read from the same settings, so equal predictions are never taken for a skipped step."""
+    try:
+        from modules import shared
+
+        opts = shared.opts
+        step, total = int(getattr(denoiser, "step", 0) or 0), int(getattr(denoiser, "total_steps", 0) or 0)
+        early = float(getattr(opts, "skip_early_cond", 0.0) or 0.0)
+        if early > 0 and total > 0 and step / total <= early:
+            return True
+        s_min = float(getattr(getattr(denoiser, "p", None), "s_min_uncond", 0.0) or 0.0)
+        first_sigma = float(sigma.flatten()[0]) if hasattr(sigma, "flatten") else float(sigma)
+        return bool((step % 2 or getattr(opts, "s_min_uncond_all", False)) and s_min > 0 and first_sigma < s_min)
+    except (ImportError, TypeError, ValueError, IndexError):
+        return False
+
+
 def cfg_denoiser(params) -> None:
-    """script_callbacks.on_cfg_denoiser: remember the step's x and sigma for on_cfg_denoised."""
+    """script_callbacks.on_cfg_denoiser: remember the step's x, sigma and whether the webui skips its
+    unconditional prediction, for on_cfg_denoised (A1111) or the post-CFG function (Forge)."""
     denoiser = getattr(params, "denoiser", None)
-    state: Optional[RunState] = getattr(getattr(denoiser, "p", None), "_provenance", None)
+    p = getattr(denoiser, "p", None)
+    state: Optional[RunState] = getattr(p, "_provenance", None)
     monitor = state.monitor if state is not None else None
     if monitor is None or monitor.done:
-        _PENDING.step = None
+        _PENDING.step = _PENDING.guidance = None
         return
-    _PENDING.step = (monitor, params.x, params.sigma, _rows(params.text_uncond), type(denoiser).__name__)
+    skipped = skips_uncond(denoiser, params.sigma)
+    _PENDING.guidance = (_cfg_scale(p), skipped)
+    _PENDING.step = (monitor, params.x, params.sigma, _rows(params.text_uncond), type(denoiser).__name__, skipped)
 
 
 def _rows(cond) -> int:
@@ -437,26 +517,24 @@ def _rows(cond) -> int:
 def cfg_denoised(params) -> None:
     """script_callbacks.on_cfg_denoised: x_out holds, per image, its conditional rows (one per AND part)
     first, then one unconditional row per image (modules/sd_samplers_cfg_denoiser.py). When the webui
-    skipped the unconditional pass (skip_uncond, NGMS) those rows are copies of the conditional ones: the
-    step is not counted. Timestep samplers (DDIM, PLMS, UniPC) predict noise; k-diffusion ones denoised
-    images."""
+    skipped the unconditional pass (Skip Early CFG, NGMS: skips_uncond) those rows are copies of the
+    conditional ones: the step is not counted. Equal rows otherwise are a real difference of 0. Timestep
+    samplers (DDIM, PLMS, UniPC) predict noise; k-diffusion ones denoised images."""
     import torch
 
     step = getattr(_PENDING, "step", None)
     _PENDING.step = None
     if step is None:
         return
-    monitor, x_in, sigma_in, images, kind = step
+    monitor, x_in, sigma_in, images, kind, skipped = step
     x_out = params.x
     conds = x_out.shape[0] - images
-    if images < 1 or conds < images or conds % images:
-        monitor.skip()  # a layout this reading does not know (edit models, uneven AND parts)
+    if skipped or images < 1 or conds < images or conds % images:
+        monitor.skip()  # skipped by the webui, or a layout this reading does not know (edit models, uneven AND)
         return
     first = torch.arange(images, device=x_out.device) * (conds // images)
     cond, uncond = x_out[first], x_out[-images:]
-    if torch.equal(cond, uncond):
-        monitor.skip()
-    elif kind == "CFGDenoiserTimesteps":
+    if kind == "CFGDenoiserTimesteps":
         monitor.add_eps(cond, uncond)
     else:
         monitor.add_denoised(x_in[first], cond, uncond, sigma_in[first])

@@ -3,13 +3,24 @@ the webui draws for them (sliders for thresholds, radios for choices), and the b
 
 The webui's settings page draws str, int and bool options by itself and refuses to start on any other type
 without a component (a float threshold without one crashed A1111 and hung Forge at start), so every option
-names its component. Values are validated where they are used (script.run_state): a setting edited into
-config.json or posted through the API that is not one of the choices fails the check under the fail mode.
+names its component. On every page load the webui refreshes each option with
+``gr.update(value=..., **component_args)``: under gradio 3 (A1111) one keyword that the component's update()
+does not take makes the whole refresh fail (HTTP 500, every field "Error", and Apply then writes the stale
+values back), so component_args keeps only the keywords the installed gradio takes (``update_args``).
+
+Values are validated where they are used: a safety setting (fail mode, action, verify, prompt action, the
+on/off switches) edited into config.json or posted through the API that is not one of its choices counts as
+its safe value (``SAFE``), and the run says so once (``safe_choice``).
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import os
-from typing import Any
+import threading
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("provenance_guard")
 
 SECTION = ("provenance_guard", "Provenance Guard")
 CATEGORY = "postprocessing"
@@ -20,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "enabled": False, "bundle": "", "bundle_path": "", "use_bundle_thresholds": True, "warn": 0.90,
     "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
     "references": "", "memorization": True, "memorization_steps": 5, "memorization_threshold": 0.0,
-    "prompt_action": "warn",
+    "prompt_action": "warn", "strict": False,
 }
 LABELS = {
     "enabled": "Check every generated image by default",
@@ -41,9 +52,20 @@ LABELS = {
     "memorization_threshold": "Memorization threshold for this model (0: the built-in table, which has none for "
                               "Stable Diffusion: the score is then shown, unrated)",
     "prompt_action": "How far a flagged prompt alone raises an image's verdict",
+    "strict": "Strict (studios): a blocked image's pixels are never shown, not even beside its training image",
 }
 PROMPT_ACTIONS = ["warn", "pass", "block"]
 CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS}
+# What an unusable value of a safety setting counts as: the value that lets the fewest images through.
+SAFE: dict[str, Any] = {"action": "block", "fail_mode": "closed", "verify": "confirm+escalate",
+                        "prompt_action": "block", "enabled": True, "use_bundle_thresholds": True,
+                        "memorization": True, "strict": True, "fetch_references": False}
+# The Settings field a message names where the command line would name a flag.
+FIELDS = {"references": "Settings > Provenance Guard > \"Folder of the bundle's reference images\"",
+          "fetch": "Settings > Provenance Guard > \"Fetch training images of URL-only (LAION) bundles\" "
+                   "(or the script's own checkbox)"}
+_said: set = set()
+_said_lock = threading.Lock()
 
 
 def option_name(key: str) -> str:
@@ -59,11 +81,59 @@ def default(key: str) -> Any:
         return DEFAULTS[key]
 
 
-def choice(key: str) -> str:
-    """A choice setting's value, or its default where the stored value is not one of the choices (a UI
-    widget cannot show it; the run itself still refuses it)."""
-    value = default(key)
-    return value if value in CHOICES[key] else DEFAULTS[key]
+def say_once(message: str) -> None:
+    """Log a warning once per process (an unusable setting is read at every generation)."""
+    with _said_lock:
+        if message in _said:
+            return
+        _said.add(message)
+    log.warning("provenance-guard: %s", message)
+
+
+def unusable(key: str, value: Any) -> str:
+    allowed = " or ".join(repr(c) for c in CHOICES[key]) if key in CHOICES else "true or false"
+    return (f"setting {option_name(key)} = {value!r} is not {allowed}; it counts as {SAFE[key]!r} (the safe value) "
+            f"until it is fixed in Settings > Provenance Guard or config.json")
+
+
+def safe_choice(key: str, value: Any, warnings: Optional[list] = None) -> Any:
+    """value when it is one of the key's choices (a bool for an on/off setting), else the key's safe value,
+    said once in the log and added to warnings."""
+    ok = value in CHOICES[key] if key in CHOICES else isinstance(value, bool)
+    if ok:
+        return value
+    message = unusable(key, value)
+    say_once(message)
+    if warnings is not None and message not in warnings:
+        warnings.append(message)
+    return SAFE[key]
+
+
+def choice(key: str) -> Any:
+    """A safety setting's current value, or its safe value where the stored one is not usable."""
+    return safe_choice(key, default(key))
+
+
+def update_args(component: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of args that the installed gradio takes both when it builds component and when the
+    settings page refreshes it (gradio 3's Component.update() has a fixed list; gradio 4 has no update() and
+    gr.update takes any keyword, so everything the constructor takes is kept)."""
+    def names(fn: Optional[Callable]) -> Optional[set]:
+        if fn is None:
+            return None
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        return set(params)
+
+    keep = dict(args)
+    for allowed in (names(getattr(component, "update", None)), names(getattr(component, "__init__", None))):
+        if allowed is not None:
+            keep = {k: v for k, v in keep.items() if k in allowed}
+    return keep
 
 
 def models_dir() -> str:
@@ -85,6 +155,9 @@ def options() -> dict[str, Any]:
     from modules import shared
 
     def info(key: str, component=None, args=None, **kw):
+        if component is not None and args is not None:
+            given = args
+            args = (lambda: update_args(component, given())) if callable(given) else update_args(component, given)
         return shared.OptionInfo(DEFAULTS[key], LABELS[key], component, args, **kw)
 
     threshold = {"minimum": -1.0, "maximum": 1.0, "step": 0.001}
@@ -104,6 +177,7 @@ def options() -> dict[str, Any]:
         "memorization_steps": info("memorization_steps", gr.Slider, {"minimum": 1, "maximum": 50, "step": 1}),
         "memorization_threshold": info("memorization_threshold", gr.Number, {"precision": 6}),
         "prompt_action": info("prompt_action", gr.Radio, {"choices": PROMPT_ACTIONS}),
+        "strict": info("strict"),
     }
 
 

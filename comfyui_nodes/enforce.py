@@ -1,28 +1,40 @@
-"""Studio enforcement: every queued graph gets a Provenance Check (on_match=block) in front of every output
-node that receives images, so no workflow can skip the check.
+"""Studio enforcement: no image data of a queued graph reaches an output node without a blocking
+Provenance Check in front of it, so no workflow can skip the check.
 
 Opt-in, by either
 - the environment variable PROVENANCE_GUARD_ENFORCE=<bundle> (a folder name under models/provenance, a
   path, or a server URL), or
 - a file provenance_guard.json in ComfyUI's user folder:
   {"enforce": {"bundle": "...", "fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-  "verify": "confirm+escalate", "monitor": true}}
+  "verify": "confirm+escalate", "monitor": true, "image_types": [], "data_types": []}}
   (monitor: a Memorization Monitor goes in front of every sampler's model, so every enforced check also gets
-  the sampler's memorization signal).
-  (exempt_nodes: output node classes a studio lets through unchecked, named explicitly; save_nodes: node
-  classes to guard although they are not output nodes).
+  the sampler's memorization signal; exempt_nodes: output node classes a studio lets through unchecked,
+  named explicitly; save_nodes: node classes to guard although they are not output nodes; image_types and
+  data_types: a node pack's own input types, as carrying image data or not).
 
-What "every output node" means: each node whose class ComfyUI marks OUTPUT_NODE (SaveImage, PreviewImage,
-SaveAnimatedWEBP/PNG, SaveWEBM, SaveImageWebsocket, custom save nodes ...), for each of its inputs that is
-declared IMAGE or is linked to an IMAGE output. An input already fed by a Provenance Check that blocks
-(on_match block, the enforced fail mode, the enforced bundle, its thresholds, no model override or CLIP
-vision input) counts as checked: that is decided by the node's class and settings, never by its id.
+What reaches an output node (each node whose class ComfyUI marks OUTPUT_NODE, and the save_nodes), by the
+type of each linked input (the producing node's output type, or the input's declared type):
+- IMAGE: a check goes on that link.
+- VIDEO (CreateVideo -> SaveVideo), MASK (ImageToMask -> MaskPreview), "*" and the configured image_types:
+  traced upstream, and a check goes on every IMAGE link they are made from, where the frames are still
+  images; a VIDEO made from no IMAGE this graph can check refuses the prompt.
+- LATENT (SaveLatent, or a LATENT met while tracing): pixels before decoding cannot be checked: the prompt
+  is refused (unless the node class is exempt).
+- types that carry no image data (STRING, numbers, MODEL, CONDITIONING, AUDIO ..., and data_types) pass.
+- any other type is refused, with a message naming it and the two settings that classify it.
+Every check enforcement inserts has the enforced settings, strict evidence (never the checked pixels)
+included; a check already in the graph counts as the enforced one only when every one of its inputs equals
+what enforcement gives its own (so a user's look-alike check with its own references folder gets one in
+front of it).
+A user's own Provenance Check in the graph is made strict too. Latent previews (--preview-method) are
+turned off while enforcement is on: they would send undecoded, unchecked pixels to the browser.
 
 Enforcement fails closed. Once it is configured (the variable is set or the file exists), a configuration
-that cannot be read or validated, a graph that cannot be rewritten, or any error in the handler makes the
-prompt be refused with a message saying why: the graph is replaced by one ProvenanceGuardRefusal node,
-whose validation fails with that message, so ComfyUI answers the POST /prompt with a 400 naming it.
-(ComfyUI swallows exceptions raised by prompt handlers and would queue the graph unchecked.)
+that cannot be read or validated (a file without a usable "enforce" object included), a graph that cannot
+be rewritten, or any error in the handler makes the prompt be refused with a message saying why: the graph
+is replaced by one ProvenanceGuardRefusal node, whose validation fails with that message, so ComfyUI
+answers the POST /prompt with a 400 naming it. (ComfyUI swallows exceptions raised by prompt handlers and
+would queue the graph unchecked.)
 """
 from __future__ import annotations
 
@@ -41,8 +53,22 @@ REFUSAL_ID = "provenance-guard-refused"
 CHECK_CLASS = "ProvenanceCheck"
 REFUSAL_CLASS = "ProvenanceGuardRefusal"
 DEFAULTS: dict[str, Any] = {"fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-                            "verify": "confirm+escalate", "monitor": True}
-KEYS = {"bundle", "fail_mode", "exempt_nodes", "save_nodes", "top_k", "verify", "monitor"}
+                            "verify": "confirm+escalate", "monitor": True, "image_types": [], "data_types": []}
+KEYS = set(DEFAULTS) | {"bundle"}
+IMAGE = "IMAGE"
+# Types made from images upstream: traced to the IMAGE links they come from.
+TRACED_TYPES = frozenset({"VIDEO", "MASK", "*"})
+# A traced type that must come from at least one IMAGE this graph can check (a loaded video cannot be).
+NEEDS_IMAGE = frozenset({"VIDEO"})
+# Pixels before decoding: no check can see them.
+REFUSED_TYPES = frozenset({"LATENT"})
+# Types that carry no image data (ComfyUI's own; a pack's are added with "data_types").
+DATA_FREE_TYPES = frozenset({
+    "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO", "MODEL", "CLIP", "VAE", "CONDITIONING", "CLIP_VISION",
+    "CLIP_VISION_OUTPUT", "CONTROL_NET", "STYLE_MODEL", "GLIGEN", "UPSCALE_MODEL", "SIGMAS", "SAMPLER", "NOISE",
+    "GUIDER", "AUDIO", "LATENT_OPERATION", "HOOKS", "HOOK_KEYFRAMES", "TIMESTEPS_RANGE", "PHOTOMAKER",
+    "TAESD", "LORA_MODEL", "LOSS_MAP", "WEBCAM"})
+MAX_TRACE = 10_000  # nodes visited per prompt, at most
 MONITOR_CLASS = "ProvenanceMemorizationMonitor"
 # Nodes whose "model" input is what samples with CFG: a Memorization Monitor goes in front of it.
 SAMPLING_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "CFGGuider", "DualCFGGuider")
@@ -74,10 +100,18 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
             raise EnforcementConfigError(f"{path} must hold a JSON object such as "
                                          f'{{"enforce": {{"bundle": "..."}}}}, not a {type(data).__name__}')
         section = data.get("enforce")
-        if section is not None and not isinstance(section, dict):
+        if section is None:
+            raise EnforcementConfigError(f'{path} exists but holds no "enforce" object, so enforcement cannot run; '
+                                         f'write {{"enforce": {{"bundle": "studio-refs"}}}} (see the README, '
+                                         f"'Studio enforcement'), or delete the file to turn enforcement off")
+        if not isinstance(section, dict):
             raise EnforcementConfigError(f'{path}: "enforce" must be an object such as {{"bundle": "studio-refs"}}, '
                                          f"not {section!r}")
-        cfg = dict(section or {})
+        others = sorted(set(data) - {"enforce"})
+        if others:
+            raise EnforcementConfigError(f'{path}: unknown key(s) {others} beside "enforce"; put every setting '
+                                         f'inside "enforce" (see the README, \'Studio enforcement\')')
+        cfg = dict(section)
         unknown = sorted(set(cfg) - KEYS)
         if unknown:
             raise EnforcementConfigError(f'{path}: unknown key(s) {unknown} under "enforce"; the keys are '
@@ -86,9 +120,9 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
         cfg["bundle"] = environ[ENV]
     elif ENV in environ:
         raise EnforcementConfigError(f"{ENV} is set but empty; give a bundle name, path or server URL, or unset it")
-    if not cfg:
+    if not cfg and not (path and os.path.exists(path)):
         return None
-    return _validated({**DEFAULTS, **cfg}, path or ENV)
+    return _validated({**DEFAULTS, **cfg}, path if path and os.path.exists(path) else ENV)
 
 
 def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -113,7 +147,8 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(cfg.get("monitor"), bool):
         raise EnforcementConfigError(f'{where}: "monitor" must be true or false, not {cfg.get("monitor")!r}')
     return {"bundle": bundle.strip(), "fail_mode": cfg["fail_mode"], "exempt_nodes": names("exempt_nodes"),
-            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "monitor": cfg["monitor"]}
+            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "monitor": cfg["monitor"],
+            "image_types": names("image_types"), "data_types": names("data_types")}
 
 
 def _is_path(bundle: str) -> bool:
@@ -121,54 +156,149 @@ def _is_path(bundle: str) -> bool:
 
 
 def check_inputs(config: dict[str, Any], source: list) -> dict[str, Any]:
-    """The inputs of the check enforcement inserts in front of ``source``."""
+    """The inputs of the check enforcement inserts in front of ``source``: every input the node takes."""
     bundle = str(config["bundle"])
     return {"images": source, "bundle": "" if _is_path(bundle) else bundle,
             "bundle_path": bundle if _is_path(bundle) else "", "on_match": "block",
             "fail_mode": config["fail_mode"], "use_bundle_thresholds": True, "warn": 0.90, "block": 0.95,
-            "top_k": int(config["top_k"]), "model_override": "", "verify": config.get("verify", "confirm+escalate")}
+            "top_k": int(config["top_k"]), "model_override": "", "verify": config.get("verify", "confirm+escalate"),
+            "fetch_references": False, "references": "", "prompt_action": "warn", "strict": True}
 
 
 def _enforcing(node: Any, config: dict[str, Any]) -> bool:
-    """Whether node is a Provenance Check that blocks as enforcement would (class and settings, not id)."""
+    """Whether node is a Provenance Check exactly as enforcement inserts it: its class and every one of its
+    inputs (a check that differs in any input, a references folder included, is the user's, not ours)."""
     if not isinstance(node, dict) or node.get("class_type") != CHECK_CLASS:
         return False
     inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
-    want = check_inputs(config, [])
-    bundle_ok = (inputs.get("bundle_path") or "").strip() == want["bundle_path"] if want["bundle_path"] else (
-        inputs.get("bundle") == want["bundle"] and not (inputs.get("bundle_path") or "").strip())
-    return (bundle_ok and inputs.get("on_match") == "block" and inputs.get("fail_mode") == want["fail_mode"]
-            and inputs.get("use_bundle_thresholds") is True and not (inputs.get("model_override") or "").strip()
-            and "clip_vision" not in inputs and inputs.get("verify", "confirm") == want["verify"])
+    want = check_inputs(config, inputs.get("images"))
+    return set(inputs) == set(want) and all(inputs[k] == v and type(inputs[k]) is type(v) for k, v in want.items())
 
 
-def _image_inputs(cls) -> set[str]:
-    declared = set()
-    spec = cls.INPUT_TYPES() if hasattr(cls, "INPUT_TYPES") else {}
+class Refused(Exception):
+    """A graph enforcement will not run: the message says which node and why."""
+
+
+def _type_name(kind: Any) -> Optional[str]:
+    if isinstance(kind, (list, tuple)):
+        return "COMBO"  # a list of choices
+    return str(kind) if isinstance(kind, str) and kind else None
+
+
+def _declared(cls: Any, key: str) -> Optional[str]:
+    try:
+        spec = cls.INPUT_TYPES() if cls is not None and hasattr(cls, "INPUT_TYPES") else {}
+    except Exception:  # noqa: BLE001 - a pack's INPUT_TYPES may fail: the link's own type decides then
+        return None
     for group in ("required", "optional"):
-        for name, kind in (spec.get(group) or {}).items():
-            if isinstance(kind, (tuple, list)) and kind and kind[0] == "IMAGE":
-                declared.add(name)
-    return declared
+        kind = (spec.get(group) or {}).get(key)
+        if isinstance(kind, (tuple, list)) and kind:
+            return _type_name(kind[0])
+    return None
 
 
-def _returns_image(classes: dict, node: Any, slot: Any) -> bool:
+def _produced(classes: dict, node: Any, slot: Any) -> Optional[str]:
     cls = classes.get(node.get("class_type")) if isinstance(node, dict) else None
     returns = getattr(cls, "RETURN_TYPES", ()) or ()
-    return isinstance(slot, int) and 0 <= slot < len(returns) and returns[slot] == "IMAGE"
+    if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot < len(returns):
+        return _type_name(returns[slot])
+    return None
+
+
+class _Guard:
+    """One prompt's rewrite: checks inserted on IMAGE links, traced types followed upstream."""
+
+    def __init__(self, prompt: dict, config: dict[str, Any], classes: dict):
+        self.prompt, self.config, self.classes = prompt, config, classes
+        self.traced = TRACED_TYPES | set(config.get("image_types") or ())
+        self.data_free = DATA_FREE_TYPES | set(config.get("data_types") or ())
+        self.found: dict[str, bool] = {}  # node id traced -> whether an IMAGE link was checked above it
+        self.steps = 0
+
+    def kind(self, node: dict, key: str, value: list) -> Optional[str]:
+        produced = _produced(self.classes, self.prompt.get(str(value[0])), value[1])
+        declared = _declared(self.classes.get(node.get("class_type")), key)
+        return IMAGE if IMAGE in (produced, declared) else produced or declared
+
+    def output(self, node_id: str, node: dict) -> None:
+        for key, value in list((node.get("inputs") or {}).items()):
+            if _linked(value, self.prompt):
+                self.link(node_id, node, key, value, f"output node {node_id} ({node.get('class_type')})")
+
+    def link(self, node_id: str, node: dict, key: str, value: list, where: str) -> bool:
+        """Guard one linked input; True when an IMAGE link was checked on the way."""
+        self.steps += 1
+        if self.steps > MAX_TRACE:
+            raise Refused(f"the graph is too large to trace (over {MAX_TRACE} links)")
+        kind = self.kind(node, key, value)
+        if kind == IMAGE:
+            self.check(node_id, node, key, value)
+            return True
+        if kind in self.data_free:
+            return False
+        if kind in REFUSED_TYPES:
+            raise Refused(f"{where} receives {kind} through its input {key!r}: undecoded pixels cannot be checked "
+                          f"before they leave ComfyUI. Decode them (VAE Decode) and save images instead, or name "
+                          f"the node class in \"exempt_nodes\" of provenance_guard.json")
+        if kind in self.traced:
+            source_id = str(value[0])
+            found = self.upstream(source_id, where)
+            if not found and kind in NEEDS_IMAGE:
+                raise Refused(f"{where} receives {kind} through its input {key!r}, made from no image this graph "
+                              f"can check (node {source_id}, {self.prompt[source_id].get('class_type')}); build it "
+                              f"from generated images (e.g. Create Video), or exempt the node class")
+            return found
+        raise Refused(f"{where} receives {kind or 'an unknown type'} through its input {key!r}, a type studio "
+                      f"enforcement does not know; add it to \"image_types\" (it carries pixels made from images) "
+                      f"or \"data_types\" (it carries no image data) in provenance_guard.json")
+
+    def upstream(self, node_id: str, where: str) -> bool:
+        if node_id in self.found:
+            return self.found[node_id]
+        self.found[node_id] = False  # a cycle (ComfyUI refuses those) ends here
+        node = self.prompt.get(node_id)
+        found = False
+        if isinstance(node, dict) and node.get("class_type") != CHECK_CLASS:
+            for key, value in list((node.get("inputs") or {}).items()):
+                if _linked(value, self.prompt):
+                    found = self.link(node_id, node, key, value, f"{where}, through node {node_id} "
+                                                                 f"({node.get('class_type')})") or found
+        elif isinstance(node, dict):
+            found = True  # a check's output: already checked by the check inserted in front of it
+        self.found[node_id] = found
+        return found
+
+    def check(self, node_id: str, node: dict, key: str, value: list) -> None:
+        if _enforcing(self.prompt.get(str(value[0])), self.config) and value[1] == 0:
+            return  # fed by a check exactly as enforcement inserts it
+        check_id = f"{PREFIX}{node_id}-{key}"
+        while check_id in self.prompt:
+            check_id += "-"
+        self.prompt[check_id] = {"class_type": CHECK_CLASS, "inputs": check_inputs(self.config, value),
+                                 "_meta": {"title": "Provenance Check (studio enforced)"}}
+        node["inputs"][key] = [check_id, 0]
+
+
+def _linked(value: Any, prompt: dict) -> bool:
+    return isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt
 
 
 def enforce_prompt(json_data: dict, config: dict[str, Any], classes: dict) -> dict:
-    """Insert a blocking Provenance Check in front of every image input of every output node of
-    json_data["prompt"]. ``classes`` is ComfyUI's NODE_CLASS_MAPPINGS. Never raises: a graph that cannot be
-    rewritten is refused (see refuse)."""
+    """Insert a blocking Provenance Check on every IMAGE link whose data reaches an output node of
+    json_data["prompt"] (see the module docstring). ``classes`` is ComfyUI's NODE_CLASS_MAPPINGS. Never
+    raises: a graph that cannot be guarded is refused (see refuse)."""
     try:
+        disable_previews()
         prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
         if not isinstance(prompt, dict):
             return json_data
         exempt, extra = set(config["exempt_nodes"]), set(config["save_nodes"])
         if config.get("monitor", True):
             _insert_monitors(prompt)
+        for node in prompt.values():  # a user's own checks never show checked pixels under enforcement
+            if isinstance(node, dict) and node.get("class_type") == CHECK_CLASS and isinstance(node.get("inputs"), dict):
+                node["inputs"]["strict"] = True
+        guard = _Guard(prompt, config, classes)
         for node_id, node in list(prompt.items()):
             if not isinstance(node, dict):
                 continue
@@ -178,27 +308,28 @@ def enforce_prompt(json_data: dict, config: dict[str, Any], classes: dict) -> di
                 continue
             if not (getattr(cls, "OUTPUT_NODE", False) is True or name in extra):
                 continue
-            declared = _image_inputs(cls) if cls is not None else {"images"}
-            inputs = node.setdefault("inputs", {})
-            for key, value in list(inputs.items()):
-                if not (isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt):
-                    continue
-                source = prompt[str(value[0])]
-                if key not in declared and not _returns_image(classes, source, value[1]):
-                    continue
-                if _enforcing(source, config) and value[1] == 0:
-                    continue  # fed by a check that blocks as enforcement would
-                check_id = f"{PREFIX}{node_id}-{key}"
-                while check_id in prompt:
-                    check_id += "-"
-                prompt[check_id] = {"class_type": CHECK_CLASS, "inputs": check_inputs(config, value),
-                                    "_meta": {"title": "Provenance Check (studio enforced)"}}
-                inputs[key] = [check_id, 0]
+            node.setdefault("inputs", {})
+            guard.output(str(node_id), node)
         return json_data
+    except Refused as exc:
+        log.warning("provenance-guard: prompt refused by studio enforcement: %s", exc)
+        return refuse(json_data, f"Provenance Guard studio enforcement refused this prompt: {exc}")
     except Exception as exc:  # noqa: BLE001 - ComfyUI would log it and queue the graph unchecked
         log.exception("provenance-guard: could not insert the enforced check; refusing the prompt")
         return refuse(json_data, f"Provenance Guard studio enforcement could not insert its check into this graph "
                                  f"({type(exc).__name__}: {exc}); the prompt is refused rather than run unchecked")
+
+
+def disable_previews() -> None:
+    """Latent previews off (--preview-method): they reach the browser before any check runs."""
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return
+    if getattr(args, "preview_method", None) != LatentPreviewMethod.NoPreviews:
+        log.warning("provenance-guard: latent previews turned off: under studio enforcement unchecked pixels "
+                    "must not reach the browser")
+        args.preview_method = LatentPreviewMethod.NoPreviews
 
 
 def _insert_monitors(prompt: dict) -> None:
@@ -276,6 +407,7 @@ def record_slot(json_data: dict) -> dict:
 def register(server, config: dict[str, Any], classes: dict) -> None:
     """Registered before ``record_slot`` (register_with_comfyui), so the slot also covers the checks that
     enforcement inserts."""
+    disable_previews()
     server.add_on_prompt_handler(lambda json_data: enforce_prompt(json_data, config, classes))
     log.info("provenance-guard: studio enforcement on: every output node that receives images is preceded by a "
              "blocking check against %s (fail mode %s)", config["bundle"], config["fail_mode"])

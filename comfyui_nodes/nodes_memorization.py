@@ -10,7 +10,7 @@ recorded for that run.
 """
 from __future__ import annotations
 
-from ..core.memorization import DEFAULT_STEPS, RUNS
+from ..core.memorization import DEFAULT_STEPS, RUNS, post_cfg_step
 
 CATEGORY = "provenance"
 # ComfyUI's model configs (comfy/supported_models.py) -> the families of core.memorization.THRESHOLDS.
@@ -72,10 +72,7 @@ class MemorizationMonitor:
             if prompt_id is not None:
                 monitor = RUNS.monitor(run_key(prompt_id, node_id or ""), int(steps))
                 monitor.family = family
-                if args.get("uncond") is None or float(args.get("cond_scale", 1.0)) <= 1.0:
-                    monitor.no_guidance()
-                else:
-                    monitor.add_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"])
+                post_cfg_step(monitor, args)
             return args["denoised"]
 
         patched.set_model_sampler_post_cfg_function(record)

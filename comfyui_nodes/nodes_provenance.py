@@ -173,6 +173,9 @@ class ProvenanceCheck:
                 "prompt_action": (["warn", "pass", "block"], {"default": "warn", "tooltip": (
                     "how far a flagged prompt alone raises an image's verdict (a Memorization Monitor signal over "
                     "its threshold, or the training caption of duplicated images)")}),
+                "strict": ("BOOLEAN", {"default": False, "tooltip": (
+                    "never show a checked image's pixels in the evidence picture (the training image and its "
+                    "matched region only); studio enforcement turns it on")}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
@@ -180,7 +183,7 @@ class ProvenanceCheck:
     @classmethod
     def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
                    on_match="warn", fail_mode="open", model_override="", verify="confirm", fetch_references=False,
-                   references="", prompt_action="warn", **_):
+                   references="", prompt_action="warn", strict=False, **_):
         """Re-run when the bundle on disk changes (a new version after a takedown), never NaN."""
         try:
             path = resolve_bundle(bundle or "", bundle_path or "")
@@ -188,12 +191,12 @@ class ProvenanceCheck:
         except Exception:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
             stamp = "unresolved"
         return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
-                           fail_mode, model_override, verify, fetch_references, references, prompt_action])
+                           fail_mode, model_override, verify, fetch_references, references, prompt_action, strict])
 
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
               block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", verify="confirm",
-              fetch_references=False, references="", prompt_action="warn", prompt=None, extra_pnginfo=None,
-              unique_id=None):
+              fetch_references=False, references="", prompt_action="warn", strict=False, prompt=None,
+              extra_pnginfo=None, unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
         from ..core.policy import Policy, host_action
@@ -204,8 +207,11 @@ class ProvenanceCheck:
         from ..core.references import ReferenceOptions
 
         policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
-                        fail_mode=fail_mode, top_k=int(top_k), verify=verify, prompt_action=prompt_action)
-        reference_options = ReferenceOptions(root=(references or "").strip() or None, fetch=bool(fetch_references))
+                        fail_mode=fail_mode, top_k=int(top_k), verify=verify, prompt_action=prompt_action,
+                        strict=strict is True)
+        reference_options = ReferenceOptions(root=(references or "").strip() or None, fetch=bool(fetch_references),
+                                             root_hint="the node's references input (the folder's path)",
+                                             fetch_hint="the node's fetch_references input")
         # prompt -> output: the sampler, prompts and model this node's images come from, traced in the graph.
         try:
             record = parse_comfyui_prompt(prompt, from_node=unique_id) if isinstance(prompt, dict) else None

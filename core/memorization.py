@@ -138,7 +138,8 @@ class MemorizationMonitor:
             self._seen += 1
 
     def skip(self) -> None:
-        """A step whose unconditional prediction was not computed (A1111's skip_uncond): not counted."""
+        """A step whose unconditional prediction was not computed (A1111's skip_early_cond or NGMS, told by
+        the webui's own rule, never guessed from equal predictions): not counted."""
         with self._lock:
             self._skipped += 1
 
@@ -181,10 +182,47 @@ class MemorizationMonitor:
                 return [MemorizationScore(None, 0, "sampled without classifier-free guidance (CFG <= 1): the "
                                                    "signal needs the unconditional prediction")] * n
             if self._sums is None:
-                reason = ("the unconditional prediction was skipped at every step" if self._skipped
+                reason = ("the sampler skipped the unconditional prediction at every observed step" if self._skipped
                           else "no sampling step was observed")
                 return [MemorizationScore(None, 0, reason)] * (images or 1)
             return [MemorizationScore(float(s) / self._counts, self._counts) for s in self._sums.cpu().tolist()]
+
+
+def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale: Optional[float] = None) -> None:
+    """One sampling step as a ComfyUI-style post-CFG function sees it (ComfyUI's node, Forge's UNet patcher).
+
+    ``args`` holds cond_denoised, uncond_denoised, sigma, input and uncond (None when the sampler computed no
+    unconditional prediction). ComfyUI's args carry the guidance as cond_scale; Forge's do not, so its host
+    passes ``cfg_scale`` (p.cfg_scale). Guidance <= 1: the run has no CFG (score unavailable). Guidance > 1
+    with no unconditional prediction: that step was skipped (not counted). Equal predictions (a UNet whose
+    output ignores the prompt) are a real step with a difference of 0, counted as such."""
+    if monitor.done:
+        return
+    scale = args.get("cond_scale", cfg_scale)
+    try:
+        scale = None if scale is None else float(scale)
+    except (TypeError, ValueError):
+        scale = None
+    if scale is not None and scale <= 1.0:
+        monitor.no_guidance()
+    elif args.get("uncond") is None or args.get("uncond_denoised") is None:
+        if scale is None:
+            monitor.no_guidance()
+        else:
+            monitor.skip()
+    else:
+        monitor.add_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"])
+
+
+def score_text(check: Optional["PromptCheck"]) -> Optional[str]:
+    """The memorization signal in a few words for an infotext or a node's report ("0.0123 unrated"), or
+    None when no signal was recorded."""
+    if check is None:
+        return None
+    if check.memorization_score is None:
+        return f"{check.verdict}"
+    rated = "" if check.threshold is None else f" (threshold {check.threshold:.4g})"
+    return f"{check.memorization_score:.4f} {check.verdict}{rated}"
 
 
 @dataclass

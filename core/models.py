@@ -90,9 +90,10 @@ def _offline_help(spec: ModelSpec, what: str, reason: str) -> ModelLoadError:
     arch = spec.arch or "ARCH"
     return ModelLoadError(
         f"model {spec.raw!r}: {what} could not be fetched: {reason}. Download the weights on a connected "
-        f"machine and point at them: --model {arch}//path/to/weights.safetensors (a .pt/.bin file works "
-        f"too), or --model local-dir:/path/to/folder holding open_clip_config.json and the weights. "
-        f"Files already in the Hugging Face cache (HF_HOME) are used without a connection."
+        f"machine, then either put them into the Hugging Face cache (HF_HOME), whose files are used without a "
+        f"connection (the way inside the webuis), or point at them as {arch}//path/to/weights.safetensors (a "
+        f".pt/.bin file works too) or local-dir:/path/to/folder holding open_clip_config.json and the weights: "
+        f"the command line's --model, ComfyUI's model_override input."
     )
 
 

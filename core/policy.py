@@ -86,6 +86,9 @@ class Policy:
     # How far a flagged prompt alone raises the image's verdict: "pass" (never), "warn" or "block".
     prompt_action: str = "warn"
     memorization_thresholds: Optional[dict] = None  # family -> threshold, over the built-in table
+    # Strict (studio enforcement, the webuis' strict setting): evidence pictures show the training image with
+    # the matched region only, never the checked image's pixels (which may be a blocked copy).
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.fail_mode not in FAIL_MODES:
@@ -96,6 +99,8 @@ class Policy:
             validate_thresholds(self.verify_from, self.verify_from)
         if self.prompt_action not in (PASS, WARN, BLOCK):
             raise ConfigError(f"prompt action {self.prompt_action!r}: give pass, warn or block")
+        if not isinstance(self.strict, bool):
+            raise ConfigError(f"strict {self.strict!r}: give true or false")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top-k {self.top_k!r}: give a whole number of matches >= 1")
         for name, value in (("warn", self.warn), ("block", self.block)):

@@ -40,6 +40,10 @@ class ReferenceOptions:
     cache_dir: Optional[str] = None   # default $PROVENANCE_GUARD_REFERENCE_CACHE, else ~/.cache/provenance-guard/...
     cache_bytes: int = 512 << 20
     allow_loopback: bool = False      # tests only
+    # How messages name the options that fix a missing reference: command-line flags by default; a host
+    # passes its own field names (the webuis' Settings fields, the node's inputs).
+    root_hint: str = "--references DIR"
+    fetch_hint: str = "--fetch-references"
 
 
 @dataclass
@@ -170,10 +174,12 @@ class ReferenceResolver:
             # The folders looked in stay out of the reason: it goes into records that leave this machine.
             return Reference(None, rel or url or f"row {match.row_id}",
                              f"the reference image {rel or ''} is not in the bundle's image folder on this machine "
-                             f"(moved or never copied); give its folder with --references DIR", label=rel or url)
+                             f"(moved or never copied); give its folder with {self.options.root_hint}",
+                             label=rel or url)
         if not self.options.fetch:
-            return Reference(None, url, label=url, reason="reference fetching is off (--fetch-references turns it "
-                                                          "on; it tells the image's host that someone looked)")
+            return Reference(None, url, label=url, reason=f"reference fetching is off ({self.options.fetch_hint} "
+                                                          f"turns it on; it tells the image's host that someone "
+                                                          f"looked)")
         ref = self._fetch(url)
         ref.label = url
         return ref

@@ -62,7 +62,8 @@ def result_payload(result: CheckResult, top: int = 5) -> dict:
                 item["evidence"] = m.verification.evidence
         matches.append(item)
     return {"verdict": result.verdict, "max_score": result.max_score, "error": result.error,
-            "warnings": list(result.warnings), "matches": matches}
+            "warnings": list(result.warnings), "matches": matches,
+            "memorization": result.prompt.to_json() if result.prompt is not None else None}
 
 
 def text_report(results: list[CheckResult], top: int = 3) -> str:
@@ -148,6 +149,14 @@ def batch_summary(results: list[CheckResult]) -> str:
 
 
 SHORT_BLOCK_NOTICES = ("Blocked: too close to a known training image", "Blocked")
+SHORT_FAILURE_NOTICES = ("Blocked: provenance check could not run", "Provenance check could not run",
+                         "Check could not run", "Not checked")
+
+
+def short_notices(result: CheckResult) -> tuple[str, ...]:
+    """The shorter notices a small placeholder falls back to, saying the real reason: a check that could
+    not run is never called "too close to a known training image"."""
+    return SHORT_FAILURE_NOTICES if result.error else SHORT_BLOCK_NOTICES
 
 
 def _font(size: int):
@@ -191,16 +200,17 @@ def _wrap(draw, text: str, font, width: int) -> Optional[list[str]]:
     return lines
 
 
-def fit_notice(width: int, height: int, message: str) -> tuple[int, list[str]]:
+def fit_notice(width: int, height: int, message: str,
+               shorter: tuple[str, ...] = SHORT_BLOCK_NOTICES) -> tuple[int, list[str]]:
     """(font size, lines) of the longest notice that fits a width x height image whole, at the largest
-    size that fits: the full message, else a short notice, else "Blocked"; (0, []) when nothing fits."""
+    size that fits: the full message, else each of ``shorter`` in turn; (0, []) when nothing fits."""
     from PIL import Image, ImageDraw
 
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     margin = max(1, min(width, height) // 24)
     inner_w, inner_h = width - 2 * margin, height - 2 * margin
     largest = max(6, min(width, height) // 16)
-    for text in (" ".join(str(message).split()),) + SHORT_BLOCK_NOTICES:
+    for text in (" ".join(str(message).split()),) + tuple(shorter):
         size = largest
         while size >= 6:
             font = _font(size)
@@ -212,14 +222,15 @@ def fit_notice(width: int, height: int, message: str) -> tuple[int, list[str]]:
     return 0, []
 
 
-def placeholder_image(width: int, height: int, message: str):
+def placeholder_image(width: int, height: int, message: str, shorter: tuple[str, ...] = SHORT_BLOCK_NOTICES):
     """A black image of the given size carrying message as text (what a blocked image is replaced by). The
-    notice is fitted to the size: whole words only, shortened ("Blocked") where the message cannot fit."""
+    notice is fitted to the size: whole words only, else the first of ``shorter`` that fits (pass
+    short_notices(result), so the short form keeps the real reason)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), "black")
     try:
-        size, lines = fit_notice(img.width, img.height, message)
+        size, lines = fit_notice(img.width, img.height, message, shorter)
         if lines:
             draw = ImageDraw.Draw(img)
             font = _font(size)

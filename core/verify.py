@@ -427,11 +427,14 @@ def compare(generated: "Image.Image", reference: "Image.Image", thresholds: Veri
     return out
 
 
-def evidence_picture(generated: "Image.Image", reference: "Image.Image", v: Verification, height: int = 200,
-                     lines: bool = True) -> str:
-    """The picture a person judges by: the generated image and the reference side by side at the same
-    height, the matched region outlined on the reference and, for local-feature matches, lines joining the
-    matched points (green for a copy, orange for partial, grey otherwise). Returns a JPEG data URI."""
+def evidence_picture(generated: Optional["Image.Image"], reference: "Image.Image", v: Verification,
+                     height: int = 200, lines: bool = True) -> str:
+    """The picture a person judges by: the generated image ("your image") and the reference ("training
+    image") side by side at the same height, each labelled, the matched region outlined on the reference
+    and, for local-feature matches, lines joining the matched points (green for a copy, orange for partial,
+    grey otherwise). With generated None (strict: the checked image may be a blocked copy) only the
+    labelled reference with its matched region is drawn: none of the checked image's pixels. Returns a JPEG
+    data URI."""
     import base64
     import io
 
@@ -441,21 +444,37 @@ def evidence_picture(generated: "Image.Image", reference: "Image.Image", v: Veri
         factor = height / max(1, img.height)
         return img.convert("RGB").resize((max(1, round(img.width * factor)), height), Image.BILINEAR), factor
 
-    left, fg = scaled(generated)
+    label_h = 16
     right, fr = scaled(reference)
-    gap = 8
-    canvas = Image.new("RGB", (left.width + gap + right.width, height), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
+    left, fg = scaled(generated) if generated is not None else (None, 1.0)
+    gap = 8 if left is not None else 0
+    offset = left.width + gap if left is not None else 0
+    canvas = Image.new("RGB", (offset + right.width, height + label_h), (255, 255, 255))
+    if left is not None:
+        canvas.paste(left, (0, label_h))
+    canvas.paste(right, (offset, label_h))
     draw = ImageDraw.Draw(canvas)
+    font = _label_font()
+    if left is not None:
+        draw.text((2, 2), "your image", fill=(0, 0, 0), font=font)
+    draw.text((offset + 2, 2), "training image" if left is not None else "training image (matched region)",
+              fill=(0, 0, 0), font=font)
     colour = {COPY: (46, 160, 67), PARTIAL: (239, 108, 0)}.get(v.status, (150, 150, 150))
-    offset = left.width + gap
-    if lines:
+    if lines and left is not None:
         for gx, gy, rx, ry in v.lines:
-            draw.line((gx * fg, gy * fg, offset + rx * fr, ry * fr), fill=colour, width=1)
+            draw.line((gx * fg, label_h + gy * fg, offset + rx * fr, label_h + ry * fr), fill=colour, width=1)
     if v.region:
-        points = [(offset + x * fr, y * fr) for x, y in v.region]
+        points = [(offset + x * fr, label_h + y * fr) for x, y in v.region]
         draw.line(points + points[:1], fill=colour, width=3)
     buf = io.BytesIO()
     canvas.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _label_font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 (the webuis pin 9.5): the one bitmap font
+        return ImageFont.load_default()

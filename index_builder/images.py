@@ -47,7 +47,9 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    folder = Path(folder).expanduser()
+    # Recorded absolute: a host that reads the bundle later (a webui started elsewhere) resolves a relative
+    # path against its own working directory.
+    folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise ConfigError(f"--images {folder}: no such folder; give the folder holding the reference images")
     files = find_images(folder)

@@ -51,6 +51,13 @@
             item.appendChild(el("b", null, `image ${r.index + 1}: ${String(r.verdict).toUpperCase()}`));
             item.appendChild(el("span", null, ` max similarity ${score(r.max_score)}`));
             if (r.error) item.appendChild(el("div", "pg-error", r.error));
+            const mem = r.memorization;
+            if (mem && typeof mem === "object" && mem.memorization_score !== null && mem.memorization_score !== undefined) {
+                item.appendChild(el("div", "pg-memorization",
+                                    `memorization ${Number(mem.memorization_score).toFixed(4)} ${mem.verdict}`));
+            } else if (mem && typeof mem === "object" && mem.reason) {
+                item.appendChild(el("div", "pg-memorization", `memorization ${mem.verdict}: ${mem.reason}`));
+            }
             (r.warnings || []).forEach(function (w) { item.appendChild(el("div", "pg-warning", w)); });
             const list = el("ol");
             (r.matches || []).forEach(function (m) {
@@ -75,7 +82,7 @@
                 if (typeof m.evidence === "string" && m.evidence.startsWith("data:image/jpeg;base64,")) {
                     const img = el("img", "pg-evidence");
                     img.src = m.evidence;
-                    img.alt = "generated image and training image side by side";
+                    img.alt = "evidence: the training image (and, unless strict, your image beside it)";
                     li.appendChild(img);
                 }
                 list.appendChild(li);

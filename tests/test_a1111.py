@@ -298,10 +298,104 @@ def test_settings_section_and_ui(webui):
     script.ui(True)
     radio = [c for c in webui.gradio.made if type(c).__name__ == "Radio"][0]
     assert radio.kwargs["value"] == "block"
-    opts.provenance_guard_action = "blok"
+    opts.provenance_guard_action = "blok"  # hand-edited config.json: shown as (and counted as) the safe value
     webui.gradio.made.clear()
     script.ui(True)
-    assert [c for c in webui.gradio.made if type(c).__name__ == "Radio"][0].kwargs["value"] == "warn"
+    assert [c for c in webui.gradio.made if type(c).__name__ == "Radio"][0].kwargs["value"] == "block"
+
+
+class Gradio3Update:
+    """gradio 3.41.2's fixed update() signatures (what A1111's settings page calls on every load)."""
+
+    class Dropdown:
+        def __init__(self, choices=None, value=None, label=None, allow_custom_value=False, elem_id=None):
+            pass
+
+        @staticmethod
+        def update(value=None, choices=None, label=None, info=None, show_label=None, container=None, scale=None,
+                   min_width=None, interactive=None, placeholder=None, visible=None):
+            return {"value": value, "choices": choices}
+
+    class Number:
+        def __init__(self, value=None, label=None, precision=None, minimum=None, maximum=None, elem_id=None):
+            pass
+
+        @staticmethod
+        def update(value=None, minimum=None, maximum=None, step=None, label=None, info=None, show_label=None,
+                   container=None, scale=None, min_width=None, interactive=None, visible=None):
+            return {"value": value}
+
+    class Slider:
+        def __init__(self, minimum=0, maximum=100, value=None, step=None, label=None, elem_id=None):
+            pass
+
+        @staticmethod
+        def update(value=None, minimum=None, maximum=None, step=None, label=None, info=None, show_label=None,
+                   container=None, scale=None, min_width=None, interactive=None, visible=None):
+            return {"value": value}
+
+    class Radio:
+        def __init__(self, choices=None, value=None, label=None, elem_id=None):
+            pass
+
+        @staticmethod
+        def update(value=None, choices=None, label=None, info=None, show_label=None, container=None, scale=None,
+                   min_width=None, interactive=None, visible=None):
+            return {"value": value}
+
+
+@pytest.mark.parametrize("gradio", ["3.41", "4.x"])
+def test_every_setting_survives_the_settings_page_refresh(webui, monkeypatch, gradio):
+    """modules/ui_settings.py get_value_for_setting: gr.update(value=..., **component_args) on every page load;
+    under gradio 3 one keyword the component's update() does not take is an HTTP 500 for the whole page."""
+    from provenance_guard.a1111_extension import settings
+
+    for name in ("Dropdown", "Number", "Slider", "Radio"):
+        cls = getattr(Gradio3Update, name)
+        if gradio == "4.x":  # gradio 4: no Component.update(); gr.update takes any keyword
+            cls = type(name, (), {"__init__": cls.__init__})
+        monkeypatch.setattr(webui.gradio, name, cls)
+    webui.shared.opts.data_labels.clear()
+    settings.on_ui_settings()
+    for key, info in webui.shared.opts.data_labels.items():
+        args = info.component_args() if callable(info.component_args) else info.component_args or {}
+        args = {k: v for k, v in args.items() if k != "precision"}  # what A1111 1.10 itself drops
+        if info.component is not None and hasattr(info.component, "update"):
+            info.component.update(value=info.default, **args)  # raises TypeError on an unknown keyword
+        if info.component is not None:
+            info.component(label=info.label, value=info.default, elem_id=key, **args)
+    bundle = webui.shared.opts.data_labels["provenance_guard_bundle"].component_args()
+    assert bundle["choices"] == ["studio-refs"]
+    assert ("allow_custom_value" in bundle) == (gradio == "4.x")  # gradio 4 refuses a typed value without it
+
+
+def test_api_callers_get_the_settings_of_each_call_for_what_they_leave_out(webui):
+    """modules/api/api.py fills the arguments a caller leaves out with the values of the components ui()
+    returns inside init_default_script_args, cached at the first API call: those are "as in Settings"."""
+    from provenance_guard.a1111_extension import script as glue
+
+    script = webui.cls()
+
+    def init_default_script_args():  # the webui's own function name, as the API calls ui()
+        return [c.kwargs.get("value") if not hasattr(c, "value") else c.value for c in script.ui(False)]
+
+    cached = init_default_script_args()
+    assert cached == [glue.FROM_SETTINGS] * len(glue.ARG_NAMES)
+    drawn = script.ui(False)  # the UI itself still shows the settings
+    assert [c.kwargs.get("value") for c in drawn][6] == "warn"
+    opts = webui.shared.opts
+    opts.provenance_guard_enabled, opts.provenance_guard_bundle = True, "studio-refs"
+    opts.provenance_guard_verify, opts.provenance_guard_fail_mode = "off", "closed"
+    sent = [True, "studio-refs"]  # a caller sending two arguments: the API fills in the cached rest
+    values = glue.parse_args(sent + cached[len(sent):])
+    assert values["verify"] == "off" and values["fail_mode"] == "closed" and values["enabled"] is True
+    opts.provenance_guard_verify = "escalate"  # posted later: the next call follows it
+    assert glue.parse_args(cached)["verify"] == "escalate"
+    explicit = glue.parse_args([True, "studio-refs", "", True, 0.9, 0.95, "warn", "open", "confirm", False])
+    assert explicit["verify"] == "confirm" and explicit["fail_mode"] == "open"  # what a caller sends wins
+    p, processed, saved, _ = generate(webui, ["camera"], cached)
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verify"]["mode"] == "escalate" and record["fail_mode"] == "closed"
 
 
 @pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
@@ -384,16 +478,53 @@ def test_fail_modes_whatever_the_action(webui, action, mode, verdict, saved_orig
     assert "not in" in json.loads(saved[0].pnginfo["provenance"])["error"]
 
 
-@pytest.mark.parametrize("bad,expect", [(dict(action="blok"), "action 'blok'"),
-                                        (dict(fail_mode="clsoed", action="warn"), "fail mode 'clsoed'"),
-                                        (dict(use_bundle_thresholds=False, warn=0.99, block=0.9), "thresholds")])
-def test_settings_the_run_cannot_use_fail_it_closed_or_as_set(webui, bad, expect):
-    values = dict(fail_mode="closed")
-    values.update(bad)
-    p, processed, saved, _ = generate(webui, ["camera"], args(**values))
+def test_thresholds_the_run_cannot_use_fail_it_under_the_fail_mode(webui):
+    p, processed, saved, _ = generate(webui, ["camera"], args(fail_mode="closed", use_bundle_thresholds=False,
+                                                              warn=0.99, block=0.9))
     record = json.loads(saved[0].pnginfo["provenance"])
-    assert record["verdict"] == "block" and expect in record["error"] and "Settings > Provenance Guard" in record["error"]
-    assert is_placeholder(saved[0].image)
+    assert record["verdict"] == "block" and "thresholds" in record["error"]
+    assert "Settings > Provenance Guard" in record["error"] and is_placeholder(saved[0].image)
+
+
+@pytest.mark.parametrize("key,bad,safe", [("fail_mode", "sometimes", "closed"), ("action", "blok", "block"),
+                                          ("verify", "bogus", "confirm+escalate"), ("fail_mode", None, "closed")])
+def test_an_unusable_safety_setting_counts_as_its_safe_value(webui, caplog, key, bad, safe):
+    """A hand-edited config.json: the value counts as the safe one, and the run says so (never fails open)."""
+    from provenance_guard.a1111_extension import settings
+
+    settings._said.clear()
+    opts = webui.shared.opts
+    # the bundle is missing too, so a fail mode that failed open would pass the image unchecked
+    opts.provenance_guard_enabled = True
+    opts.provenance_guard_bundle = "studio-refs" if key in ("verify", "action") else "gone"
+    name = "astronaut" if key == "action" else "camera"  # the astronaut is a reference: its verdict is block
+    setattr(opts, f"provenance_guard_{key}", bad)
+    with caplog.at_level("WARNING", logger="provenance_guard"):
+        p, processed, saved, originals = generate(webui, [name], [None] * 10)  # all from the settings
+        generate(webui, [name], [None] * 10)
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert any(f"counts as {safe!r}" in w for w in record["warnings"]), record["warnings"]
+    assert sum(f"counts as {safe!r}" in r.message for r in caplog.records) == 1  # said once
+    if key == "fail_mode":
+        assert record["verdict"] == "block" and is_placeholder(saved[0].image)  # not an unchecked pass
+    if key == "verify":
+        assert record["verify"]["mode"] == "confirm+escalate"
+    if key == "action":
+        assert record["verdict"] == "block" and is_placeholder(saved[0].image)
+
+
+def test_placeholder_says_the_real_reason_at_any_size():
+    from provenance_guard.core import report
+    from provenance_guard.core.policy import Policy
+    from provenance_guard.core.check import failed_result
+
+    failure = failed_result(Policy(fail_mode="closed"), "bundle 'gone' is not in /x; pick another or give its path")
+    notices = report.short_notices(failure)
+    assert all("training image" not in n for n in notices)
+    for side in (64, 96, 128, 256):
+        size, lines = report.fit_notice(side, side, report.block_message(failure), notices)
+        text = " ".join(lines)
+        assert lines and "training image" not in text and ("could not" in text or "Not checked" in text), (side, text)
 
 
 def test_internal_error_under_closed_blocks(webui, monkeypatch):

@@ -134,3 +134,37 @@ def test_demo_runs_the_main_job(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "as expected" in proc.stdout and "BLOCK" in proc.stdout and "PASS" in proc.stdout
     assert read_record(tmp_path / "d/outputs/astronaut_jpeg70.jpg").verdict == "block"
+
+
+@pytest.mark.parametrize("source,label", [("forge", "Forge webui (forge)"), ("a1111", "Automatic1111 webui (a1111)"),
+                                          ("comfyui", "ComfyUI (comfyui)")])
+def test_record_show_prints_the_stored_record_and_its_host(built_bundle, tmp_path, capsys, source, label):
+    from provenance_guard.core.check import Checker
+    from provenance_guard.core.record import write_record
+    from provenance_guard.core.result import GenerationRecord
+
+    image = tmp_path / "out.png"
+    sample_image("astronaut").save(image)
+    (result,) = Checker(built_bundle, device="cpu").check(
+        [image], records=[GenerationRecord(prompt="an astronaut <b>", seed=7, source=source)])
+    write_record(image, result)
+    assert cli(["record", "show", str(image)]) == 0
+    out = capsys.readouterr().out
+    assert f"written by:  {label}" in out and "verdict:     block" in out and "astronaut.png" in out
+    assert "prompt:      an astronaut <b>" in out and "seed:        7" in out
+    assert cli(["record", "show", "--json", str(image)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["verdict"] == "block" and data["generation"]["source"] == source
+
+
+def test_record_show_says_what_is_missing_and_exits_2(tmp_path, capsys):
+    plain = tmp_path / "plain.png"
+    sample_image("camera").save(plain)
+    broken = tmp_path / "broken.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("provenance", "{not json")
+    sample_image("camera").save(broken, pnginfo=info)
+    assert cli(["record", "show", str(plain), str(broken), str(tmp_path / "gone.png")]) == 2
+    err = capsys.readouterr().err
+    assert "plain.png: no provenance record" in err and "broken.png: its record cannot be read" in err
+    assert "gone.png: no such file" in err and "Traceback" not in err

@@ -66,6 +66,17 @@ BUILTIN_NODES = {
     "SaveImageWebsocket": node_class("SaveImageWebsocket", {"images": ("IMAGE",)}, output=True),
     "PreviewAny": node_class("PreviewAny", {"source": ("*",)}, output=True),
     "MyStudioSaver": node_class("MyStudioSaver", {"pictures": ("IMAGE",), "caption": ("STRING",)}, output=True),
+    "CreateVideo": node_class("CreateVideo", {"images": ("IMAGE",), "fps": ("FLOAT",)}, ["VIDEO"]),
+    "SaveVideo": node_class("SaveVideo", {"video": ("VIDEO",), "filename_prefix": ("STRING",)}, [], output=True),
+    "SaveWEBM": node_class("SaveWEBM", {"images": ("IMAGE",), "fps": ("FLOAT",)}, [], output=True),
+    "LoadVideo": node_class("LoadVideo", {"file": (["a.mp4"],)}, ["VIDEO"]),
+    "GetVideoComponents": node_class("GetVideoComponents", {"video": ("VIDEO",)}, ["IMAGE", "AUDIO", "FLOAT"]),
+    "ImageToMask": node_class("ImageToMask", {"image": ("IMAGE",), "channel": (["red"],)}, ("MASK",)),
+    "MaskPreview": node_class("MaskPreview", {"mask": ("MASK",)}, output=True),
+    "SolidMask": node_class("SolidMask", {"value": ("FLOAT",)}, ("MASK",)),
+    "SaveLatent": node_class("SaveLatent", {"samples": ("LATENT",), "filename_prefix": ("STRING",)}, output=True),
+    "Make3D": node_class("Make3D", {"image": ("IMAGE",)}, ("MESH",)),
+    "Save3D": node_class("Save3D", {"mesh": ("MESH",)}, output=True),
 }
 
 
@@ -306,31 +317,106 @@ def test_exempt_nodes_are_named_explicitly(pack):
     assert prompt["9"]["inputs"]["images"][0].startswith("provenance-guard-enforce-")
 
 
+def _enforced_inputs(**changes):
+    from provenance_guard.comfyui_nodes.enforce import check_inputs, load_config
+
+    config = load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": "studio-refs"})
+    return {**check_inputs(config, ["8", 0]), **changes}
+
+
 @pytest.mark.parametrize("upstream,trusted", [
     ({"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}, False),  # an id is no proof
-    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
-                                                  "on_match": "warn", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": True}}, False),
-    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
-                                                  "on_match": "block", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": False, "warn": 1.0, "block": 1.0}}, False),
-    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "other", "bundle_path": "",
-                                                  "on_match": "block", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": True}}, False),
-    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
-                                                  "on_match": "block", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": True, "top_k": 3, "verify": "off"}}, False),
-    ({"class_type": "ProvenanceCheck", "inputs": {"images": ["8", 0], "bundle": "studio-refs", "bundle_path": "",
-                                                  "on_match": "block", "fail_mode": "closed",
-                                                  "use_bundle_thresholds": True, "top_k": 3,
-                                                  "verify": "confirm+escalate"}}, True),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(on_match="warn")}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(use_bundle_thresholds=False, warn=1.0, block=1.0)},
+     False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(bundle="other")}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(verify="off")}, False),
+    # a decoy: every setting as enforced, but its pixel check looks in a folder of the user's choosing
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(references="/tmp/decoy")}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(fetch_references=True)}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(prompt_action="pass")}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(use_bundle_thresholds=1)}, False),  # type counts
+    ({"class_type": "ProvenanceCheck", "inputs": {**_enforced_inputs(), "added_later": "x"}}, False),
+    # without strict: enforcement makes every check strict first, and then it is the enforced check
+    ({"class_type": "ProvenanceCheck", "inputs": {k: v for k, v in _enforced_inputs().items() if k != "strict"}},
+     True),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs()}, True),
 ])
-def test_already_enforced_is_decided_by_class_and_settings_not_by_id(pack, upstream, trusted):
+def test_already_enforced_means_every_input_as_enforcement_sets_it(pack, upstream, trusted):
     graph = example_graph()
     graph["provenance-guard-enforce-9"] = upstream
     graph["9"]["inputs"]["images"] = ["provenance-guard-enforce-9", 0]
     prompt, _ = enforced(graph=graph)
     assert (prompt["9"]["inputs"]["images"] == ["provenance-guard-enforce-9", 0]) == trusted
+    if upstream["class_type"] == "ProvenanceCheck":
+        assert prompt["provenance-guard-enforce-9"]["inputs"]["strict"] is True  # the user's check too
+
+
+def test_video_and_mask_outputs_are_checked_where_the_frames_are_still_images(pack):
+    graph = example_graph()
+    graph["20"] = {"class_type": "CreateVideo", "inputs": {"images": ["8", 0], "fps": 8.0}}
+    graph["21"] = {"class_type": "SaveVideo", "inputs": {"video": ["20", 0], "filename_prefix": "video/x"}}
+    graph["22"] = {"class_type": "ImageToMask", "inputs": {"image": ["8", 0], "channel": "red"}}
+    graph["23"] = {"class_type": "MaskPreview", "inputs": {"mask": ["22", 0]}}
+    graph["24"] = {"class_type": "SaveWEBM", "inputs": {"images": ["8", 0], "fps": 8.0}}
+    graph["25"] = {"class_type": "SolidMask", "inputs": {"value": 1.0}}
+    graph["26"] = {"class_type": "MaskPreview", "inputs": {"mask": ["25", 0]}}  # no image data: runs as it is
+    prompt, _ = enforced(graph=graph)
+    for node_id, key in (("20", "images"), ("22", "image"), ("24", "images")):
+        check = prompt[prompt[node_id]["inputs"][key][0]]
+        assert check["class_type"] == "ProvenanceCheck" and check["inputs"]["images"] == ["8", 0], node_id
+        assert check["inputs"]["on_match"] == "block" and check["inputs"]["strict"] is True
+    assert prompt["21"]["inputs"]["video"] == ["20", 0] and prompt["23"]["inputs"]["mask"] == ["22", 0]
+    assert prompt["26"]["inputs"]["mask"] == ["25", 0]
+    again, _ = enforced(graph=json.loads(json.dumps(prompt)))
+    assert again == prompt
+
+
+@pytest.mark.parametrize("nodes,why", [
+    ({"20": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "l"}}},
+     "receives LATENT"),
+    ({"20": {"class_type": "LoadVideo", "inputs": {"file": "a.mp4"}},
+      "21": {"class_type": "SaveVideo", "inputs": {"video": ["20", 0], "filename_prefix": "v"}}},
+     "made from no image this graph can check"),
+    ({"20": {"class_type": "Make3D", "inputs": {"image": ["8", 0]}},
+      "21": {"class_type": "Save3D", "inputs": {"mesh": ["20", 0]}}}, '"image_types"'),
+])
+def test_outputs_whose_data_cannot_be_checked_refuse_the_prompt(pack, nodes, why):
+    graph = example_graph()
+    graph.update(nodes)
+    prompt, _ = enforced(graph=graph)
+    reason = refusal_reason(prompt)
+    assert "refused this prompt" in reason and why in reason, reason
+
+
+def test_a_packs_own_types_are_classified_by_the_studio(pack):
+    from provenance_guard.comfyui_nodes.enforce import load_config
+
+    base = load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": "studio-refs"})
+    graph = example_graph()
+    graph["20"] = {"class_type": "Make3D", "inputs": {"image": ["8", 0]}}
+    graph["21"] = {"class_type": "Save3D", "inputs": {"mesh": ["20", 0]}}
+    traced, _ = enforced(graph=json.loads(json.dumps(graph)), config=dict(base, image_types=["MESH"]))
+    assert traced["20"]["inputs"]["image"][0].startswith("provenance-guard-enforce-20-image")
+    free, _ = enforced(graph=json.loads(json.dumps(graph)), config=dict(base, data_types=["MESH"]))
+    assert free["20"]["inputs"]["image"] == ["8", 0] and free["21"]["inputs"]["mesh"] == ["20", 0]
+    exempt, _ = enforced(graph=json.loads(json.dumps(graph)), config=dict(base, exempt_nodes=["Save3D"]))
+    assert exempt["21"]["inputs"]["mesh"] == ["20", 0]
+
+
+def test_enforcement_turns_latent_previews_off(pack, monkeypatch):
+    import enum
+
+    class LatentPreviewMethod(enum.Enum):
+        NoPreviews = "none"
+        Auto = "auto"
+
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.LatentPreviewMethod = LatentPreviewMethod
+    cli_args.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.Auto)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    enforced(graph=example_graph())
+    assert cli_args.args.preview_method is LatentPreviewMethod.NoPreviews
 
 
 def refusal_reason(prompt) -> str:
@@ -354,6 +440,12 @@ def test_a_graph_enforcement_cannot_rewrite_is_refused_with_the_reason(pack, mon
     ('{"enforce": {"bundle": "studio-refs", "save_nodes": "SaveImage"}}', '"save_nodes" must be a list'),
     ('{"enforce": {"bundle": "studio-refs", "fail_mode": "clsoed"}}', '"fail_mode" must be'),
     ('{"enforce": {"bundle": "studio-refs", "exempt": ["SaveImage"]}}', "unknown key"),
+    # configured (the file exists) but without a usable "enforce" object: refused, never silently off
+    ('{"enforcement": {"bundle": "studio-refs"}}', 'holds no "enforce" object'),
+    ('{}', 'holds no "enforce" object'),
+    ('{"enforce": null}', 'holds no "enforce" object'),
+    ('{"enforce": {"bundle": "studio-refs"}, "enforcement": {}}', 'beside "enforce"'),
+    ('{"enforce": {"bundle": "studio-refs", "image_types": "MESH"}}', '"image_types" must be a list'),
 ])
 @pytest.mark.parametrize("env", [None, "studio-refs"])
 def test_a_configuration_that_cannot_be_used_refuses_every_prompt(comfy, monkeypatch, text, why, env):
@@ -385,6 +477,10 @@ def test_an_empty_bundle_is_refused_and_the_variable_overrides_the_file(comfy):
     assert load_config(str(comfy.tmp / "user"), environ={"PROVENANCE_GUARD_ENFORCE": "x"})["bundle"] == "x"
     with pytest.raises(EnforcementConfigError, match="set but empty"):
         load_config(None, environ={"PROVENANCE_GUARD_ENFORCE": ""})
+    (comfy.tmp / "user" / "provenance_guard.json").write_text('{"enforce": {}}')  # configured, names no bundle
+    with pytest.raises(EnforcementConfigError, match='"bundle" must name'):
+        load_config(str(comfy.tmp / "user"), environ={})
+    assert load_config(str(comfy.tmp / "user"), environ={"PROVENANCE_GUARD_ENFORCE": "x"})["bundle"] == "x"
 
 
 def test_a_config_file_with_a_utf8_bom_is_enforced(comfy):

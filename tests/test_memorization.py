@@ -132,14 +132,29 @@ def test_comfyui_node_feeds_the_check_of_the_same_run(monkeypatch, built_bundle)
     assert json.loads(results[0].dumps())["prompt"]["memorization_score"] == pytest.approx(expected[0].item(), rel=1e-5)
 
 
-def a1111_step(glue, p, x, conds_per_image, eps_c, eps_u, sigma, timesteps=False, skip_uncond=False):
+def forge_step(patcher, x, eps_c, eps_u, sigma, cond_scale=7.0):
+    """What Forge's backend/sampling/sampling_function.py hands each post-CFG function: no cond_scale; at a
+    step run without guidance (CFG 1, Skip Early CFG) the unconditional prediction is zeros, uncond present."""
+    s = sigma[:, None, None, None]
+    cond_denoised = x - s * eps_c
+    uncond_denoised = x - s * eps_u if cond_scale != 1.0 else torch.zeros_like(x)
+    args = {"denoised": uncond_denoised + (cond_denoised - uncond_denoised) * cond_scale, "cond": [object()],
+            "uncond": [object()], "model": object(), "uncond_denoised": uncond_denoised,
+            "cond_denoised": cond_denoised, "sigma": sigma, "model_options": {}, "input": x}
+    for fn in patcher.post_cfg:
+        assert fn(args) is args["denoised"]
+
+
+def a1111_step(glue, p, x, conds_per_image, eps_c, eps_u, sigma, timesteps=False, skip_uncond=False, step=0):
     """modules/sd_samplers_cfg_denoiser.py: x_in = each image's rows (one per AND part) then one uncond row
-    per image; the denoiser callback first, then x_out to the denoised callback."""
+    per image; the denoiser callback first, then x_out to the denoised callback. skip_uncond: the webui's
+    Skip Early CFG setting covers this step, and the uncond rows are copies of the cond ones."""
     b = x.shape[0]
     rows = lambda t: torch.cat([t[i:i + 1].repeat(conds_per_image, *[1] * (t.dim() - 1)) for i in range(b)])
     x_in, sigma_in = torch.cat([rows(x), x]), torch.cat([rows(sigma), sigma])
     denoiser = type("CFGDenoiserTimesteps" if timesteps else "CFGDenoiserKDiffusion", (), {})()
-    denoiser.p = p
+    denoiser.p, denoiser.step, denoiser.total_steps = p, step, 20
+    sys.modules["modules.shared"].opts.skip_early_cond = 0.25 if skip_uncond else 0.0
     glue.cfg_denoiser(types.SimpleNamespace(x=x_in, sigma=sigma_in, text_uncond=torch.zeros(b, 77, 768),
                                             denoiser=denoiser))
     s = sigma[:, None, None, None]
@@ -156,7 +171,12 @@ def test_a1111_cfg_callbacks_read_the_webui_layout(monkeypatch, conds, timesteps
     fake_scripts = types.ModuleType("modules.scripts")
     fake_scripts.Script = object
     fake_scripts.AlwaysVisible = object()
-    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
+    shared = types.ModuleType("modules.shared")
+    shared.opts = types.SimpleNamespace(skip_early_cond=0.0, s_min_uncond_all=False)
+    modules = types.ModuleType("modules")
+    modules.shared = shared
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
     monkeypatch.setitem(sys.modules, "modules.scripts", fake_scripts)
     monkeypatch.delitem(sys.modules, "provenance_guard.a1111_extension.script", raising=False)
     from provenance_guard.a1111_extension import script as glue
@@ -171,13 +191,26 @@ def test_a1111_cfg_callbacks_read_the_webui_layout(monkeypatch, conds, timesteps
     expected = (eps_c - eps_u).flatten(1).pow(2).mean(1).sqrt()
     assert [s.score for s in state.monitor.scores(2)] == pytest.approx(expected.tolist(), rel=1e-4)
     assert state.monitor.scores(2)[0].steps == 3
-    # skip_uncond: the uncond rows are copies of the cond ones; such a step is not counted.
+    # Skip Early CFG: the uncond rows are copies of the cond ones; such a step is not counted, and says so.
     state.monitor = MemorizationMonitor(3)
     a1111_step(glue, p, x, conds, eps_c, eps_u, torch.full((2,), 5.0), timesteps, skip_uncond=True)
-    assert state.monitor.scores(2)[0].score is None
+    assert state.monitor.scores(2)[0].score is None and "skipped" in state.monitor.scores(2)[0].reason
+    # A UNet whose output ignores the prompt (cond equal to uncond, as a random checkpoint gives): a real
+    # difference of 0, counted, never reported as a skipped unconditional prediction.
+    state.monitor = MemorizationMonitor(2)
+    for sigma in (14.6, 7.0):
+        a1111_step(glue, p, x, conds, eps_c, eps_c, torch.full((2,), sigma), timesteps)
+    assert [s.score for s in state.monitor.scores(2)] == [0.0, 0.0] and state.monitor.scores(2)[0].steps == 2
+    # NGMS: odd steps below s_min_uncond skip the unconditional prediction.
+    p.s_min_uncond = 6.0
+    state.monitor = MemorizationMonitor(2)
+    a1111_step(glue, p, x, conds, eps_c, eps_u, torch.full((2,), 5.0), timesteps, step=1)
+    a1111_step(glue, p, x, conds, eps_c, eps_u, torch.full((2,), 5.0), timesteps, step=2)
+    assert state.monitor.scores(2)[0].steps == 1
 
 
-def test_forge_patcher_gets_the_post_cfg_function(monkeypatch):
+@pytest.mark.parametrize("cfg", [7.0, 1.0])
+def test_forge_patcher_gets_the_post_cfg_function(monkeypatch, cfg):
     fake_scripts = types.ModuleType("modules.scripts")
     fake_scripts.Script = object
     fake_scripts.AlwaysVisible = object()
@@ -189,15 +222,46 @@ def test_forge_patcher_gets_the_post_cfg_function(monkeypatch):
     state = glue.RunState(action="warn", policy=Policy())
     state.monitor = MemorizationMonitor(2)
     unet = FakePatcher("SD15")
-    p = types.SimpleNamespace(_provenance=state, sd_model=types.SimpleNamespace(forge_objects=types.SimpleNamespace(
-        unet=unet)))
+    p = types.SimpleNamespace(_provenance=state, cfg_scale=cfg, sd_model=types.SimpleNamespace(
+        forge_objects=types.SimpleNamespace(unet=unet)))
     glue.ProvenanceGuardScript.process_before_every_sampling(None, p)
     patched = p.sd_model.forge_objects.unet
     assert patched is not unet and len(patched.post_cfg) == 1 and not unet.post_cfg  # cloned, not mutated
     gen = torch.Generator().manual_seed(3)
-    x, eps_c = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
-    comfy_step(patched, x, eps_c, torch.zeros_like(eps_c), torch.tensor([9.0]))
-    assert state.monitor.scores(1)[0].score == pytest.approx(eps_c.pow(2).mean().sqrt().item(), rel=1e-5)
+    x, eps_c, eps_u = (torch.randn(1, 4, 8, 8, generator=gen) for _ in range(3))
+    # Forge's args carry no cond_scale: the guidance is the run's (p.cfg_scale), not "no guidance".
+    forge_step(patched, x, eps_c, eps_u, torch.tensor([9.0]), cond_scale=cfg)
+    score = state.monitor.scores(1)[0]
+    if cfg > 1:
+        assert score.score == pytest.approx((eps_c - eps_u).pow(2).mean().sqrt().item(), rel=1e-5)
+    else:
+        assert score.score is None and "without classifier-free guidance" in score.reason
+    # A step the webui ran without guidance (Skip Early CFG, told by on_cfg_denoiser) is not counted.
+    state.monitor = MemorizationMonitor(2)
+    glue._PENDING.guidance = (cfg, True)
+    forge_step(patched, x, eps_c, eps_u, torch.tensor([9.0]), cond_scale=1.0)
+    assert state.monitor.scores(1)[0].score is None
+    assert ("skipped" in state.monitor.scores(1)[0].reason) == (cfg > 1)
+
+
+def test_post_cfg_rule_is_one_for_every_host():
+    from provenance_guard.core.memorization import post_cfg_step
+
+    x = torch.ones(1, 4, 2, 2)
+    args = {"input": x, "cond_denoised": x * 0.5, "uncond_denoised": x * 0.5, "sigma": torch.tensor([2.0]),
+            "uncond": [object()], "cond_scale": 7.0}
+    monitor = MemorizationMonitor(1)
+    post_cfg_step(monitor, args)  # equal predictions: a difference of 0, counted
+    assert monitor.scores(1)[0].score == 0.0 and monitor.scores(1)[0].steps == 1
+    monitor = MemorizationMonitor(1)
+    post_cfg_step(monitor, dict(args, cond_scale=1.0))
+    assert monitor.scores(1)[0].score is None and "without classifier-free" in monitor.scores(1)[0].reason
+    monitor = MemorizationMonitor(1)
+    post_cfg_step(monitor, dict(args, uncond=None))  # guided run, this step without its uncond pass
+    assert monitor.scores(1)[0].score is None and "skipped" in monitor.scores(1)[0].reason
+    monitor = MemorizationMonitor(1)
+    post_cfg_step(monitor, {k: v for k, v in args.items() if k != "cond_scale"}, cfg_scale=7.0)  # Forge's args
+    assert monitor.scores(1)[0].score == 0.0
 
 
 # the caption index --------------------------------------------------------------------------------------------

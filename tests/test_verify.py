@@ -337,3 +337,64 @@ def test_calibrate_from_known_copy_pairs(laion_bundle, tmp_path, capsys):
     assert cli(["index", "calibrate", str(bundle), "--positives", str(pairs), "--target-fpr", "0.1",
                 "--device", "cpu"]) == 0
     assert "positive" in capsys.readouterr().out
+
+
+def _picture(uri: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+
+
+def test_evidence_is_labelled_and_strict_evidence_holds_no_checked_pixels(built_bundle, outputs):
+    """Strict (studio enforcement, the webuis' strict setting): the training image and its matched region
+    only, never the checked image (which may be the blocked copy)."""
+    folder, _ = outputs
+    checker = Checker(built_bundle, device="cpu")
+    (plain,) = checker.check([folder / "astronaut_jpeg70.jpg"], policy=Policy(verify="confirm"))
+    (strict,) = checker.check([folder / "astronaut_jpeg70.jpg"], policy=Policy(verify="confirm", strict=True))
+    both, alone = _picture(plain.top.verification.evidence), _picture(strict.top.verification.evidence)
+    assert strict.verdict == plain.verdict == "block"
+    assert alone.height == both.height == 216  # 200 px pictures under a 16 px label strip
+    reference = photo("astronaut")
+    assert abs(alone.width - round(reference.width * 200 / reference.height)) <= 1  # one picture
+    assert both.width > alone.width + 100  # two pictures side by side
+    generated = np.asarray(Image.open(folder / "astronaut_jpeg70.jpg").convert("RGB").resize((alone.width, 200)),
+                           dtype=np.float32)
+    left = np.asarray(both.crop((0, 16, alone.width, 216)), dtype=np.float32)
+    assert np.corrcoef(left.ravel(), generated.ravel())[0, 1] > 0.8  # without strict: the checked image shows
+    with pytest.raises(Exception, match="strict"):
+        Policy(strict="yes")
+
+
+def test_messages_name_the_hosts_own_option():
+    """A host names its own field where the command line would name a flag."""
+    options = ReferenceOptions(root_hint="Settings > Provenance Guard > \"Folder\"", fetch_hint="the node's input")
+    resolver = ReferenceResolver(options)
+    bundle = type("B", (), {"manifest": type("M", (), {"build": {}})()})()
+    local = Match(score=0.9, exact=True, bundle_id="b", bundle_version="1", row_id=1, url="x.png",
+                  metadata={"path": "x.png"})
+    remote = Match(score=0.9, exact=True, bundle_id="b", bundle_version="1", row_id=2,
+                   url="https://example.org/x.png")
+    assert "Settings > Provenance Guard" in resolver.resolve(bundle, local).reason
+    assert "--references" not in resolver.resolve(bundle, local).reason
+    assert "the node's input" in resolver.resolve(bundle, remote).reason
+
+
+def test_a_relative_images_folder_is_recorded_absolute(tmp_path, tiny_model, references, monkeypatch):
+    """A webui reads the bundle from its own working directory: the folder must not depend on the builder's."""
+    import shutil
+
+    from provenance_guard.index_builder.images import build_from_images
+
+    shutil.copytree(references, tmp_path / "refs")
+    monkeypatch.chdir(tmp_path)
+    build_from_images("refs", tmp_path / "bundle", tiny_model, progress=False)
+    source = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["build"]["sources"][0]
+    assert source["path"] == str((tmp_path / "refs").resolve())
+    monkeypatch.chdir("/")
+    (r,) = Checker(tmp_path / "bundle", device="cpu").check([tmp_path / "refs" / "astronaut.png"],
+                                                            policy=Policy(verify="confirm"))
+    assert r.top.verification.status == COPY

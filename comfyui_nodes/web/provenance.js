@@ -39,6 +39,8 @@ function render(payload) {
       { fontWeight: "bold", color: TEXT[img.verdict] || "#eee", marginTop: "4px" });
     root.appendChild(head);
     if (img.error) root.appendChild(el("div", img.error, { color: "#ffcdd2" }));
+    const mem = memorizationLine(img.memorization);
+    if (mem) root.appendChild(el("div", mem, { color: "#ddd" }));
     const list = el("ol", null, { margin: "2px 0 2px 18px", padding: "0" });
     (img.matches || []).forEach((m) => {
       const li = el("li");
@@ -54,7 +56,7 @@ function render(payload) {
         const img = el("img", null, { display: "block", maxWidth: "100%", maxHeight: `${EVIDENCE_PX}px`,
                                       margin: "2px 0" });
         img.src = m.evidence;
-        img.alt = "generated image and training image side by side";
+        img.alt = "evidence: the training image (and, unless strict, your image beside it)";
         li.appendChild(img);
       }
       list.appendChild(li);
@@ -62,6 +64,16 @@ function render(payload) {
     root.appendChild(list);
   });
   return root;
+}
+
+// The sampler's memorization signal (Memorization Monitor) in a few words, or "" when none was recorded.
+function memorizationLine(m) {
+  if (!m || typeof m !== "object") return "";
+  if (m.memorization_score === null || m.memorization_score === undefined) {
+    return m.reason ? `memorization: ${m.verdict} (${m.reason})` : "";
+  }
+  const threshold = m.threshold === null || m.threshold === undefined ? "" : ` (threshold ${m.threshold})`;
+  return `memorization: ${Number(m.memorization_score).toFixed(4)} ${m.verdict}${threshold}`;
 }
 
 // The widget's height before the browser lays it out, from the text (about CHARS_PER_LINE characters fit
@@ -72,7 +84,7 @@ function reportHeight(payload) {
   let total = 0;
   let pixels = 0;
   (payload.images || []).forEach((img) => {
-    total += 1 + (img.error ? lines(img.error) : 0);
+    total += 1 + (img.error ? lines(img.error) : 0) + (memorizationLine(img.memorization) ? 1 : 0);
     (img.matches || []).forEach((m) => {
       total += lines(`${m.score} ${m.verdict} ${m.url || ""}`) + (m.caption ? lines(m.caption) : 0);
       if (m.verification) total += lines(m.verification.summary || "");
