@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     ausub = au.add_subparsers(dest="audit_command", required=True)
     av = ausub.add_parser("verify", help="check the chain of an audit log; exit 1 at the first broken line")
     av.add_argument("file")
+    av.add_argument("--allow-unchained", action="store_true",
+                    help="accept a log with no chain at all (written before chaining); a stripped chain still fails")
+    av.add_argument("--expect-last", metavar="SHA256",
+                    help="the last line's sha256 kept elsewhere (printed by an earlier verify): catches an edited "
+                         "last line and lines cut off or added at the end")
 
     rc = sub.add_parser("record", help="read the provenance record stored in an image")
     rcsub = rc.add_subparsers(dest="record_command", required=True)
@@ -725,7 +730,7 @@ def cmd_audit_verify(args) -> int:
     from .core.audit import verify
 
     try:
-        result = verify(args.file)
+        result = verify(args.file, allow_unchained=args.allow_unchained, expect_last=args.expect_last)
     except OSError as exc:
         raise ConfigError(f"{args.file}: cannot be read ({exc.strerror or exc})") from exc
     for note in result.notes:
@@ -733,8 +738,10 @@ def cmd_audit_verify(args) -> int:
     if not result.ok:
         print(f"BROKEN {args.file}: line {result.broken_at}: {result.problem}", file=sys.stderr)
         return EXIT_FLAGGED
-    print(f"OK {args.file}: {result.lines} lines chained; last line sha256 {result.last_sha256} (keep it elsewhere: "
-          f"lines cut off the end leave a valid chain)")
+    kept = "matches --expect-last" if args.expect_last else ("keep it elsewhere and pass it as --expect-last next "
+                                                             "time: an edited last line or lines cut off the end "
+                                                             "leave a valid chain")
+    print(f"OK {args.file}: {result.lines} lines, chained; last line sha256 {result.last_sha256} ({kept})")
     return EXIT_OK
 
 

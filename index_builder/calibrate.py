@@ -83,6 +83,12 @@ class Calibration:
         return out
 
 
+# Fewer pairs than these say nothing a threshold could rest on: calibrate refuses to write (a one-class
+# bundle has no wrong pairs at all, and its thresholds would be -1: every image would block).
+MIN_TRUE_PAIRS = 3
+MIN_WRONG_PAIRS = 3
+
+
 def threshold_at(wrong: list[float], fpr: float) -> float:
     """The smallest threshold at which at most fpr of the wrong scores reach it."""
     ordered = sorted(wrong, reverse=True)
@@ -239,6 +245,18 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
         pairs += _pairs_from_folder(bundle, embedder, resolver, Path(negatives).expanduser(), thresholds)
     true = [p for p in pairs if p.kind == "true"]
     wrong = [p for p in pairs if p.kind == "wrong"]
+    bad = [p for p in pairs if p.score is not None and not math.isfinite(p.score)]
+    if bad:
+        raise ConfigError(f"{len(bad)} of {len(pairs)} pair scores are not finite (NaN or inf): the bundle's vectors "
+                          f"or the model's embeddings are broken; nothing was written. Check the bundle with "
+                          f"'provenance-guard index verify' and rebuild it with its model")
+    scored_true = sum(1 for p in true if p.score is not None)
+    scored_wrong = sum(1 for p in wrong if p.score is not None)
+    if scored_true < MIN_TRUE_PAIRS or scored_wrong < MIN_WRONG_PAIRS:
+        raise ConfigError(f"calibration needs at least {MIN_TRUE_PAIRS} copy pairs and {MIN_WRONG_PAIRS} pairs of "
+                          f"different images; this bundle gave {scored_true} and {scored_wrong}, so no threshold "
+                          f"was written. Add references (a bundle of one image has no pairs of different images), "
+                          f"--negatives DIR of images known not to be copies, or --positives DIR of copy pairs")
     notes = []
     if len(wrong) < 1.0 / target_fpr:
         notes.append(f"{len(wrong)} wrong pairs cannot resolve a rate of {target_fpr:g} (that needs "
@@ -293,8 +311,9 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
         return {"op": "calibrate", "warn": m.warn, "block": m.block, "target_fpr": target_fpr,
                 "true_pairs": len(true), "wrong_pairs": len(wrong)}
 
-    report = update_manifest(bundle_path, change, wait=wait)
+    # The plot first: a failure drawing it leaves the manifest as it was.
     draw_plot(plot_path, [p.score for p in true if p.score is not None], scores, warn, block, bundle.id)
+    report = update_manifest(bundle_path, change, wait=wait)
     return Calibration(bundle_path, report.version, warn, block, cut, target_fpr, len(true), len(wrong),
                        rate(wrong, combined), upper95(false_positives, len(wrong)), tpr, curve, plot_path, notes)
 

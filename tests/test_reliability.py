@@ -441,3 +441,67 @@ def test_an_edited_audit_line_is_found_by_audit_verify(built_bundle, outputs, tm
     del lines[n]
     log.write_text("\n".join(lines) + "\n")
     assert cli(["audit", "verify", str(log)]) == 1
+
+
+def _entries(n: int) -> list[dict]:
+    return [{"schema": "provenance-guard/audit", "schema_version": 1, "verdict": v, "n": i}
+            for i, v in enumerate((["block", "pass"] * n)[:n])]
+
+
+def test_a_stripped_chain_fails_unless_unchained_logs_are_allowed(tmp_path, capsys):
+    from provenance_guard.core.audit import AuditLog
+
+    log = tmp_path / "audit.jsonl"
+    AuditLog(log).append(_entries(4))
+    stripped = [json.loads(line) for line in log.read_text().splitlines()]
+    for entry in stripped:
+        del entry["prev"]
+    stripped[1]["verdict"] = "pass"  # then any line edited
+    log.write_text("".join(json.dumps(e) + "\n" for e in stripped))
+    assert cli(["audit", "verify", str(log)]) == 1
+    assert "carries no \"prev\"" in capsys.readouterr().err
+    assert cli(["audit", "verify", "--allow-unchained", str(log)]) == 0  # a log from before chaining, if you say so
+    assert "cannot be verified" in capsys.readouterr().out
+    # chained lines after an unchained start: the chain was stripped from the start, allowed or not
+    AuditLog(log).append(_entries(1))
+    assert cli(["audit", "verify", "--allow-unchained", str(log)]) == 1
+    assert "stripped from the start" in capsys.readouterr().err
+
+
+def test_an_edited_last_line_is_caught_against_the_kept_hash(tmp_path, capsys):
+    from provenance_guard.core.audit import AuditLog, verify
+
+    log = tmp_path / "audit.jsonl"
+    AuditLog(log).append(_entries(3))
+    kept = verify(log).last_sha256
+    assert cli(["audit", "verify", "--expect-last", kept, str(log)]) == 0
+    assert "matches --expect-last" in capsys.readouterr().out
+    lines = log.read_text().splitlines()
+    lines[-1] = lines[-1].replace('"verdict":"block"', '"verdict":"pass"')
+    log.write_text("\n".join(lines) + "\n")
+    assert cli(["audit", "verify", str(log)]) == 0  # the chain alone cannot see it
+    capsys.readouterr()
+    assert cli(["audit", "verify", "--expect-last", kept, str(log)]) == 1
+    assert "not the expected" in capsys.readouterr().err
+    log.write_text("\n".join(lines[:-1]) + "\n")  # cut off the end
+    assert cli(["audit", "verify", "--expect-last", kept, str(log)]) == 1
+
+
+def test_a_torn_last_line_is_closed_and_the_chain_goes_on(tmp_path, capsys):
+    from provenance_guard.core.audit import AuditLog, verify
+
+    log = tmp_path / "audit.jsonl"
+    AuditLog(log).append(_entries(2))
+    with open(log, "ab") as f:
+        f.write(b'{"schema":"provenance-guard/audit","verd')  # a crash mid-write
+    torn = verify(log)
+    assert torn.ok and torn.torn == [3] and any("torn" in n for n in torn.notes)
+    AuditLog(log).append(_entries(2))
+    after = verify(log)
+    assert after.ok and after.torn == [3] and after.lines == 5, after.problem
+    assert cli(["audit", "verify", str(log)]) == 0
+    assert "line 3 is torn" in capsys.readouterr().out
+    lines = log.read_text().splitlines()
+    lines[3] = lines[3].replace('"n":0', '"n":9')  # tampering after the torn line is still tampering
+    log.write_text("\n".join(lines) + "\n")
+    assert cli(["audit", "verify", str(log)]) == 1

@@ -398,3 +398,29 @@ def test_a_relative_images_folder_is_recorded_absolute(tmp_path, tiny_model, ref
     (r,) = Checker(tmp_path / "bundle", device="cpu").check([tmp_path / "refs" / "astronaut.png"],
                                                             policy=Policy(verify="confirm"))
     assert r.top.verification.status == COPY
+
+
+def test_calibrate_refuses_too_few_pairs_and_nan_scores_without_writing(tmp_path, tiny_model, references, capsys,
+                                                                         monkeypatch):
+    import shutil
+
+    from provenance_guard.index_builder import calibrate
+    from provenance_guard.index_builder.images import build_from_images
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(references / "astronaut.png", one / "astronaut.png")
+    bundle = tmp_path / "bundle"
+    build_from_images(one, bundle, tiny_model, progress=False)
+    before = (bundle / "manifest.json").read_bytes()
+    assert cli(["index", "calibrate", str(bundle), "--device", "cpu", "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 3 copy pairs and 3 pairs of different images" in err and "gave" in err
+    assert (bundle / "manifest.json").read_bytes() == before and not (tmp_path / "p.png").exists()
+
+    nan = [calibrate.Pair("true", "crop", float("nan"))] * 5 + [calibrate.Pair("wrong", "other", 0.1)] * 5
+    monkeypatch.setattr(calibrate, "_pairs_from_bundle", lambda *a, **k: list(nan))
+    assert cli(["index", "calibrate", str(bundle), "--device", "cpu", "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "Traceback" not in err
+    assert (bundle / "manifest.json").read_bytes() == before and not (tmp_path / "p.png").exists()
