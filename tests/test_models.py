@@ -130,7 +130,8 @@ def test_offline_tag_fails_fast_with_how_to(empty_hf_cache, monkeypatch):
         build_model(ModelSpec.parse("ViT-B-32/openai"), "cpu", "fp32")
     msg = str(info.value)
     assert "could not be fetched" in msg and "127.0.0.1:9 cannot be reached" in msg
-    assert "--model ViT-B-32//path/to/weights.safetensors" in msg and "local-dir:" in msg
+    assert "ViT-B-32//path/to/weights.safetensors" in msg and "local-dir:" in msg and "--model" in msg
+    assert "Hugging Face cache (HF_HOME)" in msg and "model_override" in msg  # what the hosts offer
 
 
 def test_hf_hub_offline_env_skips_the_probe(empty_hf_cache, monkeypatch):
