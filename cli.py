@@ -463,6 +463,9 @@ def cmd_build(args) -> int:
                                description=args.description, warn=args.warn, block=args.block,
                                overwrite=args.overwrite, progress=not args.no_progress, wait=not args.no_wait)
     print(f"built {report.out}: {report.rows} rows in {report.seconds:.1f} s")
+    if report.text.get("repaired") or report.text.get("truncated"):
+        print(f"  captions: {report.text.get('repaired', 0)} repaired (invalid UTF-8, NUL or BOM), "
+              f"{report.text.get('truncated', 0)} cut at 4,096 characters")
     for s in report.skipped:
         print(f"  skipped: {terminal_safe(s)}")
     return EXIT_OK

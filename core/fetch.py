@@ -6,9 +6,11 @@ LAION-style bundles), without letting the URL reach what it must not.
   loopback through, for tests). The check is made on the socket's own address, on every connection, so a
   redirect or a DNS answer that changes between look-ups cannot slip past it; redirects are followed by
   hand (at most ``max_redirects``) and each is checked again.
-- bounded: a connect and a read timeout, a total deadline per fetch, a byte cap (Content-Length is refused
-  before reading, a body is cut off at the cap), and a small pool of workers with a short queue: slow
-  URLs occupy the pool, never the caller's threads, and beyond the queue a fetch is refused at once.
+- bounded: a connect and a read timeout, a total deadline per fetch enforced on the sockets themselves (at
+  the deadline every connection of the fetch is shut down, so a host that drips a byte at a time costs its
+  own fetch only, never a pool thread beyond the deadline), a byte cap (Content-Length is refused before
+  reading, a body is cut off at the cap), and a small pool of workers with a short queue: slow URLs occupy
+  the pool, never the caller's threads, and beyond the queue a fetch is refused at once.
 - quiet: every failure is one FetchError whose public message does not tell a refused address, a 404, a
   timeout or a non-image apart (a caller must not be able to map a network through it); ``reason`` holds
   the detail for the server's own log.
@@ -35,6 +37,20 @@ class FetchError(ProvenanceError):
     def __init__(self, public: str, reason: str):
         super().__init__(public)
         self.reason = reason
+
+    @property
+    def kind(self) -> str:
+        """The reason in a few words a record may carry (where this machine's user reads it, never a server's
+        client): no addresses, hosts or exception text; ``reason`` holds those, for the log."""
+        reason = self.reason
+        for words, kind in (("not a public address", "refused address"), ("has no address", "refused address"),
+                            ("not an http(s) URL", "not an http(s) URL"), ("deadline", "timed out"),
+                            ("Timeout", "timed out"), ("Content-Length", "too large"), ("bytes", "too large"),
+                            ("redirects", "too many redirects"), ("HTTP ", "HTTP error"), ("busy", "busy"),
+                            ("pool and queue full", "busy")):
+            if words in reason:
+                return kind
+        return "connection failed"
 
 
 class FetchBusy(FetchError):
@@ -69,8 +85,9 @@ class _Refused(OSError):
     pass
 
 
-def _connection_classes(policy: FetchPolicy):
-    """urllib3 connection pools whose connections check the address they connect to."""
+def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None):
+    """urllib3 connection pools whose connections check the address they connect to (and, with ``opened``,
+    list the sockets they open, for the fetch's deadline)."""
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -84,6 +101,8 @@ def _connection_classes(policy: FetchPolicy):
             sock = socket.socket(family, kind, proto)
             try:
                 sock.settimeout(timeout)
+                if opened is not None:
+                    opened.append(sock)
                 sock.connect(sockaddr)
                 return sock
             except OSError as exc:
@@ -106,11 +125,11 @@ def _connection_classes(policy: FetchPolicy):
     return PlainPool, SecurePool
 
 
-def _session(policy: FetchPolicy):
+def _session(policy: FetchPolicy, opened: Optional[list] = None):
     import requests
     from requests.adapters import HTTPAdapter
 
-    plain, secure = _connection_classes(policy)
+    plain, secure = _connection_classes(policy, opened)
 
     class Adapter(HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):
@@ -134,7 +153,21 @@ def fetch(url: str, policy: FetchPolicy = FetchPolicy(), public: str = "the URL 
     def fail(reason: str):
         return FetchError(public, reason)
 
-    session = _session(policy)
+    opened: list = []
+    session = _session(policy, opened)
+    expired = threading.Event()
+
+    def cut_off() -> None:  # at the deadline: a read blocked in recv() returns at once
+        expired.set()
+        for sock in list(opened):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(policy.deadline, cut_off)
+    timer.daemon = True
+    timer.start()
     try:
         for _ in range(policy.max_redirects + 1):
             parsed = urlparse(url)
@@ -147,7 +180,7 @@ def fetch(url: str, policy: FetchPolicy = FetchPolicy(), public: str = "the URL 
                 resp = session.get(url, stream=True, allow_redirects=False,
                                    timeout=(min(policy.connect_timeout, left), min(policy.read_timeout, left)))
             except (requests.RequestException, OSError) as exc:
-                raise fail(f"{type(exc).__name__}: {exc}") from None
+                raise fail("deadline passed" if expired.is_set() else f"{type(exc).__name__}: {exc}") from None
             with resp:
                 if resp.is_redirect and resp.headers.get("location"):
                     url = urljoin(url, resp.headers["location"])
@@ -166,10 +199,14 @@ def fetch(url: str, policy: FetchPolicy = FetchPolicy(), public: str = "the URL 
                         if time.monotonic() - start > policy.deadline:
                             raise fail("deadline passed while reading")
                 except (requests.RequestException, OSError) as exc:
-                    raise fail(f"{type(exc).__name__}: {exc}") from None
+                    raise fail("deadline passed while reading" if expired.is_set()
+                               else f"{type(exc).__name__}: {exc}") from None
+                if expired.is_set():
+                    raise fail("deadline passed while reading")
                 return bytes(body)
         raise fail(f"more than {policy.max_redirects} redirects")
     finally:
+        timer.cancel()
         session.close()
 
 

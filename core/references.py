@@ -14,6 +14,7 @@ Every reference is decoded with the same pixel and byte caps as generated images
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .errors import ImageInputError
+
+log = logging.getLogger("provenance_guard")
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -199,7 +202,8 @@ class ReferenceResolver:
             except FetchError as exc:
                 with self._lock:
                     self._failed[url] = time.monotonic()
-                return Reference(None, url, f"{exc} ({exc.reason})")
+                log.info("provenance-guard: reference %s not fetched: %s", url, exc.reason)  # details stay here
+                return Reference(None, url, f"{exc} ({exc.kind})")
             try:
                 image = open_image(data).convert("RGB")
             except ImageInputError as exc:

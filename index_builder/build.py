@@ -83,6 +83,7 @@ class BuildReport:
     resumed_shards: int = 0
     peak_rss_bytes: int = 0
     rss_by_phase: dict[str, int] = field(default_factory=dict)
+    text: dict = field(default_factory=dict)  # metadata rows "repaired" (invalid UTF-8, NUL, BOM), "truncated"
 
     def lines(self) -> list[str]:
         out = [f"built {self.out}: {self.rows:,} rows, {self.factory} ({self.note}), re-rank vectors: "
@@ -96,6 +97,9 @@ class BuildReport:
             out.append(f"search: nprobe={r.nprobe}; near-duplicate recall@1 {r.near_dup_r1:.3f} @10 {r.near_dup_r10:.3f}; "
                        f"held-out recall@1 {r.held_out_r1:.3f} @10 {r.held_out_r10:.3f}; {r.latency_ms:.2f} ms/query "
                        f"({self.tuning.note})")
+        if any(self.text.values()):
+            out.append(f"captions and urls: {self.text.get('repaired', 0):,} rows repaired (invalid UTF-8, NUL or "
+                       f"BOM), {self.text.get('truncated', 0):,} cut to fit")
         return out
 
 
@@ -121,6 +125,7 @@ class State:
         self.tuning: Optional[dict[str, Any]] = None
         self.captions: Optional[str] = None
         self.publishing = False
+        self.text: dict[str, int] = {}  # url/caption rows repaired or cut in this run's metadata phase
 
     @classmethod
     def load(cls, path: Path, fingerprint: dict[str, Any]) -> Optional["State"]:
@@ -386,6 +391,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
         writer.close()
         os.replace(work / ".metadata.tmp", work / METADATA_FILE)
         bar.close()
+        state.text = dict(writer.text_stats)
         phase("metadata", t0)
 
     # captions (the index of the caption check before generation)
@@ -419,6 +425,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
     state.phases["publish"] = 0.0
     report = BuildReport(out, n, choice.factory, choice.note, rerank, 0.0, dict(state.phases), tuning,
                          resumed_shards, peak_rss(), rss_by_phase)
+    report.text = dict(state.text)
     manifest.build = {
         "created": utc_now(), "tool": _tool(), "sources": [{"kind": "embeddings", "path": str(state.fingerprint["source"]),
                                                            "shards": len(shards), "rows": n}],
@@ -427,6 +434,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
         "recall": tuning.chosen.as_dict(), "tuning": [r.as_dict() for r in tuning.tried],
         "tuning_note": tuning.note, "target_recall": opts.target_recall, "phases_s": state.phases,
         "peak_rss_bytes": report.peak_rss_bytes, "history": [{"op": "build", "at": utc_now(), "rows": n}],
+        **({"text": state.text} if any(state.text.values()) else {}),
         "fingerprint": fingerprint_digest(state.fingerprint),
     }
     finalize(work, manifest)

@@ -26,14 +26,23 @@ class BuildReport:
     rows: int
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    text: dict = field(default_factory=dict)  # caption rows "repaired" (invalid UTF-8, NUL, BOM) and "truncated"
 
 
-def _caption(path: Path) -> str:
+MAX_CAPTION_FILE_BYTES = 64 << 10  # a sibling .txt read at most this far (the caption is cut at 4,096 chars)
+
+
+def _caption(path: Path) -> bytes:
+    """The sibling NAME.txt's bytes (the bundle writer decodes them with replacement, drops NUL and a BOM,
+    and cuts and counts what is too long), or b"" when there is none."""
     txt = path.with_suffix(".txt")
     try:
-        return txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-    except (OSError, UnicodeDecodeError):
-        return ""
+        if not txt.is_file():
+            return b""
+        with open(txt, "rb") as f:
+            return f.read(MAX_CAPTION_FILE_BYTES + 1).strip()
+    except OSError:
+        return b""
 
 
 def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: str, *, device: str = "auto",
@@ -87,4 +96,4 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
             raise ConfigError(f"--images {folder}: none of the {len(files)} images could be read: {skipped[:3]}")
         writer.finish(build={"sources": [{"kind": "images", "path": str(folder), "files": len(files)}],
                              "skipped": skipped})
-    return BuildReport(Path(out), writer.count, skipped, time.perf_counter() - t0)
+    return BuildReport(Path(out), writer.count, skipped, time.perf_counter() - t0, dict(writer.text_stats))

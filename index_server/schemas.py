@@ -1,7 +1,9 @@
 """Request bodies of the index server as typed models: every field checked for type and range before a route
 runs, every count capped (a documented maximum, and a 422 that names the field and the limit), no NaN or
-infinity anywhere, and JSON nesting bounded by the parser. Unknown fields are ignored, as clip-retrieval
-clients send options this server does not implement.
+infinity anywhere, and JSON nesting bounded by the parser. JSON fields are strict: a number is a JSON number
+(never the string "0.1" or true), a count a whole JSON number (never true), a switch a JSON boolean; only the
+multipart form of /v1/check converts its strings. Unknown fields are ignored, as clip-retrieval clients send
+options this server does not implement.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ MAX_EMBEDDING_DIM = 4096       # /knn-service embedding_input
 MAX_NAME_CHARS = 200           # index names
 MAX_GENERATION_KEYS = 64       # /v1/check generation record fields
 
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a JSON number (an int is one too)
+Count = Annotated[int, Field(strict=True)]
+Switch = Annotated[bool, Field(strict=True)]
+
 # clip-retrieval's front end sends "" for options left empty; they are accepted and ignored.
 IgnoredNumber = Optional[Union[Annotated[float, Field(allow_inf_nan=False)], Annotated[str, Field(max_length=32)]]]
 
@@ -30,26 +36,25 @@ class _Body(BaseModel):
 class KnnRequest(_Body):
     indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
     modality: Literal["image", "text"] = "image"
-    num_images: int = Field(40, ge=1, le=MAX_NUM_IMAGES)
-    num_result_ids: Optional[int] = Field(None, ge=1, le=MAX_NUM_IMAGES)
+    num_images: Count = Field(40, ge=1, le=MAX_NUM_IMAGES)
+    num_result_ids: Optional[Count] = Field(None, ge=1, le=MAX_NUM_IMAGES)
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
     image: Optional[str] = None
     image_url: Optional[str] = Field(None, max_length=MAX_URL_CHARS)
     # Finite numbers, checked by pydantic's own parser: a Python loop over 768 values cost a request 40 us.
-    embedding_input: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = \
-        Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
-    deduplicate: bool = True
+    embedding_input: Optional[list[Number]] = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    deduplicate: Switch = True
     # Accepted for clip-retrieval clients and ignored: no safety model, no aesthetic mixing here.
-    use_safety_model: bool = False
-    use_violence_detector: bool = False
+    use_safety_model: Switch = False
+    use_violence_detector: Switch = False
     aesthetic_score: IgnoredNumber = None
     aesthetic_weight: IgnoredNumber = None
-    use_mclip: bool = False
+    use_mclip: Switch = False
 
 
 class MetadataRequest(_Body):
     indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
-    ids: list[int] = Field(..., max_length=MAX_METADATA_IDS)
+    ids: list[Count] = Field(..., max_length=MAX_METADATA_IDS)
 
 
 class CheckOptions(_Body):
@@ -91,8 +96,12 @@ class CheckRequest(CheckOptions):
     """JSON /v1/check: images (base64), or precomputed embeddings of the bundles' model (one per image)."""
 
     images: Optional[list[str]] = Field(None, min_length=1)
-    embeddings: Optional[list[Annotated[list[float], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]]] = \
+    embeddings: Optional[list[Annotated[list[Number], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]]] = \
         Field(None, min_length=1, max_length=MAX_NUM_IMAGES)
+    # JSON: strict (the form fields of CheckOptions arrive as strings and are converted there).
+    top_k: Count = Field(10, ge=1, le=MAX_TOP_K)
+    warn: Optional[Number] = Field(None, ge=-1.0, le=1.0)
+    block: Optional[Number] = Field(None, ge=-1.0, le=1.0)
 
     @field_validator("embeddings")
     @classmethod

@@ -327,3 +327,44 @@ def test_ray_data_embedding_equals_local(tmp_path, tiny_model, references):
     np.testing.assert_allclose(a, b, atol=2e-3)
     assert pq.read_table(local / "metadata/metadata_0000.parquet").equals(
         pq.read_table(remote / "metadata/metadata_0000.parquet"))
+
+
+def test_captions_are_stored_safely_and_counted(tmp_path, capsys):
+    """Hostile captions: a binary column with invalid UTF-8 (a LAION parquet), an 8 MB caption, NUL and a
+    BOM. Kept with replacement characters, cut at 4,096 characters, counted; never an ArrowInvalid abort."""
+    import pyarrow as pa
+
+    write_shards(tmp_path / "src", [40], d=16)
+    parquet = tmp_path / "src" / "metadata" / "metadata_0000.parquet"
+    table = pq.read_table(parquet)
+    texts = [f"caption {i}".encode() for i in range(40)]
+    texts[3] = b"caf\xe9 \xff broken"  # Latin-1, not UTF-8
+    texts[5] = b"x" * (8 << 20)
+    texts[7] = "\ufeffwith a BOM and a \x00 NUL".encode()
+    table = table.set_column(table.column_names.index("TEXT"), "TEXT", pa.array(texts, pa.binary()))
+    pq.write_table(table, parquet)
+    assert cli(["index", "build", "--embeddings", str(tmp_path / "src"), "--out", str(tmp_path / "b"),
+                "--model", MODEL, "--no-progress"]) == 0
+    assert "captions and urls: 2 rows repaired" in capsys.readouterr().out
+    b = Bundle.open(tmp_path / "b")
+    rows = b.rows([3, 5, 7, 8])
+    assert rows[0]["caption"] == "caf\ufffd \ufffd broken" and rows[3]["caption"] == "caption 8"
+    assert len(rows[1]["caption"]) == 4096 and rows[2]["caption"] == "with a BOM and a  NUL"
+    assert b.manifest.build["text"] == {"repaired": 2, "truncated": 1}
+
+
+def test_image_captions_keep_what_decodes(tmp_path, tiny_model, references, capsys):
+    import shutil
+
+    folder = tmp_path / "refs"
+    shutil.copytree(references, folder)
+    (folder / "astronaut.txt").write_bytes(b"\xef\xbb\xbfan astronaut \xff in \x00 orbit")
+    (folder / "rocket.txt").write_bytes(b"r" * 10_000)
+    assert cli(["index", "build", "--images", str(folder), "--out", str(tmp_path / "b"), "--model", tiny_model,
+                "--no-progress"]) == 0
+    assert "1 repaired" in capsys.readouterr().out
+    b = Bundle.open(tmp_path / "b")
+    by_path = {r["path"]: r for r in b.rows(list(range(b.count)))}
+    assert by_path["astronaut.png"]["caption"] == "an astronaut \ufffd in  orbit"
+    assert len(by_path["rocket.png"]["caption"]) == 4096
+    assert b.manifest.build["text"] == {"repaired": 1, "truncated": 1}

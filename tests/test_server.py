@@ -447,6 +447,12 @@ def test_every_count_is_capped_with_a_422_naming_the_field_and_limit(server):
     ('{"indice_name": {"a": 1}, "text": "x"}', "indice_name"),
     ('{"indice_name": "refs", "text": ' + "[" * 50000 + "]" * 50000 + "}", None),
     ('{"indice_name": "refs", "deduplicate": "maybe", "text": "x"}', "deduplicate"),
+    # strict JSON types: no string or boolean passes as a number, no boolean as a count, no 1 as a switch
+    ('{"indice_name": "refs", "embedding_input": ["0.1", 0.5]}', "embedding_input"),
+    ('{"indice_name": "refs", "embedding_input": [true, 0.5]}', "embedding_input"),
+    ('{"indice_name": "refs", "text": "x", "num_images": true}', "num_images"),
+    ('{"indice_name": "refs", "text": "x", "num_images": "5"}', "num_images"),
+    ('{"indice_name": "refs", "text": "x", "deduplicate": 1}', "deduplicate"),
 ])
 def test_malformed_bodies_are_4xx_never_500(server, raw, field):
     base, _ = server
@@ -458,6 +464,25 @@ def test_malformed_bodies_are_4xx_never_500(server, raw, field):
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "warn" in r.json()["error"] and "fail_mode" in r.json()["error"]
     assert requests.post(f"{base}/knn-service", json={"text": "still fine", "indice_name": "refs"}).ok
+
+
+def test_json_bodies_are_strict_and_forms_still_convert(server):
+    base, _ = server
+    for body, field in (({"indice_name": "refs", "ids": [True]}, "ids"), ({"indice_name": "refs", "ids": ["1"]}, "ids")):
+        r = requests.post(f"{base}/metadata", json=body)
+        assert r.status_code == 422 and field in r.json()["error"], r.text[:300]
+    for extra, field in (({"top_k": True}, "top_k"), ({"warn": "0.5"}, "warn"), ({"embeddings": [["0.1"]]}, "embeddings")):
+        body = {"images": [base64.b64encode(png("coffee")).decode()], **extra}
+        if "embeddings" in extra:
+            del body["images"]
+        r = requests.post(f"{base}/v1/check", json=body)
+        assert r.status_code == 422 and field in r.json()["error"], r.text[:300]
+    ok = requests.post(f"{base}/knn-service", json={"text": "x", "indice_name": "refs", "num_images": 3,
+                                                    "embedding_input": None, "deduplicate": False})
+    assert ok.ok
+    form = requests.post(f"{base}/v1/check", files=[("images", ("a.png", png("coffee"), "image/png"))],
+                         data={"top_k": "3", "warn": "0.5"})  # a form's fields are strings: converted
+    assert form.ok, form.text[:300]
 
 
 def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monkeypatch):
@@ -711,6 +736,16 @@ class _Origin:
                             time.sleep(0.25)
                     except OSError:
                         pass
+                elif self.path == "/drip":  # a byte a second for a minute: never silent for a read timeout
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        for _ in range(60):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(1.0)
+                    except OSError:
+                        pass
                 elif self.path == "/text":
                     self.send_response(200)
                     self.end_headers()
@@ -761,6 +796,23 @@ def test_fetch_refuses_what_it_must_and_bounds_the_rest(origin):
         reasons[path] = info.value.reason
     assert "169.254.169.254" in reasons["/redirect-out"] and "not a public address" in reasons["/redirect-out"]
     assert "Content-Length" in reasons["/big"] and "deadline" in reasons["/slow"] and "404" in reasons["/missing"]
+
+
+def test_a_dripping_host_costs_its_own_fetch_only(origin):
+    """The deadline holds while reading: the connection is cut at it, so the pool thread is free again and
+    the next fetch works (a byte every second used to keep a thread for a minute against a 2 s deadline)."""
+    from provenance_guard.core.fetch import FetchError, Fetcher, FetchPolicy
+
+    fetcher = Fetcher(FetchPolicy(deadline=2.0, read_timeout=5.0, allow_loopback=True), workers=1, queue=1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as info:
+            fetcher.get(origin.url("/drip"))
+        assert "deadline" in info.value.reason
+        assert fetcher.get(origin.url("/ok.png")) == png("rocket")  # the one worker is free again
+        assert time.monotonic() - t0 < 30  # not the drip's 60 s (a bound on correctness, not a speed target)
+    finally:
+        fetcher.close()
 
 
 def test_image_url_on_the_server(built_bundle, origin):

@@ -23,9 +23,33 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import pyarrow as pa
 
-def normalize_metadata(table: "pa.Table") -> "pa.Table":
-    """Rename the producer's url/caption columns to ``url``/``caption`` (strings); keep every other column."""
+MAX_CAPTION_CHARS = 4096  # a caption longer than this is cut (and counted): LAION's longest are ~2,000
+
+
+def clean_text(value: Any, limit: int = MAX_CAPTION_CHARS) -> tuple[Optional[str], bool, bool]:
+    """(text, repaired, truncated) of one url or caption value: bytes decoded as UTF-8 with replacement
+    characters where they are invalid, NULs and a leading BOM dropped, cut at ``limit`` characters."""
+    if value is None:
+        return None, False, False
+    repaired = False
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        text = raw.decode("utf-8", errors="replace")
+        repaired = "\ufffd" in text and "\ufffd".encode() not in raw
+    else:
+        text = str(value)
+    if text.startswith("\ufeff") or "\x00" in text:
+        text, repaired = text.lstrip("\ufeff").replace("\x00", ""), True
+    truncated = len(text) > limit
+    return (text[:limit] if truncated else text), repaired, truncated
+
+
+def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None) -> "pa.Table":
+    """Rename the producer's url/caption columns to ``url``/``caption`` (strings); keep every other column.
+    Their text is made safe to store (clean_text: invalid UTF-8 replaced, NUL and BOM dropped, captions cut
+    at MAX_CAPTION_CHARS); ``stats`` counts the rows "repaired" and "truncated"."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     names = list(table.column_names)
     for canonical, candidates in (("url", URL_COLUMNS), ("caption", CAPTION_COLUMNS)):
@@ -37,13 +61,34 @@ def normalize_metadata(table: "pa.Table") -> "pa.Table":
             table = table.append_column(canonical, pa.nulls(table.num_rows, pa.string()))
         else:
             idx = names.index(src)
-            col = table.column(src)
-            if not pa.types.is_string(col.type):
-                col = col.cast(pa.string())
+            col = _text_column(table.column(src), MAX_CAPTION_CHARS if canonical == "caption" else 8192,
+                               stats, pa, pc)
             table = table.set_column(idx, canonical, col)
         names = list(table.column_names)
     order = ["url", "caption"] + [n for n in names if n not in ("url", "caption")]
     return table.select(order)
+
+
+def _text_column(col, limit: int, stats: Optional[dict[str, int]], pa, pc):
+    """A url/caption column as strings: the fast path (a valid string column within the limit, without NUL or
+    BOM) untouched; otherwise each value through clean_text."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        lengths = pc.max(pc.utf8_length(col)).as_py() if len(col) else 0
+        dirty = pc.any(pc.or_(pc.match_substring(col, "\x00"), pc.starts_with(col, "\ufeff"))).as_py()
+        if (lengths or 0) <= limit and not dirty:
+            return col.cast(pa.string()) if pa.types.is_large_string(col.type) else col
+    elif not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+        return col.cast(pa.string())  # numbers and the like: Arrow's own text
+    values, repaired, truncated = [], 0, 0
+    for value in col.to_pylist():
+        text, r, t = clean_text(value, limit)
+        values.append(text)
+        repaired += r
+        truncated += t
+    if stats is not None:
+        stats["repaired"] = stats.get("repaired", 0) + repaired
+        stats["truncated"] = stats.get("truncated", 0) + truncated
+    return pa.array(values, pa.string())
 
 
 class MetadataWriter:
@@ -58,13 +103,14 @@ class MetadataWriter:
         self._sink = None
         self._pending: list["pa.Table"] = []
         self._pending_rows = 0
+        self.text_stats: dict[str, int] = {"repaired": 0, "truncated": 0}  # url/caption rows changed to be stored
 
     def write(self, table: Union["pa.Table", list[dict[str, Any]]]) -> None:
         import pyarrow as pa
 
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(list(table))
-        table = normalize_metadata(table)
+        table = normalize_metadata(table, self.text_stats)
         if self._schema is None:
             self._schema = table.schema
         else:
@@ -199,6 +245,11 @@ class BundleWriter:
         self._meta.write(table)
         self.count += len(vectors)
 
+    @property
+    def text_stats(self) -> dict[str, int]:
+        """url/caption rows so far that had to be repaired or cut to be stored (clean_text)."""
+        return dict(self._meta.text_stats)
+
     def no_flat_index(self) -> None:
         """Skip building the exact flat index while adding (for builders that supply their own index)."""
         self._build_flat = False
@@ -241,6 +292,8 @@ class BundleWriter:
             m.rerank_file, m.rerank_scale_file = self._rerank.vec_name, self._rerank.scale_name
         m.captions_file = write_caption_index(self.tmp, m)
         m.build = {"created": utc_now(), "tool": f"provenance-guard {_tool_version()}", **(build or {})}
+        if any(self._meta.text_stats.values()):
+            m.build["text"] = dict(self._meta.text_stats)  # url/caption rows repaired or cut to be stored
         finalize(self.tmp, m)
         publish(self.tmp, self.out)
         self._lock.__exit__()
