@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("bundle")
     cap.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
+    fpr = isub.add_parser("fingerprint", help="store the model fingerprint a bundle built from embedding shards lacks "
+                                              "(run where the weights are)")
+    fpr.add_argument("bundle")
+    fpr.add_argument("--model", help="where the bundle's model weights are (default: the bundle's own model spec)")
+    fpr.add_argument("--device", default="auto")
+    fpr.add_argument("--no-wait", action="store_true", help="fail at once when another change holds the bundle")
+
     i = isub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest")
@@ -280,7 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_demo(Path(args.out), model=args.model, device=args.device)
         return {"build": cmd_build, "info": cmd_info, "verify": cmd_verify, "embed": cmd_embed,
                 "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge,
-                "calibrate": cmd_calibrate, "captions": cmd_captions}[args.index_command](args)
+                "calibrate": cmd_calibrate, "captions": cmd_captions,
+                "fingerprint": cmd_fingerprint}[args.index_command](args)
     except ProvenanceError as exc:
         print(f"provenance-guard: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -424,8 +432,11 @@ def _print_header(bundles, checker, policy) -> None:
     for b in bundles:
         warn, block = policy.thresholds(b.manifest.warn, b.manifest.block)
         scores = "exact cosine" if b.exact else "approximate (no re-rank vectors)"
+        used = checker.model_for(b)
+        model = b.model if used == b.model else f"{b.model}, checked with {used}"
+        fp = "" if (b.manifest.build or {}).get("model_fingerprint") else " (no model fingerprint: the weights are known by name only)"
         print(f"bundle {b.id} v{b.version}: {b.count:,} rows, {b.manifest.index_factory}, model "
-              f"{checker.model_for(b)}; warn >= {fmt_threshold(warn)}, block >= {fmt_threshold(block)} ({scores})")
+              f"{model}{fp}; warn >= {fmt_threshold(warn)}, block >= {fmt_threshold(block)} ({scores})")
     print()
 
 
@@ -618,6 +629,44 @@ def cmd_serve(args) -> int:
           + (" (token required)" if config.token else "")
           + (f", {config.workers} worker processes" if config.workers > 1 else ""), file=sys.stderr, flush=True)
     serve(config, args.host, args.port, log_level=args.log_level)
+    return EXIT_OK
+
+
+def cmd_fingerprint(args) -> int:
+    """Embed the probe images with the bundle's model and store the fingerprint (a new manifest version)."""
+    from .core.bundle import Bundle
+    from .core.check import model_override_problem
+    from .core.embed import get_embedder
+    from .core.fingerprint import KEY, fingerprint, mismatch
+    from .index_builder.maintain import update_manifest
+
+    bundle = Bundle.open(args.bundle)
+    spec = args.model or bundle.model
+    problem = model_override_problem(bundle.model, spec)
+    if problem:
+        raise ConfigError(f"--model {spec}: {problem}; give the weights bundle {bundle.id} was built with")
+    embedder = get_embedder(spec, args.device)
+    if embedder.dim != bundle.dim:
+        raise ConfigError(f"--model {spec} gives {embedder.dim}-d embeddings, bundle {bundle.id} holds {bundle.dim}-d")
+    stored = (bundle.manifest.build or {}).get(KEY)
+    if stored is not None:
+        problem = mismatch(stored, embedder)
+        if problem:
+            raise ConfigError(f"bundle {bundle.id} already has a fingerprint, of other weights than {spec} ({problem}); "
+                              f"it is kept")
+        print(f"bundle {bundle.id} already has a fingerprint, and {spec} matches it")
+        return EXIT_OK
+    # The name and dimension are checked above; that these weights made the vectors rests on the user's word.
+    fp = fingerprint(embedder)
+    bundle.close()
+
+    def change(m, _folder):
+        m.build[KEY] = fp
+        return {"op": "fingerprint", "model": spec}
+
+    report = update_manifest(args.bundle, change, wait=not args.no_wait, operation="index fingerprint")
+    print(f"bundle {bundle.id} v{report.version}: model fingerprint of {spec} stored; checks with other weights are "
+          f"refused from now on")
     return EXIT_OK
 
 

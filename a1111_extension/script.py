@@ -505,6 +505,9 @@ def cfg_denoiser(params) -> None:
         return
     skipped = skips_uncond(denoiser, params.sigma)
     _PENDING.guidance = (_cfg_scale(p), skipped)
+    if params.text_uncond is None:  # Forge at CFG 1 drops the unconditional prompt (p.uc = None)
+        _PENDING.step = None
+        return
     _PENDING.step = (monitor, params.x, params.sigma, _rows(params.text_uncond), type(denoiser).__name__, skipped)
 
 

@@ -68,6 +68,7 @@ class ComfyClipVisionEmbedder:
                 f"model in Load CLIP Vision")
         self.spec = ModelSpec.parse(spec)
         self.clip_vision = clip_vision
+        self.cache_owner = clip_vision  # the fingerprint's probes are embedded once per loaded model
         self.dim = int(clip_vision.model.visual_projection.out_features)
 
     def embed_pixels(self, pixels: list[Pixels], batch_size: int = 32):

@@ -124,7 +124,11 @@ class Checker:
 
     def embedders(self) -> dict[str, Embedder]:
         """Load (once per process) the model of every local bundle; raises ModelLoadError on failure."""
+        from .fingerprint import check_model
+
         loaded = {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
+        for b in self._bundles or []:  # weights are known by what they do: refused before any image
+            check_model(b, loaded[self.model_for(b)])
         if self.announce and not self._announced:
             self._announced = True
             for b in self._bundles or []:
@@ -169,6 +173,10 @@ class Checker:
                 thresholds = self._thresholds(bundles, policy)
                 if bundles:
                     if embedder is not None:
+                        from .fingerprint import check_model
+
+                        for b in bundles:
+                            check_model(b, embedder)
                         vectors = {embedder.spec.raw: embedder.embed_pixels(batch, self.batch_size)}
                         models = {b.id: embedder.spec.raw for b in bundles}
                     else:

@@ -86,8 +86,17 @@ def _probe(url: str) -> Optional[str]:
         return f"{host}:{port} cannot be reached ({exc})"
 
 
-def _offline_help(spec: ModelSpec, what: str, reason: str) -> ModelLoadError:
+def file_arch(spec: ModelSpec) -> str:
+    """The architecture to give with a local weights file standing in for spec: OpenAI's checkpoints use
+    QuickGELU, which open_clip builds from the tag "openai" but from a file only as ARCH-quickgelu."""
     arch = spec.arch or "ARCH"
+    if spec.kind == "tag" and spec.source == "openai" and not arch.endswith("-quickgelu"):
+        return f"{arch}-quickgelu"
+    return arch
+
+
+def _offline_help(spec: ModelSpec, what: str, reason: str) -> ModelLoadError:
+    arch = file_arch(spec)
     return ModelLoadError(
         f"model {spec.raw!r}: {what} could not be fetched: {reason}. Download the weights on a connected "
         f"machine, then either put them into the Hugging Face cache (HF_HOME), whose files are used without a "

@@ -3,7 +3,10 @@
 Where they come from:
 - a bundle built from a folder of images records the folder (manifest build.sources, kind "images") and
   each row its path relative to it (metadata ``path``); ``root`` re-attaches a folder that moved
-  (``--references DIR``). A path that would lead outside the folder is refused;
+  (``--references DIR``). A path that would lead outside the folder is refused. A bundle is data from
+  someone else: the folder its manifest names is read only when this machine's user built the bundle from
+  it, as a local record that ``index build`` keeps outside the bundle says (``reference-folders.json`` in
+  the user's config folder: bundle id, build time, folder), or when the user names it (``root``);
 - a LAION-style bundle has only URLs: with ``fetch`` on (opt-in everywhere: fetching tells the image's host
   that someone looked at it) the image is fetched through core.fetch (public addresses only, size and time
   capped, a small pool) into a cache folder keyed by the URL's sha256, kept under a size cap by evicting the
@@ -14,13 +17,14 @@ Every reference is decoded with the same pixel and byte caps as generated images
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from .errors import ImageInputError
 
@@ -33,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .result import Match
 
 ENV_CACHE = "PROVENANCE_GUARD_REFERENCE_CACHE"
+ENV_CONFIG_DIR = "PROVENANCE_GUARD_CONFIG_DIR"
+FOLDERS_FILE = "reference-folders.json"
+MAX_RECORDED_FOLDERS = 1000  # bundles built here that are remembered, the oldest out
+MAX_FOLDERS_FILE_BYTES = 1 << 20
 FAILED_RETRY_S = 3600.0  # a dead link is not asked again for an hour
 
 
@@ -65,13 +73,68 @@ class Reference:
         return self.image is not None
 
 
-def image_roots(bundle: "Bundle", root: Optional[str] = None) -> list[Path]:
-    """Folders a bundle's relative image paths resolve against: the re-attached one first, then the ones the
-    manifest recorded at build time."""
-    roots = [Path(root).expanduser()] if root else []
+def config_dir() -> Path:
+    """This user's provenance-guard config folder: $PROVENANCE_GUARD_CONFIG_DIR, else
+    $XDG_CONFIG_HOME/provenance-guard, else ~/.config/provenance-guard."""
+    if os.environ.get(ENV_CONFIG_DIR):
+        return Path(os.environ[ENV_CONFIG_DIR]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "provenance-guard"
+
+
+def _recorded() -> list:
+    path = config_dir() / FOLDERS_FILE
+    try:
+        if path.stat().st_size > MAX_FOLDERS_FILE_BYTES:
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+
+def _identity(bundle: "Bundle") -> tuple[str, str]:
+    return str(bundle.id), str((bundle.manifest.build or {}).get("created", ""))
+
+
+def remember_folder(bundle_id: str, created: str, folder: Union[str, Path]) -> None:
+    """Record that this machine's user built bundle ``bundle_id`` (at ``created``) from ``folder``, so its
+    checks may read that folder's images. Best effort: a config folder that cannot be written is said in
+    the log, and the user names the folder instead."""
+    from .record import atomic_write
+
+    entry = {"bundle": str(bundle_id), "created": str(created), "folder": os.path.realpath(str(folder))}
+    entries = [e for e in _recorded() if e != entry][-(MAX_RECORDED_FOLDERS - 1):] + [entry]
+    try:
+        config_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write(config_dir() / FOLDERS_FILE, json.dumps(entries, indent=1).encode("utf-8"))
+    except OSError as exc:
+        log.warning("provenance-guard: could not record %s as the reference folder of bundle %s in %s (%s); "
+                    "name the folder (--references) when checking", folder, bundle_id, config_dir(), exc)
+
+
+def built_here(bundle: "Bundle", folder: Union[str, Path]) -> bool:
+    """Whether this machine's user built this bundle from folder (the local record, never the manifest)."""
+    bundle_id, created = _identity(bundle)
+    real = os.path.realpath(str(folder))
+    return any(e.get("bundle") == bundle_id and e.get("created") == created and e.get("folder") == real
+               for e in _recorded())
+
+
+def recorded_folders(bundle: "Bundle") -> list[Path]:
+    """The image folders the bundle's manifest names (build.sources of kind "images"), trusted or not."""
+    out = []
     for source in bundle.manifest.build.get("sources", []) or []:
-        if isinstance(source, dict) and source.get("kind") == "images" and source.get("path"):
-            roots.append(Path(str(source["path"])).expanduser())
+        if isinstance(source, dict) and source.get("kind") == "images" and isinstance(source.get("path"), str):
+            out.append(Path(source["path"]).expanduser())
+    return out
+
+
+def image_roots(bundle: "Bundle", root: Optional[str] = None) -> list[Path]:
+    """Folders a bundle's relative image paths resolve against: the one the user names first, then the ones
+    the manifest recorded that this machine's user built the bundle from (built_here)."""
+    roots = [Path(root).expanduser()] if root else []
+    roots += [folder for folder in recorded_folders(bundle) if built_here(bundle, folder)]
     return roots
 
 
@@ -175,6 +238,11 @@ class ReferenceResolver:
         url = match.url if isinstance(match.url, str) else ""
         if not url.lower().startswith(("http://", "https://")):
             # The folders looked in stay out of the reason: it goes into records that leave this machine.
+            if not self.options.root and any(not built_here(bundle, f) for f in recorded_folders(bundle)):
+                return Reference(None, rel or url or f"row {match.row_id}",
+                                 f"the image folder this bundle names was not built into it on this machine by "
+                                 f"its user, so it is not read; name the folder with {self.options.root_hint} to "
+                                 f"verify against it", label=rel or url)
             return Reference(None, rel or url or f"row {match.row_id}",
                              f"the reference image {rel or ''} is not in the bundle's image folder on this machine "
                              f"(moved or never copied); give its folder with {self.options.root_hint}",

@@ -94,6 +94,13 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
         bar.close()
         if writer.count == 0:
             raise ConfigError(f"--images {folder}: none of the {len(files)} images could be read: {skipped[:3]}")
+        from ..core.fingerprint import KEY, fingerprint
+
         writer.finish(build={"sources": [{"kind": "images", "path": str(folder), "files": len(files)}],
-                             "skipped": skipped})
+                             "skipped": skipped, KEY: fingerprint(embedder)})
+    from ..core.bundle import read_manifest
+    from ..core.references import remember_folder
+
+    manifest = read_manifest(out)
+    remember_folder(manifest.bundle_id, manifest.build.get("created", ""), folder)  # checks here may read it
     return BuildReport(Path(out), writer.count, skipped, time.perf_counter() - t0, dict(writer.text_stats))

@@ -213,6 +213,20 @@ class State:
                                                      self.config.batch_wait_ms, on_batch=self.metrics.batch)
             return self._batchers[model]
 
+    def model_batcher(self, bundle):
+        """The batcher of a bundle's model, once its weights are known to be the bundle's (its fingerprint):
+        other weights are a server-side fault, answered 503 before anything is searched."""
+        from ..core.fingerprint import ModelMismatchError, check_model
+
+        batcher = self.batcher(bundle.model)
+        try:
+            check_model(bundle, batcher.embedder)
+        except ModelMismatchError as exc:
+            log.error("index %s: %s", bundle.id, exc)
+            raise HTTPProblem(503, f"the server's model for index {bundle.id} is not the one its vectors were made "
+                                   f"with; the operator must give the bundle's own weights") from None
+        return batcher
+
     def checker(self, names: tuple[str, ...]):
         from ..core.check import Checker
 
@@ -312,12 +326,12 @@ def knn(state: State, body: KnnRequest, fetched: Optional[bytes] = None) -> list
     if body.embedding_input is not None:
         q = _knn_embedding(bundle, body)
     elif body.text:
-        q = state.batcher(bundle.model).embedder.embed_text([body.text])
+        q = state.model_batcher(bundle).embedder.embed_text([body.text])
     elif body.image or fetched is not None:
         blob = _b64(body.image, "image") if body.image else fetched
         try:
             with state.decoded([blob]) as pixels:
-                q = state.batcher(bundle.model).embed_pixels(pixels)
+                q = state.model_batcher(bundle).embed_pixels(pixels)
         except HTTPProblem as exc:
             if fetched is None or exc.status != 400:
                 raise
@@ -517,8 +531,11 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: O
         for r in results:
             r.image["source"] = "embedding"
     else:
+        batcher = state.batcher(models.pop())
+        for b in checker.open():
+            state.model_batcher(b)
         with state.decoded(blobs) as pixels:
-            results = checker.check(pixels, records=records, policy=policy, embedder=state.batcher(models.pop()))
+            results = checker.check(pixels, records=records, policy=policy, embedder=batcher)
         for blob, r in zip(blobs, results):
             r.image["sha256"] = hashlib.sha256(blob).hexdigest()
             r.image["source"] = "upload"

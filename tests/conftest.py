@@ -2,14 +2,21 @@
 and a bundle built from them through the same builder the CLI uses. No network, CPU only."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Tests never reach the network: a weights download must fail fast through the offline path.
 os.environ.setdefault("PROVENANCE_GUARD_DEVICE", "cpu")
+# Builds record the reference folders this user built bundles from (core.references): never in the real
+# config folder of whoever runs the tests. Subprocesses (the CLI, servers, hosts) inherit the variable.
+_CONFIG_DIR = tempfile.mkdtemp(prefix="provenance-guard-test-config-")
+os.environ["PROVENANCE_GUARD_CONFIG_DIR"] = _CONFIG_DIR
+atexit.register(shutil.rmtree, _CONFIG_DIR, True)
 
 from provenance_guard import demo  # noqa: E402
 

@@ -564,8 +564,13 @@ def test_clip_vision_input_is_used_when_it_is_the_bundle_model(pack, comfy, tiny
     assert fake.calls == 0
     data["embedding"]["model"] = "ViT-B-32/openai"
     manifest.write_text(json.dumps(data))
+    from provenance_guard.core.fingerprint import probe_pixels
+
     out, _ = run(pack, tensor("astronaut", "camera"), clip_vision=fake)
-    assert out["result"][1] == [True, False] and fake.calls == 2
+    probes = len(probe_pixels())  # the bundle's model fingerprint, checked once per loaded model
+    assert out["result"][1] == [True, False] and fake.calls == 2 + probes
+    run(pack, tensor("camera", "astronaut"), clip_vision=fake)
+    assert fake.calls == 4 + probes
 
 
 def test_loading_the_pack_loads_no_model_or_index():

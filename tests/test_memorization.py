@@ -207,6 +207,12 @@ def test_a1111_cfg_callbacks_read_the_webui_layout(monkeypatch, conds, timesteps
     a1111_step(glue, p, x, conds, eps_c, eps_u, torch.full((2,), 5.0), timesteps, step=1)
     a1111_step(glue, p, x, conds, eps_c, eps_u, torch.full((2,), 5.0), timesteps, step=2)
     assert state.monitor.scores(2)[0].steps == 1
+    # Forge at CFG 1 hands the callback no unconditional prompt (p.uc = None): nothing to read, no error.
+    state.monitor = MemorizationMonitor(2)
+    state.monitor.no_guidance()
+    denoiser = type("CFGDenoiserKDiffusion", (), {"p": p, "step": 0, "total_steps": 20})()
+    glue.cfg_denoiser(types.SimpleNamespace(x=x, sigma=torch.full((2,), 5.0), text_uncond=None, denoiser=denoiser))
+    assert state.monitor.scores(2)[0].score is None and "without classifier-free" in state.monitor.scores(2)[0].reason
 
 
 @pytest.mark.parametrize("cfg", [7.0, 1.0])

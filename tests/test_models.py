@@ -130,7 +130,8 @@ def test_offline_tag_fails_fast_with_how_to(empty_hf_cache, monkeypatch):
         build_model(ModelSpec.parse("ViT-B-32/openai"), "cpu", "fp32")
     msg = str(info.value)
     assert "could not be fetched" in msg and "127.0.0.1:9 cannot be reached" in msg
-    assert "ViT-B-32//path/to/weights.safetensors" in msg and "local-dir:" in msg and "--model" in msg
+    # an OpenAI checkpoint as a file needs the QuickGELU architecture (ViT-B-32 alone builds GELU: wrong)
+    assert "ViT-B-32-quickgelu//path/to/weights.safetensors" in msg and "local-dir:" in msg and "--model" in msg
     assert "Hugging Face cache (HF_HOME)" in msg and "model_override" in msg  # what the hosts offer
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from provenance_guard.cli import main as cli
+from provenance_guard.core.bundle import Bundle
 from provenance_guard.core.check import Checker
 from provenance_guard.core.policy import Policy, apply_verification
 from provenance_guard.core.references import ReferenceOptions, ReferenceResolver
@@ -428,3 +429,35 @@ def test_calibrate_refuses_too_few_pairs_and_nan_scores_without_writing(tmp_path
     err = capsys.readouterr().err
     assert "not finite" in err and "Traceback" not in err
     assert (bundle / "manifest.json").read_bytes() == before and not (tmp_path / "p.png").exists()
+
+
+def test_a_folder_a_bundle_names_is_read_only_when_this_user_built_it_from_there(built_bundle, references, tmp_path,
+                                                                                  outputs, monkeypatch):
+    """A bundle from someone else names "/" (or any folder) as its source: nothing there is read, verified or
+    shown unless this machine's user built the bundle from it, or names it."""
+    import shutil
+
+    from provenance_guard.core.references import built_here, config_dir
+
+    folder, _ = outputs
+    bundle = tmp_path / "bundle"
+    shutil.copytree(built_bundle, bundle)
+    assert built_here(Bundle.open(bundle), references)  # built here by the fixture: its folder is read
+    (r,) = Checker(bundle, device="cpu").check([folder / "chelsea_copy.png"], policy=Policy(verify="confirm"))
+    assert r.top.verification.status == COPY
+    outside = tmp_path / "outside"  # what a hostile manifest points at: files named like the bundle's rows
+    shutil.copytree(references, outside)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["build"]["sources"][0]["path"] = str(outside)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    (r,) = Checker(bundle, device="cpu").check([folder / "chelsea_copy.png"], policy=Policy(verify="confirm"))
+    v = r.top.verification
+    assert v.status == UNAVAILABLE and "not read" in v.reason and "--references" in v.reason
+    assert v.evidence is None and str(outside) not in r.dumps()
+    (r,) = Checker(bundle, device="cpu", references=ReferenceOptions(root=str(outside))).check(
+        [folder / "chelsea_copy.png"], policy=Policy(verify="confirm"))
+    assert r.top.verification.status == COPY  # named by the user: read
+    # the record lives outside the bundle, in this user's config folder (a test folder here)
+    assert (config_dir() / "reference-folders.json").is_file() and str(config_dir()) != str(bundle)
+    monkeypatch.setenv("PROVENANCE_GUARD_CONFIG_DIR", str(tmp_path / "another-user"))
+    assert not built_here(Bundle.open(built_bundle), references)  # another user's record does not count
