@@ -6,16 +6,24 @@ Parametrised by host; each host runs only when its variables are set:
 - forge: FORGE_DIR and FORGE_PYTHON.
 
 Per host, one webui start serves every test (module-scoped fixtures):
-1. The extension is installed as "Install from URL" would: the repository's tracked and untracked-but-not-ignored
-   files are copied into WEBUI/extensions/provenance-guard, and its install.py is run the way the webui's start runs
-   it (launch_utils.run_extension_installer). The folder is removed again at the end.
+1. The extension is installed as "Install from URL" would, under a test name: the repository's tracked and
+   untracked-but-not-ignored files are copied into WEBUI/extensions/provenance-guard-e2e-test (with a marker file
+   saying the test made it), and its install.py is run the way the webui's start runs it
+   (launch_utils.run_extension_installer). A user's own installed copy (any other extension folder holding
+   scripts/provenance_guard.py) is never touched: it is listed in the temporary settings' disabled_extensions, so
+   the webui loads the copy under test. A test folder without the marker (not made by this test) stops the run;
+   only the marked folders (the extension and the test bundle) are removed at the end.
 2. A tiny random-weight CLIP (demo.make_tiny_model) and a bundle of unrelated reference photos are built with the
-   HOST's python, through the installed clone (`python WEBUI/extensions/provenance-guard index build ...`), into
+   HOST's python, through the installed clone (`python WEBUI/extensions/provenance-guard-e2e-test index build
+   --images refs ...`, a relative --images path run from the refs folder's parent, as a user types it), into
    WEBUI/models/provenance/.
 3. The webui is started with --skip-prepare-environment and --api on a free loopback port, with its settings and
    UI-config files in a temporary folder (so the host's own config.json is untouched), and driven through
    /sdapi/v1/txt2img and /sdapi/v1/img2img: warn mode, block mode on a regenerated known image, fail closed with a
-   missing bundle, img2img and inpaint (the overlay must not paint the original back) on the known image.
+   missing bundle, img2img and inpaint (the overlay must not paint the original back) on the known image; the
+   bundle's recorded images folder (absolute), the records' source and `provenance-guard record show`, strict
+   evidence pictures, API callers' left-out arguments following Settings at each call, unusable safety settings
+   counting as their safe values, and the memorization signal at CFG 7 and CFG 1.
 4. It is stopped (its process group) and the port must be free. Files it wrote under WEBUI/outputs, and
    WEBUI/params.txt, are moved into the test's temporary folder (for a look after a failure).
 
@@ -32,6 +40,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,16 +52,27 @@ import numpy as np
 import pytest
 from PIL import Image
 from provenance_guard.core.record import png_text_chunks, read_record
+from provenance_guard.core.report import block_message
+from provenance_guard.core.result import CheckResult
 from provenance_guard.demo import DEMO_BLOCK, DEMO_WARN, write_references
 
 ROOT = Path(__file__).resolve().parents[1]
-EXT_NAME = "provenance-guard"
+EXT_NAME = "provenance-guard-e2e-test"   # never "provenance-guard": that may be the user's own installed copy
 BUNDLE_NAME = "e2e-provenance-refs"
+# A folder the test made holds this file; a test-named folder without it belongs to someone else and is left alone.
+MARKER = ".made-by-provenance-guard-e2e-test"
+HOST_LABELS = {"a1111": "Automatic1111 webui", "forge": "Forge webui"}  # what `record show` says wrote the record
 SCRIPT_TITLE = "Provenance Guard"
 HOSTS = {"a1111": ("A1111_DIR", "A1111_PYTHON"), "forge": ("FORGE_DIR", "FORGE_PYTHON")}
 OPTION_KEYS = [f"provenance_guard_{k}" for k in
                ("enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode",
-                "verify", "fetch_references", "references")]
+                "verify", "fetch_references", "references", "memorization", "strict")]
+# The settings' defaults (a1111_extension/settings.py), written back after a test changed them through the API.
+OPTION_DEFAULTS = {"provenance_guard_enabled": False, "provenance_guard_bundle": "", "provenance_guard_bundle_path": "",
+                   "provenance_guard_use_bundle_thresholds": True, "provenance_guard_action": "warn",
+                   "provenance_guard_fail_mode": "open", "provenance_guard_verify": "confirm",
+                   "provenance_guard_fetch_references": False, "provenance_guard_memorization": True,
+                   "provenance_guard_strict": False}
 # The script's API args (a1111_extension/script.py ARG_NAMES): 10 since pixel verification; callers sending the
 # first 8 get verify and fetch_references from the settings (test_fail_closed_missing_bundle sends 8).
 VERIFY_MODES = ("confirm", "off", "escalate", "confirm+escalate")
@@ -84,6 +104,8 @@ class Host:
     tmp: Path
     env: dict
     started: float = field(default_factory=time.time)
+    # other extension folders holding this extension (a user's own copy): disabled in the temporary settings
+    other_copies: list = field(default_factory=list)
 
     @property
     def ext(self) -> Path:
@@ -130,6 +152,34 @@ def _http(url: str, payload: Any = None, timeout: float = 30) -> tuple[int, Any]
         return status, json.loads(body or b"null")
     except ValueError:
         return status, body.decode(errors="replace")
+
+
+def _claim(path: Path, what: str, create: bool) -> None:
+    """Make path the test's own: a folder the test made before (it holds MARKER) is removed; anything else there
+    (a user's folder that happens to have the test name) stops the run untouched. create: make it, marked."""
+    if path.is_symlink() or path.exists():
+        if path.is_symlink() or not path.is_dir() or not (path / MARKER).is_file():
+            pytest.fail(f"{what} {path} exists and was not made by this test (no {MARKER} in it): it is left "
+                        f"alone and the test does not run; move it away if it is not needed")
+        shutil.rmtree(path)
+    if create:
+        path.mkdir(parents=True)
+        (path / MARKER).write_text("made by tests/test_a1111_e2e.py; removed at the end of the test\n")
+
+
+def _release(path: Path) -> None:
+    """Remove path only when the test made it (it holds MARKER)."""
+    if not path.is_symlink() and path.is_dir() and (path / MARKER).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _other_copies(webui: Path) -> list[str]:
+    """Extension folders other than the test's holding this extension (a user's installed copy, any name)."""
+    root = webui / "extensions"
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir()
+                  if d.name != EXT_NAME and (d / "scripts" / "provenance_guard.py").is_file())
 
 
 def _free_port() -> int:
@@ -308,12 +358,49 @@ def _generate(w: Webui, route: str, payload: dict) -> dict:
     info = json.loads(resp["info"])
     images = [_decode(b) for b in resp.get("images") or []]
     new_files = sorted(_files(w.host.webui / "outputs") - before)
-    w.state.setdefault("timings", []).append((route, payload.get("alwayson_scripts", {}).get(SCRIPT_TITLE, {})
-                                              .get("args", [None] * 8)[6], round(took, 1)))
+    args = (payload.get("alwayson_scripts") or {}).get(SCRIPT_TITLE, {}).get("args") or []
+    w.state.setdefault("timings", []).append((route, args[6] if len(args) > 6 else "settings", round(took, 1)))
     with open(w.log, "rb") as f:
         f.seek(log_at)
         log = f.read().decode(errors="replace")
     return {"resp": resp, "info": info, "images": images, "new_files": new_files, "log": log}
+
+
+def _set_options(w: Webui, values: dict) -> None:
+    """POST /sdapi/v1/options (Forge's GET omits extension settings, its POST takes them)."""
+    status, body = _http(f"{w.base}/sdapi/v1/options", values, timeout=60)
+    assert status == 200, f"POST /sdapi/v1/options {values} answered {status}: {str(body)[:2000]}\n{w.log_tail()}"
+
+
+def _stored_options(w: Webui) -> dict:
+    """The settings as the webui holds them: GET /sdapi/v1/options, with the temporary settings file's values for
+    the extension's keys (Forge's GET omits them; the webui writes the file at every POST)."""
+    status, options = _http(f"{w.base}/sdapi/v1/options", timeout=30)
+    assert status == 200, options
+    path = w.state.get("settings_file")
+    saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    for key in OPTION_KEYS:
+        if key not in options and key in saved:
+            options[key] = saved[key]
+    return options
+
+
+def _record_of(raw: bytes) -> dict:
+    """The provenance record in a response image's PNG chunk."""
+    chunk = png_text_chunks(raw).get("provenance")
+    assert chunk, f"the response image has no 'provenance' chunk: {sorted(png_text_chunks(raw))}"
+    return json.loads(chunk)
+
+
+def _top_match(r: dict) -> dict:
+    return (r.get("matches") or [None])[0] or {}
+
+
+def _evidence(uri: str) -> Image.Image:
+    assert _data_uri(uri) and uri.startswith("data:image/jpeg;base64,"), f"not a JPEG data URI: {str(uri)[:120]!r}"
+    img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    img.load()
+    return img.convert("RGB")
 
 
 def _assert_no_hook_errors(out: dict, what: str) -> None:
@@ -413,7 +500,7 @@ def host(request, tmp_path_factory):
                PYTHONDONTWRITEBYTECODE="1")
     if name == "a1111" and os.environ.get("A1111_HF_HOME"):
         env["HF_HOME"] = os.environ["A1111_HF_HOME"]
-    h = Host(name, webui, python, tmp_path_factory.mktemp(f"{name}-e2e"), env)
+    h = Host(name, webui, python, tmp_path_factory.mktemp(f"{name}-e2e"), env, other_copies=_other_copies(webui))
 
     outputs = webui / "outputs"
     outputs_before = _files(outputs)
@@ -421,13 +508,13 @@ def host(request, tmp_path_factory):
     params_before = params_txt.read_bytes() if params_txt.is_file() else None
     provenance_models = webui / "models" / "provenance"
     provenance_models_existed = provenance_models.is_dir()
-    shutil.rmtree(h.ext, ignore_errors=True)
-    shutil.rmtree(h.bundle, ignore_errors=True)
+    _claim(h.bundle, "the test bundle folder", create=False)  # checked first: a refusal leaves nothing made
+    _claim(h.ext, "the test extension folder", create=True)
     try:
         yield h
     finally:
-        shutil.rmtree(h.ext, ignore_errors=True)
-        shutil.rmtree(h.bundle, ignore_errors=True)
+        _release(h.ext)
+        _release(h.bundle)
         if not provenance_models_existed and provenance_models.is_dir() and not any(provenance_models.iterdir()):
             provenance_models.rmdir()
         # what the webui wrote during the session moves into the test's folder
@@ -466,6 +553,10 @@ def installed(host: Host) -> dict:
         shutil.copy2(src, dst)
         copied += 1
     assert copied and (host.ext / "install.py").is_file() and (host.ext / "scripts" / "provenance_guard.py").is_file()
+    # what the host has before install.py runs: a difference from the expected pins that was already there
+    # comes from the host's own installers (the webuis ship opencv-python), not from install.py
+    before = _run([host.python, "-c", DISTS_CODE], host.tmp, host.env, 120, "the version check before install.py")
+    assert before.returncode == 0, _output(before)
     t0 = time.time()
     code = f"from modules import launch_utils; launch_utils.run_extension_installer({str(host.ext)!r})"
     proc = _run([host.python, "-c", code], host.webui, host.env, INSTALL_TIMEOUT, "the extension's install.py")
@@ -477,7 +568,11 @@ def installed(host: Host) -> dict:
              "'faiss': faiss.__version__, 'open_clip': version('open_clip_torch'), 'cv2': cv2.__version__, "
              "'arrow_sum': float(arr.to_numpy().sum())}))")
     imports = _run([host.python, "-c", check], host.tmp, host.env, 300, "the import check")
-    return {"install": proc, "install_s": took, "imports": imports, "files": copied}
+    after = _run([host.python, "-c", DISTS_CODE], host.tmp, host.env, 120, "the version check after install.py")
+    assert after.returncode == 0, _output(after)
+    return {"install": proc, "install_s": took, "imports": imports, "files": copied,
+            "before": json.loads(before.stdout.strip().splitlines()[-1]),
+            "after": json.loads(after.stdout.strip().splitlines()[-1])}
 
 
 @pytest.fixture(scope="module")
@@ -497,10 +592,26 @@ def webui(host: Host, installed: dict):
     write_references(refs)  # scikit-image photos, written with this (test) interpreter
     _build_bundle(host, refs, spec, overwrite=False)
 
-    settings = host.tmp / "config.json"
+    w = start_webui(host, refs, spec)
+    try:
+        yield w
+    finally:
+        _stop(w)
+
+
+def start_webui(host: Host, refs: Path | None = None, spec: str = "", tag: str = "webui") -> Webui:
+    """Start the host's webui on a free loopback port with its settings and UI-config files copied into the test's
+    folder (host.tmp/<tag>-config.json: the host's own config.json is never written), a user's own copies of the
+    extension disabled there, and wait until it answers (and its start-up callbacks ran). The caller stops it
+    (_stop) whatever happens; a start that fails is stopped here."""
+    settings = host.tmp / f"{tag}-config.json"
     if (host.webui / "config.json").is_file():
         shutil.copy2(host.webui / "config.json", settings)
-    ui_config = host.tmp / "ui-config.json"
+    if host.other_copies:  # a user's installed copy would be loaded too (and import first): off in this run
+        data = json.loads(settings.read_text()) if settings.is_file() else {}
+        data["disabled_extensions"] = sorted(set(data.get("disabled_extensions") or []) | set(host.other_copies))
+        settings.write_text(json.dumps(data, indent=4))
+    ui_config = host.tmp / f"{tag}-ui-config.json"
     if (host.webui / "ui-config.json").is_file():
         shutil.copy2(host.webui / "ui-config.json", ui_config)
     port = _free_port()
@@ -511,23 +622,27 @@ def webui(host: Host, installed: dict):
         args += ["--use-cpu", "all", "--precision", "full", "--no-half"]
     else:
         args += ["--always-cpu", "--skip-python-version-check"]
-    log = host.tmp / "webui.log"
+    log = host.tmp / f"{tag}.log"
     with open(log, "wb") as logf:
         p = subprocess.Popen(args, cwd=str(host.webui), env=host.env, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
-    w = Webui(host, f"http://127.0.0.1:{port}", port, p, log, refs, spec)
+    w = Webui(host, f"http://127.0.0.1:{port}", port, p, log, refs or host.tmp / "refs", spec)
     w.state["start_cmd"] = " ".join(args)
+    w.state["settings_file"] = settings
     try:
         deadline = time.time() + START_TIMEOUT
         while True:
             answered = False
-            try:
-                status, _ = _http(f"{w.base}/sdapi/v1/options", timeout=10)
-                answered = status == 200
-            except (OSError, urllib.error.URLError):
-                pass
-            # Forge answers ~2 s before its on_app_started callbacks have run: wait for "Startup time:" too
-            if answered and "Startup time:" in log.read_text(errors="replace"):
+            # Nothing is sent before "Startup time:" is logged: a request that reaches A1111 after its UI server
+            # listens but before the API is added crashes it ("Cannot add middleware after an application has
+            # started"), and Forge answers ~2 s before its on_app_started callbacks have run.
+            if "Startup time:" in log.read_text(errors="replace"):
+                try:
+                    status, _ = _http(f"{w.base}/sdapi/v1/options", timeout=10)
+                    answered = status == 200
+                except (OSError, urllib.error.URLError):
+                    pass
+            if answered:
                 break
             if p.poll() is not None:
                 pytest.fail(f"the {host.name} webui exited with {p.returncode} before answering:\n{w.log_tail()}")
@@ -536,19 +651,35 @@ def webui(host: Host, installed: dict):
                             f"within {START_TIMEOUT}s (Forge builds its UI in a daemon thread: an exception there "
                             f"leaves the process alive and nothing listening):\n{w.log_tail()}")
             time.sleep(1)
-        w.state["startup_s"] = round(time.time() - w.started_at, 1)
-        yield w
-    finally:
+    except BaseException:
         _stop(w)
+        raise
+    w.state["startup_s"] = round(time.time() - w.started_at, 1)
+    return w
+
+
+# The host's distributions install.py must leave as they were (pip's view: importlib.metadata).
+HOST_DISTS = ("numpy", "torch", "torchvision", "open_clip_torch", "opencv-python", "opencv-python-headless",
+              "opencv-contrib-python", "opencv-contrib-python-headless", "pillow", "gradio", "transformers")
+DISTS_CODE = ("import json\nfrom importlib import metadata\nout = {}\n"
+              f"for d in {HOST_DISTS!r}:\n"
+              "    try:\n        out[d] = metadata.version(d)\n"
+              "    except metadata.PackageNotFoundError:\n        out[d] = None\n"
+              "print(json.dumps(out))")
 
 
 def _build_bundle(host: Host, refs: Path, spec: str, overwrite: bool) -> None:
-    cmd = [host.python, str(host.ext), "index", "build", "--images", str(refs), "--out", str(host.bundle),
+    """index build with the host's python through the installed clone, as a user types it: a relative --images
+    path, run from the refs folder's parent (the manifest must record the folder absolute, or the webui, whose
+    working directory is its own folder, cannot find the reference images to verify matches)."""
+    rel = os.path.relpath(refs, refs.parent)
+    cmd = [host.python, str(host.ext), "index", "build", "--images", rel, "--out", str(host.bundle),
            "--model", spec, "--warn", str(DEMO_WARN), "--block", str(DEMO_BLOCK), "--device", "cpu",
            "--no-progress", "--id", BUNDLE_NAME] + (["--overwrite"] if overwrite else [])
-    proc = _run(cmd, host.tmp, host.env, BUILD_TIMEOUT, "index build")
+    proc = _run(cmd, refs.parent, host.env, BUILD_TIMEOUT, "index build")
     assert proc.returncode == 0, f"index build with the host's python failed:\n{' '.join(cmd)}\n{_output(proc)}"
     assert (host.bundle / "manifest.json").is_file(), f"no manifest.json in {host.bundle}:\n{_output(proc)}"
+    (host.bundle / MARKER).write_text("made by tests/test_a1111_e2e.py; removed at the end of the test\n")
 
 
 def _stop(w: Webui) -> None:
@@ -574,6 +705,30 @@ def _stop(w: Webui) -> None:
 
 # tests -----------------------------------------------------------------------------------------------------------
 
+def test_test_folders_never_take_a_users_folder(tmp_path: Path):
+    """No host needed: the test's extension and bundle folders are claimed only when the test made them (MARKER);
+    a folder with the test name that the test did not make stops the run and stays as it was; a user's copy of the
+    extension under any other name is found (and disabled in the temporary settings, never touched)."""
+    webui = tmp_path / "webui"
+    ext = webui / "extensions" / EXT_NAME
+    (ext / "scripts").mkdir(parents=True)
+    (ext / "scripts" / "provenance_guard.py").write_text("# someone's own folder\n")
+    with pytest.raises(pytest.fail.Exception, match="was not made by this test"):
+        _claim(ext, "the test extension folder", create=True)
+    assert (ext / "scripts" / "provenance_guard.py").read_text() == "# someone's own folder\n"
+    _release(ext)  # not marked: left alone
+    assert ext.is_dir()
+    user = webui / "extensions" / "provenance-guard"
+    (user / "scripts").mkdir(parents=True)
+    (user / "scripts" / "provenance_guard.py").write_text("# the user's installed copy\n")
+    assert _other_copies(webui) == ["provenance-guard"]
+    (ext / MARKER).write_text("")  # a leftover of an earlier run: replaced
+    _claim(ext, "the test extension folder", create=True)
+    assert sorted(p.name for p in ext.iterdir()) == [MARKER]
+    _release(ext)
+    assert not ext.exists() and (user / "scripts" / "provenance_guard.py").is_file()
+
+
 def test_install_from_url(host: Host, installed: dict):
     proc = installed["install"]
     out = _output(proc)
@@ -584,12 +739,23 @@ def test_install_from_url(host: Host, installed: dict):
     assert imports.returncode == 0, f"after install.py, the host cannot import pyarrow/faiss/open_clip/numpy/cv2:\n" \
                                     f"{_output(imports)}\n--- install.py\n{out}"
     versions = json.loads(imports.stdout.strip().splitlines()[-1])
-    assert versions["numpy"] == "1.26.2", f"install.py changed the host's numpy: {versions}\n{out}"
-    assert versions["open_clip"] == "2.20.0", f"install.py changed the host's open_clip: {versions}\n{out}"
+    before, after = installed["before"], installed["after"]
+    # install.py only adds what is missing: every distribution the host had keeps its version (what differs from
+    # the pins below but was already so before install.py came from the host's own installers)
+    changed = {d: (before[d], after[d]) for d in HOST_DISTS if before[d] is not None and before[d] != after[d]}
+    assert not changed, f"install.py changed the host's packages (before, after): {changed}\n{out}"
+    added_cv = [d for d in HOST_DISTS if d.startswith("opencv") and before[d] is None and after[d] is not None]
+    had_cv = [d for d in HOST_DISTS if d.startswith("opencv") and before[d] is not None]
+    assert not (added_cv and had_cv), f"install.py added {added_cv} beside the host's {had_cv} (two OpenCV " \
+                                      f"distributions share the cv2 folder):\n{out}"
+    assert versions["numpy"] == after["numpy"] == before["numpy"], (versions, before, after)
     assert versions["arrow_sum"] == 3.0, versions
-    # pixel verification needs OpenCV: both webuis ship opencv-python 4.11, which install.py must leave alone
-    assert versions["cv2"].startswith("4.11."), f"install.py changed the host's OpenCV: {versions}\n{out}"
-    print(f"\n[{host.name}] install.py {installed['install_s']:.1f}s, {installed['files']} files; {versions}")
+    # the webuis pin these; a different host version is the host's own (install.py left it, checked above)
+    if before["numpy"] != "1.26.2" or before["open_clip_torch"] != "2.20.0" or not str(versions["cv2"]).startswith("4.11."):
+        print(f"\n[{host.name}] note: the host's own numpy/open_clip/OpenCV differ from the webuis' pins "
+              f"(1.26.2, 2.20.0, 4.11): {before}")
+    print(f"\n[{host.name}] install.py {installed['install_s']:.1f}s, {installed['files']} files; {versions}; "
+          f"added by install.py: {sorted(d for d in HOST_DISTS if before[d] is None and after[d] is not None)}")
 
 
 def test_startup_clean_and_settings(webui: Webui):
@@ -642,6 +808,7 @@ def test_txt2img_warn(webui: Webui):
                                                    f"{str(top.get('evidence'))[:200]!r}"
     w.state["warn_verification"] = [((r.get("matches") or [{}])[0].get("verification") or {}).get("status")
                                     for r in results]
+    w.state["warn_results"] = results
     for i, (raw, img) in enumerate(images):
         assert not _is_placeholder(img), f"warn mode: image {i} is dark ({_dark_share(img):.2f}); the random " \
                                          f"checkpoint should give mid-grey noise"
@@ -651,6 +818,8 @@ def test_txt2img_warn(webui: Webui):
     saved = _saved_samples(w, out["new_files"], "txt2img")
     seeds = [SEED, SEED + 1]
     assert sorted(saved) == seeds, f"saved samples by seed: {saved}; new files: {out['new_files']}"
+    w.state["warn_saved"] = [saved[seed] for seed in seeds]
+    w.state["warn_response_records"] = [_record_of(raw) for raw, _ in images]
     for i, seed in enumerate(seeds):
         record = _check_saved(w, saved[seed], verdicts[i])
         assert (record.get("generation") or {}).get("seed") == seed, record.get("generation")
@@ -662,6 +831,59 @@ def test_txt2img_warn(webui: Webui):
     known.save(w.refs / "known-generated.png")
     (w.refs / "known-generated.txt").write_text("a generated image that is now a known training image")
     w.state["known"] = known
+
+
+def test_bundle_records_absolute_images_folder(webui: Webui):
+    """The bundle was built with a relative --images path run from the refs folder's parent (_build_bundle): its
+    manifest must record the folder absolute, so that the webui (whose working directory is its own folder) finds
+    the reference images and verifies matches on their pixels."""
+    w = webui
+    manifest = json.loads((w.host.bundle / "manifest.json").read_text())
+    sources = [s for s in ((manifest.get("build") or {}).get("sources") or [])
+               if isinstance(s, dict) and s.get("kind") == "images"]
+    assert sources, f"the manifest records no images source: {json.dumps(manifest.get('build'))[:1500]}"
+    path = str(sources[0].get("path") or "")
+    rel = os.path.relpath(w.refs, w.refs.parent)
+    assert os.path.isabs(path), \
+        f"built with --images {rel} from {w.refs.parent}, the manifest records the relative path {path!r}: the " \
+        f"webui resolves it against its own folder ({w.host.webui}) and finds no reference images"
+    assert Path(path).resolve() == w.refs.resolve(), f"the manifest records {path!r}, not {w.refs}"
+    results = w.state.get("warn_results") or pytest.fail("needs test_txt2img_warn's results")
+    for i, r in enumerate(results):
+        top = _top_match(r)
+        v = top.get("verification") or {}
+        assert v.get("status") not in (None, "unavailable"), \
+            f"image {i}: its top match was not verified on pixels inside the webui (bundle built with a relative " \
+            f"--images path): {json.dumps(top)[:1500]}"
+
+
+def test_record_source_and_record_show(webui: Webui):
+    """Records say which host wrote them (generation.source "a1111" or "forge"), in the response images and the
+    saved files, and `provenance-guard record show` names the host."""
+    w = webui
+    name = w.host.name
+    saved = w.state.get("warn_saved") or pytest.fail("needs test_txt2img_warn's saved files")
+    for i, record in enumerate(w.state["warn_response_records"]):
+        assert (record.get("generation") or {}).get("source") == name, \
+            f"response image {i}: its record's generation.source is " \
+            f"{(record.get('generation') or {}).get('source')!r}, not {name!r}"
+    for path in saved:
+        record = json.loads(png_text_chunks(path)["provenance"])
+        assert (record.get("generation") or {}).get("source") == name, \
+            f"{path}: generation.source {(record.get('generation') or {}).get('source')!r}, not {name!r}"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    cmd = [sys.executable, "-m", "provenance_guard", "record", "show", str(saved[0])]
+    proc = _run(cmd, ROOT.parent, env, 120, "record show")
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{_output(proc)}"
+    expected = f"written by:  {HOST_LABELS[name]} ({name})"
+    assert expected in proc.stdout, f"record show does not say {expected!r}:\n{proc.stdout}"
+    assert "verdict:     pass" in proc.stdout, proc.stdout
+    proc = _run(cmd + ["--json"], ROOT.parent, env, 120, "record show --json")
+    assert proc.returncode == 0, _output(proc)
+    shown = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (shown.get("generation") or {}).get("source") == name and shown.get("verdict") == "pass", \
+        f"record show --json: {proc.stdout[:2000]}"
+    w.state["record_show"] = expected
 
 
 def _known(w: Webui) -> Image.Image:
@@ -704,6 +926,7 @@ def test_txt2img_block_known_image(webui: Webui):
         f"image 0's top match was not verified as a copy on pixels: {json.dumps(top)[:1500]}"
     assert _data_uri(top.get("evidence")), \
         f"image 0's verified top match has no evidence data URI: {str(top.get('evidence'))[:200]!r}"
+    w.state["block_evidence"] = top.get("evidence")  # strict off (the default): both pictures
     w.state["block_verification"] = [((r.get("matches") or [{}])[0].get("verification") or {}).get("status")
                                      for r in results]
     # the other seeds' noise may come near the known noise image (warn) with this tiny random CLIP, not to block
@@ -729,6 +952,55 @@ def test_txt2img_block_known_image(webui: Webui):
     w.state["block_grids"] = [p.name for p in out["new_files"] if any("grids" in part for part in p.parts)]
 
 
+EVIDENCE_LABEL_H = 16  # core/verify.py evidence_picture: the label strip above the pictures
+EVIDENCE_GAP = 8       # between "your image" and "training image"
+
+
+def test_strict_evidence_shows_training_image_only(webui: Webui):
+    """Setting provenance_guard_strict: a blocked image's evidence picture holds the training image alone (its
+    width/height ratio under the 16 px label strip), none of the blocked output's pixels; with strict off (the
+    block test above) it is the two pictures side by side."""
+    w = webui
+    known = _known(w)
+    kw, kh = known.size
+    loose_uri = w.state.get("block_evidence") or pytest.fail("needs test_txt2img_block_known_image's evidence")
+    loose = _evidence(loose_uri)
+    pic_h = loose.height - EVIDENCE_LABEL_H
+    one = pic_h * kw / kh  # the generated image is the known image's size: both pictures scale alike
+    assert abs(loose.width - (2 * one + EVIDENCE_GAP)) <= 2, \
+        f"strict off: the evidence is {loose.size}, not two {kw}x{kh} pictures side by side at height {pic_h}"
+    payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 1, "seed": SEED,
+               "save_images": True, "alwayson_scripts": _script_args(str(w.host.bundle), "block")}
+    _set_options(w, {"provenance_guard_strict": True})
+    try:
+        stored = _stored_options(w).get("provenance_guard_strict")
+        assert stored is True, f"POST /sdapi/v1/options provenance_guard_strict true did not stick: {stored!r}"
+        out = _generate(w, "txt2img", payload)
+    finally:
+        _set_options(w, {"provenance_guard_strict": False})
+    _assert_no_hook_errors(out, "strict block")
+    _, images, results = _per_image(out, 1, w)
+    r = results[0]
+    assert r["verdict"] == "block", f"the regenerated known image was not blocked under strict: {r}"
+    assert _is_placeholder(images[0][1]), "strict: the blocked image is not the placeholder"
+    top = _top_match(r)
+    assert (top.get("verification") or {}).get("status") == "copy", f"strict: top match {json.dumps(top)[:1500]}"
+    strict = _evidence(top.get("evidence"))
+    pic_h = strict.height - EVIDENCE_LABEL_H
+    w.state["strict_evidence"] = {"strict": strict.size, "loose": loose.size}
+    assert abs(strict.width - pic_h * kw / kh) <= 1, \
+        f"strict: the evidence picture is {strict.size}: it must be the {kw}x{kh} training image alone at height " \
+        f"{pic_h} under the {EVIDENCE_LABEL_H} px label (~{round(pic_h * kw / kh)} wide); the loose one, with the " \
+        f"blocked output beside it, is {loose.size}"
+    # it is the training image: as the right-hand picture of the loose evidence (the same reference, same scale)
+    s = np.asarray(strict, dtype=np.int16)[EVIDENCE_LABEL_H:]
+    right = np.asarray(loose, dtype=np.int16)[EVIDENCE_LABEL_H:, loose.width - strict.width:]
+    diff = float(np.median(np.abs(s - right)))
+    assert diff <= 12, f"strict: the evidence picture is not the training image (median difference {diff} from the " \
+                       f"loose evidence's training image)"
+    _assert_not_leaked(w, _rgb(known), out["images"], out["new_files"], "strict block")
+
+
 def test_fail_closed_missing_bundle(webui: Webui):
     w = webui
     payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED + 10,
@@ -747,10 +1019,194 @@ def test_fail_closed_missing_bundle(webui: Webui):
     saved = _saved_samples(w, out["new_files"], "txt2img")
     assert sorted(saved) == [SEED + 10, SEED + 11], saved
     for path in saved.values():
-        _check_saved(w, path, "block")
+        record = _check_saved(w, path, "block")
         with Image.open(path) as img:
             assert _is_placeholder(img), f"fail closed: {path} is not a placeholder"
+        # the placeholder's notice comes from the record (core/report.block_message): on these 64 px images it
+        # must say the check could not run, not "too close to a known training image"
+        assert record.get("error") and record.get("max_score") is None and not record.get("matches"), \
+            f"{path}: a check that could not run must be recorded as a failure: error {record.get('error')!r}, " \
+            f"max_score {record.get('max_score')!r}, {len(record.get('matches') or [])} matches"
+        notice = block_message(CheckResult.from_json(record))
+        assert notice.startswith("Blocked: the image could not be checked"), f"{path}: the notice is {notice!r}"
+    for i, r in enumerate(results):
+        assert r["max_score"] is None and not r["matches"], f"image {i}: fail closed is not a failure: {r}"
     assert out["info"]["extra_generation_params"]["Provenance"] == "block 2 of 2"
+
+
+MISSING_BUNDLE = "/nonexistent/provenance-guard-e2e-bundle"
+
+
+def _small(seed: int, **kw) -> dict:
+    return {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 1, "seed": seed,
+            "save_images": False, **kw}
+
+
+def _warnings_with(r: dict, *words: str) -> list[str]:
+    return [x for x in r.get("warnings") or [] if all(word in x for word in words)]
+
+
+def test_unusable_safety_settings_count_as_safe(webui: Webui):
+    """Safety settings that are none of their choices (edited into config.json or posted through the API) count as
+    their safe value: fail mode "sometimes" as closed (a missing bundle blocks, never unchecked), verify "bogus" as
+    confirm+escalate, action "blok" as block; each run says so in the record's warnings."""
+    w = webui
+    bad = {"provenance_guard_fail_mode": "sometimes", "provenance_guard_verify": "bogus",
+           "provenance_guard_action": "blok"}
+    try:
+        _set_options(w, {**bad, "provenance_guard_enabled": True, "provenance_guard_bundle": "",
+                         "provenance_guard_bundle_path": MISSING_BUNDLE})
+        stored = _stored_options(w)
+        assert {k: stored.get(k) for k in bad} == bad, \
+            f"the webui did not store the unusable values (the test needs them): {[stored.get(k) for k in bad]}"
+        # a caller that leaves the script's arguments out: the settings decide
+        out = _generate(w, "txt2img", _small(SEED + 30, save_images=True))
+        _assert_no_hook_errors(out, "unusable settings, missing bundle")
+        parsed, images, results = _per_image(out, 1, w)
+        r = results[0]
+        assert r["verdict"] == "block" and parsed[0]["Provenance"] == "block", \
+            f"fail mode 'sometimes' must count as closed: a missing bundle must block, got {r['verdict']!r}: {r}"
+        assert r["error"] and r["max_score"] is None, f"the missing bundle is not the record's error: {r}"
+        for key, safe in (("fail_mode", "closed"), ("verify", "confirm+escalate"), ("action", "block")):
+            assert _warnings_with(r, f"provenance_guard_{key}", f"counts as '{safe}'"), \
+                f"no warning that provenance_guard_{key} counts as '{safe}': {r['warnings']}"
+        assert _is_placeholder(images[0][1]), \
+            f"the blocked image is not the placeholder (dark share {_dark_share(images[0][1]):.2f})"
+        saved = _saved_samples(w, out["new_files"], "txt2img")
+        assert list(saved) == [SEED + 30], saved
+        record = _check_saved(w, saved[SEED + 30], "block")
+        assert record.get("error") and record.get("fail_mode") == "closed", \
+            f"{saved[SEED + 30]}: error {record.get('error')!r}, fail mode {record.get('fail_mode')!r}"
+        with Image.open(saved[SEED + 30]) as img:
+            assert _is_placeholder(img), f"{saved[SEED + 30]} is not the placeholder"
+        # a caller's own unusable fail mode counts as closed too
+        args = [True, "", MISSING_BUNDLE, True, DEMO_WARN, DEMO_BLOCK, "warn", "sometimes", "confirm", False]
+        out = _generate(w, "txt2img", _small(SEED + 31, alwayson_scripts={SCRIPT_TITLE: {"args": args}}))
+        _, images, results = _per_image(out, 1, w)
+        r = results[0]
+        assert r["verdict"] == "block" and _is_placeholder(images[0][1]), \
+            f"the script argument fail_mode 'sometimes' must count as closed: {r}"
+        assert _warnings_with(r, "counts as 'closed'"), r["warnings"]
+        # with a usable bundle, verify "bogus" runs as confirm+escalate (the record's verify mode)
+        _set_options(w, {"provenance_guard_bundle_path": str(w.host.bundle)})
+        out = _generate(w, "txt2img", _small(SEED + 32))
+        _, images, results = _per_image(out, 1, w)
+        r = results[0]
+        assert r["error"] is None, f"not checked against {w.host.bundle}: {r}"
+        mode = (_record_of(images[0][0]).get("verify") or {}).get("mode")
+        assert mode == "confirm+escalate", f"verify 'bogus' ran as {mode!r}, not 'confirm+escalate'"
+    finally:
+        _set_options(w, OPTION_DEFAULTS)
+
+
+def test_api_left_out_args_follow_settings(webui: Webui):
+    """The webui's API fills the script arguments a caller leaves out from values cached at its start
+    (init_default_script_args): those must mean "as in Settings at this call", so POST /sdapi/v1/options changes
+    the next generation of a caller that sends fewer arguments or none; null means the same; sent values win."""
+    w = webui
+    bundle = str(w.host.bundle)
+    seed = [SEED + 40]
+
+    def run(args: list | None, what: str) -> tuple[str | None, dict]:
+        payload = _small(seed[0])
+        seed[0] += 1
+        if args is not None:
+            payload["alwayson_scripts"] = {SCRIPT_TITLE: {"args": args}}
+        out = _generate(w, "txt2img", payload)
+        _assert_no_hook_errors(out, what)
+        extra = out["info"].get("extra_generation_params") or {}
+        assert "Provenance results" in extra, \
+            f"{what}: no check ran (enabled is true in Settings): {json.dumps(extra)[:1500]}"
+        _, images, results = _per_image(out, 1, w)
+        assert results[0]["error"] is None, f"{what}: not checked: {results[0]}"
+        return (_record_of(images[0][0]).get("verify") or {}).get("mode"), results[0]
+
+    try:
+        _set_options(w, {"provenance_guard_enabled": True, "provenance_guard_bundle": "",
+                         "provenance_guard_bundle_path": bundle, "provenance_guard_use_bundle_thresholds": True,
+                         "provenance_guard_action": "warn", "provenance_guard_fail_mode": "open",
+                         "provenance_guard_verify": "confirm"})
+        mode, _ = run(None, "no script args, verify confirm in Settings")
+        assert mode == "confirm", f"no script args with verify 'confirm' in Settings: the record's verify is {mode!r}"
+        _set_options(w, {"provenance_guard_verify": "off"})
+        mode, r = run(None, "no script args, verify off in Settings")
+        assert mode is None and not (_top_match(r).get("verification")), \
+            f"after POST /sdapi/v1/options verify 'off', a caller sending no script args still got verify {mode!r} " \
+            f"(the API's cached defaults won over Settings): {json.dumps(_top_match(r))[:800]}"
+        mode, _ = run([True, "", bundle], "3 script args")
+        assert mode is None, f"a caller sending 3 args got verify {mode!r}, Settings say 'off'"
+        mode, _ = run([True, "", bundle, True, DEMO_WARN, DEMO_BLOCK, "warn", "open", None, None], "null verify")
+        assert mode is None, f"a caller sending null for verify got {mode!r}, Settings say 'off'"
+        mode, _ = run([True, "", bundle, True, DEMO_WARN, DEMO_BLOCK, "warn", "open", "confirm", False],
+                      "explicit verify")
+        assert mode == "confirm", f"a caller sending verify 'confirm' (Settings 'off') got {mode!r}: sent values win"
+        _set_options(w, {"provenance_guard_verify": "escalate"})
+        mode, _ = run(None, "no script args, verify escalate in Settings")
+        assert mode == "escalate", f"Settings changed to 'escalate': a caller sending no args got {mode!r}"
+    finally:
+        _set_options(w, OPTION_DEFAULTS)
+
+
+def _checkpoint_override(w: Webui, name: str) -> dict:
+    """override_settings choosing the checkpoint whose title holds name (Forge's nonzero-sd15)."""
+    status, models = _http(f"{w.base}/sdapi/v1/sd-models", timeout=30)
+    assert status == 200, models
+    titles = [m.get("title") for m in models if name in (m.get("title") or "")]
+    assert titles, f"no checkpoint named like {name!r}: {[m.get('title') for m in models]}"
+    return {"override_settings": {"sd_model_checkpoint": titles[0]}}
+
+
+def test_memorization_signal(webui: Webui):
+    """The memorization signal (on by default) read from the sampler's CFG predictions: at CFG 7 a score (in
+    Forge, on nonzero-sd15 whose UNet output depends on the prompt, above 0; A1111's random checkpoint ignores the
+    prompt, so its score may be 0), in the infotext ("Provenance memorization: <score> <verdict>"), the API's
+    "Provenance results" and the saved record; at CFG 1 unavailable, saying why. No hook may raise on the way
+    (checked last, so that a failure also shows what the records said)."""
+    w = webui
+    extra = _checkpoint_override(w, "nonzero-sd15") if w.host.name == "forge" else {}
+    scores = w.state["memorization"] = {}
+    outs = {}
+    for cfg in (7.0, 1.0):
+        payload = _small(SEED + 50, steps=6, cfg_scale=cfg, save_images=True,
+                         alwayson_scripts=_script_args(str(w.host.bundle), "warn"), **extra)
+        out = outs[cfg] = _generate(w, "txt2img", payload)
+        parsed, _, results = _per_image(out, 1, w)
+        m = results[0].get("memorization")
+        text = parsed[0].get("Provenance memorization")
+        assert isinstance(m, dict), f"CFG {cfg}: no 'memorization' object in Provenance results: {results[0]}"
+        scores[cfg] = (m.get("memorization_score"), m.get("verdict"), m.get("steps"), text)
+        saved = _saved_samples(w, out["new_files"], "txt2img")
+        assert list(saved) == [SEED + 50], saved
+        record = _check_saved(w, saved[SEED + 50], results[0]["verdict"])
+        stored = record.get("prompt") or {}
+        if cfg > 1:
+            score = m.get("memorization_score")
+            assert isinstance(score, (int, float)) and m.get("steps", 0) >= 1, \
+                f"CFG 7: no memorization score: {m} (infotext {text!r})"
+            if w.host.name == "forge":
+                assert score > 0, \
+                    f"Forge, CFG 7, nonzero-sd15: the memorization score must be above 0 (the UNet output depends on " \
+                    f"the prompt), got {m}"
+            else:
+                assert score >= 0, m
+            assert m.get("verdict") in ("unrated", "pass", "flag"), m
+            assert text and re.fullmatch(r"\d+\.\d{4} (unrated|pass|flag)( \(threshold [^)]*\))?", text), \
+                f"CFG 7: infotext 'Provenance memorization' is {text!r}"
+            assert abs(float(text.split()[0]) - score) < 1e-3, (text, m)
+            assert stored.get("memorization_score") is not None and \
+                abs(stored["memorization_score"] - score) < 1e-5, f"{saved[SEED + 50]}: record prompt {stored}"
+        else:
+            assert m.get("memorization_score") is None and m.get("verdict") == "unavailable", \
+                f"CFG 1: the memorization signal must be unavailable: {m}"
+            assert "without classifier-free guidance" in (m.get("reason") or ""), \
+                f"CFG 1: the reason does not say why: {m}"
+            assert text == "unavailable", f"CFG 1: infotext 'Provenance memorization' is {text!r}"
+            assert stored.get("verdict") == "unavailable", f"{saved[SEED + 50]}: record prompt {stored}"
+    for cfg, out in outs.items():
+        # Forge sets p.uc = None at CFG 1 (modules/processing.py: "if self.cfg_scale == 1: self.uc = None"), so its
+        # on_cfg_denoiser params carry text_uncond None: the extension's cfg_denoiser callback must take that
+        _assert_no_hook_errors(out, f"memorization at CFG {cfg} ({w.host.name}; on_cfg_denoiser's text_uncond is "
+                                    f"None in Forge at CFG 1)")
 
 
 def test_img2img_known_image(webui: Webui):
@@ -844,5 +1300,7 @@ def test_stop_and_log_clean(webui: Webui):
           f"rebuild {w.state.get('rebuild_s')}s; calls {w.state.get('timings')}; "
           f"block {w.state.get('block_verdicts')}; verification warn {w.state.get('warn_verification')} "
           f"block {w.state.get('block_verification')}; "
-          f"img2img {w.state.get('img2img')}; inpaint {w.state.get('inpaint')}")
+          f"img2img {w.state.get('img2img')}; inpaint {w.state.get('inpaint')}; "
+          f"memorization (score, verdict, steps, infotext) by CFG {w.state.get('memorization')}; "
+          f"evidence sizes {w.state.get('strict_evidence')}; {w.state.get('record_show')!r}")
     _assert_clean_log(w, "after the generations")

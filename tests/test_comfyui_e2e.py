@@ -828,7 +828,7 @@ def test_evidence_is_strict_under_enforcement_and_side_by_side_without(comfyui, 
 def test_browser_draws_verdict_and_strict_evidence_on_the_node(enforced, known_bundle, tmp_path):
     """The front end of the enforced ComfyUI in headless Chromium: a graph with a Provenance Check queued
     through window.app; provenance.js tints the node and draws the verdict and the evidence picture, with no
-    page error from provenance.js. Screenshot: /work/hosts/screens/comfyui_node.png (SCREENS_DIR)."""
+    page error from provenance.js. Screenshot: comfyui_node.png in the test's folder (or SCREENS_DIR)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = _chromium()
     if chromium is None:
@@ -839,7 +839,7 @@ def test_browser_draws_verdict_and_strict_evidence_on_the_node(enforced, known_b
     name = _upload(base, path)
     graph = _graph(name, "block", "browser")
     graph["2"]["inputs"].update(bundle=KNOWN_BUNDLE, verify="confirm")
-    screens = Path(os.environ.get("SCREENS_DIR", "/work/hosts/screens"))
+    screens = Path(os.environ.get("SCREENS_DIR") or tmp_path)
     errors: list[str] = []
 
     with sync_api.sync_playwright() as p:
