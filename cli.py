@@ -1,7 +1,8 @@
-"""The ``provenance-guard`` command: check images, build/inspect/verify bundles, run the demo.
+"""The provenance-guard command: check images, build/inspect/verify bundles, run the demo.
 
 Exit codes (check): 0 no image reached --fail-on; 1 at least one did; 2 usage or configuration error (bad
-option, bundle missing or broken, model not loadable); 3 at least one image could not be checked.
+option, a missing input, bundle missing or broken, model not loadable or not the bundle's); 3 at least one
+image could not be checked.
 """
 from __future__ import annotations
 
@@ -78,12 +79,69 @@ def reference_options(args):
                             cache_bytes=int(args.reference_cache_mb * 2**20))
 
 
+DESCRIPTION = ("Tells whether a generated image comes too close to a known training image: CLIP embeddings, "
+               "a FAISS index of training images (a bundle), exact cosine scores, verification on pixels.")
+EXIT_CODES = """exit codes:
+  0  done; no image reached --fail-on (check), or the command succeeded
+  1  check: at least one image reached --fail-on; audit verify: the log is broken
+  2  usage or configuration: a bad option, a missing input, a bundle missing or damaged, a model that
+     cannot be loaded or is not the bundle's (said in one line, before anything heavy is loaded)
+  3  check: at least one image could not be checked (listed as 'unchecked')
+130 interrupted (Ctrl-C)"""
+# Help for options that repeat across commands (an option's own help, where it has one, wins).
+COMMON_HELP = {
+    "device": "where the model runs: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
+    "batch_size": "images per forward pass of the model",
+    "no_progress": "no progress bar (non-interactive runs print no bar either way)",
+    "json": "print JSON instead of text",
+    "bundle": "a bundle folder (made by 'provenance-guard index build')",
+    "description": "a line saying what the bundle holds, kept in its manifest",
+    "overwrite": "replace an existing bundle at --out (atomically: readers see the old one or the new one)",
+    "out": "the folder to write",
+    "model": "open_clip model spec (ARCH/TAG, ARCH//path/to/weights, local-dir:/path, hf-hub:org/repo)",
+    "warn": "warn at this exact cosine or above",
+    "block": "block at this exact cosine or above",
+    "port": "port to listen on (0: any free port, printed at start)",
+    "max_request_mb": "largest request body accepted, in MB (413 beyond it)",
+    "log_level": "the server's log level: critical, error, warning, info, debug",
+    "fail_mode": "an image that cannot be checked: open = 'unchecked', closed = 'block'",
+    "a": "the first bundle",
+    "b": "the second bundle",
+    "file": "the audit log (JSON lines)",
+    "text": "the prompt",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown, unless its help already says it; descriptions and epilogs as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Give every parser the formatter, and every option without help the common one."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:  # argparse's documented way to walk a parser's arguments has no public name
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _finish_help(child)
+        elif action.help is None and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="provenance-guard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="provenance-guard", description=DESCRIPTION, epilog=EXIT_CODES,
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"provenance-guard {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="check images against one or more bundles")
+    c = sub.add_parser("check", help="check images against one or more bundles", epilog=EXIT_CODES,
+                       description="Check images against one or more bundles: a table (or JSON) of verdicts and "
+                                   "matches; records, an HTML report and an audit log on request.")
     c.add_argument("images", nargs="+", help="image files or folders (png, jpg, jpeg, webp)")
     c.add_argument("--index", action="append", required=True, metavar="BUNDLE",
                    help="a bundle folder; repeat to check against several (matches merge by score)")
@@ -92,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     c.add_argument("--warn", type=_float01, help="warn at this exact cosine or above (default: the bundle's)")
     c.add_argument("--block", type=_float01, help="block at this exact cosine or above (default: the bundle's)")
-    c.add_argument("--top-k", type=_positive, default=DEFAULT_TOP_K, help="matches per image (default 10)")
+    c.add_argument("--top-k", type=_positive, default=DEFAULT_TOP_K, help="matches per image")
     c.add_argument("--fail-on", choices=("warn", "block"), default="block",
                    help="exit 1 when an image reaches this verdict (default block)")
     c.add_argument("--fail-mode", choices=("open", "closed"), default="open",
@@ -261,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="working folder (default ./demo-out)")
     d.add_argument("--model", help="open_clip model spec; default: a tiny CLIP built locally (no download)")
     d.add_argument("--device", default="auto")
+    _finish_help(p)
     return p
 
 
@@ -344,6 +403,12 @@ def cmd_check(args) -> int:
     from .core.record import read_generation, write_record
 
     inputs = collect_inputs(args.images, args.recursive)
+    # What was named on the command line and cannot be checked is a usage mistake: said before any model loads.
+    named = {str(Path(raw).expanduser()) for raw in args.images}
+    mistakes = [problem for path, problem in inputs if problem is not None and str(path) in named]
+    if mistakes:
+        more = f" (and {len(mistakes) - 3} more)" if len(mistakes) > 3 else ""
+        raise ConfigError("; ".join(terminal_safe(m, 200) for m in mistakes[:3]) + more)
     policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k,
                     verify=args.verify, verify_from=args.verify_from)
     checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size,
@@ -682,13 +747,33 @@ def cmd_info(args) -> int:
     if m.description:
         print(f"description {terminal_safe(m.description)}")
     print(f"model       {m.model}  ({m.dim}-d, {'L2-normalised' if m.normalized else 'raw'}, {m.metric})")
-    print(f"rows        {m.count:,}")
+    removed = m.count - bundle.live_count
+    print(f"rows        {bundle.live_count:,} searchable" +
+          (f" ({m.count:,} stored, {removed:,} removed: never returned)" if removed else ""))
     print(f"index       {m.index_factory}" + (f" (inverted lists on disk: {m.ivfdata_file})" if m.ivfdata_file else ""))
     params = ", ".join(f"{k}={v}" for k, v in m.search_params.items()) or "none (exhaustive)"
     print(f"search      {params}")
     print(f"scores      {'exact cosine' if m.exact else 'approximate (no re-rank vectors)'}")
     print(f"thresholds  warn >= {fmt_threshold(m.warn)}, block >= {fmt_threshold(m.block)}")
     print(f"built       {m.build.get('created', '?')} by {m.build.get('tool', '?')}")
+    recall = m.build.get("recall")
+    if isinstance(recall, dict) and recall:
+        parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {terminal_safe(str(v))}"
+                 for k, v in recall.items() if k in ("near_dup_r1", "near_dup_r10", "held_out_r1", "held_out_r10",
+                                                     "nprobe", "latency_ms")]
+        print(f"recall      {', '.join(parts)} (measured at build)")
+    fp = m.build.get("model_fingerprint")
+    print(f"fingerprint {'stored: checks with other weights are refused' if fp else 'none: the model is known by name only (index fingerprint adds one)'}")
+    history = m.build.get("history")
+    if isinstance(history, list) and history:
+        print("history")
+        for entry in history[-20:]:
+            if isinstance(entry, dict):
+                what = ", ".join(f"{k}={terminal_safe(str(v), 60)}" for k, v in entry.items() if k not in ("op", "at"))
+                print(f"  {terminal_safe(str(entry.get('at', '?')), 30)}  {terminal_safe(str(entry.get('op', '?')), 20)}"
+                      f"  {what}")
+        if len(history) > 20:
+            print(f"  ... {len(history) - 20} earlier entries (--json shows all)")
     print("files")
     for name, size, _digest in bundle.files_table():
         print(f"  {name:<20} {size:>16,} bytes")
@@ -706,7 +791,9 @@ def cmd_verify(args) -> int:
         print(f"provenance-guard: error: bundle {bundle.path} is damaged; copy it again or rebuild it",
               file=sys.stderr)
         return EXIT_CONFIG
-    print(f"OK {bundle.path}: {len(bundle.manifest.files)} files match their sha256, {bundle.count:,} rows")
+    removed = bundle.count - bundle.live_count
+    print(f"OK {bundle.path}: {len(bundle.manifest.files)} files match their sha256, {bundle.live_count:,} searchable "
+          f"rows" + (f" ({bundle.count:,} stored, {removed:,} removed)" if removed else ""))
     return EXIT_OK
 
 

@@ -132,9 +132,16 @@ def write_outputs(folder: Path) -> dict[str, str]:
 
 def run_demo(out: Path, model: Optional[str] = None, device: str = "auto") -> int:
     """Build the sample bundle, check the sample outputs, print the table, write the records."""
+    import importlib.util
+
     from .cli import main as cli_main
     from .core.config import DEFAULT_BLOCK, DEFAULT_WARN
+    from .core.errors import ConfigError
 
+    if importlib.util.find_spec("skimage") is None:
+        raise ConfigError("the demo's sample photos ship with scikit-image, which this install lacks: "
+                          "pip install scikit-image (or pip install 'provenance-guard[demo]'), then run the demo "
+                          "again; checking your own images needs nothing more")
     out = Path(out)
     if model is None:
         model = make_tiny_model(out / "tiny-clip")

@@ -128,7 +128,12 @@ class Checker:
 
         loaded = {spec: get_embedder(spec, self.device) for spec in {self.model_for(b) for b in self.open()}}
         for b in self._bundles or []:  # weights are known by what they do: refused before any image
-            check_model(b, loaded[self.model_for(b)])
+            e = loaded[self.model_for(b)]
+            if isinstance(getattr(e, "dim", None), int) and e.dim != b.dim:
+                raise DimensionMismatchError(
+                    f"model {e.spec.raw} gives {e.dim}-d embeddings but bundle {b.id} ({b.path}) holds {b.dim}-d "
+                    f"vectors of {b.model}; check with the bundle's model")
+            check_model(b, e)
         if self.announce and not self._announced:
             self._announced = True
             for b in self._bundles or []:

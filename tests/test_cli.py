@@ -73,10 +73,22 @@ def test_unreadable_image_exit_3(built_bundle, tmp_path, capsys):
     (["check", "{img}", "--index", "{bundle}", "--warn", "0.9", "--block", "0.5"], "above block"),
     (["check", "{img}", "--index", "{bundle}", "--model", "ViT-B"], "no weights"),
     (["index", "build", "--images", "{tmp}/none", "--out", "{tmp}/b"], "no such folder"),
+    # inputs named on the command line that cannot be checked: said before any model loads
+    (["check", "{tmp}/nope.png", "--index", "{bundle}"], "nope.png: no such file or folder"),
+    (["check", "{tmp}/empty", "--index", "{bundle}"], "a folder without .png"),
+    (["check", "{tmp}/notes.txt", "--index", "{bundle}"], "not a .png, .jpg"),
+    (["check", "{img}", "--index", "{tmp}/refz"], "did you mean"),
 ])
-def test_usage_and_config_errors_exit_2(argv, words, built_bundle, tmp_path, capsys):
+def test_usage_and_config_errors_exit_2(argv, words, built_bundle, tmp_path, capsys, monkeypatch):
+    import shutil
+
     img = tmp_path / "i.png"
     sample_image("coins").save(img)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    shutil.copytree(built_bundle, tmp_path / "refs")  # a bundle one letter away from "refz"
+    monkeypatch.setattr("provenance_guard.core.embed.get_embedder",
+                        lambda *a, **k: pytest.fail("a model was loaded before the usage mistake was said"))
     argv = [a.format(img=img, tmp=tmp_path, bundle=built_bundle) for a in argv]
     with pytest.raises(SystemExit) if words is None else _nullcontext() as raised:
         code = cli(argv)
@@ -168,3 +180,48 @@ def test_record_show_says_what_is_missing_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "plain.png: no provenance record" in err and "broken.png: its record cannot be read" in err
     assert "gone.png: no such file" in err and "Traceback" not in err
+
+
+def test_help_is_plain_text_with_defaults_descriptions_and_exit_codes(capsys):
+    import re
+
+    for argv in (["--help"], ["check", "--help"], ["index", "build", "--help"], ["serve", "--help"],
+                 ["index", "embed", "--help"], ["record", "show", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            cli(argv)
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert "``" not in text, argv
+        assert re.search(r"^  --[a-z]", text, re.M), argv
+    import argparse
+
+    from provenance_guard.cli import build_parser
+
+    def undescribed(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from undescribed(child, path + [name])
+            elif action.option_strings and not action.help and action.dest != "help":
+                yield " ".join(path + [action.option_strings[0]])
+
+    assert list(undescribed(build_parser(), [])) == []  # every option says what it does
+    with pytest.raises(SystemExit):
+        cli(["check", "--help"])
+    text = capsys.readouterr().out
+    assert "exit codes:" in text and "(default: 32)" in text and "--no-progress" in text
+    with pytest.raises(SystemExit):
+        cli(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "port to listen on" in text and "(default: 1234)" in text and "largest request body" in text
+
+
+def test_demo_without_scikit_image_names_what_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    assert cli(["demo", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install scikit-image" in err and "[demo]" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()

@@ -164,7 +164,16 @@ def test_removed_rows_are_never_returned(ivf_bundle, tmp_path, capsys):
     assert top1(b, x[[11]]) == [11]
     history = b.manifest.build["history"]
     assert [h["op"] for h in history[-3:]] == ["remove"] * 3 and history[-1]["reason"] == "takedown"
+    capsys.readouterr()
+    # info, verify and the server say the same number: the searchable rows, with the removed ones named
     assert cli(["index", "verify", str(path)]) == 0
+    assert "5,996 searchable rows (6,000 stored, 4 removed)" in capsys.readouterr().out
+    assert cli(["index", "info", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "5,996 searchable (6,000 stored, 4 removed: never returned)" in info
+    recall = next(line for line in info.splitlines() if line.startswith("recall"))
+    assert "near_dup_r1 " in recall and "measured at build" in recall
+    assert "remove" in info and "reason=takedown" in info
 
 
 def test_append_rows_are_found_with_the_same_quantizer(ivf_bundle, tmp_path):

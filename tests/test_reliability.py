@@ -316,24 +316,37 @@ def _header_bomb_jpeg(path: Path) -> None:
 
 @pytest.mark.parametrize("mode,verdict", [("open", "unchecked"), ("closed", "block")])
 def test_one_bad_input_never_takes_the_run_down(built_bundle, tmp_path, mode, verdict):
-    good, bomb, gif, empty = tmp_path / "good.png", tmp_path / "bomb.jpg", tmp_path / "anim.gif", tmp_path / "empty"
+    """An image that turns out bad when it is read (a header bomb, a .gif inside a folder) is that image's
+    result under the fail mode; the others are checked."""
+    good, bomb = tmp_path / "in" / "good.png", tmp_path / "in" / "bomb.jpg"
+    good.parent.mkdir()
     sample_image("rocket").convert("RGB").save(good)
     _header_bomb_jpeg(bomb)
-    Image.new("P", (8, 8)).save(gif)
-    empty.mkdir()
     jsonl, audit = tmp_path / "out.jsonl", tmp_path / "audit.jsonl"
-    proc = pg("check", str(bomb), str(good), str(gif), str(empty), str(tmp_path / "missing.png"), "--index",
-              str(built_bundle), "--fail-mode", mode, "--jsonl", str(jsonl), "--audit-log", str(audit), "--json")
+    proc = pg("check", str(bomb), str(good), "--index", str(built_bundle), "--fail-mode", mode, "--jsonl", str(jsonl),
+              "--audit-log", str(audit), "--json")
     assert proc.returncode == 3, proc.stderr
     results = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["image"]["source"] for r in results] == [str(bomb), str(good), str(gif), str(empty),
-                                                       str(tmp_path / "missing.png")]
+    assert [r["image"]["source"] for r in results] == [str(bomb), str(good)]
     assert results[1]["verdict"] == "block" and results[1]["error"] is None  # the good one was checked
-    for r in results[:1] + results[2:]:
-        assert r["verdict"] == verdict and r["error"]
-    assert "pixels" in results[0]["error"] and "not a .png" in results[2]["error"]
-    assert len(audit.read_text().splitlines()) == 5
-    assert len(proc.stdout.splitlines()) == 5 and "Traceback" not in proc.stderr
+    assert results[0]["verdict"] == verdict and "pixels" in results[0]["error"]
+    assert len(audit.read_text().splitlines()) == 2
+    assert len(proc.stdout.splitlines()) == 2 and "Traceback" not in proc.stderr
+
+
+def test_inputs_named_that_cannot_be_checked_are_a_usage_mistake(built_bundle, tmp_path):
+    """A missing path, an empty folder, a .gif named on the command line: exit 2 in one line naming them,
+    before the model loads and before anything is checked or logged."""
+    good, gif, empty = tmp_path / "good.png", tmp_path / "anim.gif", tmp_path / "empty"
+    sample_image("rocket").convert("RGB").save(good)
+    Image.new("P", (8, 8)).save(gif)
+    empty.mkdir()
+    audit = tmp_path / "audit.jsonl"
+    proc = pg("check", str(good), str(gif), str(empty), str(tmp_path / "missing.png"), "--index", str(built_bundle),
+              "--audit-log", str(audit))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "anim.gif: not a .png" in proc.stderr and "a folder without" in proc.stderr and "missing.png" in proc.stderr
+    assert not audit.exists() and proc.stdout == ""
 
 
 # damaged bundle files -------------------------------------------------------------------------------------------

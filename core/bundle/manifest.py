@@ -233,11 +233,28 @@ def manifest_stamp(path: Union[str, Path]) -> Optional[tuple]:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
+def _near_bundles(path: Path, limit: int = 2000) -> list[Path]:
+    """Bundle folders beside path whose names are close to its name (a typo), at most two; the folder is
+    listed only so far (limit entries)."""
+    import difflib
+    import itertools
+
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [e.name for e in itertools.islice(os.scandir(parent), limit)
+                 if e.is_dir() and (Path(e.path) / MANIFEST).is_file()]
+    except OSError:
+        return []
+    return [parent / n for n in difflib.get_close_matches(path.name, names, n=2, cutoff=0.6)]
+
+
 def read_manifest(path: Union[str, Path]) -> Manifest:
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
-        raise BundleFileError(f"bundle {path} does not exist or is not a folder; build one with "
+        near = _near_bundles(path)
+        hint = f"did you mean {' or '.join(str(n) for n in near)}? Otherwise build" if near else "build"
+        raise BundleFileError(f"bundle {path} does not exist or is not a folder; {hint} one with "
                               f"'provenance-guard index build --images DIR --out {path}'")
     if not mpath.is_file():
         raise ManifestError(f"{mpath} is missing: {path} is not a complete bundle (a build that did not finish "
