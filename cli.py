@@ -726,6 +726,9 @@ def cmd_fingerprint(args) -> int:
     bundle.close()
 
     def change(m, _folder):
+        if m.build.get(KEY) is not None:  # stored by another run since we looked: never replaced
+            raise ConfigError(f"bundle {bundle.id} got a fingerprint while this one was being made; run again to "
+                              f"compare {spec} with it")
         m.build[KEY] = fp
         return {"op": "fingerprint", "model": spec}
 
@@ -803,10 +806,8 @@ HOSTS = {"a1111": "Automatic1111 webui", "forge": "Forge webui", "comfyui": "Com
 
 def cmd_record_show(args) -> int:
     """Print what each image's stored record says; exit 2 when one has none or it cannot be read."""
-    import json
-
     from .core.record import read_record, sidecar_path
-    from .core.report import match_line, short
+    from .core.report import short
 
     status = EXIT_OK
     for raw in args.images:
@@ -820,8 +821,9 @@ def cmd_record_show(args) -> int:
             status = EXIT_CONFIG
             continue
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            print(f"provenance-guard: error: {path}: its record cannot be read ({type(exc).__name__}: "
-                  f"{short(str(exc), 120)}); it may have been damaged or written by another tool", file=sys.stderr)
+            print(f"provenance-guard: error: {terminal_safe(str(path))}: its record cannot be read "
+                  f"({type(exc).__name__}: {terminal_safe(short(str(exc), 120))}); it may have been damaged or "
+                  f"written by another tool", file=sys.stderr)
             status = EXIT_CONFIG
             continue
         if result is None:
@@ -830,39 +832,57 @@ def cmd_record_show(args) -> int:
                   file=sys.stderr)
             status = EXIT_CONFIG
             continue
-        if args.json:
-            print(json.dumps(result.to_json(), ensure_ascii=False))
+        try:
+            lines = _record_lines(path, result, args.json)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            print(f"provenance-guard: error: {terminal_safe(str(path))}: its record cannot be read ({type(exc).__name__}); "
+                  f"it may have been damaged or written by another tool", file=sys.stderr)
+            status = EXIT_CONFIG
             continue
-        gen = result.generation
-        source = (gen.source if gen is not None else None) or "unknown"
-        print(f"{path}")
-        print(f"  written by:  {HOSTS.get(source, source)}" + (f" ({source})" if source in HOSTS else ""))
-        score = "-" if result.max_score is None else f"{result.max_score:.4f}"
-        print(f"  verdict:     {result.verdict} (max similarity {score}, fail mode {result.fail_mode})")
-        if result.error:
-            print(f"  error:       {short(result.error, 200)}")
-        for t in result.thresholds:
-            print(f"  bundle:      {t.bundle_id}@{t.bundle_version} (warn {t.warn}, block {t.block})")
-        if result.model:
-            print(f"  CLIP model:  {result.model}")
-        if result.checked_at:
-            print(f"  checked at:  {result.checked_at}")
-        for m in result.matches[:5]:
-            print(f"  match:       {short(match_line(m), 200)}")
-        if gen is not None:
-            for name in ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "width", "height", "model",
-                         "model_hash"):
-                value = getattr(gen, name)
-                if value not in (None, ""):
-                    print(f"  {name + ':':<13}{short(str(value), 200)}")
-        if result.prompt is not None:
-            from .core.memorization import score_text
-
-            print(f"  memorization: {score_text(result.prompt)}" +
-                  (f" — {short(result.prompt.reason, 160)}" if result.prompt.reason else ""))
-        for w in result.warnings:
-            print(f"  ! {short(w, 200)}")
+        print("\n".join(lines))
     return status
+
+
+def _record_lines(path: Path, result, as_json: bool) -> list[str]:
+    """What record show prints for one record. Every value comes from a file someone else may have written:
+    control characters are stripped (terminal_safe) and a value of the wrong type raises (the caller says
+    the record cannot be read)."""
+    import json
+
+    from .core.memorization import score_text
+    from .core.report import match_line
+
+    if as_json:
+        return [json.dumps(result.to_json(), ensure_ascii=True)]
+    t = terminal_safe
+    gen = result.generation
+    source = t(str((gen.source if gen is not None else None) or "unknown"), 40)
+    score = "-" if result.max_score is None else f"{float(result.max_score):.4f}"
+    out = [t(str(path)),
+           f"  written by:  {HOSTS.get(source, source)}" + (f" ({source})" if source in HOSTS else "") +
+           " (as the record says)",
+           f"  verdict:     {t(str(result.verdict), 20)} (max similarity {score}, fail mode {t(str(result.fail_mode), 20)})"]
+    if result.error:
+        out.append(f"  error:       {t(str(result.error), 200)}")
+    for th in result.thresholds:
+        out.append(f"  bundle:      {t(str(th.bundle_id), 80)}@{t(str(th.bundle_version), 40)} "
+                   f"(warn {float(th.warn)}, block {float(th.block)})")
+    if result.model:
+        out.append(f"  CLIP model:  {t(str(result.model), 200)}")
+    if result.checked_at:
+        out.append(f"  checked at:  {t(str(result.checked_at), 40)}")
+    out += [f"  match:       {t(match_line(m), 200)}" for m in result.matches[:5]]
+    if gen is not None:
+        for name in ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "width", "height", "model",
+                     "model_hash"):
+            value = getattr(gen, name)
+            if value not in (None, ""):
+                out.append(f"  {name + ':':<13}{t(str(value), 200)}")
+    if result.prompt is not None:
+        reason = f" — {t(str(result.prompt.reason), 160)}" if result.prompt.reason else ""
+        out.append(f"  memorization: {t(score_text(result.prompt) or '', 80)}{reason}")
+    out += [f"  ! {t(str(w), 200)}" for w in result.warnings]
+    return out
 
 
 def cmd_audit_verify(args) -> int:

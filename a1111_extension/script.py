@@ -105,10 +105,13 @@ def run_state(values: dict[str, Any]) -> RunState:
     action = settings.safe_choice("action", values.get("action"), warnings)
     verify = settings.safe_choice("verify", values.get("verify"), warnings)
     prompt_action = settings.choice("prompt_action")
-    use_bundle = settings.safe_choice("use_bundle_thresholds", values.get("use_bundle_thresholds"), warnings)
+    use_bundle = values.get("use_bundle_thresholds")
+    problems = []
+    if not isinstance(use_bundle, bool):  # neither set of thresholds is surely the stricter: the fail mode decides
+        problems.append(f"use_bundle_thresholds {use_bundle!r} is not true or false")
+        use_bundle = True
     fetch = values.get("fetch_references") is True
     strict = settings.safe_choice("strict", settings.default("strict"), warnings)
-    problems = []
     policy = Policy(fail_mode=fail_mode, strict=strict)
     try:
         threshold = float(settings.default("memorization_threshold") or 0.0)
@@ -118,8 +121,15 @@ def run_state(values: dict[str, Any]) -> RunState:
                         memorization_thresholds={"*": threshold} if threshold > 0 else None)
     except (ConfigError, TypeError, ValueError) as exc:
         problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
+    for name in ("bundle", "bundle_path"):
+        if values.get(name) is not None and not isinstance(values.get(name), str):
+            problems.append(f"{name} {values.get(name)!r} is not text")
+    references = settings.default("references")
+    if references is not None and not isinstance(references, str):
+        problems.append(f"setting {settings.option_name('references')} = {references!r} is not a folder path")
+        references = ""
     state = RunState(action=action, policy=policy, warnings=warnings,
-                     references=ReferenceOptions(root=(settings.default("references") or "").strip() or None,
+                     references=ReferenceOptions(root=(references or "").strip() or None,
                                                  fetch=fetch, root_hint=settings.FIELDS["references"],
                                                  fetch_hint=settings.FIELDS["fetch"]))
     if problems:
@@ -279,11 +289,21 @@ class ProvenanceGuardScript(scripts.Script):
 
     # hooks ---------------------------------------------------------------------------------------------
     def process(self, p, *args):
-        values = parse_args(args)
-        p._provenance = None
-        if not settings.safe_choice("enabled", values["enabled"]):
+        # A failing state first: whatever goes wrong below (arguments of any type from an API caller, a
+        # hand-edited config.json), the later hooks find a state and act under the fail mode. The webui
+        # swallows exceptions in hooks, so an error here must never leave p without one.
+        p._provenance = RunState(action=BLOCK, policy=Policy(fail_mode="closed"),
+                                 error="Provenance Guard could not read its settings for this generation")
+        try:
+            values = parse_args(args)
+            if not settings.safe_choice("enabled", values["enabled"]):
+                p._provenance = None
+                return
+            state = run_state(values)
+        except Exception as exc:  # noqa: BLE001 - see above: the failing state stays
+            log.exception("provenance-guard: the script's arguments or settings cannot be used")
+            p._provenance.error += f" ({type(exc).__name__}: {exc}); fix them in Settings > Provenance Guard"
             return
-        state = run_state(values)
         try:
             from modules import shared
 
@@ -305,7 +325,15 @@ class ProvenanceGuardScript(scripts.Script):
         state: Optional[RunState] = getattr(p, "_provenance", None)
         if state is None or state.family is None:
             return
-        state.monitor = MemorizationMonitor(int(settings.default("memorization_steps") or DEFAULT_STEPS))
+        try:
+            steps = int(settings.default("memorization_steps") or DEFAULT_STEPS)
+            steps = steps if 1 <= steps <= 1000 else DEFAULT_STEPS
+        except (TypeError, ValueError):
+            settings.say_once(f"setting {settings.option_name('memorization_steps')} = "
+                              f"{settings.default('memorization_steps')!r} is not a whole number; {DEFAULT_STEPS} "
+                              f"steps are used")
+            steps = DEFAULT_STEPS
+        state.monitor = MemorizationMonitor(steps)
         state.monitor.family = state.family
         if float(getattr(p, "cfg_scale", 7.0) or 0.0) <= 1.0:
             state.monitor.no_guidance()

@@ -10,7 +10,7 @@ values back), so component_args keeps only the keywords the installed gradio tak
 
 Values are validated where they are used: a safety setting (fail mode, action, verify, prompt action, the
 on/off switches) edited into config.json or posted through the API that is not one of its choices counts as
-its safe value (``SAFE``), and the run says so once (``safe_choice``).
+its safe value (``SAFE``: what studio enforcement runs with), and the run says so once (``safe_choice``).
 """
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ LABELS = {
 }
 PROMPT_ACTIONS = ["warn", "pass", "block"]
 CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS}
-# What an unusable value of a safety setting counts as: the value that lets the fewest images through.
+# What an unusable value of a safety setting counts as: the values studio enforcement runs with (closed,
+# block, confirm+escalate, checking and the monitor on, strict evidence, nothing fetched). Thresholds have
+# no such value (neither set is surely the stricter): unusable ones fail the check under the fail mode.
 SAFE: dict[str, Any] = {"action": "block", "fail_mode": "closed", "verify": "confirm+escalate",
-                        "prompt_action": "block", "enabled": True, "use_bundle_thresholds": True,
-                        "memorization": True, "strict": True, "fetch_references": False}
+                        "prompt_action": "block", "enabled": True, "memorization": True, "strict": True,
+                        "fetch_references": False}
 # The Settings field a message names where the command line would name a flag.
 FIELDS = {"references": "Settings > Provenance Guard > \"Folder of the bundle's reference images\"",
           "fetch": "Settings > Provenance Guard > \"Fetch training images of URL-only (LAION) bundles\" "

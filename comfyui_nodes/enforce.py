@@ -146,6 +146,12 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise EnforcementConfigError(f'{where}: "verify" must be one of {list(VERIFY_MODES)}, not {cfg.get("verify")!r}')
     if not isinstance(cfg.get("monitor"), bool):
         raise EnforcementConfigError(f'{where}: "monitor" must be true or false, not {cfg.get("monitor")!r}')
+    reserved = {IMAGE} | REFUSED_TYPES | TRACED_TYPES
+    for key in ("image_types", "data_types"):
+        taken = sorted(set(names(key)) & reserved)
+        if taken:
+            raise EnforcementConfigError(f'{where}: "{key}" may name a node pack\'s own types only, not {taken} '
+                                         f"(enforcement decides those itself)")
     return {"bundle": bundle.strip(), "fail_mode": cfg["fail_mode"], "exempt_nodes": names("exempt_nodes"),
             "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "monitor": cfg["monitor"],
             "image_types": names("image_types"), "data_types": names("data_types")}
@@ -230,6 +236,12 @@ class _Guard:
         self.steps += 1
         if self.steps > MAX_TRACE:
             raise Refused(f"the graph is too large to trace (over {MAX_TRACE} links)")
+        slot = value[1]
+        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+            # ComfyUI indexes outputs with Python's rules (-1: the last, True: 1): a slot that is no plain index
+            # would be typed by another output than the one read
+            raise Refused(f"{where}: input {key!r} links to output slot {slot!r} of node {value[0]}, which is not "
+                          f"a plain output index (0, 1, ...); relink it in the editor")
         kind = self.kind(node, key, value)
         if kind == IMAGE:
             self.check(node_id, node, key, value)

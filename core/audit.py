@@ -7,11 +7,13 @@ Lines are chained: each carries ``prev``, the sha256 of the line before it (the 
 removing or inserting a line breaks the chain from there on; ``verify`` (``provenance-guard audit verify``)
 finds the first broken line. A log must be chained from its first line: one without ``prev`` anywhere
 (stripped, or written before chaining) fails unless the caller allows unchained logs, and once any line is
-chained every line must be. The last line, and lines cut off the end, are only caught against a hash kept
-elsewhere: verify prints the last line's sha256 and compares it with ``expect_last`` when given. A crash
-mid-write leaves a torn last line (no newline): the next append closes it with a newline and chains from
-the last whole line, and verify reports the torn line as torn, not as tampering. Whoever can rewrite the
-whole file can recompute the chain: only the kept hash (or a signature) tells.
+chained every line must be (a prefix written before chaining passes only when the caller allows unchained
+logs). The last line, and lines cut off the end, are only caught against a hash kept elsewhere: verify
+prints the last line's sha256 and compares it with ``expect_last`` when given. A crash mid-write leaves a
+torn last line (no newline): the next append closes it with a newline, chains from the last whole entry and
+names the torn lines' sha256 in its ``torn`` field, so verify reports them as torn, not as tampering, while
+any other line that is no entry breaks the chain. Whoever can rewrite the whole file can recompute the
+chain: only the kept hash (or a signature) tells.
 """
 from __future__ import annotations
 
@@ -75,10 +77,11 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except ImportError:  # Windows: O_APPEND alone
                 pass
-            prev, torn = _tail(fd)
-            lines = [b"\n"] if torn else []  # close a line torn by a crash; the chain skips it
-            for entry in entries:
-                line = json.dumps({**entry, "prev": prev}, ensure_ascii=False, separators=(",", ":")).encode()
+            prev, torn, unclosed = _tail(fd)
+            lines = [b"\n"] if unclosed else []  # close a line torn by a crash; the chain skips it, named
+            for n, entry in enumerate(entries):
+                fields = {**entry, "prev": prev, **({"torn": torn} if torn and n == 0 else {})}
+                line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
                 prev = hashlib.sha256(line).hexdigest()
                 lines.append(line + b"\n")
             data = b"".join(lines)
@@ -106,20 +109,35 @@ def _line_before(fd: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _tail(fd: int) -> tuple[str, bool]:
-    """(sha256 of the file's last whole line, or GENESIS; whether a torn line without a newline follows it)."""
+MAX_TORN = 16  # torn lines after the last entry that an append skips (crashes in a row)
+
+
+def _is_entry(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _tail(fd: int) -> tuple[str, list, bool]:
+    """(sha256 of the file's last whole entry, or GENESIS; the sha256 of each torn line after it, in file
+    order; whether the file's last line lacks its newline). Torn lines are lines that are no JSON entry,
+    left by crashes mid-write."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return GENESIS, False
-    torn = os.pread(fd, 1, size - 1) != b"\n"
-    end = size if torn else size - 1
-    if torn:  # the torn tail starts after the last newline; the whole line ends at that newline
-        start, _ = _line_before(fd, end)
+        return GENESIS, [], False
+    unclosed = os.pread(fd, 1, size - 1) != b"\n"
+    end = size if unclosed else size - 1
+    torn: list = []
+    while True:
+        start, end = _line_before(fd, end)
+        line = os.pread(fd, end - start, start)
+        if _is_entry(line) or len(torn) >= MAX_TORN:
+            return hashlib.sha256(line).hexdigest(), torn[::-1], unclosed
+        torn.append(hashlib.sha256(line).hexdigest())
         if start == 0:
-            return GENESIS, True
+            return GENESIS, torn[::-1], unclosed
         end = start - 1
-    start, end = _line_before(fd, end)
-    return hashlib.sha256(os.pread(fd, end - start, start)).hexdigest(), torn
 
 
 @dataclass
@@ -139,30 +157,36 @@ class Verification:
 
 def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: Optional[str] = None) -> Verification:
     """Walk the chain of an audit log; the first line whose ``prev`` is not the hash of the line before it
-    (or that is not a JSON entry at all) is where it was changed. A log must be chained from its first line:
-    a log with no chain at all passes only with allow_unchained, and unchained lines before chained ones
-    never do. A line torn by a crash (not JSON, and the next line chains past it, or it ends the file) is
-    reported as torn. expect_last: the last whole line's sha256, kept elsewhere."""
+    (or that is not a JSON entry at all) is where it was changed. A log must be chained from its first line
+    (with allow_unchained, a log with no chain, or an unchained prefix before chained lines, passes with a
+    note). A line that is no entry passes only as torn: named by the ``torn`` field of the entry after it,
+    or ending the file without a newline (a crash the next append will close). expect_last: the last whole
+    line's sha256, kept elsewhere; nothing may follow it."""
     result = Verification()
     prev = GENESIS
     chained = False
-    pending_torn: Optional[int] = None
+    pending: list = []  # (line number, sha256) of lines that are no entry, since the last entry
+    last_unclosed = False
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             line = raw[:-1] if raw.endswith(b"\n") else raw
+            last_unclosed = not raw.endswith(b"\n")
             result.lines = number
             try:
                 entry = json.loads(line)
             except ValueError:
                 entry = None
             if not isinstance(entry, dict):
-                if pending_torn is None:
-                    pending_torn = number  # torn if the next line chains past it (or nothing follows)
-                    continue
-                result.broken_at, result.problem = pending_torn or number, "not a JSON audit entry"
+                if len(pending) >= MAX_TORN:
+                    result.broken_at, result.problem = pending[0][0], "not a JSON audit entry"
+                    return result
+                pending.append((number, hashlib.sha256(line).hexdigest()))
+                continue
+            if pending and entry.get("torn") != [h for _, h in pending]:
+                result.broken_at, result.problem = pending[0][0], "not a JSON audit entry"
                 return result
             if "prev" not in entry:
-                if chained or not allow_unchained or pending_torn is not None:
+                if chained or not allow_unchained or pending:
                     result.broken_at = number
                     result.problem = ("it carries no \"prev\": the chain was stripped or the line was inserted (a "
                                       "log must be chained from its first line; --allow-unchained accepts a log "
@@ -170,23 +194,20 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
                     return result
                 result.unchained = number
             elif entry.get("prev") != prev:
-                result.broken_at = pending_torn or number
+                result.broken_at = number
                 result.problem = ("its \"prev\" does not match the line before it: this line, or the one before, was "
                                   "changed, removed or inserted")
                 return result
             else:
                 chained = True
-                if result.unchained:  # an unchained prefix may only be a log from before chaining
-                    result.broken_at = 1
-                    result.problem = (f"lines 1-{result.unchained} carry no chain but later lines do: the chain was "
-                                      f"stripped from the start")
-                    return result
-            if pending_torn is not None:
-                result.torn.append(pending_torn)
-                pending_torn = None
+            result.torn += [n for n, _ in pending]
+            pending = []
             prev = hashlib.sha256(line).hexdigest()
-    if pending_torn is not None:
-        result.torn.append(pending_torn)
+    if pending:
+        if not last_unclosed:  # lines after the last entry, each closed: written there, not torn by a crash
+            result.broken_at, result.problem = pending[0][0], "not a JSON audit entry"
+            return result
+        result.torn += [n for n, _ in pending]
     result.last_sha256 = prev
     if result.lines and not chained and not result.unchained and not result.torn:
         result.broken_at, result.problem = 1, "no entry"
@@ -196,10 +217,14 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
                             f"be verified")
     for number in result.torn:
         result.notes.append(f"line {number} is torn (a write cut off by a crash): not an entry, skipped by the chain")
-    if expect_last is not None and expect_last.strip().lower() != prev:
-        result.broken_at = result.lines
-        result.problem = (f"the last whole line's sha256 is {prev}, not the expected {expect_last.strip()}: the last "
-                          f"line was changed, or lines were cut off or added at the end")
+    if expect_last is not None:
+        if expect_last.strip().lower() != prev:
+            result.broken_at = result.lines
+            result.problem = (f"the last whole line's sha256 is {prev}, not the expected {expect_last.strip()}: the "
+                              f"last line was changed, or lines were cut off or added at the end")
+        elif pending:
+            result.broken_at = pending[0][0]
+            result.problem = "lines follow the expected last line (torn by a crash, or added)"
     return result
 
 

@@ -120,13 +120,31 @@ def mismatch(stored: Any, embedder) -> Optional[str]:
         return "the bundle's model fingerprint is damaged"
     got = probe_vectors(embedder)
     if got.shape != want.shape:
-        return f"it gives {got.shape[1]}-d embeddings, the bundle's model {want.shape[1]}-d"
+        return (f"its probe embeddings are {got.shape[0]} x {got.shape[1]}, the bundle's fingerprint holds "
+                f"{want.shape[0]} x {want.shape[1]}")
     want = want / np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
     cosines = (got * want).sum(axis=1)
-    if float(cosines.min()) < MIN_COSINE:
+    if not float(cosines.min()) >= MIN_COSINE:  # NaN embeddings fail too
         return (f"it embeds the fixed probe images differently (cosine {float(cosines.min()):.3f} with the "
                 f"bundle's, at least {MIN_COSINE} needed)")
     return None
+
+
+def same_weights(a: Any, b: Any) -> bool:
+    """Whether two stored fingerprints describe the same weights (a merge of two bundles needs that)."""
+    import numpy as np
+
+    try:
+        if a.get("probe_version") != b.get("probe_version"):
+            return False
+        x, y = np.asarray(a["probes"], dtype=np.float32), np.asarray(b["probes"], dtype=np.float32)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    if x.shape != y.shape or x.ndim != 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return False
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return bool(float((x * y).sum(axis=1).min()) >= MIN_COSINE)
 
 
 def check_model(bundle: "Bundle", embedder) -> None:

@@ -82,15 +82,28 @@ def config_dir() -> Path:
     return Path(base) / "provenance-guard"
 
 
+_RECORDED: dict = {}  # path -> ((mtime_ns, size), entries): read again only when the file changed
+_RECORDED_LOCK = threading.Lock()
+
+
 def _recorded() -> list:
     path = config_dir() / FOLDERS_FILE
     try:
-        if path.stat().st_size > MAX_FOLDERS_FILE_BYTES:
+        st = path.stat()
+        if st.st_size > MAX_FOLDERS_FILE_BYTES:
             return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        with _RECORDED_LOCK:
+            cached = _RECORDED.get(str(path))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+    entries = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+    with _RECORDED_LOCK:
+        _RECORDED[str(path)] = (stamp, entries)
+    return entries
 
 
 def _identity(bundle: "Bundle") -> tuple[str, str]:

@@ -42,10 +42,15 @@ def block_message(result: CheckResult) -> str:
         return (f"Blocked: the image could not be checked ({short(result.error, 200)}) and the fail mode is closed. "
                 f"Fix the check or set the fail mode to open.")
     top = result.top
+    if not (top is not None and top.verdict == BLOCK) and result.prompt is not None:
+        # raised by the prompt side (the sampler's memorization signal, a duplicated training caption)
+        return ("Blocked: the prompt looks memorized (the sampler's memorization signal or a duplicated training "
+                "caption). Try a different prompt.")
     where = f" — closest training image: {short(top.caption, 100)!r} ({short(top.url, 100)}) in {top.bundle_id}" if top else ""
     threshold = next((t.block for t in result.thresholds if top and t.bundle_id == top.bundle_id), None)
     limit = f" (block threshold {fmt_threshold(threshold)})" if threshold is not None else ""
-    return (f"Blocked: too close to a known training image, similarity {result.max_score:.3f}{limit}{where}. "
+    score = f", similarity {result.max_score:.3f}" if isinstance(result.max_score, (int, float)) else ""
+    return (f"Blocked: too close to a known training image{score}{limit}{where}. "
             f"Try another seed, a different prompt or less img2img strength.")
 
 
@@ -151,12 +156,17 @@ def batch_summary(results: list[CheckResult]) -> str:
 SHORT_BLOCK_NOTICES = ("Blocked: too close to a known training image", "Blocked")
 SHORT_FAILURE_NOTICES = ("Blocked: provenance check could not run", "Provenance check could not run",
                          "Check could not run", "Not checked")
+SHORT_PROMPT_NOTICES = ("Blocked: the prompt looks memorized", "Prompt looks memorized", "Blocked")
 
 
 def short_notices(result: CheckResult) -> tuple[str, ...]:
     """The shorter notices a small placeholder falls back to, saying the real reason: a check that could
     not run is never called "too close to a known training image"."""
-    return SHORT_FAILURE_NOTICES if result.error else SHORT_BLOCK_NOTICES
+    if result.error:
+        return SHORT_FAILURE_NOTICES
+    if not (result.top is not None and result.top.verdict == BLOCK) and result.prompt is not None:
+        return SHORT_PROMPT_NOTICES
+    return SHORT_BLOCK_NOTICES
 
 
 def _font(size: int):

@@ -315,7 +315,16 @@ def _merge(a: Bundle, b: Bundle, out: Path) -> ChangeReport:
         raise ConfigError(f"bundles {a.id} ({a.model}, {a.dim}-d) and {b.id} ({b.model}, {b.dim}-d) come from "
                           f"different models: their scores are not comparable; check them side by side instead "
                           f"(--index A --index B)")
+    from ..core.fingerprint import KEY, same_weights
+
+    fa, fb = (a.manifest.build or {}).get(KEY), (b.manifest.build or {}).get(KEY)
+    if fa is not None and fb is not None and not same_weights(fa, fb):
+        raise ConfigError(f"bundles {a.id} and {b.id} name the same model ({a.model}) but their fingerprints say "
+                          f"other weights made their vectors: their scores are not comparable; check them side by "
+                          f"side instead of merging")
     m = copy.deepcopy(a.manifest)
+    if fa is None or fb is None:  # the rows of the one without a fingerprint are known by name only: so is the whole
+        m.build.pop(KEY, None)
     same_quantizer = (m.trained_file and b.manifest.trained_file and m.ivfdata_file and b.manifest.ivfdata_file
                       and m.files[m.trained_file]["sha256"] == b.manifest.files[b.manifest.trained_file]["sha256"])
     if not same_quantizer and b.vectors is None and m.ivfdata_file:

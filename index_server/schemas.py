@@ -103,6 +103,11 @@ class CheckRequest(CheckOptions):
     warn: Optional[Number] = Field(None, ge=-1.0, le=1.0)
     block: Optional[Number] = Field(None, ge=-1.0, le=1.0)
 
+    @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):  # JSON has null for "unset": "" is no number or choice here
+        return value
+
     @field_validator("embeddings")
     @classmethod
     def _finite(cls, value):

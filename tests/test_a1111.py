@@ -513,6 +513,21 @@ def test_an_unusable_safety_setting_counts_as_its_safe_value(webui, caplog, key,
         assert record["verdict"] == "block" and is_placeholder(saved[0].image)
 
 
+def test_a_block_the_prompt_raised_says_so_and_a_missing_score_is_no_crash():
+    from provenance_guard.core import report
+    from provenance_guard.core.memorization import PromptCheck
+    from provenance_guard.core.result import CheckResult
+
+    raised = CheckResult(verdict="block", max_score=None, matches=[], model=None, thresholds=[], fail_mode="open",
+                         image={}, generation=None, prompt=PromptCheck(memorization_score=0.9, verdict="flag"))
+    message = report.block_message(raised)
+    assert "prompt looks memorized" in message and "too close" not in message
+    assert all("training image" not in n for n in report.short_notices(raised))
+    plain = CheckResult(verdict="block", max_score=None, matches=[], model=None, thresholds=[], fail_mode="open",
+                        image={}, generation=None)
+    assert report.block_message(plain).startswith("Blocked: too close to a known training image")
+
+
 def test_placeholder_says_the_real_reason_at_any_size():
     from provenance_guard.core import report
     from provenance_guard.core.policy import Policy
@@ -688,3 +703,29 @@ def test_matches_are_verified_and_the_panel_gets_the_evidence(webui):
     assert record["matches"][0]["verification"]["status"] == "copy" and "evidence" not in saved[0].pnginfo["provenance"]
     js = (ROOT / "javascript" / "provenance_guard.js").read_text()
     assert 'startsWith("data:image/jpeg;base64,")' in js
+
+
+@pytest.mark.parametrize("bad", [dict(bundle=5), dict(bundle=["studio-refs"]), dict(bundle_path={"a": 1}),
+                                 dict(use_bundle_thresholds="no")])
+def test_arguments_of_any_type_never_let_an_image_through_unchecked(webui, bad):
+    """An API caller's arguments are hostile: a bundle that is a number, a list or a dict, a switch that is
+    a string. The run fails under its fail mode (closed here): never a hook that dies and saves the image."""
+    p, processed, saved, originals = generate(webui, ["astronaut"], args(fail_mode="closed", action="warn", **bad))
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and record["error"] and is_placeholder(saved[0].image)
+
+
+def test_a_broken_settings_value_of_another_type_fails_closed(webui, monkeypatch):
+    opts = webui.shared.opts
+    opts.provenance_guard_references = 7  # config.json edited by hand
+    opts.provenance_guard_memorization_steps = "five"
+    p, processed, saved, _ = generate(webui, ["astronaut"], args(fail_mode="closed"))
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and "not a folder path" in record["error"]
+    # and an error nobody foresaw inside process(): the failing state stays, the image is withheld
+    from provenance_guard.a1111_extension import script as glue
+
+    monkeypatch.setattr(glue, "run_state", lambda values: 1 / 0)
+    p, processed, saved, _ = generate(webui, ["camera"], args(fail_mode="open"))
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and "ZeroDivisionError" in record["error"] and is_placeholder(saved[0].image)

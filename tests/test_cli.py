@@ -225,3 +225,28 @@ def test_demo_without_scikit_image_names_what_to_install(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "pip install scikit-image" in err and "[demo]" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("record,why", [
+    ({"verdict": "block\x1b[2J\x1b]0;owned\x07", "max_score": 0.5, "fail_mode": "open",
+      "generation": {"prompt": "a \x1b[31mred\x1b[0m cat", "source": "a1111"}}, None),
+    ({"verdict": "pass", "max_score": "abc", "fail_mode": "open"}, "cannot be read"),
+    ({"verdict": "pass", "max_score": 0.1, "fail_mode": "open", "generation": {"source": ["a"]}}, ""),
+    ({"verdict": "pass", "max_score": 0.1, "fail_mode": "open", "prompt": {"memorization_score": "x"}},
+     "cannot be read"),
+])
+def test_record_show_is_safe_with_a_hostile_record(tmp_path, capsys, record, why):
+    image = tmp_path / "x.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("provenance", json.dumps({"schema": "provenance-guard/check-result", "schema_version": 1,
+                                             "matches": [], **record}))
+    sample_image("camera").save(image, pnginfo=info)
+    code = cli(["record", "show", str(image)])
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\x07" not in out + err and "Traceback" not in err
+    if why:
+        assert code == 2 and why in err
+    elif why is None:
+        assert code == 0 and "written by:  Automatic1111 webui (a1111) (as the record says)" in out
+    else:
+        assert code == 0 and "written by:  ['a']" in out  # printed as text, never a crash

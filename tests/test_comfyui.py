@@ -389,6 +389,25 @@ def test_outputs_whose_data_cannot_be_checked_refuse_the_prompt(pack, nodes, why
     assert "refused this prompt" in reason and why in reason, reason
 
 
+@pytest.mark.parametrize("slot", [-1, True, False, 1.0, "0"])
+def test_a_link_to_an_output_slot_that_is_no_plain_index_is_refused(pack, slot):
+    """ComfyUI reads RETURN_TYPES[slot] with Python's rules (-1 is the last output, True is 1): a link typed
+    by any other rule than ComfyUI's would let an image reach an output unchecked."""
+    graph = example_graph()
+    graph["20"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", slot]}}
+    prompt, _ = enforced(graph=graph)
+    assert "not a plain output index" in refusal_reason(prompt)
+
+
+@pytest.mark.parametrize("key,name", [("data_types", "LATENT"), ("data_types", "IMAGE"), ("image_types", "*"),
+                                      ("data_types", "VIDEO")])
+def test_a_studio_cannot_reclassify_the_types_enforcement_decides(key, name):
+    from provenance_guard.comfyui_nodes.enforce import EnforcementConfigError, _validated, DEFAULTS
+
+    with pytest.raises(EnforcementConfigError, match="own types only"):
+        _validated({**DEFAULTS, "bundle": "x", key: [name]}, "provenance_guard.json")
+
+
 def test_a_packs_own_types_are_classified_by_the_studio(pack):
     from provenance_guard.comfyui_nodes.enforce import load_config
 

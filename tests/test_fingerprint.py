@@ -106,3 +106,36 @@ def test_the_server_answers_503_for_a_model_whose_weights_are_not_the_bundles(bu
                              timeout=60).ok
     finally:
         assert stop(proc) in CLEAN_EXIT
+
+
+def test_bundles_whose_fingerprints_differ_are_not_merged(tiny_model, other_weights, references, tmp_path):
+    from provenance_guard.core.errors import ConfigError
+    from provenance_guard.index_builder.images import build_from_images
+    from provenance_guard.index_builder.maintain import merge_bundles
+
+    build_from_images(references, tmp_path / "a", tiny_model, progress=False)
+    build_from_images(references, tmp_path / "b", other_weights, progress=False)
+    for path in (tmp_path / "b",):  # the same model name, other weights (as a bundle copied from elsewhere)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["embedding"]["model"] = tiny_model
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="other weights made their vectors"):
+        merge_bundles(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    merge_bundles(tmp_path / "a", tmp_path / "a", tmp_path / "same")
+    assert Bundle.open(tmp_path / "same").manifest.build[KEY]["probes"]  # the same weights: kept
+
+
+def test_a_model_that_embeds_nan_never_matches(built_bundle):
+    import numpy as np
+
+    from provenance_guard.core.fingerprint import mismatch
+
+    class NaNModel:
+        spec = None
+        dim = Bundle.open(built_bundle).dim
+
+        def embed_pixels(self, pixels, batch_size=32):
+            return np.full((len(pixels), self.dim), np.nan, dtype=np.float32)
+
+    stored = Bundle.open(built_bundle).manifest.build[KEY]
+    assert mismatch(stored, NaNModel()) is not None

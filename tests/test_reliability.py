@@ -475,10 +475,12 @@ def test_a_stripped_chain_fails_unless_unchained_logs_are_allowed(tmp_path, caps
     assert "carries no \"prev\"" in capsys.readouterr().err
     assert cli(["audit", "verify", "--allow-unchained", str(log)]) == 0  # a log from before chaining, if you say so
     assert "cannot be verified" in capsys.readouterr().out
-    # chained lines after an unchained start: the chain was stripped from the start, allowed or not
+    # chained lines after an unchained start: the chain was stripped from the start, unless the caller says
+    # the first lines were written before chaining (then the first chained line binds the line before it)
     AuditLog(log).append(_entries(1))
-    assert cli(["audit", "verify", "--allow-unchained", str(log)]) == 1
-    assert "stripped from the start" in capsys.readouterr().err
+    assert cli(["audit", "verify", str(log)]) == 1
+    assert "line 1: it carries no \"prev\"" in capsys.readouterr().err
+    assert cli(["audit", "verify", "--allow-unchained", str(log)]) == 0
 
 
 def test_an_edited_last_line_is_caught_against_the_kept_hash(tmp_path, capsys):
@@ -518,3 +520,26 @@ def test_a_torn_last_line_is_closed_and_the_chain_goes_on(tmp_path, capsys):
     lines[3] = lines[3].replace('"n":0', '"n":9')  # tampering after the torn line is still tampering
     log.write_text("\n".join(lines) + "\n")
     assert cli(["audit", "verify", str(log)]) == 1
+
+
+def test_only_crash_torn_lines_pass_and_crashes_in_a_row_recover(tmp_path):
+    from provenance_guard.core.audit import AuditLog, verify
+
+    log = tmp_path / "audit.jsonl"
+    AuditLog(log).append(_entries(2))
+    whole = log.read_bytes()
+    log.write_bytes(whole + b"garbage inserted\n" + whole.splitlines(keepends=True)[-1])
+    assert not verify(log).ok  # a line that is no entry, named by no "torn" field: not a crash
+    log.write_bytes(whole + b"appended after the end\n")
+    assert not verify(log).ok and verify(log).broken_at == 3
+    log.write_bytes(whole + b'{"schema":"provenance')  # a crash
+    AuditLog(log).append([])  # nothing to write: nothing changes
+    with open(log, "ab") as f:
+        f.write(b'\n{"schema":"prov')  # the recovery crashed too
+    assert verify(log).ok and verify(log).torn == [3, 4]
+    kept = verify(log).last_sha256
+    assert not verify(log, expect_last=kept).ok  # something follows the kept last line
+    AuditLog(log).append(_entries(1))
+    after = verify(log)
+    assert after.ok and after.torn == [3, 4] and after.lines == 5, after.problem
+    assert verify(log, expect_last=after.last_sha256).ok

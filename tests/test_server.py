@@ -471,7 +471,8 @@ def test_json_bodies_are_strict_and_forms_still_convert(server):
     for body, field in (({"indice_name": "refs", "ids": [True]}, "ids"), ({"indice_name": "refs", "ids": ["1"]}, "ids")):
         r = requests.post(f"{base}/metadata", json=body)
         assert r.status_code == 422 and field in r.json()["error"], r.text[:300]
-    for extra, field in (({"top_k": True}, "top_k"), ({"warn": "0.5"}, "warn"), ({"embeddings": [["0.1"]]}, "embeddings")):
+    for extra, field in (({"top_k": True}, "top_k"), ({"warn": "0.5"}, "warn"), ({"embeddings": [["0.1"]]}, "embeddings"),
+                         ({"warn": ""}, "warn"), ({"fail_mode": ""}, "fail_mode")):
         body = {"images": [base64.b64encode(png("coffee")).decode()], **extra}
         if "embeddings" in extra:
             del body["images"]
