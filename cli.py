@@ -188,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     b.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     b.add_argument("--no-progress", action="store_true")
-    b.add_argument("--max-memory", default="4G", help="memory budget for the index and the build (--embeddings)")
+    b.add_argument("--max-memory", default="4G",
+                   help="memory the index may take when the bundle is searched: it chooses the index type "
+                        "(--embeddings). It does not bound the build process, whose peak is reported at the end "
+                        "(with a note when it passes this budget)")
     b.add_argument("--index-key", help="FAISS factory string instead of the automatic choice (--embeddings)")
     b.add_argument("--rerank", choices=("float16", "int8", "none"), default="float16",
                    help="re-rank vectors stored for exact scores (--embeddings; default float16)")

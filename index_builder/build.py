@@ -84,6 +84,8 @@ class BuildReport:
     peak_rss_bytes: int = 0
     rss_by_phase: dict[str, int] = field(default_factory=dict)
     text: dict = field(default_factory=dict)  # metadata rows "repaired" (invalid UTF-8, NUL, BOM), "truncated"
+    budget_bytes: int = 0      # --max-memory: what the index may take in memory
+    baseline_rss_bytes: int = 0  # the process before the build held anything
 
     def lines(self) -> list[str]:
         out = [f"built {self.out}: {self.rows:,} rows, {self.factory} ({self.note}), re-rank vectors: "
@@ -97,6 +99,12 @@ class BuildReport:
             out.append(f"search: nprobe={r.nprobe}; near-duplicate recall@1 {r.near_dup_r1:.3f} @10 {r.near_dup_r10:.3f}; "
                        f"held-out recall@1 {r.held_out_r1:.3f} @10 {r.held_out_r10:.3f}; {r.latency_ms:.2f} ms/query "
                        f"({self.tuning.note})")
+        if self.budget_bytes and self.peak_rss_bytes > self.budget_bytes:
+            out.append(f"note: the build process peaked at {human(self.peak_rss_bytes)} (of which "
+                       f"{human(self.baseline_rss_bytes)} were the interpreter and its libraries at the start), over "
+                       f"--max-memory {human(self.budget_bytes)}: that budget bounds the index (what searching the "
+                       f"bundle holds in memory), not the build; give the build machine at least "
+                       f"{human(self.peak_rss_bytes)}")
         if any(self.text.values()):
             out.append(f"captions and urls: {self.text.get('repaired', 0):,} rows repaired (invalid UTF-8, NUL or "
                        f"BOM), {self.text.get('truncated', 0):,} cut to fit")
@@ -251,6 +259,7 @@ def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
 def _build(source: str, out: Path, opts: BuildOptions) -> BuildReport:
 
     t_start = time.perf_counter()
+    baseline = peak_rss()  # the interpreter and its libraries, before the build holds anything
     ModelSpec.parse(opts.model)
     shards = scan_shards(source)
     n, d = sum(s.rows for s in shards), shards[0].dim
@@ -289,7 +298,9 @@ def _build(source: str, out: Path, opts: BuildOptions) -> BuildReport:
                 work.mkdir(parents=True)
                 state = State(home / "state.json", fingerprint)
                 state.save()
-            return _phases(shards, n, d, choice, rerank, out, work, home, state, len(state.done), opts, t_start)
+            report = _phases(shards, n, d, choice, rerank, out, work, home, state, len(state.done), opts, t_start)
+            report.budget_bytes, report.baseline_rss_bytes = opts.max_memory, baseline
+            return report
     except DiskFullError:
         shutil.rmtree(home, ignore_errors=True)  # a full disk needs the space back more than a resume
         raise

@@ -377,3 +377,12 @@ def test_image_captions_keep_what_decodes(tmp_path, tiny_model, references, caps
     assert by_path["astronaut.png"]["caption"] == "an astronaut \ufffd in  orbit"
     assert len(by_path["rocket.png"]["caption"]) == 4096
     assert b.manifest.build["text"] == {"repaired": 1, "truncated": 1}
+
+
+def test_a_build_past_its_index_budget_says_what_the_budget_bounds(tmp_path):
+    write_shards(tmp_path / "src", [400], d=32)
+    proc = subprocess.run([sys.executable, "-m", "provenance_guard", "index", "build", "--embeddings",
+                           str(tmp_path / "src"), "--out", str(tmp_path / "b"), "--model", MODEL, "--max-memory", "1K",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "bounds the index" in proc.stdout and "not the build" in proc.stdout and "peak RSS" in proc.stdout
