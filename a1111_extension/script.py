@@ -355,10 +355,7 @@ class ProvenanceGuardScript(scripts.Script):
             step = getattr(_PENDING, "guidance", None)
             _PENDING.guidance = None
             cfg, skipped = step if step is not None else (_cfg_scale(p), False)
-            if cfg > 1.0 and skipped:
-                monitor.skip()
-            else:
-                post_cfg_step(monitor, args, cfg_scale=cfg)
+            post_cfg_step(monitor, args, cfg_scale=cfg, skipped=skipped)
             return args["denoised"]
 
         unet.set_model_sampler_post_cfg_function(record)

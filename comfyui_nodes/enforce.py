@@ -242,6 +242,8 @@ class _Guard:
             # would be typed by another output than the one read
             raise Refused(f"{where}: input {key!r} links to output slot {slot!r} of node {value[0]}, which is not "
                           f"a plain output index (0, 1, ...); relink it in the editor")
+        if slot == 0 and _enforcing(self.prompt.get(str(value[0])), self.config):
+            return True  # fed by a check exactly as enforcement inserts it, whatever the input's type
         kind = self.kind(node, key, value)
         if kind == IMAGE:
             self.check(node_id, node, key, value)
@@ -270,19 +272,15 @@ class _Guard:
         self.found[node_id] = False  # a cycle (ComfyUI refuses those) ends here
         node = self.prompt.get(node_id)
         found = False
-        if isinstance(node, dict) and node.get("class_type") != CHECK_CLASS:
+        if isinstance(node, dict):
             for key, value in list((node.get("inputs") or {}).items()):
                 if _linked(value, self.prompt):
                     found = self.link(node_id, node, key, value, f"{where}, through node {node_id} "
                                                                  f"({node.get('class_type')})") or found
-        elif isinstance(node, dict):
-            found = True  # a check's output: already checked by the check inserted in front of it
         self.found[node_id] = found
         return found
 
     def check(self, node_id: str, node: dict, key: str, value: list) -> None:
-        if _enforcing(self.prompt.get(str(value[0])), self.config) and value[1] == 0:
-            return  # fed by a check exactly as enforcement inserts it
         check_id = f"{PREFIX}{node_id}-{key}"
         while check_id in self.prompt:
             check_id += "-"

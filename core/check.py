@@ -130,9 +130,7 @@ class Checker:
         for b in self._bundles or []:  # weights are known by what they do: refused before any image
             e = loaded[self.model_for(b)]
             if isinstance(getattr(e, "dim", None), int) and e.dim != b.dim:
-                raise DimensionMismatchError(
-                    f"model {e.spec.raw} gives {e.dim}-d embeddings but bundle {b.id} ({b.path}) holds {b.dim}-d "
-                    f"vectors of {b.model}; check with the bundle's model")
+                raise DimensionMismatchError.model_for(e.spec.raw, e.dim, b)
             check_model(b, e)
         if self.announce and not self._announced:
             self._announced = True
@@ -299,10 +297,7 @@ class Checker:
         for b in bundles:
             q = vectors[models[b.id]]
             if q.shape[1] != b.dim:
-                raise DimensionMismatchError(
-                    f"model {models[b.id]} gives {q.shape[1]}-d embeddings but bundle {b.id} ({b.path}) holds "
-                    f"{b.dim}-d vectors of {b.model}; check with the bundle's model"
-                )
+                raise DimensionMismatchError.model_for(models[b.id], q.shape[1], b)
             out = search(b, q, policy.top_k, squares=(squares or {}).get(models[b.id]))
             for key, ms in out.timings_ms.items():
                 timings[key] = timings.get(key, 0.0) + ms

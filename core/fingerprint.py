@@ -105,80 +105,89 @@ def fingerprint(embedder) -> dict[str, Any]:
     return out
 
 
+def _probes(stored: Any) -> Optional["np.ndarray"]:
+    """A stored fingerprint's probe embeddings as unit rows, or None when it is damaged."""
+    import numpy as np
+
+    try:
+        rows = np.asarray(stored["probes"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if rows.ndim != 2 or not np.isfinite(rows).all():
+        return None
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def _worst_cosine(a: "np.ndarray", b: "np.ndarray") -> float:
+    return float((a * b).sum(axis=1).min())
+
+
 def mismatch(stored: Any, embedder) -> Optional[str]:
     """Why the embedder's weights are not the ones a stored fingerprint describes, or None when they are (or
     when the fingerprint is of a kind this version does not read: then the name alone decides)."""
-    import numpy as np
-
     if not isinstance(stored, dict) or stored.get("probe_version") != PROBE_VERSION:
         return None
-    try:
-        want = np.asarray(stored["probes"], dtype=np.float32)
-    except (KeyError, TypeError, ValueError):
-        return "the bundle's model fingerprint is damaged"
-    if want.ndim != 2 or not np.isfinite(want).all():
+    want = _probes(stored)
+    if want is None:
         return "the bundle's model fingerprint is damaged"
     got = probe_vectors(embedder)
     if got.shape != want.shape:
         return (f"its probe embeddings are {got.shape[0]} x {got.shape[1]}, the bundle's fingerprint holds "
                 f"{want.shape[0]} x {want.shape[1]}")
-    want = want / np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
-    cosines = (got * want).sum(axis=1)
-    if not float(cosines.min()) >= MIN_COSINE:  # NaN embeddings fail too
-        return (f"it embeds the fixed probe images differently (cosine {float(cosines.min()):.3f} with the "
-                f"bundle's, at least {MIN_COSINE} needed)")
+    worst = _worst_cosine(got, want)
+    if not worst >= MIN_COSINE:  # NaN embeddings fail too
+        return (f"it embeds the fixed probe images differently (cosine {worst:.3f} with the bundle's, at least "
+                f"{MIN_COSINE} needed)")
     return None
 
 
 def same_weights(a: Any, b: Any) -> bool:
     """Whether two stored fingerprints describe the same weights (a merge of two bundles needs that)."""
-    import numpy as np
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a.get("probe_version") != b.get("probe_version"):
+        return False
+    x, y = _probes(a), _probes(b)
+    return x is not None and y is not None and x.shape == y.shape and _worst_cosine(x, y) >= MIN_COSINE
 
-    try:
-        if a.get("probe_version") != b.get("probe_version"):
-            return False
-        x, y = np.asarray(a["probes"], dtype=np.float32), np.asarray(b["probes"], dtype=np.float32)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return False
-    if x.shape != y.shape or x.ndim != 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return False
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return bool(float((x * y).sum(axis=1).min()) >= MIN_COSINE)
+
+_UNSEEN = object()
+
+
+def _stored_key(bundle: "Bundle", stored: Any) -> tuple:
+    """What a decision is kept under: the bundle's id, version and its fingerprint's digest (two copies of one
+    version may carry different fingerprints). The digest is computed once per opened bundle."""
+    digest = getattr(bundle, "_fingerprint_digest", None)
+    if digest is None:
+        import json
+
+        digest = hashlib.sha256(json.dumps(stored, sort_keys=True, default=str).encode()).hexdigest()
+        try:
+            bundle._fingerprint_digest = digest
+        except AttributeError:
+            pass
+    return bundle.id, bundle.version, digest
 
 
 def check_model(bundle: "Bundle", embedder) -> None:
-    """Raise ModelMismatchError when the bundle's fingerprint says embedder's weights are not its model's.
-    Decided once per embedder and bundle version."""
+    """Raise ModelMismatchError when the bundle's fingerprint says embedder's weights are not its model's
+    (DimensionMismatchError when even the dimension differs). Decided once per embedder and bundle version."""
     stored = (bundle.manifest.build or {}).get(KEY)
     if stored is None:
         return
-    import json
-
     from .errors import DimensionMismatchError
 
-    got = probe_vectors(embedder).shape[1]
     spec = getattr(embedder, "spec", None)
-    if got != bundle.dim:  # said as the search would say it
-        raise DimensionMismatchError(
-            f"model {spec.raw if spec is not None else 'given'} gives {got}-d embeddings but bundle {bundle.id} "
-            f"({bundle.path}) holds {bundle.dim}-d vectors of {bundle.model}; check with the bundle's model")
-
-    key = (bundle.id, bundle.version, hashlib.sha256(json.dumps(stored, sort_keys=True, default=str).encode()).hexdigest())
+    got = probe_vectors(embedder).shape[1]
+    if got != bundle.dim:
+        raise DimensionMismatchError.model_for(spec.raw if spec is not None else "given", got, bundle)
+    key = _stored_key(bundle, stored)
     owner = _owner(embedder)
     with _CACHE_LOCK:
-        seen = getattr(owner, "_provenance_checked", None)
-        if seen is not None and key in seen:
-            problem = seen[key]
-        else:
-            problem = "unknown"
-    if problem == "unknown":
+        problem = (getattr(owner, "_provenance_checked", None) or {}).get(key, _UNSEEN)
+    if problem is _UNSEEN:
         problem = mismatch(stored, embedder)
         with _CACHE_LOCK:
             try:
-                if getattr(owner, "_provenance_checked", None) is None:
-                    owner._provenance_checked = {}
-                owner._provenance_checked[key] = problem
+                owner._provenance_checked = {**(getattr(owner, "_provenance_checked", None) or {}), key: problem}
             except AttributeError:
                 pass
     if problem:

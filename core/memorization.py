@@ -188,13 +188,16 @@ class MemorizationMonitor:
             return [MemorizationScore(float(s) / self._counts, self._counts) for s in self._sums.cpu().tolist()]
 
 
-def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale: Optional[float] = None) -> None:
+def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale: Optional[float] = None,
+                  skipped: bool = False) -> None:
     """One sampling step as a ComfyUI-style post-CFG function sees it (ComfyUI's node, Forge's UNet patcher).
 
     ``args`` holds cond_denoised, uncond_denoised, sigma, input and uncond (None when the sampler computed no
     unconditional prediction). ComfyUI's args carry the guidance as cond_scale; Forge's do not, so its host
-    passes ``cfg_scale`` (p.cfg_scale). Guidance <= 1: the run has no CFG (score unavailable). Guidance > 1
-    with no unconditional prediction: that step was skipped (not counted). Equal predictions (a UNet whose
+    passes ``cfg_scale`` (p.cfg_scale), and ``skipped`` for a step the webui ran without guidance by its own rule
+    (Skip Early CFG, NGMS: its uncond_denoised is then zeros, not a prediction). Guidance <= 1: the run has no
+    CFG (score unavailable). Guidance > 1 with no unconditional prediction: that step was skipped (not
+    counted). Equal predictions (a UNet whose
     output ignores the prompt) are a real step with a difference of 0, counted as such."""
     if monitor.done:
         return
@@ -205,7 +208,7 @@ def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale:
         scale = None
     if scale is not None and scale <= 1.0:
         monitor.no_guidance()
-    elif args.get("uncond") is None or args.get("uncond_denoised") is None:
+    elif skipped or args.get("uncond") is None or args.get("uncond_denoised") is None:
         if scale is None:
             monitor.no_guidance()
         else:

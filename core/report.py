@@ -36,14 +36,18 @@ def summary_line(result: CheckResult, label: str = "") -> str:
     return f"{head}{result.verdict.upper()} (max {score}){top}"
 
 
+def _raised_by_prompt(result: CheckResult) -> bool:
+    """A block no match reached: the prompt side raised it (memorization signal, duplicated caption)."""
+    return not (result.top is not None and result.top.verdict == BLOCK) and result.prompt is not None
+
+
 def block_message(result: CheckResult) -> str:
     """The notice a blocked image carries: what happened and what to try."""
     if result.error:
         return (f"Blocked: the image could not be checked ({short(result.error, 200)}) and the fail mode is closed. "
                 f"Fix the check or set the fail mode to open.")
     top = result.top
-    if not (top is not None and top.verdict == BLOCK) and result.prompt is not None:
-        # raised by the prompt side (the sampler's memorization signal, a duplicated training caption)
+    if _raised_by_prompt(result):
         return ("Blocked: the prompt looks memorized (the sampler's memorization signal or a duplicated training "
                 "caption). Try a different prompt.")
     where = f" — closest training image: {short(top.caption, 100)!r} ({short(top.url, 100)}) in {top.bundle_id}" if top else ""
@@ -164,7 +168,7 @@ def short_notices(result: CheckResult) -> tuple[str, ...]:
     not run is never called "too close to a known training image"."""
     if result.error:
         return SHORT_FAILURE_NOTICES
-    if not (result.top is not None and result.top.verdict == BLOCK) and result.prompt is not None:
+    if _raised_by_prompt(result):
         return SHORT_PROMPT_NOTICES
     return SHORT_BLOCK_NOTICES
 

@@ -32,6 +32,7 @@ class EmbedBatcher:
     def __init__(self, embedder, max_batch: int = 32, wait_ms: float = 5.0,
                  on_batch: Optional[Callable[[int], None]] = None):
         self.embedder = embedder
+        self.cache_owner = embedder  # core.fingerprint keeps its probe results on the model, not per wrapper
         self.spec = embedder.spec
         self.dim = embedder.dim
         self.max_batch, self.wait_s = max(1, max_batch), wait_ms / 1000.0

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 MAX_CAPTION_CHARS = 4096  # a caption longer than this is cut (and counted): LAION's longest are ~2,000
+MAX_URL_CHARS = 8192
 
 
 def clean_text(value: Any, limit: int = MAX_CAPTION_CHARS) -> tuple[Optional[str], bool, bool]:
@@ -49,7 +50,6 @@ def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None
     Their text is made safe to store (clean_text: invalid UTF-8 replaced, NUL and BOM dropped, captions cut
     at MAX_CAPTION_CHARS); ``stats`` counts the rows "repaired" and "truncated"."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     names = list(table.column_names)
     for canonical, candidates in (("url", URL_COLUMNS), ("caption", CAPTION_COLUMNS)):
@@ -61,17 +61,20 @@ def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None
             table = table.append_column(canonical, pa.nulls(table.num_rows, pa.string()))
         else:
             idx = names.index(src)
-            col = _text_column(table.column(src), MAX_CAPTION_CHARS if canonical == "caption" else 8192,
-                               stats, pa, pc)
+            col = _text_column(table.column(src), MAX_CAPTION_CHARS if canonical == "caption" else MAX_URL_CHARS,
+                               stats)
             table = table.set_column(idx, canonical, col)
         names = list(table.column_names)
     order = ["url", "caption"] + [n for n in names if n not in ("url", "caption")]
     return table.select(order)
 
 
-def _text_column(col, limit: int, stats: Optional[dict[str, int]], pa, pc):
+def _text_column(col, limit: int, stats: Optional[dict[str, int]]):
     """A url/caption column as strings: the fast path (a valid string column within the limit, without NUL or
     BOM) untouched; otherwise each value through clean_text."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         lengths = pc.max(pc.utf8_length(col)).as_py() if len(col) else 0
         dirty = pc.any(pc.or_(pc.match_substring(col, "\x00"), pc.starts_with(col, "\ufeff"))).as_py()
