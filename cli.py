@@ -92,7 +92,8 @@ EXIT_CODES = """exit codes:
 COMMON_HELP = {
     "device": "where the model runs: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
     "batch_size": "images per forward pass of the model",
-    "no_progress": "no progress bar (non-interactive runs print no bar either way)",
+    "no_progress": "no progress output (on a terminal a bar; elsewhere, as in CI logs, a line on stderr every "
+                   "30 s or 10%%; $PROVENANCE_GUARD_PROGRESS_S sets the seconds)",
     "json": "print JSON instead of text",
     "bundle": "a bundle folder (made by 'provenance-guard index build')",
     "description": "a line saying what the bundle holds, kept in its manifest",
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--embeddings", required=True, help="LAION-layout folder of the new rows (same model)")
     a.add_argument("--model", help="the model that made them (refused unless it is the bundle's)")
     a.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    a.add_argument("--no-progress", action="store_true")
 
     mg = isub.add_parser("merge", help="join two bundles built separately into a new one")
     mg.add_argument("a")
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap = isub.add_parser("captions", help="add the caption index (for the prompt check) to a bundle built without one")
     cap.add_argument("bundle")
     cap.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    cap.add_argument("--no-progress", action="store_true")
 
     fpr = isub.add_parser("fingerprint", help="store the model fingerprint a bundle built from embedding shards lacks "
                                               "(run where the weights are)")
@@ -264,6 +267,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest")
     v = isub.add_parser("verify", help="open a bundle and check the sha256 of every file")
     v.add_argument("bundle")
+
+    pl = isub.add_parser("pull", help="download a published bundle into models/provenance/ (resumable, every file's "
+                                      "sha256 verified, installed in one step)", epilog=EXIT_CODES,
+                         description="Download a bundle published with 'index publish' from plain HTTP(S) hosting or "
+                                     "a Hugging Face dataset. Files are verified one by one against the publish "
+                                     "file's sha256; an interrupted pull resumes when run again; the bundle appears "
+                                     "at DIR/NAME only once it is complete and opens.")
+    pl.add_argument("url", help="the published folder (https://host/path/), its provenance-bundle.json, or "
+                                "hf://datasets/OWNER/NAME[@REVISION][/SUBDIR] (or https://huggingface.co/datasets/"
+                                "OWNER/NAME); any address you name is allowed, private ones included")
+    pl.add_argument("--to", metavar="DIR", default="models/provenance",
+                    help="folder to install into, as DIR/NAME (default: models/provenance under the current folder)")
+    pl.add_argument("--name", help="install as DIR/NAME (default: the name in the publish file)")
+    pl.add_argument("--replace", action="store_true",
+                    help="replace a different bundle already at DIR/NAME (atomically: readers see the old one or "
+                         "the new one)")
+    pl.add_argument("--no-progress", action="store_true",
+                    help="no progress bar, and no progress lines (printed every 10 s or 10%% when not on a terminal)")
+    pl.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+
+    pb = isub.add_parser("publish", help="write DIR/provenance-bundle.json (every file's size and sha256) so a static "
+                                         "host or a Hugging Face dataset can serve the bundle to 'index pull'",
+                         epilog=EXIT_CODES,
+                         description="Check a bundle folder against its manifest and write the publish file 'index "
+                                     "pull' reads, then print how to serve the folder.")
+    pb.add_argument("bundle", metavar="DIR", help="the bundle folder to publish")
+    pb.add_argument("--name", help="the folder name pulls install it as (default: DIR's own name)")
+    pb.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     sv = sub.add_parser("serve", help="serve bundles over HTTP: clip-retrieval's API with exact scores, /v1/check")
     sv.add_argument("--index", action="append", required=True, metavar="NAME=BUNDLE",
@@ -289,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
     sv.add_argument("--max-batch", type=_positive, default=32, help="images per forward pass across requests")
     sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    sv.add_argument("--device", default="auto")
+    sv.add_argument("--device", default="auto", help="where the model runs: auto (a CUDA GPU when there is one), "
+                                                       "cpu, cuda or cuda:N")
+    sv.add_argument("--model", help="load the bundles' model from another place (a local file or folder holding "
+                                    "the same weights; checked against each bundle's fingerprint at start). "
+                                    "Default: each bundle's own model spec")
+    sv.add_argument("--embeddings-only", action="store_true",
+                    help="load no model: serve embedding queries only, refuse image and text queries. Without "
+                         "it the model is loaded before the port listens, and a model that cannot load stops "
+                         "the server (exit 2)")
     sv.add_argument("--audit-log", help="append one line per checked image (default: $PROVENANCE_GUARD_AUDIT_LOG)")
     sv.add_argument("--warn", type=_float01)
     sv.add_argument("--block", type=_float01)
@@ -350,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"build": cmd_build, "info": cmd_info, "verify": cmd_verify, "embed": cmd_embed,
                 "remove": cmd_remove, "append": cmd_append, "merge": cmd_merge,
                 "calibrate": cmd_calibrate, "captions": cmd_captions,
-                "fingerprint": cmd_fingerprint}[args.index_command](args)
+                "fingerprint": cmd_fingerprint, "pull": cmd_pull, "publish": cmd_publish}[args.index_command](args)
     except ProvenanceError as exc:
         print(f"provenance-guard: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -397,7 +436,7 @@ def _file_sha256(path: Path) -> Optional[str]:
 
 
 def cmd_check(args) -> int:
-    from tqdm import tqdm
+    from .core.progress import heartbeat, progress
 
     from .core import html_report
     from .core.audit import AuditLog, audit_entry, from_env
@@ -414,10 +453,12 @@ def cmd_check(args) -> int:
         raise ConfigError("; ".join(terminal_safe(m, 200) for m in mistakes[:3]) + more)
     policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k,
                     verify=args.verify, verify_from=args.verify_from)
+    ref_options = reference_options(args)
     checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size,
-                      references=reference_options(args))
+                      references=ref_options)
     bundles = checker.open()
-    checker.embedders()
+    with heartbeat("loading the model", enabled=not args.no_progress):
+        checker.embedders()
     audit = AuditLog(args.audit_log) if args.audit_log else from_env()
     jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
     by_id = {b.id: b for b in bundles if hasattr(b, "manifest")}
@@ -425,8 +466,7 @@ def cmd_check(args) -> int:
     if not args.json:
         _print_header(bundles, checker, policy)
     flagged = unchecked = 0
-    bar = tqdm(total=len(inputs), unit="img", desc="checking", file=sys.stderr,
-               disable=True if args.no_progress else None, leave=False)
+    bar = progress(len(inputs), "checking", "img", enabled=not args.no_progress, leave=False)
 
     def per_image(path: Path, result):
         """The per-image steps after the check; any failure here is that image's failure (fail mode)."""
@@ -467,8 +507,9 @@ def cmd_check(args) -> int:
                 if jsonl:
                     jsonl.write(result.dumps() + "\n")
                 if args.report and (args.report_all or result.verdict != "pass"):
-                    refs = {(m.bundle_id, m.row_id): ref for m in result.matches[:5] if m.bundle_id in by_id
-                            for ref in [html_report.local_reference(by_id[m.bundle_id], m)] if ref}
+                    refs = {(m.bundle_id, m.row_id): ref for m in result.matches[:html_report.TOP]
+                            if m.bundle_id in by_id and html_report.at_or_above_warn(result, m)
+                            for ref in [html_report.local_reference(by_id[m.bundle_id], m, ref_options)] if ref}
                     report_rows.append(html_report.ReportRow(result, path if not problem else None, refs))
                 elif args.report:
                     report_rows.append(html_report.ReportRow(result, None))
@@ -516,6 +557,7 @@ def _print_result(path: Path, result, show: int) -> None:
               f"{terminal_safe(m.url, 60)}  {terminal_safe(m.caption, 60)!r}")
     for w in result.warnings:
         print(f"   ! {terminal_safe(w)}")
+    sys.stdout.flush()  # a CI log shows each result as it comes, not a buffer's worth at the end
 
 
 def cmd_build(args) -> int:
@@ -591,7 +633,8 @@ def cmd_remove(args) -> int:
 def cmd_append(args) -> int:
     from .index_builder.maintain import append_rows
 
-    report = append_rows(args.bundle, args.embeddings, args.model, wait=not args.no_wait)
+    report = append_rows(args.bundle, args.embeddings, args.model, wait=not args.no_wait,
+                         progress=not args.no_progress)
     print(f"appended {report.changed:,} rows to {report.out}: version {report.version}, {report.rows:,} rows")
     return EXIT_OK
 
@@ -638,7 +681,7 @@ def cmd_prompt(args) -> int:
 def cmd_captions(args) -> int:
     from .index_builder.maintain import add_caption_index
 
-    report = add_caption_index(args.bundle, wait=not args.no_wait)
+    report = add_caption_index(args.bundle, wait=not args.no_wait, progress=not args.no_progress)
     print(f"caption index written to {report.out}: version {report.version}")
     return EXIT_OK
 
@@ -692,7 +735,7 @@ def cmd_serve(args) -> int:
                           audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
                           warn=args.warn, block=args.block, fail_mode=args.fail_mode, verify=args.verify,
                           verify_from=args.verify_from, references=reference_options(args),
-                          workers=args.workers)
+                          workers=args.workers, model=args.model, embeddings_only=args.embeddings_only)
     print(f"serving {', '.join(f'{n}={p}' for n, p in indices.items())} on http://{args.host}:{args.port}"
           + (" (token required)" if config.token else "")
           + (f", {config.workers} worker processes" if config.workers > 1 else ""), file=sys.stderr, flush=True)
@@ -800,6 +843,29 @@ def cmd_verify(args) -> int:
     removed = bundle.count - bundle.live_count
     print(f"OK {bundle.path}: {len(bundle.manifest.files)} files match their sha256, {bundle.live_count:,} searchable "
           f"rows" + (f" ({bundle.count:,} stored, {removed:,} removed)" if removed else ""))
+    return EXIT_OK
+
+
+def cmd_pull(args) -> int:
+    from .core.pull import pull
+
+    try:
+        report = pull(args.url, args.to, args.name, replace=args.replace, progress=not args.no_progress,
+                      wait=not args.no_wait)
+    except KeyboardInterrupt:
+        print("provenance-guard: interrupted; run the same command again to resume the download", file=sys.stderr)
+        return 130
+    for line in report.lines():
+        print(terminal_safe(line))
+    return EXIT_OK
+
+
+def cmd_publish(args) -> int:
+    from .core.pull import publish_bundle
+
+    report = publish_bundle(args.bundle, name=args.name, wait=not args.no_wait)
+    for line in report.lines():
+        print(line)
     return EXIT_OK
 
 

@@ -46,9 +46,10 @@ log = logging.getLogger("provenance_guard")
 
 ACTIONS = settings.ACTIONS
 FAIL_MODES = settings.FAIL_MODES
-# The order of ui()'s components = the order of alwayson_scripts args in the API (README documents it).
+# The order of ui()'s components = the order of alwayson_scripts args in the API (docs/hosts.md documents it).
+# New arguments go at the end, so API callers that send the older, shorter list keep working.
 ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode",
-             "verify", "fetch_references"]
+             "verify", "fetch_references", "bundle_url"]
 HIGHRES_COPY = ("a copy of this image from before highres fix was saved before any check could run "
                 "('Save a copy of image before applying highres fix' is on); turn that setting off so no "
                 "unchecked copy reaches the outputs")
@@ -121,7 +122,7 @@ def run_state(values: dict[str, Any]) -> RunState:
                         memorization_thresholds={"*": threshold} if threshold > 0 else None)
     except (ConfigError, TypeError, ValueError) as exc:
         problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
-    for name in ("bundle", "bundle_path"):
+    for name in ("bundle", "bundle_path", "bundle_url"):
         if values.get(name) is not None and not isinstance(values.get(name), str):
             problems.append(f"{name} {values.get(name)!r} is not text")
     references = settings.default("references")
@@ -137,13 +138,24 @@ def run_state(values: dict[str, Any]) -> RunState:
                        ". Fix them in Settings > Provenance Guard or in the script's arguments")
         return state
     try:
-        state.bundle = resolve_bundle(values.get("bundle") or "", values.get("bundle_path") or "")
+        state.bundle = resolve_bundle(values.get("bundle") or "", values.get("bundle_path") or "",
+                                      values.get("bundle_url") or "")
     except ConfigError as exc:
         state.error = str(exc)
     return state
 
 
-def resolve_bundle(bundle: str, bundle_path: str) -> str:
+def resolve_bundle(bundle: str, bundle_path: str, bundle_url: str = "") -> str:
+    """The bundle a run checks against: the path or server URL, else the bundle URL's download (pulled once
+    into models/provenance in the background: until it is there this raises, and the fail mode decides),
+    else the folder picked from the list."""
+    if bundle_url and str(bundle_url).strip():
+        if bundle_path and str(bundle_path).strip():
+            raise ConfigError("both a bundle path / index server URL and a bundle URL are set; clear one of them "
+                              "(Settings > Provenance Guard, or the script's fields)")
+        from ..core.pull import bundle_from_url
+
+        return bundle_from_url(str(bundle_url).strip(), settings.models_dir())
     if bundle_path and str(bundle_path).strip():
         return str(bundle_path).strip()
     if not bundle:
@@ -263,8 +275,14 @@ class ProvenanceGuardScript(scripts.Script):
                 bundle = gr.Dropdown(settings.bundle_choices(), value=settings.default("bundle") or None,
                                      label="Bundle (models/provenance)", allow_custom_value=True,
                                      elem_id=self.elem_id("bundle"))
-                bundle_path = gr.Textbox(value=settings.default("bundle_path"), label="or bundle path / URL",
+                bundle_path = gr.Textbox(value=settings.default("bundle_path"),
+                                         label="or a bundle folder path, or a studio's index server URL "
+                                               "(http://host:port/NAME)",
                                          elem_id=self.elem_id("bundle_path"))
+                bundle_url = gr.Textbox(value=settings.default("bundle_url"),
+                                        label="or a bundle URL to download once into models/provenance "
+                                              "(https://host/path/ or hf://datasets/OWNER/NAME)",
+                                        elem_id=self.elem_id("bundle_url"))
             with gr.Row():
                 use_bundle = gr.Checkbox(label="Use the bundle's thresholds",
                                          value=settings.default("use_bundle_thresholds"),
@@ -281,7 +299,8 @@ class ProvenanceGuardScript(scripts.Script):
             # Filled by javascript/provenance_guard.js from this generation's info (never from a shared route).
             gr.HTML("", elem_id=f"provenance_guard_panel_{'img2img' if is_img2img else 'txt2img'}")
         self.infotext_fields = []
-        components = [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch]
+        components = [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch,
+                      bundle_url]
         if _collecting_api_defaults():
             for component in components:  # never drawn: what the API fills in for arguments left out
                 component.value = FROM_SETTINGS

@@ -28,7 +28,7 @@ ACTIONS = ["warn", "block"]
 FAIL_MODES = ["open", "closed"]
 VERIFY_MODES = ["confirm", "off", "escalate", "confirm+escalate"]
 DEFAULTS: dict[str, Any] = {
-    "enabled": False, "bundle": "", "bundle_path": "", "use_bundle_thresholds": True, "warn": 0.90,
+    "enabled": False, "bundle": "", "bundle_path": "", "bundle_url": "", "use_bundle_thresholds": True, "warn": 0.90,
     "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
     "references": "", "memorization": True, "memorization_steps": 5, "memorization_threshold": 0.0,
     "prompt_action": "warn", "strict": False,
@@ -36,7 +36,11 @@ DEFAULTS: dict[str, Any] = {
 LABELS = {
     "enabled": "Check every generated image by default",
     "bundle": "Default bundle (a folder under models/provenance)",
-    "bundle_path": "Default bundle path or index server URL (overrides the folder)",
+    "bundle_path": "Default bundle folder path, or a studio's index server URL (http://host:port/NAME), the way to "
+                   "check against a studio's index without a copy (overrides the folder)",
+    "bundle_url": "Default bundle URL: a published bundle (https://host/path/ or hf://datasets/OWNER/NAME), "
+                  "downloaded once into models/provenance and reused (overrides the folder; checks fail under the "
+                  "fail mode while it downloads)",
     "use_bundle_thresholds": "Use the bundle's own thresholds",
     "warn": "Warn at similarity (exact cosine)",
     "block": "Block at similarity (exact cosine)",
@@ -145,10 +149,12 @@ def models_dir() -> str:
 
 
 def bundle_choices() -> list[str]:
+    """Bundle folders in models/provenance; dot folders (a pull or a maintenance run in progress) are not."""
     root = models_dir()
     if not os.path.isdir(root):
         return []
-    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "manifest.json")))
+    return sorted(d for d in os.listdir(root)
+                  if not d.startswith(".") and os.path.isfile(os.path.join(root, d, "manifest.json")))
 
 
 def options() -> dict[str, Any]:
@@ -167,6 +173,7 @@ def options() -> dict[str, Any]:
         "enabled": info("enabled"),
         "bundle": info("bundle", gr.Dropdown, lambda: {"choices": bundle_choices(), "allow_custom_value": True}),
         "bundle_path": info("bundle_path"),
+        "bundle_url": info("bundle_url"),
         "use_bundle_thresholds": info("use_bundle_thresholds"),
         "warn": info("warn", gr.Slider, threshold),
         "block": info("block", gr.Slider, threshold),

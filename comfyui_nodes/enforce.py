@@ -94,7 +94,7 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
             with open(path, encoding="utf-8-sig") as f:  # a UTF-8 BOM, as Windows editors write, is fine
                 data = json.load(f)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise EnforcementConfigError(f"{path} cannot be read as JSON ({exc}); fix it (see the README, 'Studio "
+            raise EnforcementConfigError(f"{path} cannot be read as JSON ({exc}); fix it (see docs/hosts.md, 'Studio "
                                          f"enforcement')") from exc
         if not isinstance(data, dict):
             raise EnforcementConfigError(f"{path} must hold a JSON object such as "
@@ -102,7 +102,7 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
         section = data.get("enforce")
         if section is None:
             raise EnforcementConfigError(f'{path} exists but holds no "enforce" object, so enforcement cannot run; '
-                                         f'write {{"enforce": {{"bundle": "studio-refs"}}}} (see the README, '
+                                         f'write {{"enforce": {{"bundle": "studio-refs"}}}} (see docs/hosts.md, '
                                          f"'Studio enforcement'), or delete the file to turn enforcement off")
         if not isinstance(section, dict):
             raise EnforcementConfigError(f'{path}: "enforce" must be an object such as {{"bundle": "studio-refs"}}, '
@@ -110,7 +110,7 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
         others = sorted(set(data) - {"enforce"})
         if others:
             raise EnforcementConfigError(f'{path}: unknown key(s) {others} beside "enforce"; put every setting '
-                                         f'inside "enforce" (see the README, \'Studio enforcement\')')
+                                         f'inside "enforce" (see docs/hosts.md, \'Studio enforcement\')')
         cfg = dict(section)
         unknown = sorted(set(cfg) - KEYS)
         if unknown:
@@ -168,7 +168,7 @@ def check_inputs(config: dict[str, Any], source: list) -> dict[str, Any]:
             "bundle_path": bundle if _is_path(bundle) else "", "on_match": "block",
             "fail_mode": config["fail_mode"], "use_bundle_thresholds": True, "warn": 0.90, "block": 0.95,
             "top_k": int(config["top_k"]), "model_override": "", "verify": config.get("verify", "confirm+escalate"),
-            "fetch_references": False, "references": "", "prompt_action": "warn", "strict": True}
+            "fetch_references": False, "references": "", "prompt_action": "warn", "strict": True, "bundle_url": ""}
 
 
 def _enforcing(node: Any, config: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from .enforce import ProvenanceGuardRefusal
 from .nodes_memorization import NODE_CLASS_MAPPINGS as MEMORIZATION_NODES
@@ -49,9 +50,26 @@ def bundle_folders() -> list[str]:
     return sorted(set(found))
 
 
-def resolve_bundle(bundle: str, bundle_path: str = "") -> str:
+def resolve_bundle(bundle: str, bundle_path: str = "", bundle_url: str = "") -> str:
+    """The bundle to check against: bundle_path (a folder path or a studio's index server URL), else
+    bundle_url's download (pulled once into the first models/provenance folder, in the background: until it
+    is there this raises ConfigError and the fail mode decides), else the folder picked from the list."""
     from ..core.errors import ConfigError
 
+    if bundle_url.strip():
+        if bundle_path.strip():
+            raise ConfigError("both bundle_path and bundle_url are set; clear one of them")
+        from ..core.pull import bundle_from_url
+
+        try:
+            import folder_paths
+
+            roots = folder_paths.get_folder_paths(FOLDER)
+        except (ImportError, KeyError):
+            roots = []
+        if not roots:
+            raise ConfigError("bundle_url needs ComfyUI's models/provenance folder, which is not registered")
+        return bundle_from_url(bundle_url.strip(), roots[0])
     if bundle_path.strip():
         return bundle_path.strip()
     if bundle == NO_BUNDLE or not bundle:
@@ -160,8 +178,9 @@ class ProvenanceCheck:
                                                            "the bundle's model"}),
                 "model_override": ("STRING", {"default": "", "tooltip": "load the bundle's model from a local "
                                                                         "file or folder (open_clip spec)"}),
-                "bundle_path": ("STRING", {"default": "", "tooltip": "a bundle folder path or server URL; "
-                                                                     "overrides the list"}),
+                "bundle_path": ("STRING", {"default": "", "tooltip": (
+                    "a bundle folder path, or a studio's index server URL (http://host:port/NAME): checks through "
+                    "the studio's server, no local copy; overrides the list")}),
                 "verify": (VERIFY_MODES, {"default": "confirm", "tooltip": (
                     "compare candidates with the training image's pixels: confirm = a block found different on "
                     "pixels becomes warn; escalate = a verified copy blocks even below the block threshold")}),
@@ -176,6 +195,11 @@ class ProvenanceCheck:
                 "strict": ("BOOLEAN", {"default": False, "tooltip": (
                     "never show a checked image's pixels in the evidence picture (the training image and its "
                     "matched region only); studio enforcement turns it on")}),
+                # Last: saved workflows give widget values by position, so new inputs go at the end.
+                "bundle_url": ("STRING", {"default": "", "tooltip": (
+                    "a published bundle's URL (https://host/path/ or hf://datasets/OWNER/NAME): downloaded once "
+                    "into models/provenance and reused; until the download is done the check fails under "
+                    "fail_mode; overrides the list")}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
@@ -183,19 +207,23 @@ class ProvenanceCheck:
     @classmethod
     def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
                    on_match="warn", fail_mode="open", model_override="", verify="confirm", fetch_references=False,
-                   references="", prompt_action="warn", strict=False, **_):
-        """Re-run when the bundle on disk changes (a new version after a takedown), never NaN."""
+                   references="", prompt_action="warn", strict=False, bundle_url="", **_):
+        """Re-run when the bundle on disk changes (a new version after a takedown), never NaN; while a
+        bundle_url is still downloading, every run (the check it failed must not be reused from the cache)."""
         try:
-            path = resolve_bundle(bundle or "", bundle_path or "")
+            path = resolve_bundle(bundle or "", bundle_path or "", bundle_url or "")
             stamp = os.stat(os.path.join(path, "manifest.json")).st_mtime_ns if os.path.isdir(path) else path
-        except Exception:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
-            stamp = "unresolved"
+        except Exception as exc:  # noqa: BLE001 - IS_CHANGED must not raise: ComfyUI would store NaN
+            from ..core.pull import BundleNotReady
+
+            stamp = f"not ready {time.time_ns()}" if isinstance(exc, BundleNotReady) else "unresolved"
         return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
-                           fail_mode, model_override, verify, fetch_references, references, prompt_action, strict])
+                           fail_mode, model_override, verify, fetch_references, references, prompt_action, strict,
+                           bundle_url])
 
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
               block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", verify="confirm",
-              fetch_references=False, references="", prompt_action="warn", strict=False, prompt=None,
+              fetch_references=False, references="", prompt_action="warn", strict=False, bundle_url="", prompt=None,
               extra_pnginfo=None, unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
@@ -221,7 +249,9 @@ class ProvenanceCheck:
         signals, family = sampler_signals(record, len(images))
         results: list[CheckResult] = []
         try:
-            checker = shared_checker(resolve_bundle(bundle, bundle_path), model=model_override or None,
+            if not isinstance(bundle_url, str):
+                raise ConfigError(f"bundle_url {bundle_url!r} is not text")
+            checker = shared_checker(resolve_bundle(bundle, bundle_path, bundle_url), model=model_override or None,
                                      device=_device(), references=reference_options)
             embedder = None
             if clip_vision is not None:

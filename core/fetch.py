@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlparse
@@ -85,9 +86,10 @@ class _Refused(OSError):
     pass
 
 
-def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None):
-    """urllib3 connection pools whose connections check the address they connect to (and, with ``opened``,
-    list the sockets they open, for the fetch's deadline)."""
+def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None, any_address: bool = False):
+    """urllib3 connection pools whose connections check the address they connect to (none with
+    ``any_address``: a download the user asked for) and, with ``opened``, list the sockets they open, for a
+    deadline that shuts them down."""
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -95,7 +97,7 @@ def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None):
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else policy.connect_timeout
         last: Optional[Exception] = None
         for family, kind, proto, _, sockaddr in socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM):
-            if not address_allowed(sockaddr[0], policy.allow_loopback):
+            if not any_address and not address_allowed(sockaddr[0], policy.allow_loopback):
                 last = _Refused(f"{self._dns_host} resolves to {sockaddr[0]}, which is not a public address")
                 continue
             sock = socket.socket(family, kind, proto)
@@ -125,11 +127,38 @@ def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None):
     return PlainPool, SecurePool
 
 
-def _session(policy: FetchPolicy, opened: Optional[list] = None):
+@contextmanager
+def deadline_session(policy: FetchPolicy, seconds: float, any_address: bool = False):
+    """(session, expired): an http_session whose every connection is shut down ``seconds`` from now (a read
+    blocked in recv() then returns at once, and ``expired`` is set), closed on leaving."""
+    opened: list = []
+    session = http_session(policy, opened, any_address)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        for sock in list(opened):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(seconds, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield session, expired
+    finally:
+        timer.cancel()
+        session.close()
+
+
+def http_session(policy: FetchPolicy, opened: Optional[list] = None, any_address: bool = False):
+    """A requests session through those pools; proxies and netrc from the environment are ignored."""
     import requests
     from requests.adapters import HTTPAdapter
 
-    plain, secure = _connection_classes(policy, opened)
+    plain, secure = _connection_classes(policy, opened, any_address)
 
     class Adapter(HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):
@@ -153,22 +182,7 @@ def fetch(url: str, policy: FetchPolicy = FetchPolicy(), public: str = "the URL 
     def fail(reason: str):
         return FetchError(public, reason)
 
-    opened: list = []
-    session = _session(policy, opened)
-    expired = threading.Event()
-
-    def cut_off() -> None:  # at the deadline: a read blocked in recv() returns at once
-        expired.set()
-        for sock in list(opened):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(policy.deadline, cut_off)
-    timer.daemon = True
-    timer.start()
-    try:
+    with deadline_session(policy, policy.deadline) as (session, expired):
         for _ in range(policy.max_redirects + 1):
             parsed = urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -205,9 +219,6 @@ def fetch(url: str, policy: FetchPolicy = FetchPolicy(), public: str = "the URL 
                     raise fail("deadline passed while reading")
                 return bytes(body)
         raise fail(f"more than {policy.max_redirects} redirects")
-    finally:
-        timer.cancel()
-        session.close()
 
 
 class Fetcher:

@@ -48,7 +48,7 @@ class ModelSpec:
     def parse(cls, spec: str) -> "ModelSpec":
         spec = (spec or "").strip()
         if not spec:
-            raise ConfigError("no model given; pass e.g. --model ViT-L-14/openai (see README, 'Models')")
+            raise ConfigError("no model given; pass e.g. --model ViT-L-14/openai (see docs/checking.md, 'Models')")
         for prefix, kind in (("hf-hub:", "hf-hub"), ("local-dir:", "local-dir")):
             if spec.startswith(prefix):
                 source = spec[len(prefix):].strip()

@@ -270,7 +270,9 @@ def _pixels_digest(image: Path) -> Optional[str]:
 
 # generation records ---------------------------------------------------------------------------------------
 
-_A1111_FIELD = re.compile(r'\s*([\w ][\w \-/]*?):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's own pattern (modules/infotext_utils.py re_param), with keys bounded at 64 characters: unbounded, a
+# long line without a colon took seconds (quadratic backtracking) on every image a batch check reads.
+_A1111_FIELD = re.compile(r'\s*([\w ][\w \-/]{0,63}?):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_a1111_parameters(text: str) -> GenerationRecord:

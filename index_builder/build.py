@@ -40,8 +40,9 @@ from ..core.config import DEFAULT_BLOCK, DEFAULT_WARN
 from ..core.errors import ConfigError, DiskFullError, ProvenanceError
 from ..core.images import release_freed_memory
 from ..core.models import ModelSpec
+from ..core.progress import heartbeat
 from .choose import IndexChoice, choice_from_key, choose_index, human
-from .faiss_build import Recall, Tuning, add_part, exact_topk, merge_parts, train, tune_nprobe
+from .faiss_build import Recall, Tuning, add_part, exact_topk, merge_parts, train, training_estimate, tune_nprobe
 from .shards import Shard, iter_vectors, metadata_schema, read_metadata, read_rows, read_vectors, scan_shards
 
 ADD_BATCH_ROWS = 100_000
@@ -242,10 +243,9 @@ def _rerank_dtype(opts: BuildOptions, n: int, d: int) -> Optional[str]:
 
 
 def _progress(total: int, desc: str, opts: BuildOptions, unit: str = "row"):
-    from tqdm import tqdm
+    from ..core.progress import progress
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not opts.progress, file=sys.stderr,
-                dynamic_ncols=True)
+    return progress(total, desc, unit=unit, enabled=opts.progress)
 
 
 def build_from_embeddings(source: str, out, opts: BuildOptions) -> BuildReport:
@@ -329,15 +329,15 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
     # train
     t0 = time.perf_counter()
     if "train" not in state.completed:
-        bar = _progress(1, f"training {choice.factory} on {choice.train_rows:,} rows", opts, unit="index")
-        index = train(choice.factory, d, _sample(shards, choice.train_rows) if choice.train_rows
-                      else np.zeros((0, d), np.float32))
+        expected = training_estimate(choice.factory, d, choice.train_rows) if opts.progress and choice.train_rows \
+            else None
+        with heartbeat(f"training {choice.factory} on {choice.train_rows:,} rows", expected, opts.progress):
+            index = train(choice.factory, d, _sample(shards, choice.train_rows) if choice.train_rows
+                          else np.zeros((0, d), np.float32))
         faiss.write_index(index, str(work / ".trained.tmp"))
         os.replace(work / ".trained.tmp", work / TRAINED_FILE)
         del index
         release_freed_memory()
-        bar.update(1)
-        bar.close()
         phase("train", t0)
 
     # add
@@ -370,18 +370,17 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
     # index
     t0 = time.perf_counter()
     if "index" not in state.completed:
-        bar = _progress(1, "writing the index", opts, unit="index")
-        if choice.ivf:
-            index = merge_parts(work / TRAINED_FILE, [part_path(work, s.number) for s in shards], work, IVFDATA_FILE)
-        else:
-            index = faiss.read_index(str(work / TRAINED_FILE))
-            for _, x in iter_vectors(shards, ADD_BATCH_ROWS):
-                index.add(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
-        faiss.write_index(index, str(work / ".index.tmp"))
-        os.replace(work / ".index.tmp", work / INDEX_FILE)
-        del index
-        bar.update(1)
-        bar.close()
+        with heartbeat("writing the index", enabled=opts.progress):
+            if choice.ivf:
+                index = merge_parts(work / TRAINED_FILE, [part_path(work, s.number) for s in shards], work,
+                                    IVFDATA_FILE)
+            else:
+                index = faiss.read_index(str(work / TRAINED_FILE))
+                for _, x in iter_vectors(shards, ADD_BATCH_ROWS):
+                    index.add(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+            faiss.write_index(index, str(work / ".index.tmp"))
+            os.replace(work / ".index.tmp", work / INDEX_FILE)
+            del index
         state.phases["index"] = state.phases.get("index", 0.0) + time.perf_counter() - t0
         state.complete("index")
         checkpoint("after-index-written")
@@ -415,7 +414,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
         rerank_scale_file=scale_name, warn=opts.warn, block=opts.block,
     )
     if "captions" not in state.completed:
-        state.captions = write_caption_index(work, manifest)
+        state.captions = write_caption_index(work, manifest, _progress(n, "caption index", opts))
         phase("captions", t0)
     manifest.captions_file = state.captions
 
@@ -512,9 +511,14 @@ def tune_bundle(folder: Path, shards: list[Shard], choice: IndexChoice, opts: Bu
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
             yield first, x
 
-    bar = _progress(1, "exact search for recall", opts, unit="pass")
-    truth = exact_topk(np.concatenate([near, held]), normalised(), 10)
-    bar.update(1)
+    bar = _progress(sum(s.rows for s in shards), "exact search for recall", opts)
+
+    def counted():
+        for first, x in normalised():
+            yield first, x
+            bar.update(len(x))
+
+    truth = exact_topk(np.concatenate([near, held]), counted(), 10)
     bar.close()
     near_truth, held_truth = truth[:len(near)], truth[len(near):]
 

@@ -163,10 +163,12 @@ def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True,
     return ChangeReport(bundle_path, m.bundle_version, m.count, 0)
 
 
-def add_caption_index(bundle_path: Union[str, Path], wait: bool = True) -> ChangeReport:
+def add_caption_index(bundle_path: Union[str, Path], wait: bool = True, progress: bool = True) -> ChangeReport:
     """Write the caption index of a bundle built without one (as a new version)."""
+    from ..core.progress import progress as bar
+
     def change(m, tmp):
-        m.captions_file = write_caption_index(tmp, m)
+        m.captions_file = write_caption_index(tmp, m, bar(m.count, "caption index", "row", enabled=progress))
         return {"op": "captions", "file": m.captions_file}
 
     return update_manifest(bundle_path, change, wait, operation="index captions")
@@ -226,20 +228,23 @@ def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = Fa
 
 
 def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str] = None,
-                wait: bool = True) -> ChangeReport:
+                wait: bool = True, progress: bool = True) -> ChangeReport:
     """Add the rows of LAION-layout shards at source to the bundle, under the bundle's maintenance lock."""
     bundle_path = Path(bundle_path).expanduser()
     with BundleLock(bundle_path, "index append", wait=wait):
         sweep_leftovers(bundle_path)
         bundle = Bundle.open(bundle_path)
         try:
-            return _append(bundle_path, bundle, source, model)
+            return _append(bundle_path, bundle, source, model, progress)
         finally:
             bundle.close()
 
 
-def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str]) -> ChangeReport:
+def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str], progress: bool) -> ChangeReport:
     import faiss
+
+    from ..core.progress import heartbeat
+    from ..core.progress import progress as bar
 
     m = copy.deepcopy(bundle.manifest)
     if model and model != m.model:
@@ -254,27 +259,38 @@ def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str]
     # The new version rewrites index, vectors and metadata: about the old size plus the new rows again.
     needed = int(_bundle_bytes(bundle) * (1 + new_rows / max(bundle.count, 1))) + (16 << 20)
     with space_for(bundle_path.parent, needed, f"appending to {bundle_path}"), staging(bundle_path) as tmp:
+        adding = bar(new_rows, "adding", "row", enabled=progress)
+
         def offset_batches():
             for first, x in iter_vectors(shards):
                 yield first + bundle.count, x
+                adding.update(len(x))
 
         index = _combined_index(tmp, bundle, offset_batches())
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        del index
-        _write_vectors(tmp, m, [(bundle, None), (None, iter_vectors(shards))], bundle.count + new_rows)
+        adding.close()
+        with heartbeat("writing the index and re-rank vectors", enabled=progress):
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            del index
+            _write_vectors(tmp, m, [(bundle, None), (None, iter_vectors(shards))], bundle.count + new_rows)
         writer = MetadataWriter(tmp / METADATA_FILE, m.metadata_batch_rows,
                                 schema=metadata_schema(shards, base=bundle._metadata.schema))
+        metadata = bar(bundle.count + new_rows, "metadata", "row", enabled=progress)
         for batch in bundle.metadata_batches():
             writer.write(_table(batch))
+            metadata.update(batch.num_rows)
         for s in shards:
-            writer.write(read_metadata(s))
+            table = read_metadata(s)
+            writer.write(table)
+            metadata.update(table.num_rows)
         writer.close()
+        metadata.close()
         if m.removed_file:
             _link(bundle_path / m.removed_file, tmp / m.removed_file)
         if bundle.captions is not None:  # the new rows' captions join the index
-            captions.extend(tmp / captions.CAPTIONS_FILE, bundle.captions,
-                            (b for s in shards for b in normalize_metadata(read_metadata(s)).to_batches()),
-                            bundle.count)
+            with heartbeat("caption index", enabled=progress):
+                captions.extend(tmp / captions.CAPTIONS_FILE, bundle.captions,
+                                (b for s in shards for b in normalize_metadata(read_metadata(s)).to_batches()),
+                                bundle.count)
         for name in (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, m.rerank_file, m.rerank_scale_file, m.captions_file):
             old_files.pop(name, None)
         m.count = bundle.count + new_rows

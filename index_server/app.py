@@ -15,7 +15,9 @@ This server's own:
   GET  /v1/indices -> {name: {id, version, model, dim, rows, warn, block, exact, warm, faiss_rerank}}
   GET  /healthz, GET /metrics (Prometheus)
 Every route but /healthz needs "Authorization: Bearer <token>" when a token is set; one must be set to
-listen beyond loopback. Bodies over the size limit get 413; undecodable images 400.
+listen beyond loopback. Bodies over the size limit get 413; undecodable images 400; the server's own faults
+(its model, its bundle, its disk) 503. The model image and text queries need is loaded, and checked against
+each bundle's fingerprint, before the port listens (``--embeddings-only`` loads none and refuses them).
 """
 from __future__ import annotations
 
@@ -74,6 +76,11 @@ class ServerConfig:
     references: Any = None  # core.references.ReferenceOptions
     # Processes serving the same socket; each maps the bundles (their pages are shared) and loads its own model.
     workers: int = 1
+    # The model image and text queries are embedded with: None = each bundle's own; a local file or folder
+    # holding the same weights (checked by the bundle's fingerprint before the port listens).
+    model: Optional[str] = None
+    # Serve embedding queries only: no model is loaded, image and text queries are refused.
+    embeddings_only: bool = False
     metrics_dir: Optional[str] = None  # set by serve() for workers: where they share their counts
     metrics_name: Optional[str] = None  # set by serve() for each worker: its file in metrics_dir
     extra: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +165,8 @@ class State:
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
         self.budget = DecodeBudget(config.max_decode_memory, config.admission_wait_s, config.workers)
+        if not config.embeddings_only:
+            self._load_models()
         self.fetcher = None
         if config.allow_image_url:
             from ..core.fetch import Fetcher, FetchPolicy
@@ -203,10 +212,36 @@ class State:
                 return
             self._checkers = {k: v for k, v in self._checkers.items() if name not in k}
 
+    def model_spec(self, bundle) -> str:
+        return self.config.model or bundle.model
+
+    def _load_models(self) -> None:
+        """Every bundle's model, loaded and checked against the bundle's fingerprint before the port listens:
+        a server that cannot embed says so at start, not to its first client."""
+        from ..core.check import model_override_problem
+
+        hint = ("give its weights with --model (a local file or folder holding them), or start with "
+                "--embeddings-only to serve embedding queries alone")
+        for name, bundle in self.bundles.items():
+            spec = self.model_spec(bundle)
+            problem = model_override_problem(bundle.model, spec)
+            if problem:
+                raise ConfigError(f"--model {spec}: cannot embed for index {name} ({problem}); {hint}")
+            try:
+                self.model_batcher(bundle)
+            except ConfigError as exc:  # weights not found, not readable, an unknown architecture
+                raise ConfigError(f"index {name}: its model {spec} could not be loaded ({exc}); {hint}") from None
+            except HTTPProblem:
+                raise ConfigError(f"index {name}: the weights at {spec} are not the ones its vectors were made "
+                                  f"with (its fingerprint differs); {hint}") from None
+
     def batcher(self, model: str):
         from ..core.embed import get_embedder
         from .batcher import EmbedBatcher
 
+        if self.config.embeddings_only:
+            raise HTTPProblem(400, "this server serves embedding queries only (it was started with "
+                                   "--embeddings-only): send embedding_input / embeddings, or check images locally")
         with self._tlock:
             if model not in self._batchers:
                 self._batchers[model] = EmbedBatcher(get_embedder(model, self.config.device), self.config.max_batch,
@@ -218,7 +253,7 @@ class State:
         other weights are a server-side fault, answered 503 before anything is searched."""
         from ..core.fingerprint import ModelMismatchError, check_model
 
-        batcher = self.batcher(bundle.model)
+        batcher = self.batcher(self.model_spec(bundle))
         try:
             check_model(bundle, batcher.embedder)
         except ModelMismatchError as exc:
@@ -234,8 +269,8 @@ class State:
             self._follow(n)
         with self._tlock:
             if names not in self._checkers:
-                self._checkers[names] = Checker([self.bundles[n] for n in names], device=self.config.device,
-                                                references=self.config.references)
+                self._checkers[names] = Checker([self.bundles[n] for n in names], model=self.config.model,
+                                                device=self.config.device, references=self.config.references)
             return self._checkers[names]
 
     def close(self) -> None:
@@ -531,9 +566,9 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: O
         for r in results:
             r.image["source"] = "embedding"
     else:
-        batcher = state.batcher(models.pop())
         for b in checker.open():
             state.model_batcher(b)
+        batcher = state.batcher(models.pop())
         with state.decoded(blobs) as pixels:
             results = checker.check(pixels, records=records, policy=policy, embedder=batcher)
         for blob, r in zip(blobs, results):
@@ -546,6 +581,16 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: O
         source = "server upload" if embeddings is None else "server embedding"
         state.audit.append([audit_entry(r, source=source, user=options.user) for r in results])
     return {"results": [r.to_json() for r in results]}
+
+
+def error_status(exc: ProvenanceError) -> int:
+    """The HTTP status of an error a check raised: the server's own faults (its model, its bundle, its disk)
+    are 503, never blamed on the request; a bad request is 400."""
+    from ..core.errors import BundleError, DiskFullError, ModelLoadError
+
+    if isinstance(exc, (ModelLoadError, BundleError, DiskFullError)):
+        return 503
+    return 400 if isinstance(exc, (ConfigError, ImageInputError)) else 500
 
 
 def create_app(config: ServerConfig) -> Guard:
@@ -644,7 +689,7 @@ def create_app(config: ServerConfig) -> Guard:
         except HTTPProblem as exc:
             return problem(exc.status, exc.message, exc.headers)
         except ProvenanceError as exc:
-            return problem(400 if isinstance(exc, (ConfigError, ImageInputError)) else 500, str(exc))
+            return problem(error_status(exc), str(exc))
 
     async def fetched(url: str) -> bytes:
         """image_url's bytes through the server's small fetch pool, awaited without holding a worker thread."""

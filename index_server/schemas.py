@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Documented maxima (README, "Limits and guarantees").
+# Documented maxima (docs/checking.md, "Limits and guarantees").
 MAX_NUM_IMAGES = 1000          # /knn-service num_images and num_result_ids
 MAX_METADATA_IDS = 1000        # /metadata ids per call
 MAX_TOP_K = 100                # /v1/check top_k

@@ -264,7 +264,7 @@ def generate(web, names, args, forge=False, n_iter=1, change=None):
 
 def args(**kw):
     values = dict(enabled=True, bundle="studio-refs", bundle_path="", use_bundle_thresholds=True, warn=0.9,
-                  block=0.95, action="warn", fail_mode="open", verify="confirm", fetch_references=False)
+                  block=0.95, action="warn", fail_mode="open", verify="confirm", fetch_references=False, bundle_url="")
     values.update(kw)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
@@ -289,7 +289,10 @@ def test_settings_section_and_ui(webui):
     components = script.ui(False)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
-    assert len(components) == len(ARG_NAMES) == 10
+    assert len(components) == len(ARG_NAMES) == 11 and ARG_NAMES[-1] == "bundle_url"  # new ones go last (API)
+    assert opts.provenance_guard_bundle_url == "" and "downloaded once" in opts.data_labels[
+        "provenance_guard_bundle_url"].label
+    assert "index server URL (http://host:port/NAME)" in opts.data_labels["provenance_guard_bundle_path"].label
     dropdown = [c for c in webui.gradio.made if type(c).__name__ == "Dropdown"][0]
     assert dropdown.args[0] == ["studio-refs"]
     # A studio's defaults come from the settings; a stored value that is no choice is not shown.
@@ -706,7 +709,7 @@ def test_matches_are_verified_and_the_panel_gets_the_evidence(webui):
 
 
 @pytest.mark.parametrize("bad", [dict(bundle=5), dict(bundle=["studio-refs"]), dict(bundle_path={"a": 1}),
-                                 dict(use_bundle_thresholds="no")])
+                                 dict(use_bundle_thresholds="no"), dict(bundle_url=["http://x/"])])
 def test_arguments_of_any_type_never_let_an_image_through_unchecked(webui, bad):
     """An API caller's arguments are hostile: a bundle that is a number, a list or a dict, a switch that is
     a string. The run fails under its fail mode (closed here): never a hook that dies and saves the image."""
@@ -729,3 +732,48 @@ def test_a_broken_settings_value_of_another_type_fails_closed(webui, monkeypatch
     p, processed, saved, _ = generate(webui, ["camera"], args(fail_mode="open"))
     record = json.loads(saved[0].pnginfo["provenance"])
     assert record["verdict"] == "block" and "ZeroDivisionError" in record["error"] and is_placeholder(saved[0].image)
+
+
+def test_a_bundle_url_is_pulled_once_into_models_provenance_and_reused(webui, built_bundle, tmp_path):
+    """The bundle URL field: the first generation starts the download in the background and is withheld
+    under fail mode closed with a message saying so (never a silent pass, never a frozen UI); once the bundle
+    is there the check runs on it (no bundle is picked in the list: the pulled one is what is checked), and later generations, and a restart, reuse it without the network."""
+    import threading
+
+    from provenance_guard.a1111_extension import settings
+    from provenance_guard.core import pull as pull_mod
+    from test_pull import BundleServer, published_copy
+
+    published_copy(built_bundle, tmp_path / "pub", "pulled")
+    server = BundleServer(tmp_path / "pub" / "site")
+    server.gate = threading.Event()  # the server holds every answer: the download is in progress
+    url = f"{server.url}/bundles/pulled/"
+    try:
+        p, processed, saved, _ = generate(webui, ["astronaut"], args(bundle="", bundle_url=url, fail_mode="closed"))
+        record = json.loads(saved[0].pnginfo["provenance"])
+        assert record["verdict"] == "block" and is_placeholder(saved[0].image)
+        assert "bundle downloading from" in record["error"] and "the check runs when it finishes" in record["error"]
+        _, processed, saved, _ = generate(webui, ["astronaut"], args(bundle="", bundle_url=url, fail_mode="open"))
+        assert json.loads(saved[0].pnginfo["provenance"])["verdict"] == "unchecked"
+        server.gate.set()
+        assert pull_mod.join_pulls(60)
+        assert settings.bundle_choices() == ["pulled", "studio-refs"]
+        hits = len(server.log)
+        _, processed, saved, _ = generate(webui, ["astronaut"], args(bundle="", bundle_url=url, fail_mode="closed"))
+        record = json.loads(saved[0].pnginfo["provenance"])
+        assert record["verdict"] == "block" and record["error"] is None
+        assert record["matches"][0]["url"] == "astronaut.png"
+        pull_mod._JOBS.clear()  # a restart: the record beside the bundle finds it, no network
+        _, processed, saved, _ = generate(webui, ["camera"], args(bundle="", bundle_url=url, fail_mode="closed"))
+        assert json.loads(saved[0].pnginfo["provenance"])["verdict"] == "pass"
+        assert len(server.log) == hits
+        # the setting is the default for what a caller leaves out; a path and a URL at once is refused
+        webui.shared.opts.provenance_guard_bundle_url = url
+        _, processed, saved, _ = generate(webui, ["camera"], args(bundle="", fail_mode="closed")[:10])
+        assert json.loads(saved[0].pnginfo["provenance"])["verdict"] == "pass"
+        _, processed, saved, _ = generate(webui, ["camera"], args(bundle="", bundle_url=url, bundle_path=str(built_bundle),
+                                                                  fail_mode="closed"))
+        record = json.loads(saved[0].pnginfo["provenance"])
+        assert record["verdict"] == "block" and "clear one of them" in record["error"]
+    finally:
+        server.close()

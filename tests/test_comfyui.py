@@ -669,3 +669,61 @@ def test_fail_closed_withholds_an_unchecked_image_even_with_on_match_warn(pack, 
     assert isinstance(images, ExecutionBlocker) and flagged == [True] and "provenance" not in extra
     out, _ = run(pack, tensor("camera"), bundle_path=str(comfy.tmp / "gone"), on_match="warn", fail_mode="open")
     assert torch.is_tensor(out["result"][0]) and out["result"][1] == [False]
+
+
+NO_BUNDLE = "(no bundle in models/provenance)"
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_bundle_url_is_pulled_once_into_models_provenance_and_reused(pack, comfy, built_bundle, mode):
+    """bundle_url: the first run starts the download in the background and fails under fail_mode (never a
+    silent pass, never a frozen prompt); once it is there the check runs on it; later runs, and a restart,
+    reuse it without asking the server again."""
+    import threading
+
+    from test_pull import BundleServer, published_copy
+
+    published_copy(built_bundle, comfy.tmp / "pub", "pulled")
+    server = BundleServer(comfy.tmp / "pub" / "site")
+    server.gate = threading.Event()  # the server holds every answer: the download is in progress
+    url = f"{server.url}/bundles/pulled/"
+    cls = pack.NODE_CLASS_MAPPINGS["ProvenanceCheck"]
+    try:
+        images = tensor("astronaut")
+        out, extra = run(pack, images, bundle=NO_BUNDLE, bundle_url=url, fail_mode=mode, on_match="block")
+        report = out["result"][3]
+        assert "bundle downloading from" in report and "the check runs when it finishes" in report
+        if mode == "open":
+            assert out["result"][0] is images and extra["provenance"]["verdict"] == "unchecked"
+        else:
+            assert isinstance(out["result"][0], ExecutionBlocker) and out["result"][1] == [True]
+        # not cached by ComfyUI while it downloads: every queue runs the check again
+        assert cls.IS_CHANGED(bundle=NO_BUNDLE, bundle_url=url) != cls.IS_CHANGED(bundle=NO_BUNDLE, bundle_url=url)
+        pull_mod = sys.modules[pack.__name__ + ".core.pull"]
+        server.gate.set()
+        assert pull_mod.join_pulls(60)
+        assert (comfy.models / "provenance" / "pulled" / "manifest.json").is_file()
+        assert "pulled" in sys.modules[pack.__name__ + ".comfyui_nodes.nodes_provenance"].bundle_folders()
+        hits = len(server.log)
+        out, extra = run(pack, tensor("astronaut"), bundle=NO_BUNDLE, bundle_url=url, fail_mode=mode,
+                         on_match="block")
+        assert isinstance(out["result"][0], ExecutionBlocker) and extra.get("provenance") is None
+        image = out["ui"]["provenance"][0]["images"][0]
+        assert image["verdict"] == "block" and image["matches"][0]["url"] == "astronaut.png"
+        assert cls.IS_CHANGED(bundle=NO_BUNDLE, bundle_url=url) == cls.IS_CHANGED(bundle=NO_BUNDLE, bundle_url=url)
+        pull_mod._JOBS.clear()  # a restart: the record beside the bundle finds it, no network
+        out, _ = run(pack, tensor("camera"), bundle=NO_BUNDLE, bundle_url=url, fail_mode=mode)
+        assert out["ui"]["provenance"][0]["images"][0]["verdict"] in ("pass", "warn")
+        assert len(server.log) == hits
+        out, _ = run(pack, tensor("camera"), bundle_url=url, bundle_path=str(built_bundle), fail_mode="open")
+        assert "clear one of them" in out["result"][3]
+    finally:
+        server.close()
+
+
+def test_the_bundle_fields_say_what_they_take(pack):
+    spec = pack.NODE_CLASS_MAPPINGS["ProvenanceCheck"].INPUT_TYPES()["optional"]
+    assert "index server URL (http://host:port/NAME)" in spec["bundle_path"][1]["tooltip"]
+    assert spec["bundle_url"][0] == "STRING" and spec["bundle_url"][1]["default"] == ""
+    assert list(spec)[-1] == "bundle_url"  # saved workflows give widget values by position: new inputs go last
+    assert "downloaded once" in spec["bundle_url"][1]["tooltip"]

@@ -657,7 +657,7 @@ def _user_check(image: list, **inputs) -> dict:
     return {"class_type": "ProvenanceCheck", "inputs": {
         "images": image, "bundle": KNOWN_BUNDLE, "on_match": "block", "fail_mode": "closed",
         "use_bundle_thresholds": True, "warn": 0.9, "block": 0.95, "top_k": 5, "model_override": "", "bundle_path": "",
-        "verify": "confirm+escalate", "fetch_references": False, "references": "", "prompt_action": "warn",
+        "bundle_url": "", "verify": "confirm+escalate", "fetch_references": False, "references": "", "prompt_action": "warn",
         "strict": True, **inputs}}
 
 

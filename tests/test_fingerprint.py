@@ -4,6 +4,7 @@ in the CLI (exit 2), the library (hosts: the fail mode) and the server (503)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -80,20 +81,35 @@ def test_a_damaged_or_foreign_fingerprint(built_bundle, tmp_path):
     assert 0.9 < MIN_COSINE < 1.0
 
 
-def test_the_server_answers_503_for_a_model_whose_weights_are_not_the_bundles(built_bundle, other_weights, tmp_path):
+def test_the_server_refuses_to_start_and_answers_503_for_weights_that_are_not_the_bundles(
+        built_bundle, other_weights, tmp_path):
+    """Other weights than the fingerprint's: at start the server will not listen (exit 2, one line); a new
+    version published under a running server that names other weights is answered 503, never searched."""
     import base64
     import io
+    import subprocess
+    import sys
 
     import requests
-    from test_server import CLEAN_EXIT, start, stop
+    from test_server import CLEAN_EXIT, free_port, start, stop
 
     bundle = tmp_path / "refs"
     shutil.copytree(built_bundle, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    good = (bundle / "manifest.json").read_text()
+    manifest = json.loads(good)
     manifest["embedding"]["model"] = other_weights  # a bundle naming other weights than its fingerprint's
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bad = json.dumps(manifest)
+    (bundle / "manifest.json").write_text(bad)
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={bundle}", "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu"))
+    assert out.returncode == 2 and "not the ones its vectors were made with" in out.stderr, out.stderr[-2000:]
+    assert "--embeddings-only" in out.stderr and "Traceback" not in out.stderr
+
+    (bundle / "manifest.json").write_text(good)
     proc, base = start(bundle)
     try:
+        (bundle / "manifest.json").write_text(bad)  # a new version, followed from the next request on
         buf = io.BytesIO()
         sample_image("astronaut").save(buf, "PNG")
         image = base64.b64encode(buf.getvalue()).decode()

@@ -25,6 +25,7 @@ from provenance_guard.core.check import Checker
 from provenance_guard.core.errors import ConfigError
 from provenance_guard.core.policy import Policy
 from provenance_guard.demo import sample_image
+from conftest import TEST_BLOCK, TEST_WARN
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -386,7 +387,7 @@ def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
     with BundleWriter(tmp_path / "b", model="m/t", dim=16) as w:
         w.add(vecs, pa.table({"url": [f"u{i}" for i in range(len(vecs))], "caption": ["<b>c</b>"] * len(vecs)}))
         w.finish()
-    state = State(ServerConfig(indices={"b": str(tmp_path / "b")}))
+    state = State(ServerConfig(indices={"b": str(tmp_path / "b")}, embeddings_only=True))
     query = {"embedding_input": base[0].tolist(), "indice_name": "b", "num_images": 5}
     deduped = knn(state, KnnRequest(**query))
     ids = [r["id"] for r in deduped]
@@ -394,6 +395,58 @@ def test_knn_deduplicates_near_identical_rows_like_clip_retrieval(tmp_path):
     assert deduped[0]["url"] in ("u0", "u40") and deduped[0]["caption"] == "<b>c</b>"
     both = [r["id"] for r in knn(state, KnnRequest(**query, deduplicate=False))]
     assert {0, 40} <= set(both) and len(both) == 5
+
+
+def test_serve_loads_its_model_before_listening_and_will_not_start_without_it(tmp_path, tiny_model, references):
+    """A server whose bundle's weights are not here stops at start with one line naming --model and
+    --embeddings-only (exit 2), instead of answering its clients 400 after a long first request."""
+    from provenance_guard.index_builder.images import build_from_images
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model.split(":", 1)[1], model)
+    bundle = tmp_path / "b"
+    build_from_images(references, bundle, f"local-dir:{model}", warn=TEST_WARN, block=TEST_BLOCK, progress=False,
+                      bundle_id="b")
+    shutil.rmtree(model)  # the bundle's weights are gone from this machine
+    env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={bundle}",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "could not be loaded" in out.stderr and "--model" in out.stderr and "--embeddings-only" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "provenance_guard", "serve", "--index", f"refs={bundle}",
+                          "--port", str(free_port()), "--model", f"local-dir:{tmp_path / 'nothing'}"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "could not be loaded" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+    proc, base = start(bundle, "--model", tiny_model)  # the same weights, in another place
+    try:
+        files = [("images", ("a.png", png("astronaut"), "image/png"))]
+        r = requests.post(f"{base}/v1/check", files=files, data={"indices": "refs"})
+        assert r.status_code == 200 and r.json()["results"][0]["verdict"] == "block", r.text
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+
+    proc, base = start(bundle, "--embeddings-only")
+    try:
+        r = requests.post(f"{base}/knn-service", json={"image": base64.b64encode(png("astronaut")).decode(),
+                                                        "indice_name": "refs", "num_images": 2})
+        assert r.status_code == 400 and "--embeddings-only" in r.json()["error"], r.text
+        vector = Bundle.open(bundle).vector([0])[0].tolist()
+        r = requests.post(f"{base}/knn-service", json={"embedding_input": vector, "indice_name": "refs",
+                                                        "num_images": 1})
+        assert r.status_code == 200 and r.json()[0]["id"] == 0
+    finally:
+        assert stop(proc) in CLEAN_EXIT
+
+
+def test_the_servers_own_faults_are_503_and_a_bad_request_400():
+    from provenance_guard.core.errors import (BundleError, DiskFullError, ImageInputError, ModelLoadError,
+                                              ProvenanceError)
+    from provenance_guard.index_server.app import error_status
+
+    assert [error_status(e("x")) for e in (ModelLoadError, BundleError, DiskFullError)] == [503] * 3
+    assert [error_status(e("x")) for e in (ConfigError, ImageInputError, ProvenanceError)] == [400, 400, 500]
 
 
 def test_serve_without_the_server_extras_says_what_to_install(built_bundle, monkeypatch, capsys):
@@ -509,7 +562,7 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
         w.no_flat_index()
         w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)], "caption": ["<b>c</b>"] * n}))
         w.finish(index, factory="IVF32,PQ8x4", search_params={"nprobe": 8})
-    state = State(ServerConfig(indices={"ivf": str(tmp_path / "ivf")}))
+    state = State(ServerConfig(indices={"ivf": str(tmp_path / "ivf")}, embeddings_only=True))
     state.bundles["ivf"].warm_up(wait=True)
     assert state.bundles["ivf"].refine is not None  # the re-rank inside FAISS, as the P4 server runs it
 
@@ -557,7 +610,8 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
     with BundleWriter(tmp_path / "flat", model="m/t", dim=d) as w:
         w.add(vecs, pa.table({"url": [f"u{i}" for i in range(n)]}))
         w.finish()
-    state = State(ServerConfig(indices={"opq": str(tmp_path / "opq"), "flat": str(tmp_path / "flat")}))
+    state = State(ServerConfig(indices={"opq": str(tmp_path / "opq"), "flat": str(tmp_path / "flat")},
+                               embeddings_only=True))
     monkeypatch.setattr(search_mod, "search_scores", lambda b, q, k, **kw: calls.append((b.id, len(q))) or
                         real(b, q, k))
     bodies = [body(r, indice_name=name) for name in ("opq", "flat") for r in (10, 20, 30)]

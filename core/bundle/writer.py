@@ -313,8 +313,9 @@ class BundleWriter:
         self._lock.__exit__()
 
 
-def write_caption_index(folder: Path, manifest: Manifest) -> Optional[str]:
-    """captions.npy from the finished metadata.arrow in folder (None when no row has a caption)."""
+def write_caption_index(folder: Path, manifest: Manifest, bar=None) -> Optional[str]:
+    """captions.npy from the finished metadata.arrow in folder (None when no row has a caption); ``bar``
+    (core.progress) counts the rows read."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
@@ -322,8 +323,22 @@ def write_caption_index(folder: Path, manifest: Manifest) -> Optional[str]:
 
     reader = ipc.open_file(pa.memory_map(str(folder / manifest.metadata_file), "r"))
     if "caption" not in reader.schema.names:
+        if bar is not None:
+            bar.close()
         return None
-    pairs = build(folder / CAPTIONS_FILE, (reader.get_batch(n) for n in range(reader.num_record_batches)))
+
+    def batches():
+        for n in range(reader.num_record_batches):
+            batch = reader.get_batch(n)
+            yield batch
+            if bar is not None:
+                bar.update(batch.num_rows)
+
+    try:
+        pairs = build(folder / CAPTIONS_FILE, batches())
+    finally:
+        if bar is not None:
+            bar.close()
     return CAPTIONS_FILE if pairs else None
 
 
