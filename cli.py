@@ -83,7 +83,8 @@ DESCRIPTION = ("Tells whether a generated image comes too close to a known train
                "a FAISS index of training images (a bundle), exact cosine scores, verification on pixels.")
 EXIT_CODES = """exit codes:
   0  done; no image reached --fail-on (check), or the command succeeded
-  1  check: at least one image reached --fail-on; audit verify: the log is broken
+  1  check: at least one image reached --fail-on or failed --require-credentials/--sign; audit verify:
+     the log is broken; credentials verify: an image is not valid (or not trusted, with --trust)
   2  usage or configuration: a bad option, a missing input, a bundle missing or damaged, a model that
      cannot be loaded or is not the bundle's (said in one line, before anything heavy is loaded)
   3  check: at least one image could not be checked (listed as 'unchecked')
@@ -169,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     c.add_argument("--no-progress", action="store_true")
     add_verify_options(c, default="confirm+escalate")
+    cc = c.add_argument_group("Content Credentials (C2PA; needs 'provenance-guard[c2pa]')")
+    cc.add_argument("--sign", action="store_true",
+                    help="sign each image that does not reach --fail-on in place (atomically), with this check's "
+                         "assertion; blocked images are never signed. A key that cannot be used stops the run "
+                         "before anything is checked")
+    cc.add_argument("--credentials", metavar="DIR",
+                    help="folder with signer.pem and signer.key (default: $PROVENANCE_GUARD_CREDENTIALS); make one "
+                         "with 'provenance-guard credentials init DIR'")
+    cc.add_argument("--tsa-url", metavar="URL", help="an RFC 3161 timestamp authority for signatures (default: none)")
+    cc.add_argument("--no-prompts-in-credentials", action="store_true",
+                    help="leave prompt and negative prompt out of the signed generation assertion (privacy)")
+    cc.add_argument("--require-credentials", action="store_true",
+                    help="fail (exit 1) an image whose Content Credentials are absent, invalid, untrusted (with "
+                         "--trust), carry no provenance-guard check, say block, or disagree with this check")
+    cc.add_argument("--trust", metavar="ROOT.pem", help="the trust anchor(s) --require-credentials checks against")
 
     ix = sub.add_parser("index", help="build, inspect and verify bundles")
     isub = ix.add_subparsers(dest="index_command", required=True)
@@ -346,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("file")
     av.add_argument("--allow-unchained", action="store_true",
                     help="accept a log with no chain at all (written before chaining); a stripped chain still fails")
+    av.add_argument("--signer", metavar="SIGNER.pem",
+                    help="the studio's signer.pem: every entry must carry a valid signature of its key (entries "
+                         "written before signing began pass only with --allow-unchained)")
     av.add_argument("--expect-last", metavar="SHA256",
                     help="the last line's sha256 kept elsewhere (printed by an earlier verify): catches an edited "
                          "last line and lines cut off or added at the end")
@@ -356,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sidecar) and which host wrote it; exit 2 when an image has none")
     rs.add_argument("images", nargs="+", metavar="IMAGE")
     rs.add_argument("--json", action="store_true", help="print each record as stored (one JSON object a line)")
+
+    cr = sub.add_parser("credentials", help="Content Credentials (C2PA): make signing keys, verify signed images")
+    crsub = cr.add_subparsers(dest="credentials_command", required=True, metavar="COMMAND")
+    ci = crsub.add_parser("init", help="make a local studio root (root.pem) and a signing key (signer.pem, signer.key)")
+    ci.add_argument("folder", help="where to write root.pem, signer.pem and signer.key (0600)")
+    ci.add_argument("--organization", default="provenance-guard studio", help="the name in the certificates")
+    ci.add_argument("--days", type=_positive, default=730, help="how long the signing certificate is valid")
+    ci.add_argument("--overwrite", action="store_true", help="replace keys already in the folder")
+    cv = crsub.add_parser("verify", help="check the Content Credentials of images", epilog=EXIT_CODES)
+    cv.add_argument("images", nargs="+", help="image files (png, jpg, jpeg, webp)")
+    cv.add_argument("--trust", metavar="ROOT.pem", help="trust anchor(s): an image is trusted only when its signer "
+                                                        "chains to one of them")
+    cv.add_argument("--json", action="store_true", help="print one JSON object per image")
 
     d = sub.add_parser("demo", help="the main job on built-in samples: build a bundle, check, write records")
     d.add_argument("--out", default="demo-out", help="working folder (default ./demo-out)")
@@ -382,6 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_prompt(args)
         if args.command == "record":
             return cmd_record_show(args)
+        if args.command == "credentials":
+            return cmd_credentials_init(args) if args.credentials_command == "init" else cmd_credentials_verify(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -454,18 +488,24 @@ def cmd_check(args) -> int:
     policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k,
                     verify=args.verify, verify_from=args.verify_from)
     ref_options = reference_options(args)
+    signing, trust = _credentials_setup(args)
+    audit = AuditLog(args.audit_log, _audit_signer(args)) if args.audit_log else from_env()
     checker = Checker(args.index, model=args.model, device=args.device, policy=policy, batch_size=args.batch_size,
                       references=ref_options)
     bundles = checker.open()
     with heartbeat("loading the model", enabled=not args.no_progress):
         checker.embedders()
-    audit = AuditLog(args.audit_log) if args.audit_log else from_env()
     jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
     by_id = {b.id: b for b in bundles if hasattr(b, "manifest")}
+    signed_bundles = [{"id": b.id, "version": b.version, **({"manifest_sha256": _file_sha256(b.path / "manifest.json")}
+                                                            if hasattr(b, "path") else {})} for b in bundles
+                      if hasattr(b, "manifest")] or None
     report_rows: list = []
     if not args.json:
         _print_header(bundles, checker, policy)
     flagged = unchecked = 0
+    credential_lines: dict[str, str] = {}
+    credential_failures: list[str] = []
     bar = progress(len(inputs), "checking", "img", enabled=not args.no_progress, leave=False)
 
     def per_image(path: Path, result):
@@ -475,11 +515,16 @@ def cmd_check(args) -> int:
             digest = _file_sha256(path)
             if digest:
                 result.image["sha256"] = digest
+            png = args.write_record in ("png", "both")
+            if args.require_credentials or signing is not None or (png and result.checked):
+                png = _credentials_before(path, result, args, trust, png, credential_lines, credential_failures)
             if args.write_record != "none" and result.checked:
-                write_record(path, result, png=args.write_record in ("png", "both"),
-                             sidecar=args.write_record in ("sidecar", "both"))
+                write_record(path, result, png=png, sidecar=args.write_record in ("sidecar", "both") or
+                             (args.write_record == "png" and not png))
         except Exception as exc:  # noqa: BLE001 - one image's failure is reported as that image's result
             mark_failed(result, policy, f"{path}: the record could not be written ({type(exc).__name__}: {exc})")
+        if signing is not None:  # the last write of the file
+            _sign_after(path, result, args, signing, signed_bundles, credential_lines, credential_failures)
         return result
 
     try:
@@ -510,9 +555,10 @@ def cmd_check(args) -> int:
                     refs = {(m.bundle_id, m.row_id): ref for m in result.matches[:html_report.TOP]
                             if m.bundle_id in by_id and html_report.at_or_above_warn(result, m)
                             for ref in [html_report.local_reference(by_id[m.bundle_id], m, ref_options)] if ref}
-                    report_rows.append(html_report.ReportRow(result, path if not problem else None, refs))
+                    report_rows.append(html_report.ReportRow(result, path if not problem else None, refs,
+                                                             credential_lines.get(str(path))))
                 elif args.report:
-                    report_rows.append(html_report.ReportRow(result, None))
+                    report_rows.append(html_report.ReportRow(result, None, credentials=credential_lines.get(str(path))))
                 bar.clear()
                 if args.json:
                     print(result.dumps(), flush=True)
@@ -529,10 +575,134 @@ def cmd_check(args) -> int:
         html_report.write(args.report, report_rows, len(inputs), include_passing=args.report_all)
     if not args.json:
         print(f"\n{len(inputs)} image(s): {flagged} reached '{args.fail_on}', {unchecked} could not be checked"
+              + (f", {len(credential_failures)} failed on Content Credentials" if credential_failures else "")
               + (f"; report: {args.report}" if args.report else ""))
     if unchecked:
         return EXIT_UNCHECKED
-    return EXIT_FLAGGED if flagged else EXIT_OK
+    return EXIT_FLAGGED if flagged or credential_failures else EXIT_OK
+
+
+def _audit_signer(args):
+    """The studio key that signs --audit-log's entries: --credentials or $PROVENANCE_GUARD_CREDENTIALS, if any."""
+    from .core.audit import AuditSigner
+    from .core.credentials import credentials_folder
+
+    folder = credentials_folder(args.credentials)
+    return AuditSigner.from_folder(folder) if folder else None
+
+
+def _credentials_setup(args):
+    """(credentials to sign with or None, trust anchors PEM or None), checked before anything heavy loads: a
+    key that cannot sign stops the run (nothing is left unsigned that was to be signed)."""
+    from .core import credentials as cr
+
+    if not (args.sign or args.require_credentials):
+        if args.trust:
+            raise ConfigError("--trust needs --require-credentials (it names the roots credentials are checked "
+                              "against)")
+        return None, None
+    reason = cr.unavailable()
+    if reason:
+        raise ConfigError(reason)
+    trust = None
+    if args.trust:
+        try:
+            trust = Path(args.trust).expanduser().read_bytes()[: cr.MAX_PEM_BYTES]
+        except OSError as exc:
+            raise ConfigError(f"--trust {args.trust}: {exc.strerror}; give the root.pem verifiers trust") from None
+        if b"-----BEGIN CERTIFICATE" not in trust:
+            raise ConfigError(f"--trust {args.trust} holds no PEM certificate; give the studio's root.pem")
+    signing = None
+    if args.sign:
+        folder = cr.credentials_folder(args.credentials)
+        if folder is None:
+            raise ConfigError(f"--sign needs the signing key: --credentials DIR or ${cr.ENV_CREDENTIALS} (make one "
+                              f"with 'provenance-guard credentials init DIR')")
+        signing = cr.load_credentials(folder, args.tsa_url)
+    return signing, trust
+
+
+def _credentials_before(path: Path, result, args, trust, png: bool, lines: dict, failures: list) -> bool:
+    """--require-credentials: read the image's manifest before anything is written to it. Returns whether the
+    record may still go into the PNG: not into a file whose credentials it would break, unless it is signed
+    again afterwards."""
+    from .core import credentials as cr
+
+    status = None
+    if args.require_credentials or (png and not args.sign and cr.unavailable() is None):
+        status = cr.verify_file(path, trust)
+        result.image["credentials"] = status.to_json()
+        lines[str(path)] = cr.describe(status)
+    if args.require_credentials and result.checked:
+        problem = cr.credential_problem(status, result.verdict, require_trust=trust is not None)
+        if problem:
+            result.warnings.append(f"Content Credentials: {problem}")
+            failures.append(str(path))
+    if png and status is not None and status.state != "absent" and not args.sign:
+        result.warnings.append("the record went into the sidecar: a PNG chunk would break the image's Content "
+                               "Credentials")
+        return False
+    return png
+
+
+def _sign_after(path: Path, result, args, signing, bundles, lines: dict, failures: list) -> None:
+    """--sign: the image's manifest with this check's assertion, unless it reached --fail-on or was not
+    checked (a blocked image is never signed as passed)."""
+    from . import __version__
+    from .core import credentials as cr
+    from .core.policy import reaches
+
+    if not result.checked or reaches(result.verdict, args.fail_on):
+        lines[str(path)] = f"not signed ({result.verdict})"
+        return
+    try:
+        cr.sign_file(path, signing, cr.manifest_for(result, f"provenance-guard check {__version__}", path.name,
+                                                    include_prompts=not args.no_prompts_in_credentials,
+                                                    bundles=bundles))
+    except ProvenanceError as exc:
+        result.warnings.append(f"Content Credentials: {exc}")
+        failures.append(str(path))
+        lines[str(path)] = f"signing failed: {exc}"
+        return
+    digest = _file_sha256(path)
+    if digest:
+        result.image["sha256"] = digest  # the signed file's
+    result.image["credentials"] = {"state": "signed", "signer": signing.subject}
+    lines[str(path)] = f"signed by {signing.subject}"
+
+
+def cmd_credentials_init(args) -> int:
+    from .core.credentials import init_credentials
+
+    rep = init_credentials(args.folder, args.organization, args.days, args.overwrite)
+    print(f"wrote {rep.root} (give this to verifiers: --trust {rep.root}), {rep.signer} and {rep.key} (keep it "
+          f"secret; mode 0600)\nsigner: {rep.subject}\nsign with: provenance-guard check IMAGES --index BUNDLE "
+          f"--sign --credentials {rep.folder}")
+    return EXIT_OK
+
+
+def cmd_credentials_verify(args) -> int:
+    from .core import credentials as cr
+
+    reason = cr.unavailable()
+    if reason:
+        raise ConfigError(reason)
+    trust = None
+    if args.trust:
+        try:
+            trust = Path(args.trust).expanduser().read_bytes()[: cr.MAX_PEM_BYTES]
+        except OSError as exc:
+            raise ConfigError(f"--trust {args.trust}: {exc.strerror}") from None
+    bad = 0
+    for raw in args.images:
+        status = cr.verify_file(Path(raw).expanduser(), trust)
+        ok = status.state == "trusted" if trust is not None else status.ok
+        bad += not ok
+        if args.json:
+            print(json.dumps(status.to_json(), ensure_ascii=False), flush=True)
+        else:
+            print(f"{terminal_safe(raw)}  {terminal_safe(cr.describe(status), 400)}", flush=True)
+    return EXIT_FLAGGED if bad else EXIT_OK
 
 
 def _print_header(bundles, checker, policy) -> None:
@@ -958,9 +1128,13 @@ def cmd_audit_verify(args) -> int:
     from .core.audit import verify
 
     try:
-        result = verify(args.file, allow_unchained=args.allow_unchained, expect_last=args.expect_last)
+        cert = Path(args.signer).expanduser().read_bytes()[:1 << 20] if args.signer else None
+        result = verify(args.file, allow_unchained=args.allow_unchained, expect_last=args.expect_last,
+                        signer_cert=cert)
     except OSError as exc:
-        raise ConfigError(f"{args.file}: cannot be read ({exc.strerror or exc})") from exc
+        raise ConfigError(f"{exc.filename or args.file}: cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ConfigError(f"--signer {args.signer}: {exc}") from exc
     for note in result.notes:
         print(f"note: {note}")
     if not result.ok:
@@ -969,7 +1143,8 @@ def cmd_audit_verify(args) -> int:
     kept = "matches --expect-last" if args.expect_last else ("keep it elsewhere and pass it as --expect-last next "
                                                              "time: an edited last line or lines cut off the end "
                                                              "leave a valid chain")
-    print(f"OK {args.file}: {result.lines} lines, chained; last line sha256 {result.last_sha256} ({kept})")
+    signed = ", signed by the given key" if result.signed else ""
+    print(f"OK {args.file}: {result.lines} lines, chained{signed}; last line sha256 {result.last_sha256} ({kept})")
     return EXIT_OK
 
 

@@ -25,6 +25,9 @@ PACKAGES = {
     "requests": ("requests", "requests"),
     "opencv-python-headless": ("cv2", "opencv-python-headless>=4.5"),  # the webuis ship opencv-python already
 }
+# Optional: Content Credentials. Its wheel needs glibc 2.28+ (Linux), macOS or Windows; a failed install leaves
+# credentials off (the extension says so once) and never stops the webui.
+OPTIONAL = {"c2pa-python": ("c2pa", "c2pa-python>=0.38,<0.39")}
 PINNED = ("torch", "torchvision", "numpy")
 PYARROW_FOR_NUMPY1 = "pyarrow>=14,<26"
 
@@ -67,7 +70,7 @@ def main() -> None:
     if getattr(getattr(launch, "args", None), "skip_install", False):
         return
     todo = wanted()
-    if not todo:
+    if not todo and all(importable(module) for module, _ in OPTIONAL.values()):
         return
     fd, constraints = tempfile.mkstemp(suffix=".txt", prefix="provenance-guard-")
     with os.fdopen(fd, "w") as f:
@@ -75,6 +78,13 @@ def main() -> None:
     try:
         for requirement in todo:
             launch.run_pip(f'install "{requirement}" -c "{constraints}"', f"{requirement} for provenance-guard")
+        for dist, (module, requirement) in OPTIONAL.items():
+            if not importable(module):
+                try:
+                    launch.run_pip(f'install "{requirement}" -c "{constraints}"',
+                                   f"{requirement} for provenance-guard (Content Credentials)")
+                except Exception as exc:  # noqa: BLE001 - optional: credentials stay off, the webui starts
+                    print(f"provenance-guard: {dist} could not be installed ({exc}); Content Credentials are off")
     finally:
         os.unlink(constraints)
 

@@ -13,7 +13,11 @@ prints the last line's sha256 and compares it with ``expect_last`` when given. A
 torn last line (no newline): the next append closes it with a newline, chains from the last whole entry and
 names the torn lines' sha256 in its ``torn`` field, so verify reports them as torn, not as tampering, while
 any other line that is no entry breaks the chain. Whoever can rewrite the whole file can recompute the
-chain: only the kept hash (or a signature) tells.
+chain: only the kept hash, or a signature, tells. With a studio signing key (``AuditSigner``: the Content
+Credentials key, core/credentials.py) every entry also carries ``signer`` (the sha256 of the signing
+certificate) and ``sig``, an ECDSA signature over the entry's line without ``sig``; ``verify`` with that
+certificate fails at the first entry that is unsigned, signed by another key, or whose signature does not
+hold, so rewriting the log needs the key, not just write access.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import ConfigError
 from .result import CheckResult
 
 ENV_AUDIT_LOG = "PROVENANCE_GUARD_AUDIT_LOG"
@@ -59,12 +64,56 @@ def audit_entry(result: CheckResult, image_sha256: Optional[str] = None, source:
     }
 
 
-class AuditLog:
-    """Appends entries to a JSON Lines file; safe across threads and processes."""
+class AuditSigner:
+    """Signs audit lines with a studio key (ECDSA, SHA-256); ``fingerprint`` names its certificate."""
 
-    def __init__(self, path: Union[str, Path]):
+    def __init__(self, key_pem: bytes, cert_pem: bytes):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        self._key = serialization.load_pem_private_key(key_pem, password=None)
+        self.fingerprint = cert_fingerprint(x509.load_pem_x509_certificates(cert_pem)[0])
+
+    def sign(self, data: bytes) -> str:
+        import base64
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        return base64.b64encode(self._key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+
+    @classmethod
+    def from_folder(cls, folder: Union[str, Path]) -> "AuditSigner":
+        """The signer of a credentials folder (signer.pem, signer.key), checked as signing credentials are."""
+        from .credentials import load_credentials
+
+        try:
+            import cryptography  # noqa: F401
+        except ImportError:
+            raise ConfigError("signing the audit log needs the cryptography package: pip install "
+                              "'provenance-guard[c2pa]'") from None
+        creds = load_credentials(folder)
+        return cls(creds.key_pem, creds.chain_pem)
+
+
+def cert_fingerprint(cert) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _line(fields: dict) -> bytes:
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class AuditLog:
+    """Appends entries to a JSON Lines file; safe across threads and processes. With ``signer`` every entry
+    is signed."""
+
+    def __init__(self, path: Union[str, Path], signer: Optional[AuditSigner] = None):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.signer = signer
 
     def append(self, entries: list[dict]) -> None:
         if not entries:
@@ -81,7 +130,11 @@ class AuditLog:
             lines = [b"\n"] if unclosed else []  # close a line torn by a crash; the chain skips it, named
             for n, entry in enumerate(entries):
                 fields = {**entry, "prev": prev, **({"torn": torn} if torn and n == 0 else {})}
-                line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+                fields.pop("sig", None)
+                if self.signer is not None:
+                    fields["signer"] = self.signer.fingerprint
+                    fields["sig"] = self.signer.sign(_line(fields))
+                line = _line(fields)
                 prev = hashlib.sha256(line).hexdigest()
                 lines.append(line + b"\n")
             data = b"".join(lines)
@@ -147,6 +200,8 @@ class Verification:
     problem: str = ""
     last_sha256: str = GENESIS
     unchained: int = 0  # lines at the start without a chain (allowed only with allow_unchained)
+    unsigned: int = 0  # lines at the start without a signature (checked with a signer; allow_unchained)
+    signed: bool = False  # signatures were checked
     torn: list = field(default_factory=list)  # 1-based numbers of lines torn by a crash mid-write
     notes: list[str] = field(default_factory=list)
 
@@ -155,7 +210,30 @@ class Verification:
         return self.broken_at is None
 
 
-def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: Optional[str] = None) -> Verification:
+def _signature_problem(entry: dict, public_key, fingerprint: str) -> Optional[str]:
+    """Why entry's signature does not hold for the key, or None."""
+    import base64
+    import binascii
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if "sig" not in entry:
+        return "it is not signed (the log was written without the studio key, or the signature was stripped)"
+    if entry.get("signer") != fingerprint:
+        return "it is signed by another key than the given certificate's"
+    fields = dict(entry)
+    sig = fields.pop("sig")
+    try:
+        public_key.verify(base64.b64decode(str(sig), validate=True), _line(fields), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return "its signature does not hold: the line was changed after it was signed"
+    return None
+
+
+def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: Optional[str] = None,
+           signer_cert: Optional[bytes] = None) -> Verification:
     """Walk the chain of an audit log; the first line whose ``prev`` is not the hash of the line before it
     (or that is not a JSON entry at all) is where it was changed. A log must be chained from its first line
     (with allow_unchained, a log with no chain, or an unchained prefix before chained lines, passes with a
@@ -165,6 +243,16 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
     result = Verification()
     prev = GENESIS
     chained = False
+    public_key = fingerprint = None
+    signed_seen = False
+    if signer_cert is not None:
+        from cryptography import x509
+
+        try:
+            cert = x509.load_pem_x509_certificates(signer_cert)[0]
+        except ValueError as exc:
+            raise ValueError(f"the signer certificate cannot be read ({exc}); give the studio's signer.pem") from None
+        public_key, fingerprint = cert.public_key(), cert_fingerprint(cert)
     pending: list = []  # (line number, sha256) of lines that are no entry, since the last entry
     last_unclosed = False
     with open(path, "rb") as f:
@@ -200,6 +288,15 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
                 return result
             else:
                 chained = True
+            if public_key is not None and not ("prev" not in entry and allow_unchained):
+                problem = _signature_problem(entry, public_key, fingerprint)
+                if problem and not ({"sig", "signer"} & set(entry)) and allow_unchained and not signed_seen:
+                    result.unsigned = number  # a prefix written before the log was signed
+                elif problem:
+                    result.broken_at, result.problem = number, problem
+                    return result
+                else:
+                    signed_seen = True
             result.torn += [n for n, _ in pending]
             pending = []
             prev = hashlib.sha256(line).hexdigest()
@@ -212,6 +309,10 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
     if result.lines and not chained and not result.unchained and not result.torn:
         result.broken_at, result.problem = 1, "no entry"
         return result
+    result.signed = public_key is not None
+    if result.unsigned:
+        result.notes.append(f"lines 1-{result.unsigned} are not signed (written before the log was signed; "
+                            f"accepted by --allow-unchained)")
     if result.unchained:
         result.notes.append(f"lines 1-{result.unchained} carry no chain (accepted by --allow-unchained) and cannot "
                             f"be verified")
@@ -229,5 +330,13 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
 
 
 def from_env() -> Optional[AuditLog]:
+    """The log $PROVENANCE_GUARD_AUDIT_LOG names, signed with $PROVENANCE_GUARD_CREDENTIALS's key when set."""
     path = os.environ.get(ENV_AUDIT_LOG)
-    return AuditLog(path) if path else None
+    return AuditLog(path, signer_from_env()) if path else None
+
+
+def signer_from_env() -> Optional[AuditSigner]:
+    from .credentials import ENV_CREDENTIALS
+
+    folder = os.environ.get(ENV_CREDENTIALS, "").strip()
+    return AuditSigner.from_folder(folder) if folder else None

@@ -74,6 +74,7 @@ class ReportRow:
     result: CheckResult
     image: Optional[Union[str, Path]] = None
     match_images: dict[tuple[str, int], Path] = field(default_factory=dict)
+    credentials: Optional[str] = None  # the image's Content Credentials, in one line (check --require/--sign)
 
 
 # pictures ---------------------------------------------------------------------------------------------------
@@ -356,7 +357,8 @@ def _detail(n: int, row: ReportRow, name: str, source: str, prompt: tuple[Option
     return "".join(parts)
 
 
-def _summary_row(n: int, row: ReportRow, name: str, source: str, prompt: Optional[str]) -> str:
+def _summary_row(n: int, row: ReportRow, name: str, source: str, prompt: Optional[str],
+                 credentials: bool = False) -> str:
     r = row.result
     verdict = _text(r.verdict, 20)
     top = r.top
@@ -366,7 +368,10 @@ def _summary_row(n: int, row: ReportRow, name: str, source: str, prompt: Optiona
             f'data-score="{_sort_score(r.max_score):.6f}" data-order="{n}">'
             f'<td class="name"><a href="#pg-d{n}" title="{_text(source, 400)}">{_text(name, 80)}</a></td>'
             f'<td class="verdict">{verdict.upper()}</td><td class="num">{_score(r.max_score)}</td>'
-            f'<td>{top_cell}</td><td class="prompt">{_text(prompt, 90) if prompt else NONE}</td></tr>')
+            f'<td>{top_cell}</td><td class="prompt">{_text(prompt, 90) if prompt else NONE}</td>'
+            + (f'<td class="cred">{_text(row.credentials, 160) if row.credentials else NONE}</td>'
+               if credentials else "")
+            + '</tr>')
 
 
 STYLE = """
@@ -465,7 +470,7 @@ def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard r
             prompt = row_prompt(row)
         except Exception:  # noqa: BLE001 - belt and braces: a prompt never costs the report
             prompt = (None, "")
-        summary.append(_summary_row(n, row, name, source, prompt[0]))
+        summary.append(_summary_row(n, row, name, source, prompt[0], any(r.credentials for r in rows)))
         details.append(_detail(n, row, name, source, prompt, budget))
     buttons = [(f'<button type="button" data-filter="all" class="on" aria-pressed="true">all listed '
                 f'({len(shown)})</button>')] + [
@@ -491,7 +496,8 @@ Bundles: {_text("; ".join(bundles) or NONE, 2000)}.</div>
 <div class="filter" id="pg-filter" hidden>{"".join(buttons)}</div>
 <table id="pg-summary"><thead><tr><th>image</th>
 <th data-sort="severity" aria-sort="descending"><button type="button">verdict</button></th>
-<th data-sort="score"><button type="button">max score</button></th><th>top match</th><th>prompt</th></tr></thead>
+<th data-sort="score"><button type="button">max score</button></th><th>top match</th><th>prompt</th>{
+    "<th>credentials</th>" if any(r.credentials for r in rows) else ""}</tr></thead>
 <tbody id="pg-rows">{"".join(summary) or empty}</tbody></table>
 {"".join(details)}
 <script>{SCRIPT}</script>

@@ -15,10 +15,16 @@ when the repository root is on sys.path, so it lives here, ``provenance_guard.in
   adopts the output check in one line: ``pipe.safety_checker = ProvenanceSafetyChecker(index=...)`` (with a
   ``feature_extractor``: ``use_safety_checker`` sets both). Its flags then mean "withheld as too close to a
   training image"; its last results are on ``.last_results``.
+
+With ``credentials`` (a folder holding signer.pem and signer.key, or core.credentials.Credentials), the
+output also gains ``save_with_credentials(i, path)``: image i saved (PNG, JPEG or WebP by the path's
+extension, with the provenance record in a PNG), then signed in place as a C2PA manifest carrying its own
+check (a blocked image's says block) and generation. Credentials that cannot sign fail at guard().
 """
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..core.check import Checker
@@ -130,8 +136,11 @@ class GuardedPipeline:
     """A diffusers pipeline whose every call is checked (see guard()). Other attributes are the pipeline's."""
 
     def __init__(self, pipe, index, policy: Optional[Policy] = None, *, model: Optional[str] = None,
-                 device: str = "auto", steps: int = DEFAULT_STEPS, family: Optional[str] = None, references=None):
+                 device: str = "auto", steps: int = DEFAULT_STEPS, family: Optional[str] = None, references=None,
+                 credentials=None, include_prompts: bool = True):
         self.pipe = pipe
+        self.credentials = _credentials(credentials)
+        self.include_prompts = include_prompts
         self.checker = Checker(index, model=model, device=device, references=references)
         self.policy = policy or Policy(verify="confirm")
         self.family = family or FAMILIES.get(type(pipe).__name__)
@@ -168,7 +177,32 @@ class GuardedPipeline:
         output.images = _black(output.images, kind, flags)
         output.provenance = results
         output.provenance_flagged = flags
+        if self.credentials is not None:
+            output.save_with_credentials = lambda i, path: self.save_with_credentials(output, i, path)
         return output
+
+    def save_with_credentials(self, output, i: int, path) -> Path:
+        """Save output.images[i] at path (the record in a PNG), then sign it with its own check's assertion."""
+        from .. import __version__
+        from ..core import credentials as cr
+        from ..core.record import write_record
+
+        if self.credentials is None:
+            raise cr.CredentialsError("this pipeline was guarded without credentials: guard(pipe, index, "
+                                      "credentials='DIR')")
+        path = Path(path)
+        cr.mime_of(path)  # a format credentials can be written into, before anything is saved
+        image, result = output.images[i], output.provenance[i]
+        if not hasattr(image, "save"):
+            raise cr.CredentialsError("save_with_credentials saves PIL images: call the pipeline with "
+                                      "output_type='pil'")
+        image.save(path)
+        if path.suffix.lower() == ".png":
+            write_record(path, result, png=True, sidecar=False)
+        cr.sign_file(path, self.credentials, cr.manifest_for(result, f"diffusers pipeline {type(self.pipe).__name__} "
+                                                                     f"(provenance-guard {__version__})", path.name,
+                                                             include_prompts=self.include_prompts))
+        return path
 
     def _records(self, args, kwargs, count: int) -> list[GenerationRecord]:
         prompt = kwargs.get("prompt", args[0] if args else None)
@@ -184,6 +218,21 @@ class GuardedPipeline:
                                         model=getattr(self.pipe.config, "_name_or_path", None) or None,
                                         width=kwargs.get("width"), height=kwargs.get("height"), source="diffusers"))
         return out
+
+
+def _credentials(value):
+    """None, a Credentials, or a folder (str/Path) loaded and checked now: credentials that cannot sign fail
+    closed here, before any image is made."""
+    if value is None:
+        return None
+    from ..core import credentials as cr
+
+    if isinstance(value, cr.Credentials):
+        return value
+    reason = cr.unavailable()
+    if reason:
+        raise cr.CredentialsUnavailable(reason)
+    return cr.load_credentials(value)
 
 
 def guard(pipe, index: Union[str, Sequence[str]], policy: Optional[Policy] = None, **kwargs) -> GuardedPipeline:

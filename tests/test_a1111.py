@@ -649,6 +649,22 @@ def test_install_py_keeps_pyarrow_below_26_beside_numpy_1(monkeypatch, pyarrow):
     assert run_install(monkeypatch, {"numpy": "1.26.2", "pyarrow": "25.0.1"}, set()) == []
 
 
+def test_install_py_installs_c2pa_when_missing_and_a_failure_never_stops_the_webui(monkeypatch, capsys):
+    calls = run_install(monkeypatch, {}, {"c2pa"})
+    assert [c[0].split('"')[1] for c in calls] == ["c2pa-python>=0.38,<0.39"]
+
+    def failing(command, desc):
+        raise RuntimeError("Couldn't install c2pa-python (no wheel for this platform)")
+
+    launch = types.ModuleType("launch")
+    launch.args = types.SimpleNamespace(skip_install=False)
+    launch.run_pip = failing
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    spec = importlib.util.spec_from_file_location("install", ROOT / "install.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # no exception: the webui goes on
+    assert "Content Credentials are off" in capsys.readouterr().out
+
+
 def test_install_py_imports_nothing_heavy():
     text = (ROOT / "install.py").read_text()
     assert "import torch" not in text and "import open_clip" not in text and "importlib.metadata" in text

@@ -44,6 +44,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1001,6 +1002,153 @@ def test_strict_evidence_shows_training_image_only(webui: Webui):
     _assert_not_leaked(w, _rgb(known), out["images"], out["new_files"], "strict block")
 
 
+PULLED_NAME = "e2e-provenance-pulled"  # the published copy's folder name: where the webui's pull installs it
+
+
+@contextmanager
+def _static_site(root: Path):
+    """root served as static hosting serves a published bundle: a ThreadingHTTPServer on 127.0.0.1 (a port of
+    its own) in a thread of this process. Yields (base URL, site): site["requests"] lists every request's
+    (method, path); every answer waits until site["gate"] (an Event) is set."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = {"requests": [], "gate": threading.Event()}
+    lock = threading.Lock()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def _held(self) -> None:
+            with lock:
+                site["requests"].append((self.command, self.path))
+            site["gate"].wait(120)
+
+        def do_GET(self):
+            self._held()
+            super().do_GET()
+
+        def do_HEAD(self):
+            self._held()
+            super().do_HEAD()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, name="e2e-static-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", site
+    finally:
+        site["gate"].set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _wait_for(what: str, ready, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.25)
+
+
+def test_bundle_url_pulls_once_then_checks(webui: Webui):
+    """The script's 11th argument, bundle_url (bundle and bundle_path left empty): a bundle holding the known
+    image, built and published (`index build`, `index publish`, the host's python through the clone) and served
+    by a static server in this process (loopback). Fail mode closed, action block: while the pull runs (the
+    server holds its answers) the image is withheld with a "downloading" message; once the webui's background
+    pull installed the bundle in models/provenance, the known image is blocked against it (verified a copy) and
+    an unrelated one is not, and those later calls ask the server nothing. Only what this test's pull made in
+    models/provenance (the bundle folder, its .source.json record, lock and work folder) is removed after."""
+    w = webui
+    known = _rgb(_known(w))
+    root = w.host.webui / "models" / "provenance"
+    installed = root / PULLED_NAME
+    record = root / f".{PULLED_NAME}.source.json"
+    made = [installed, record, root / f".{PULLED_NAME}.lock", root / f".{PULLED_NAME}.pull"]
+    for path in made:
+        if path.is_symlink() or path.exists():
+            pytest.fail(f"{path} exists and was not made by this test: it is left alone and the test does not run; "
+                        f"move it away if it is not needed")
+    site_root = w.host.tmp / "site"
+    published = site_root / "bundles" / PULLED_NAME
+    published.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(w.refs, w.refs.parent)
+    for what, cmd in (("index build", [w.host.python, str(w.host.ext), "index", "build", "--images", rel, "--out",
+                                       str(published), "--model", w.model_spec, "--warn", str(DEMO_WARN), "--block",
+                                       str(DEMO_BLOCK), "--device", "cpu", "--no-progress", "--id", PULLED_NAME]),
+                      ("index publish", [w.host.python, str(w.host.ext), "index", "publish", str(published)])):
+        proc = _run(cmd, w.refs.parent, w.host.env, BUILD_TIMEOUT, what)
+        assert proc.returncode == 0, f"{what} with the host's python failed:\n{' '.join(cmd)}\n{_output(proc)}"
+    assert (published / "provenance-bundle.json").is_file()
+
+    def call(seed: int, url: str, what: str) -> tuple[dict, dict]:
+        args = [True, "", "", True, DEMO_WARN, DEMO_BLOCK, "block", "closed", "confirm", False, url]
+        out = _generate(w, "txt2img", _small(seed, save_images=True, alwayson_scripts={SCRIPT_TITLE: {"args": args}}))
+        _assert_no_hook_errors(out, what)
+        _, _, results = _per_image(out, 1, w)
+        return out, results[0]
+
+    timings = {}
+    try:
+        with _static_site(site_root) as (root_url, site):
+            url = f"{root_url}/bundles/{PULLED_NAME}/"
+            t0 = time.time()
+            out, r = call(SEED, url, "bundle_url while downloading")  # the server holds every answer
+            timings["held_call_s"] = round(time.time() - t0, 1)
+            assert r["verdict"] == "block" and "downloading" in (r["error"] or "") and url in r["error"], \
+                f"while the bundle downloads, fail mode closed must withhold the image saying so: {r}"
+            assert r["max_score"] is None and not r["matches"], r
+            assert _is_placeholder(out["images"][0][1]), "while downloading: the image is not the placeholder"
+            _assert_not_leaked(w, known, out["images"], out["new_files"], "bundle_url while downloading")
+            saved = _saved_samples(w, out["new_files"], "txt2img")
+            assert list(saved) == [SEED], saved
+            assert _check_saved(w, saved[SEED], "block").get("error"), saved[SEED]
+            _wait_for("no request reached the server while the check said it was downloading",
+                      lambda: bool(site["requests"]), 30)
+            assert not installed.exists(), "installed before the server answered"
+
+            t0 = time.time()
+            site["gate"].set()
+            _wait_for("the webui's pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
+                      and record.is_file(), 120)
+            timings["pull_s"] = round(time.time() - t0, 1)
+            (installed / MARKER).write_text("installed by the webui's pull for tests/test_a1111_e2e.py; removed at "
+                                            "the end of the test\n")
+            time.sleep(1)  # the background job takes the installed folder just after writing the record
+
+            out, r = call(SEED, url, "bundle_url pulled, the known image")
+            assert r["error"] is None and r["verdict"] == "block" and r["max_score"] >= DEMO_BLOCK, \
+                f"the known image was not blocked against the pulled bundle: {r}"
+            top = _top_match(r)
+            assert "known-generated" in (top.get("url") or "") and top.get("bundle") == PULLED_NAME, top
+            assert (top.get("verification") or {}).get("status") == "copy", json.dumps(top)[:1500]
+            assert _is_placeholder(out["images"][0][1])
+            _assert_not_leaked(w, known, out["images"], out["new_files"], "bundle_url pulled")
+            asked = list(site["requests"])
+            paths = [p for _, p in asked]
+            assert len(paths) == len(set(paths)) and paths[0] == f"/bundles/{PULLED_NAME}/provenance-bundle.json", \
+                asked
+            listed = json.loads((published / "provenance-bundle.json").read_text())["files"]
+            assert sorted(paths[1:]) == sorted(f"/bundles/{PULLED_NAME}/{f}" for f in listed), asked
+
+            out, r = call(SEED + 1, url, "bundle_url pulled, another image")
+            assert r["error"] is None and r["verdict"] != "block" and _top_match(r).get("bundle") == PULLED_NAME, r
+            assert not _is_placeholder(out["images"][0][1])
+            assert site["requests"] == asked, f"a later call asked the server again: {site['requests'][len(asked):]}"
+    finally:
+        if installed.is_dir() and not installed.is_symlink():
+            (installed / MARKER).write_text("")
+            _release(installed)
+        for path in made[1:]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() or path.is_symlink():
+                path.unlink()
+    w.state["bundle_url"] = {**timings, "requests": len(asked)}
+
+
 def test_fail_closed_missing_bundle(webui: Webui):
     w = webui
     payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED + 10,
@@ -1302,5 +1450,6 @@ def test_stop_and_log_clean(webui: Webui):
           f"block {w.state.get('block_verification')}; "
           f"img2img {w.state.get('img2img')}; inpaint {w.state.get('inpaint')}; "
           f"memorization (score, verdict, steps, infotext) by CFG {w.state.get('memorization')}; "
-          f"evidence sizes {w.state.get('strict_evidence')}; {w.state.get('record_show')!r}")
+          f"evidence sizes {w.state.get('strict_evidence')}; bundle_url {w.state.get('bundle_url')}; "
+          f"{w.state.get('record_show')!r}")
     _assert_clean_log(w, "after the generations")

@@ -259,6 +259,146 @@ def test_front_end_draws_escaped_report_on_the_node(comfyui, tmp_path, tiny_mode
     assert node["fits"]  # shown whole or scrollable inside the node, never spilling over it
 
 
+# --- the check's bundle_url: a published bundle pulled once, in the background ---------------------------------
+
+@contextmanager
+def _static_site(root: Path):
+    """root served as static hosting serves a published bundle: a ThreadingHTTPServer on 127.0.0.1 (a port of
+    its own) in a thread of this process. Yields (base URL, site): site["requests"] lists every request's
+    (method, path); every answer waits until site["gate"] (an Event) is set."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = {"requests": [], "gate": threading.Event()}
+    lock = threading.Lock()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def _held(self) -> None:
+            with lock:
+                site["requests"].append((self.command, self.path))
+            site["gate"].wait(120)
+
+        def do_GET(self):
+            self._held()
+            super().do_GET()
+
+        def do_HEAD(self):
+            self._held()
+            super().do_HEAD()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, name="e2e-static-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", site
+    finally:
+        site["gate"].set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _wait_for(what: str, ready, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.25)
+
+
+def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references, tiny_model, tmp_path):
+    """bundle_url names a bundle published with `index publish` on a static server (this process, loopback).
+    Fail mode closed: while the pull runs (the server holds its answers) each run blocks the image with a
+    "downloading" message (never an unchecked pass, never a cached failure); once the bundle is installed in
+    models/provenance the check gives its real verdict against it (a copy of a reference blocked, an unrelated
+    photo saved), and later runs reuse it without asking the server anything."""
+    from provenance_guard.demo import DEMO_BLOCK, DEMO_WARN
+    from provenance_guard.index_builder.images import build_from_images
+
+    base, tmp = comfyui
+    name = "pulled-refs"
+    site_root = tmp_path / "site"
+    published = site_root / "bundles" / name
+    build_from_images(references, published, tiny_model, warn=DEMO_WARN, block=DEMO_BLOCK, progress=False,
+                      bundle_id="e2e-pulled")
+    proc = subprocess.run([sys.executable, "-m", "provenance_guard", "index", "publish", str(published)],
+                          cwd=ROOT.parent, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"index publish: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert (published / "provenance-bundle.json").is_file(), proc.stdout
+    installed = tmp / "models" / "provenance" / name
+    assert not installed.exists()
+
+    copy, other = tmp_path / "pulled_copy.png", tmp_path / "pulled_other.png"
+    sample_image("astronaut").convert("RGB").save(copy)
+    sample_image("camera").convert("RGB").save(other)
+    copy_name, other_name = _upload(base, copy), _upload(base, other)
+
+    with _static_site(site_root) as (root_url, site):
+        url = f"{root_url}/bundles/{name}/"
+
+        def graph(image: str, prefix: str) -> dict:
+            g = _graph(image, "block", prefix)
+            # the list keeps a bundle of its own (studio-refs, id test-refs): bundle_url overrides it
+            g["2"]["inputs"].update(fail_mode="closed", bundle_url=url)
+            return g
+
+        t0 = time.time()
+        for n in (1, 2):  # the server holds every answer: the pull cannot finish
+            history = _queue(base, graph(copy_name, f"pulling{n}"), timeout=120)
+            assert history["status"]["status_str"] == "success", history["status"]
+            assert not (history["outputs"].get("3") or {}).get("images"), history["outputs"].get("3")
+            report = history["outputs"]["2"]["provenance"][0]
+            image = report["images"][0]
+            assert report["verdict"] == "block" and image["verdict"] == "block", report
+            assert "downloading" in (image["error"] or "") and url in image["error"], image
+            assert not image["matches"], image
+        assert not list((tmp / "output").glob("pulling*")), "an image that was not checked was saved"
+        assert not installed.exists(), "installed before the server answered"
+        _wait_for("no request reached the server while the check said it was downloading",
+                  lambda: bool(site["requests"]), 30)
+        held_s = time.time() - t0
+
+        site["gate"].set()
+        record = tmp / "models" / "provenance" / f".{name}.source.json"
+        _wait_for("the pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
+                  and record.is_file(), 120)
+        time.sleep(1)  # the background job takes the installed folder just after writing the record
+
+        history = _queue(base, graph(copy_name, "pulled_copy"), timeout=240)
+        assert history["status"]["status_str"] == "success", history["status"]
+        report = history["outputs"]["2"]["provenance"][0]
+        image = report["images"][0]
+        assert image["error"] is None and report["verdict"] == "block", report
+        top = image["matches"][0]
+        assert top["url"] == "astronaut.png" and top["bundle"] == "e2e-pulled" and top["score"] >= DEMO_BLOCK, top
+        assert not (history["outputs"].get("3") or {}).get("images")
+        assert not list((tmp / "output").glob("pulled_copy*"))
+        announced = [ln for ln in _log(tmp).splitlines() if ln.startswith("provenance-guard: checking with ")
+                     and ln.rstrip().endswith(os.sep + name)]
+        assert len(announced) == 1, [ln for ln in _log(tmp).splitlines() if "checking with" in ln]
+
+        asked = list(site["requests"])
+        paths = [p for _, p in asked]
+        assert len(paths) == len(set(paths)), f"a file was asked for twice: {asked}"
+        assert paths[0] == f"/bundles/{name}/provenance-bundle.json", asked
+        listed = json.loads((published / "provenance-bundle.json").read_text())["files"]
+        assert sorted(paths[1:]) == sorted(f"/bundles/{name}/{f}" for f in listed), asked
+
+        history = _queue(base, graph(other_name, "pulled_other"), timeout=240)  # a new image: the check runs
+        assert history["status"]["status_str"] == "success", history["status"]
+        report = history["outputs"]["2"]["provenance"][0]
+        assert report["verdict"] == "pass" and report["images"][0]["error"] is None, report
+        assert report["images"][0]["matches"][0]["bundle"] == "e2e-pulled", report
+        saved = _saved(history, "3", tmp / "output")
+        assert len(saved) == 1 and read_record(saved[0]).verdict == "pass", saved
+        assert site["requests"] == asked, f"a later run asked the server again: {site['requests'][len(asked):]}"
+    print(f"\n[comfyui bundle_url] {len(asked)} requests ({', '.join(p for _, p in asked)}); "
+          f"two runs while held {held_s:.1f}s")
+
+
 # --- txt2img on a real SD1.5 checkpoint, blocking a regenerated known image, studio enforcement --------------
 
 # With a random-weight SD1.5 the two images of a batch are both noise-like, and the tiny test CLIP scores them

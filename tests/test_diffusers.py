@@ -104,3 +104,28 @@ def test_guard_refuses_a_pipeline_without_a_denoiser(known):
 
     with pytest.raises(ConfigError, match="neither a unet nor a transformer"):
         GuardedPipeline(types.SimpleNamespace(), str(known))
+
+
+def test_guard_with_credentials_saves_signed_images_whose_manifest_says_their_own_verdict(pipe, known, tmp_path):
+    """guard(pipe, credentials=DIR): output.save_with_credentials(i, path) saves and signs; the manifest's
+    check assertion is the image's own (a blocked image's says block, never pass); bad keys fail at guard()."""
+    pytest.importorskip("c2pa", reason="Content Credentials need c2pa-python (pip install '.[c2pa]')")
+    from provenance_guard.core import credentials as cr
+
+    keys = tmp_path / "keys"
+    cr.init_credentials(keys)
+    guarded = guard(pipe, str(known), Policy(verify="confirm+escalate"), device="cpu", credentials=str(keys))
+    try:
+        ok = guarded("a red bicycle", generator=torch.Generator().manual_seed(5), output_type="pil", **CALL)
+        path = ok.save_with_credentials(0, tmp_path / "bicycle.png")
+        status = cr.verify_file(path, (keys / "root.pem").read_bytes())
+        assert status.state == "trusted" and status.check["verdict"] == ok.provenance[0].verdict == "pass"
+        assert status.generation["prompt"] == "a red bicycle" and status.generation["steps"] == 3
+        blocked = guarded("a lighthouse at night", generator=torch.Generator().manual_seed(11), output_type="pil",
+                          **CALL)
+        path = blocked.save_with_credentials(0, tmp_path / "lighthouse.jpg")
+        assert cr.verify_file(path).check["verdict"] == "block"
+    finally:
+        guarded.remove()
+    with pytest.raises(cr.CredentialsError, match="credentials init"):
+        guard(pipe, str(known), credentials=str(tmp_path / "missing"))

@@ -36,11 +36,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from provenance_guard.demo import sample_image, write_references
 from test_a1111_e2e import (  # noqa: F401  (host and installed are fixtures used by name)
+    BUILD_TIMEOUT,
+    BUNDLE_NAME,
     OPTION_KEYS,
     Webui,
+    _build_bundle,
     _http,
+    _load_package_code,
+    _output,
     _port_open,
+    _run,
     _stop,
     host,
     installed,
@@ -209,8 +216,26 @@ def _pg_value(w: Webui, key: str):
 # fixtures --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bwebui(host, installed):  # noqa: F811 (the fixtures imported above)
-    """One webui start per host for the browser tests (no bundle needed: a missing one is what the panel shows)."""
+def photo_bundle(host, installed):  # noqa: F811 (the fixtures imported above)
+    """The reference photos' bundle (scikit-image photos, the astronaut among them) in models/provenance under
+    the test's name (host.bundle, marked; the host fixture removes it), built with the host's python through the
+    installed clone before the webui starts, so that the accordion's bundle list holds it."""
+    proc = _run([host.python, "-c", _load_package_code(host.ext) +
+                 "from provenance_guard.demo import make_tiny_model\n"
+                 f"print(make_tiny_model(Path({str(host.tmp / 'tiny-clip')!r})))"],
+                host.tmp, host.env, BUILD_TIMEOUT, "make_tiny_model")
+    assert proc.returncode == 0, f"make_tiny_model failed with the host's python:\n{_output(proc)}"
+    spec = proc.stdout.strip().splitlines()[-1]
+    refs = host.tmp / "refs"
+    write_references(refs)
+    _build_bundle(host, refs, spec, overwrite=False)
+    return host.bundle
+
+
+@pytest.fixture(scope="module")
+def bwebui(host, installed, photo_bundle):  # noqa: F811 (the fixtures imported above)
+    """One webui start per host for the browser tests, with the reference photos' bundle in its list (the
+    txt2img panel test names a missing bundle path instead: a missing bundle is what that panel shows)."""
     w = start_webui(host, tag="browser-webui")
     try:
         yield w
@@ -393,3 +418,66 @@ def test_txt2img_panel_after_block(bwebui: Webui, page):
     assert not watch.server_errors, "\n".join(watch.server_errors)
     assert not watch.ours(), f"[{w.host.name}] errors from the extension's javascript:\n" + "\n".join(watch.ours())
     print(f"\n[{w.host.name}] panel: {text[:300]!r}")
+
+
+def test_img2img_inpaint_panel_shows_block_evidence(bwebui: Webui, page, tmp_path):
+    """img2img, Inpaint upload, as a person does it: a real photo (scikit-image's astronaut, one of the bundle's
+    reference photos) uploaded with a mask over a small corner, masked content "original", the Provenance Guard
+    accordion open with the bundle picked from its list and action block. The webui pastes the unmasked photo
+    back over the generated image (the inpaint overlay), so the final image is the reference photo but for the
+    corner: the final-image check blocks it (verified a copy on pixels), the gallery shows the placeholder and
+    the panel under it says BLOCK with the evidence picture (the image and the training image side by side).
+    Screenshot: <host>_img2img_panel.png (copied into PG_E2E_SCREENS when set)."""
+    w = bwebui
+    size, corner = 256, 24
+    photo, mask = tmp_path / "astronaut.png", tmp_path / "mask.png"
+    sample_image("astronaut").convert("RGB").resize((size, size), Image.LANCZOS).save(photo)
+    m = Image.new("RGB", (size, size), "black")
+    m.paste((255, 255, 255), (size - corner, size - corner, size, size))
+    m.save(mask)
+    watch = Watch(page)
+    _load(page, w)
+    _top_tab(page, "img2img")
+    page.locator("#mode_img2img .tab-nav button, #mode_img2img > div > button").filter(
+        has_text=re.compile(r"^\s*Inpaint upload\s*$", re.IGNORECASE)).first.click()
+    page.locator("#img_inpaint_base input[type=file]").first.set_input_files(str(photo))
+    page.locator("#img_inpaint_mask input[type=file]").first.set_input_files(str(mask))
+    page.wait_for_timeout(1000)
+    _fill(page, "#img2img_prompt textarea", "astronaut")
+    for name, value in (("width", str(size)), ("height", str(size)), ("steps", "10"), ("mask_blur", "0"),
+                        ("denoising_strength", "0.1")):
+        _fill(page, f"#img2img_{name} input[type=number]", value)
+    page.locator("#img2img_script_container .label-wrap, #img2img_settings .label-wrap").filter(
+        has_text=re.compile(rf"^\s*{SECTION}")).first.click()
+    ids = {k: f"script_img2img_{PG}_{k}" for k in ("enabled", "bundle", "action", "fail_mode")}
+    page.locator(f"#{ids['enabled']} input[type=checkbox]").wait_for(state="visible", timeout=30_000)
+    page.locator(f"#{ids['enabled']} input[type=checkbox]").check()
+    page.locator(f"#{ids['bundle']} input").first.click()
+    page.locator(f"#{ids['bundle']} ul.options li, #{ids['bundle']} [role=option]").filter(
+        has_text=re.compile(rf"^\s*{re.escape(BUNDLE_NAME)}\s*$")).first.click()
+    _pick(page, ids["action"], "block")
+    page.locator("#img2img_generate").click()
+    panel = page.locator(f"#{PG}_panel_img2img .provenance-guard-panel")
+    panel.wait_for(state="visible", timeout=GENERATE_TIMEOUT_MS)
+    page.wait_for_function(f"""() => {{ const i = document.querySelector('#{PG}_panel_img2img img.pg-evidence');
+                                       return i && i.complete && i.naturalWidth > 0; }}""", timeout=30_000)
+    page.wait_for_timeout(1500)
+    text = panel.inner_text()
+    natural = page.evaluate(f"""() => {{ const i = document.querySelector('#{PG}_panel_img2img img.pg-evidence');
+                                        return [i.naturalWidth, i.naturalHeight]; }}""")
+    page.locator(f"#{ids['enabled']}").scroll_into_view_if_needed()
+    shot = _shot(page, w, "img2img_panel")
+    assert "image 1: BLOCK" in text and "astronaut" in text, f"[{w.host.name}] the panel says {text!r} (see {shot})"
+    assert "copy" in text, f"[{w.host.name}] the block was not verified a copy on pixels: {text!r}"
+    # the evidence: two square pictures side by side (with a gap) under the label strip
+    assert natural[0] > 1.8 * (natural[1] - 16), f"[{w.host.name}] the evidence picture is {natural}: not two pictures"
+    src = page.evaluate("() => { const i = document.querySelector('#img2img_gallery img'); return i ? i.src : null; }")
+    assert src, f"[{w.host.name}] no image in the img2img gallery"
+    response = page.request.get(src)
+    assert response.ok, f"[{w.host.name}] the gallery image {src} answered {response.status}"
+    with Image.open(io.BytesIO(response.body())) as img:
+        dark = float((np.asarray(img.convert("RGB")).max(axis=2) < 48).mean())
+    assert dark >= 0.6, f"[{w.host.name}] the gallery image is not the black placeholder (dark share {dark:.2f})"
+    assert not watch.server_errors, "\n".join(watch.server_errors)
+    assert not watch.ours(), f"[{w.host.name}] errors from the extension's javascript:\n" + "\n".join(watch.ours())
+    print(f"\n[{w.host.name}] img2img panel: {text[:300]!r}; evidence {natural}")
