@@ -601,17 +601,7 @@ def _credentials_setup(args):
             raise ConfigError("--trust needs --require-credentials (it names the roots credentials are checked "
                               "against)")
         return None, None
-    reason = cr.unavailable()
-    if reason:
-        raise ConfigError(reason)
-    trust = None
-    if args.trust:
-        try:
-            trust = Path(args.trust).expanduser().read_bytes()[: cr.MAX_PEM_BYTES]
-        except OSError as exc:
-            raise ConfigError(f"--trust {args.trust}: {exc.strerror}; give the root.pem verifiers trust") from None
-        if b"-----BEGIN CERTIFICATE" not in trust:
-            raise ConfigError(f"--trust {args.trust} holds no PEM certificate; give the studio's root.pem")
+    trust = _trust_anchors(args.trust)
     signing = None
     if args.sign:
         folder = cr.credentials_folder(args.credentials)
@@ -671,6 +661,24 @@ def _sign_after(path: Path, result, args, signing, bundles, lines: dict, failure
     lines[str(path)] = f"signed by {signing.subject}"
 
 
+def _trust_anchors(path: Optional[str]) -> Optional[bytes]:
+    """--trust's PEM roots (None without it), after checking that credentials can be read here at all."""
+    from .core import credentials as cr
+
+    reason = cr.unavailable()
+    if reason:
+        raise ConfigError(reason)
+    if not path:
+        return None
+    try:
+        trust = Path(path).expanduser().read_bytes()[: cr.MAX_PEM_BYTES]
+    except OSError as exc:
+        raise ConfigError(f"--trust {path}: {exc.strerror}; give the root.pem verifiers trust") from None
+    if b"-----BEGIN CERTIFICATE" not in trust:
+        raise ConfigError(f"--trust {path} holds no PEM certificate; give the studio's root.pem")
+    return trust
+
+
 def cmd_credentials_init(args) -> int:
     from .core.credentials import init_credentials
 
@@ -684,15 +692,7 @@ def cmd_credentials_init(args) -> int:
 def cmd_credentials_verify(args) -> int:
     from .core import credentials as cr
 
-    reason = cr.unavailable()
-    if reason:
-        raise ConfigError(reason)
-    trust = None
-    if args.trust:
-        try:
-            trust = Path(args.trust).expanduser().read_bytes()[: cr.MAX_PEM_BYTES]
-        except OSError as exc:
-            raise ConfigError(f"--trust {args.trust}: {exc.strerror}") from None
+    trust = _trust_anchors(args.trust)
     bad = 0
     for raw in args.images:
         status = cr.verify_file(Path(raw).expanduser(), trust)

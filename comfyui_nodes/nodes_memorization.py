@@ -61,10 +61,23 @@ class MemorizationMonitor:
             "model": ("MODEL", {"tooltip": "the model the sampler uses"}),
             "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 50,
                               "tooltip": "first sampling steps averaged (the signal is strongest early)"}),
+        }, "optional": {
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001, "tooltip": (
+                "memorization score at or above which the prompt is flagged, for this model (calibrate it with "
+                "bench/q2_memorization.py --model); 0: the bundle's or the built-in table's, which has none for "
+                "Stable Diffusion (the score is then shown, unrated)")}),
         }}
 
-    def patch(self, model, steps=DEFAULT_STEPS):
+    def patch(self, model, steps=DEFAULT_STEPS, threshold=0.0):
+        import math
+
         family = family_of(model)
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) \
+                or threshold < 0:
+            from ..core.errors import ConfigError
+
+            raise ConfigError(f"Memorization Monitor threshold {threshold!r}: give a number >= 0 (0: the bundle's "
+                              f"or the built-in table's)")
         patched = model.clone()
 
         def record(args):
@@ -72,6 +85,7 @@ class MemorizationMonitor:
             if prompt_id is not None:
                 monitor = RUNS.monitor(run_key(prompt_id, node_id or ""), int(steps))
                 monitor.family = family
+                monitor.threshold = float(threshold) if threshold > 0 else None
                 post_cfg_step(monitor, args)
             return args["denoised"]
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
+from typing import Optional
 
 from .enforce import ProvenanceGuardRefusal
 from .nodes_memorization import NODE_CLASS_MAPPINGS as MEMORIZATION_NODES
@@ -116,15 +118,21 @@ def _blocker(message: str):
     return ExecutionBlocker(message)
 
 
-def sampler_signals(record, images: int):
-    """(memorization scores, model family) that a Memorization Monitor recorded for the sampler these images
-    come from in this run; (None, None) when none was recorded."""
-    from ..core.memorization import MemorizationScore
+def _sampler_monitor(record):
+    """The Memorization Monitor's record of this run for the sampler these images come from, or None."""
     from .nodes_memorization import RUNS, executing, run_key
 
     sampler = (record.extra or {}).get("sampler_node") if record is not None else None
     prompt_id, _ = executing()
-    monitor = RUNS.get(run_key(prompt_id, sampler)) if prompt_id and sampler else None
+    return RUNS.get(run_key(prompt_id, sampler)) if prompt_id and sampler else None
+
+
+def sampler_signals(record, images: int):
+    """(memorization scores, model family) that a Memorization Monitor recorded for the sampler these images
+    come from in this run; (None, None) when none was recorded."""
+    from ..core.memorization import MemorizationScore
+
+    monitor = _sampler_monitor(record)
     if monitor is None:
         return None, None
     scores = monitor.scores(images)
@@ -133,6 +141,11 @@ def sampler_signals(record, images: int):
                f"cannot be paired")
         scores = [MemorizationScore(None, 0, why)] * images
     return scores, monitor.family
+
+
+def sampler_threshold(record) -> Optional[float]:
+    """The threshold the Memorization Monitor node of these images' sampler was given (None: not set)."""
+    return getattr(_sampler_monitor(record), "threshold", None)
 
 
 def ui_payload(results) -> dict:
@@ -247,6 +260,9 @@ class ProvenanceCheck:
             record = None
         records = [record] * len(images)
         signals, family = sampler_signals(record, len(images))
+        threshold = sampler_threshold(record)
+        if threshold is not None and family:  # the Monitor node's threshold, over the bundle's and the table's
+            policy = replace(policy, memorization_thresholds={family: threshold})
         results: list[CheckResult] = []
         try:
             if not isinstance(bundle_url, str):

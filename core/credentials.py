@@ -268,11 +268,10 @@ def check_assertion(result, bundles: Optional[list[dict[str, Any]]] = None) -> d
         out["matches"].append(match)
     if result.error:
         out["error"] = str(result.error)[:500]
-    memo = getattr(result.prompt, "memorization", None) if result.prompt is not None else None
-    if memo is not None:
-        data = memo.to_json() if hasattr(memo, "to_json") else memo
-        if isinstance(data, dict):
-            out["memorization"] = {k: data.get(k) for k in ("score", "threshold", "verdict") if k in data}
+    p = result.prompt
+    if p is not None and p.memorization_score is not None:
+        out["memorization"] = {"score": round(float(p.memorization_score), 6), "threshold": p.threshold,
+                               "verdict": p.verdict}
     return out
 
 

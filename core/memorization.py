@@ -116,6 +116,7 @@ class MemorizationMonitor:
             raise ConfigError(f"memorization steps {steps}: give a whole number >= 1")
         self.steps = steps
         self.family: Optional[str] = None  # the model family the host found (for the threshold)
+        self.threshold: Optional[float] = None  # the host's own threshold for this run (None: table/bundle)
         self._lock = threading.Lock()
         self.reset()
 

@@ -82,8 +82,20 @@ def text_report(results: list[CheckResult], top: int = 3) -> str:
         lines.append(summary_line(r, f"image {n}"))
         for m in r.matches[:top]:
             lines.append(f"    {match_line(m)}")
+        memo = memorization_line(r)
+        if memo:
+            lines.append(f"    {memo}")
         lines += [f"    ! {w}" for w in r.warnings]
     return "\n".join(lines)
+
+
+def memorization_line(result: CheckResult) -> Optional[str]:
+    """'memorization 1.0030 flag (threshold 0.0010, sd1)', or None when no score was measured."""
+    p = result.prompt
+    if p is None or p.memorization_score is None:
+        return None
+    against = f"threshold {p.threshold:.4f}" if p.threshold is not None else "no threshold for this model"
+    return f"memorization {p.memorization_score:.4f} {p.verdict} ({against}{', ' + p.family if p.family else ''})"
 
 
 def safe_href(url: Optional[str]) -> Optional[str]:

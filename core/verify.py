@@ -50,12 +50,15 @@ _ANGLES = (-10.0, 0.0, 10.0)
 class VerifyThresholds:
     """Cut-offs of the verifiers. min_inliers: the smallest number of geometrically consistent matches that
     makes a copy (two different photos keep at most 4 of the scikit-image set); min_coverage: the share of
-    the generated image those matches must span for ``copy`` rather than ``partial``; dense_ncc: the
-    correlation at which a dense match is a copy."""
+    the generated image's content (its area inside uniform or featureless borders) those matches must span
+    for ``copy`` rather than ``partial``; min_reference_coverage: the share of the reference they may span
+    instead (the reference found whole inside a larger output is a copy); dense_ncc: the correlation at
+    which a dense match is a copy."""
 
     min_inliers: int = 8
     min_coverage: float = 0.3
     dense_ncc: float = 0.92
+    min_reference_coverage: float = 0.5
 
     @classmethod
     def from_json(cls, data: Optional[dict]) -> "VerifyThresholds":
@@ -63,7 +66,9 @@ class VerifyThresholds:
         default = cls()
         return cls(min_inliers=int(data.get("min_inliers", default.min_inliers)),
                    min_coverage=float(data.get("min_coverage", default.min_coverage)),
-                   dense_ncc=float(data.get("dense_ncc", default.dense_ncc)))
+                   dense_ncc=float(data.get("dense_ncc", default.dense_ncc)),
+                   min_reference_coverage=float(data.get("min_reference_coverage",
+                                                         default.min_reference_coverage)))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,6 +155,7 @@ class Features:
     mirror_small: Optional[_Keypoints] = None
     dense: Any = None          # generated: list of view stacks; reference: one stack per alignment
     alignments: list = field(default_factory=list)  # reference: (crop, mirrored, angle) per stack
+    content: Optional[tuple] = None  # generated: (x0, y0, x1, y1) inside its borders (content_box)
 
 
 _LOCAL = threading.local()
@@ -225,12 +231,50 @@ def _unpadded(gray: "np.ndarray") -> "np.ndarray":
     return gray[top:bottom, left:right]
 
 
+BORDER_MAX = 0.45  # no side's border is taken beyond this share of the image
+FLAT_STD = 3.0  # a uniform line: grey levels vary less than this
+FILL_GRADIENT = 0.6  # a featureless fill (a blurred stretch of the image): mean step between neighbours
+FILL_STD = 40.0
+
+
+def content_box(gray: "np.ndarray") -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of gray inside its borders: on each side, the run of lines that are uniform (padding
+    in any colour) or featureless (a blurred fill: neighbouring pixels all but equal), up to BORDER_MAX of
+    the image. A dark or plain region with any texture (noise, grain, edges) is content."""
+    import numpy as np
+
+    h, w = gray.shape
+    g = gray.astype(np.float32)
+
+    def border(lines: "np.ndarray") -> "np.ndarray":
+        """Per line (rows of ``lines``): whether it is border."""
+        std = lines.std(axis=1)
+        along = np.abs(np.diff(lines, axis=1)).mean(axis=1) if lines.shape[1] > 1 else np.zeros(len(lines))
+        return (std < FLAT_STD) | ((along < FILL_GRADIENT) & (std < FILL_STD))
+
+    def run(flags: "np.ndarray", across: "np.ndarray", limit: int) -> int:
+        n = 0
+        while n < limit and flags[n] and (n == 0 or across[n - 1] < FILL_GRADIENT * 4):
+            n += 1
+        return n if n >= max(2, limit // 45) else 0  # a line or two of edge noise is no border
+
+    rows, cols = border(g), border(g.T)
+    row_steps = np.abs(np.diff(g, axis=0)).mean(axis=1)  # between line n and n+1
+    col_steps = np.abs(np.diff(g, axis=1)).mean(axis=0)
+    lim_h, lim_w = int(h * BORDER_MAX), int(w * BORDER_MAX)
+    top = run(rows, row_steps, lim_h)
+    bottom = run(rows[::-1], row_steps[::-1], lim_h)
+    left = run(cols, col_steps, lim_w)
+    right = run(cols[::-1], col_steps[::-1], lim_w)
+    return left, top, w - right, h - bottom
+
+
 def generated_features(image: "Image.Image") -> Features:
     gray = _gray(image)
     mirror = gray[:, ::-1].copy()
     views = [_views(gray), _views(_unpadded(gray))]
     return Features(gray.shape[1], gray.shape[0], _keypoints(gray, SIDE), _keypoints(gray, SMALL_SIDE),
-                    _keypoints(mirror, SIDE), _keypoints(mirror, SMALL_SIDE), dense=views)
+                    _keypoints(mirror, SIDE), _keypoints(mirror, SMALL_SIDE), dense=views, content=content_box(gray))
 
 
 def reference_features(image: "Image.Image") -> Features:
@@ -325,11 +369,16 @@ def _match(a: _Keypoints, b: _Keypoints):
     return int(keep.sum()), len(pairs), matrix, src[keep], dst[keep]
 
 
-def _coverage(points: "np.ndarray", width: int, height: int) -> float:
+def _coverage(points: "np.ndarray", width: int, height: int, box: Optional[tuple] = None) -> float:
+    """The share of the image (of ``box`` inside it, when given: its content) that the points' bounding box
+    spans."""
     if points is None or len(points) < 3:
         return 0.0
+    x0, y0, x1, y1 = box or (0, 0, width, height)
     lo, hi = points.min(axis=0), points.max(axis=0)
-    return float(max(0.0, (hi[0] - lo[0])) * max(0.0, (hi[1] - lo[1])) / max(1, width * height))
+    w = max(0.0, min(hi[0], x1) - max(lo[0], x0))
+    h = max(0.0, min(hi[1], y1) - max(lo[1], y0))
+    return float(min(1.0, w * h / max(1, (x1 - x0) * (y1 - y0))))
 
 
 def _tiled_l2(a: "np.ndarray", b: "np.ndarray") -> float:
@@ -383,10 +432,18 @@ def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyTh
                        inlier_ratio=inliers / candidates if candidates else 0.0, mirrored=mirrored,
                        reference=reference)
     if matrix is not None and inliers >= thresholds.min_inliers:
-        cover_gen = _coverage(src, gen.width, gen.height)
-        out.coverage = {"generated": cover_gen, "reference": _coverage(dst, ref.width, ref.height)}
+        box = gen.content
+        if mirrored and box is not None:  # src points are in the mirrored image's coordinates
+            box = (gen.width - box[2], box[1], gen.width - box[0], box[3])
+        cover_gen = _coverage(src, gen.width, gen.height, box)
+        cover_ref = _coverage(dst, ref.width, ref.height)
+        out.coverage = {"generated": cover_gen, "reference": cover_ref}
         out.transform = matrix.tolist()
-        out.status = COPY if cover_gen >= thresholds.min_coverage else PARTIAL
+        whole = cover_ref >= thresholds.min_reference_coverage
+        out.status = COPY if cover_gen >= thresholds.min_coverage or whole else PARTIAL
+        if whole and cover_gen < thresholds.min_coverage:
+            out.reason = (f"{cover_ref:.0%} of the training image found inside a larger image "
+                          f"({cover_gen:.0%} of it)")
         corners = np.array([[0, 0], [gen.width, 0], [gen.width, gen.height], [0, gen.height]], np.float32)
         if mirrored:
             corners[:, 0] = gen.width - corners[:, 0]

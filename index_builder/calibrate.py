@@ -269,7 +269,7 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
     default = VerifyThresholds()
     cut = {"min_inliers": max(default.min_inliers // 2, math.ceil(threshold_at(
                [float(p.inliers) for p in wrong if p.status != "unavailable"], target_fpr))),
-           "min_coverage": default.min_coverage,
+           "min_coverage": default.min_coverage, "min_reference_coverage": default.min_reference_coverage,
            "dense_ncc": round(min(0.99, max(0.5, threshold_at(
                [p.ncc for p in wrong if p.ncc is not None and p.dense_applicable], target_fpr))), 4)}
 

@@ -44,6 +44,34 @@ def caption_bar(img: Image.Image) -> Image.Image:
     return out
 
 
+def pad_each_side(img: Image.Image, share: float = 0.5, fill="black") -> Image.Image:
+    """Borders of share x the image's size on every side (0.5: the copy is a quarter of the output), in a
+    flat colour or, with fill "blur", a blurred stretch of the image (as social media letterboxing does)."""
+    w, h = img.size
+    pw, ph = int(w * share), int(h * share)
+    size = (w + 2 * pw, h + 2 * ph)
+    out = img.resize(size).filter(ImageFilter.GaussianBlur(30)) if fill == "blur" else Image.new("RGB", size, fill)
+    out.paste(img, (pw, ph))
+    return out
+
+
+def inset(img: Image.Image, area: float = 0.4) -> Image.Image:
+    """The image at area x the output's area, off-centre on an unrelated textured background (a copied object
+    composited into a new scene)."""
+    import numpy as np
+
+    side = 1024
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    background = np.stack([120 + 80 * np.sin(6 * x + 1), 110 + 70 * np.cos(5 * y), 140 + 60 * np.sin(4 * (x + y))], -1)
+    background += rng.normal(0, 12, background.shape)
+    out = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    scale = (area * side * side / (img.width * img.height)) ** 0.5
+    small = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.LANCZOS)
+    out.paste(small, (int((side - small.width) * 0.7), int((side - small.height) * 0.3)))
+    return out
+
+
 EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "jpeg50": lambda i: jpeg(i, 50),
     "half": lambda i: i.resize((max(1, i.width // 2), max(1, i.height // 2)), Image.LANCZOS),
@@ -59,6 +87,9 @@ EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "blur3": lambda i: i.filter(ImageFilter.GaussianBlur(3)),
     "jpeg30_third": lambda i: jpeg(i.resize((max(1, i.width // 3), max(1, i.height // 3)), Image.LANCZOS), 30),
     "flip_crop25": lambda i: centre_crop(ImageOps.mirror(i), 0.25),
+    "pad25_black": lambda i: pad_each_side(i, 0.5, "black"),
+    "pad25_blur": lambda i: pad_each_side(i, 0.5, "blur"),
+    "inset40": lambda i: inset(i, 0.4),
 }
 
 

@@ -5,6 +5,7 @@ through build, remove, append and merge."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -130,6 +131,39 @@ def test_comfyui_node_feeds_the_check_of_the_same_run(monkeypatch, built_bundle)
     assert results[0].prompt.verdict == FLAG and results[0].prompt.family == "sdxl"
     assert results[0].verdict == "warn" and any("memorization signal" in w for w in results[0].warnings)
     assert json.loads(results[0].dumps())["prompt"]["memorization_score"] == pytest.approx(expected[0].item(), rel=1e-5)
+
+
+def test_the_comfyui_monitor_threshold_input_judges_the_score_in_the_node(monkeypatch, built_bundle):
+    """The Monitor node's threshold (0: the bundle's or the table's) reaches the Provenance Check of the same
+    run: the score is flagged against it and shows in the node's report; a bad value is refused."""
+    from provenance_guard.comfyui_nodes import nodes_memorization as nm
+    from provenance_guard.comfyui_nodes.nodes_provenance import ProvenanceCheck
+    from provenance_guard.core.errors import ConfigError
+
+    assert "threshold" in nm.MemorizationMonitor.INPUT_TYPES()["optional"]
+    context = types.SimpleNamespace(prompt_id="run-t", node_id="3")
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: context
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    with pytest.raises(ConfigError, match="give a number >= 0"):
+        nm.MemorizationMonitor().patch(FakePatcher("SD15"), steps=2, threshold=-1.0)
+    (patched,) = nm.MemorizationMonitor().patch(FakePatcher("SD15"), steps=2, threshold=0.001)
+    gen = torch.Generator().manual_seed(2)
+    x, eps_c = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    for sigma in (14.6, 9.0):
+        comfy_step(patched, x, eps_c, torch.zeros_like(eps_c), torch.full((1,), sigma))
+    assert nm.RUNS.get("run-t:3").threshold == 0.001
+    prompt = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
+                                                         "scheduler": "normal", "denoise": 1.0}},
+              "9": {"class_type": "ProvenanceCheck", "inputs": {"images": ["3", 0]}}}
+    images = torch.from_numpy(np.asarray(sample_image("camera").convert("RGB").resize((64, 64)),
+                                         dtype=np.float32)[None] / 255.0)
+    node = ProvenanceCheck()
+    out = node.check(images, bundle="", bundle_path=str(built_bundle), on_match="warn", fail_mode="open",
+                     use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=3, prompt=prompt, unique_id="9")
+    report = out["result"][3]
+    assert re.search(r"memorization 1\.00\d\d flag \(threshold 0\.0010, sd1\)", report), report
 
 
 def forge_step(patcher, x, eps_c, eps_u, sigma, cond_scale=7.0):

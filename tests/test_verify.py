@@ -58,6 +58,57 @@ def test_a_small_copied_part_is_partial():
     assert v.status == PARTIAL and v.coverage["generated"] < 0.3 and v.inliers >= 8
 
 
+def _padded(image: Image.Image, sides: tuple, fill) -> Image.Image:
+    """image on a canvas with borders of the given shares of its own size (left, top, right, bottom)."""
+    from PIL import ImageFilter
+
+    w, h = image.size
+    left, top, right, bottom = (int(round(f * (w if i % 2 == 0 else h))) for i, f in enumerate(sides))
+    size = (w + left + right, h + top + bottom)
+    canvas = (image.resize(size).filter(ImageFilter.GaussianBlur(30)) if fill == "blur"
+              else Image.new("RGB", size, fill))
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+@pytest.mark.parametrize("fill", ["black", "white", (90, 140, 200), "blur"])
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field"])
+def test_a_copy_inside_borders_is_a_copy(name, fill):
+    """25% borders on each side (the copy is a quarter of the output): uniform borders in any colour and a
+    blurred fill are not content, so coverage is judged on what is inside them."""
+    ref = photo(name)
+    v = compare(_padded(ref, (0.5, 0.5, 0.5, 0.5), fill), ref)
+    assert v.status == COPY, v
+
+
+def test_borders_are_found_per_side_and_a_textured_dark_edge_is_content():
+    from provenance_guard.core.verify import content_box
+
+    ref = photo("astronaut")  # 512 x 512
+    gray = np.asarray(_padded(ref, (0.25, 0.0, 0.1, 0.4), "black").convert("L"))
+    assert content_box(gray) == (128, 0, 640, 512)  # left 128, right 51, bottom 205 px of border
+    gray = np.asarray(_padded(ref, (0.0, 0.3, 0.0, 0.0), (250, 250, 250)).convert("L"))
+    assert content_box(gray) == (0, 154, 512, 666)
+    dark = np.asarray(photo("coffee")).astype(np.float32)
+    dark[:100] = dark[:100] * 0.15 + np.random.default_rng(0).normal(0, 3, dark[:100].shape)  # a shadow, with grain
+    gray = np.asarray(Image.fromarray(np.clip(dark, 0, 255).astype(np.uint8)).convert("L"))
+    assert content_box(gray) == (0, 0, 600, 400)
+
+
+def test_the_training_image_whole_inside_a_larger_image_is_a_copy_and_the_background_alone_is_not():
+    """An inset at 40% of the output's area on an unrelated photo: the reference is found whole (its matched
+    region spans most of it), so it is a copy however little of the output it covers; the same background
+    with another photo inset is not."""
+    canvas = photo("coffee").resize((1024, 1024))
+    inset = canvas.copy()
+    inset.paste(photo("astronaut").resize((648, 648)), (300, 200))
+    v = compare(inset, photo("astronaut"))
+    assert v.status == COPY and v.coverage["reference"] >= 0.5, v
+    other = canvas.copy()
+    other.paste(photo("chelsea").resize((648, 430)), (300, 200))
+    assert compare(other, photo("astronaut")).status == DIFFERENT
+
+
 def test_verification_round_trips_through_json():
     v = compare(EDITS["flip"](photo("astronaut")), photo("astronaut"))
     again = Verification.from_json(json.loads(json.dumps(v.to_json())))
