@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     c.add_argument("--no-progress", action="store_true")
     add_verify_options(c, default="confirm+escalate")
+    c.add_argument("--views", choices=("whole", "multi"), default=None,
+                   help="multi: query with the whole image, its four quarters and its centre (finds a training "
+                        "image copied into part of a larger output; about 6x the embedding work); whole: one query "
+                        "(default: multi when --verify is on, whole with --verify off)")
     cc = c.add_argument_group("Content Credentials (C2PA; needs 'provenance-guard[c2pa]')")
     cc.add_argument("--sign", action="store_true",
                     help="sign each image that does not reach --fail-on in place (atomically), with this check's "
@@ -486,7 +490,8 @@ def cmd_check(args) -> int:
         more = f" (and {len(mistakes) - 3} more)" if len(mistakes) > 3 else ""
         raise ConfigError("; ".join(terminal_safe(m, 200) for m in mistakes[:3]) + more)
     policy = Policy(warn=args.warn, block=args.block, fail_mode=args.fail_mode, top_k=args.top_k,
-                    verify=args.verify, verify_from=args.verify_from)
+                    verify=args.verify, verify_from=args.verify_from,
+                    views=args.views or ("whole" if args.verify == "off" else "multi"))
     ref_options = reference_options(args)
     signing, trust = _credentials_setup(args)
     audit = AuditLog(args.audit_log, _audit_signer(args)) if args.audit_log else from_env()
@@ -979,7 +984,7 @@ def cmd_info(args) -> int:
     if isinstance(recall, dict) and recall:
         parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {terminal_safe(str(v))}"
                  for k, v in recall.items() if k in ("near_dup_r1", "near_dup_r10", "held_out_r1", "held_out_r10",
-                                                     "nprobe", "latency_ms")]
+                                                     "nprobe", "latency_ms") and v is not None]
         print(f"recall      {', '.join(parts)} (measured at build)")
     fp = m.build.get("model_fingerprint")
     print(f"fingerprint {'stored: checks with other weights are refused' if fp else 'none: the model is known by name only (index fingerprint adds one)'}")

@@ -167,7 +167,8 @@ def run_demo(out: Path, model: Optional[str] = None, device: str = "auto") -> in
     code = cli_main(["check", str(out / "outputs"), "--index", str(out / "bundle"), "--device", device,
                      "--write-record", "both", "--show", "1", "--no-progress"])
     print(f"\nrecords: a 'provenance' chunk in each PNG and IMAGE.provenance.json beside every output "
-          f"in {out / 'outputs'} (check exit code {code}: 1 = at least one image reached 'block')")
+          f"in {out / 'outputs'} (the check above exited {code}, as a gate would: "
+          f"{'some images reached block' if code == 1 else 'see its exit codes'}; the demo judges it below)")
     return _judge(out / "outputs", outputs)
 
 

@@ -22,7 +22,7 @@ from .bundle import Bundle, manifest_stamp, utc_now
 from .config import DEFAULT_BATCH_SIZE
 from .embed import Embedder, get_embedder
 from .errors import ConfigError, DimensionMismatchError, ImageInputError, ProvenanceError
-from .images import ImageInput, Pixels, pixels_sha256, to_pixels
+from .images import ImageInput, Pixels, pixels_sha256, to_pixels, views
 from .logs import quiet_third_party
 from .models import ModelSpec
 from .captions import lookup as lookup_caption
@@ -168,6 +168,9 @@ class Checker:
                 results[i] = self._failure(policy, str(p), records[i], {"source": f"image {i}"})
         if good:
             batch = [pixels[i] for i in good]
+            # Multi-view: every image's views in one batch, searched together, folded back per image below.
+            parts = [views(p) if policy.views == "multi" else [(None, p)] for p in batch]
+            queries = [v for image_views in parts for _, v in image_views]
             try:
                 bundles = self.open()
                 per_image: list[list[Match]] = [[] for _ in good]
@@ -180,13 +183,15 @@ class Checker:
 
                         for b in bundles:
                             check_model(b, embedder)
-                        vectors = {embedder.spec.raw: embedder.embed_pixels(batch, self.batch_size)}
+                        vectors = {embedder.spec.raw: embedder.embed_pixels(queries, self.batch_size)}
                         models = {b.id: embedder.spec.raw for b in bundles}
                     else:
-                        vectors = {spec: e.embed_pixels(batch, self.batch_size) for spec, e in self.embedders().items()}
+                        vectors = {spec: e.embed_pixels(queries, self.batch_size)
+                                   for spec, e in self.embedders().items()}
                         models = {b.id: self.model_for(b) for b in bundles}
                     timings["embed"] = (time.perf_counter() - t0) * 1e3
-                    per_image = self._search_all(bundles, models, vectors, policy, timings)
+                    per_image = _fold_views(self._search_all(bundles, models, vectors, policy, timings), parts,
+                                            policy.top_k)
                 for remote in self.remote:
                     t_remote = time.perf_counter()
                     found, remote_thresholds = remote.search(batch, policy)
@@ -202,7 +207,7 @@ class Checker:
                 if policy.verify != "off" and bundles:
                     t_verify = time.perf_counter()
                     for slot, matches in enumerate(per_image):
-                        self._verify(batch[slot], matches, bundles, policy)
+                        self._verify(batch[slot], matches, bundles, policy, dict(parts[slot]))
                     timings["verify"] = (time.perf_counter() - t_verify) * 1e3
             except ProvenanceError as exc:
                 for i in good:
@@ -311,10 +316,12 @@ class Checker:
             del merged[slot][policy.top_k:]
         return merged
 
-    def _verify(self, pixels: Pixels, matches: list[Match], bundles: list[Bundle], policy: Policy) -> None:
+    def _verify(self, pixels: Pixels, matches: list[Match], bundles: list[Bundle], policy: Policy,
+                parts: Optional[dict] = None) -> None:
         """Stage 4b: compare the image with the reference pixels of its candidates (matches at or above
         verify_from, and the top match of a small bundle with local references), then adjust their verdicts
-        by the verify mode (policy.apply_verification)."""
+        by the verify mode (policy.apply_verification). A candidate a view found is compared with that view
+        (``parts``: view name -> its Pixels)."""
         from PIL import Image
 
         from .references import image_roots
@@ -336,13 +343,21 @@ class Checker:
         if not candidates:
             return
         missing = opencv_missing()
-        image = Image.fromarray(pixels.tensor.detach().cpu().numpy())
-        gen = None if missing else generated_features(image)
+        seen: dict = {}  # view name -> (PIL image, features), made once per view
+
+        def generated(view: Optional[str]):
+            if view not in seen:
+                part = (parts or {}).get(view) or pixels
+                image = Image.fromarray(part.tensor.detach().cpu().numpy())
+                seen[view] = (image, None if missing else generated_features(image))
+            return seen[view]
+
         for m, bundle in candidates:
             ref = self.references.resolve(bundle, m)
             if missing or not ref.available:
                 m.verification = unavailable(missing or ref.reason, ref.label)
             else:
+                image, gen = generated(m.view)
                 features = REFERENCE_FEATURES.get(f"{bundle.id}:{m.row_id}:{ref.source}", ref.image)
                 m.verification = verify(gen, features, bundle.verify_thresholds, ref.label)
                 m.verification.evidence = evidence_picture(None if policy.strict else image, ref.image,
@@ -431,6 +446,23 @@ def mark_failed(result: CheckResult, policy: Policy, message: str) -> CheckResul
     result.error = message
     result.warnings += failed.warnings
     return result
+
+
+def _fold_views(found: list[list[Match]], parts: list[list], top_k: int) -> list[list[Match]]:
+    """Matches per query (every image's views, in order) -> matches per image: each training row once, at
+    the best score any of the image's views gave it, tagged with that view (None: the whole image)."""
+    out, at = [], 0
+    for image_views in parts:
+        best: dict[tuple, Match] = {}
+        for (name, _), matches in zip(image_views, found[at:at + len(image_views)]):
+            for m in matches:
+                key = (m.bundle_id, m.row_id)
+                if key not in best or m.score > best[key].score:
+                    m.view = name
+                    best[key] = m
+        at += len(image_views)
+        out.append(sorted(best.values(), key=_SCORE, reverse=True)[:top_k])
+    return out
 
 
 def _image_info(p: Pixels) -> dict:

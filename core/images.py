@@ -29,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from .config import max_decode_bytes
 from .config import max_pixels as _default_max_pixels
@@ -337,3 +337,22 @@ def find_images(root: Union[str, Path], recursive: bool = True) -> list[Path]:
         return [root]
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+VIEW_BOXES = {  # name -> (x0, y0, x1, y1) as shares of the image
+    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75),
+}
+
+
+def views(p: Pixels) -> list[tuple[Optional[str], Pixels]]:
+    """The image and its parts a multi-view query embeds: (None, the whole image), then each VIEW_BOXES part
+    (a 2 x 2 grid and the centre), as their own Pixels (views of the same memory: no copy)."""
+    out: list[tuple[Optional[str], Pixels]] = [(None, p)]
+    for name, (x0, y0, x1, y1) in VIEW_BOXES.items():
+        a, b = int(round(x0 * p.width)), int(round(x1 * p.width))
+        c, d = int(round(y0 * p.height)), int(round(y1 * p.height))
+        if b - a < 8 or d - c < 8:
+            continue
+        out.append((name, Pixels(p.tensor[c:d, a:b], b - a, d - c, f"{p.source} [{name}]")))
+    return out

@@ -69,6 +69,9 @@ def reaches(verdict: str, level: str) -> bool:
 # Verification modes. confirm: a block on the score whose reference was compared and found different becomes
 # warn ("semantically close, not a copy"); escalate: a verified copy blocks even below the block threshold.
 VERIFY_MODES = ("off", "confirm", "escalate", "confirm+escalate")
+# whole: the image is one query; multi: also its four quarters and its centre (core.images.views), so a
+# training image copied into a part of a larger output is found (and verified against that part).
+VIEWS = ("whole", "multi")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Policy:
     # Strict (studio enforcement, the webuis' strict setting): evidence pictures show the training image with
     # the matched region only, never the checked image's pixels (which may be a blocked copy).
     strict: bool = False
+    views: str = "whole"
 
     def __post_init__(self) -> None:
         if self.fail_mode not in FAIL_MODES:
@@ -99,6 +103,8 @@ class Policy:
             validate_thresholds(self.verify_from, self.verify_from)
         if self.prompt_action not in (PASS, WARN, BLOCK):
             raise ConfigError(f"prompt action {self.prompt_action!r}: give pass, warn or block")
+        if self.views not in VIEWS:
+            raise ConfigError(f"views {self.views!r}: give whole or multi")
         if not isinstance(self.strict, bool):
             raise ConfigError(f"strict {self.strict!r}: give true or false")
         if not isinstance(self.top_k, int) or self.top_k < 1:

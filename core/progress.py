@@ -61,13 +61,17 @@ class LineProgress:
         except (OSError, ValueError):  # a closed pipe must not stop the work
             pass
 
+    def _units(self, n: int) -> str:
+        unit = self.unit
+        return unit + "s" if n != 1 and unit and not unit.endswith("s") else unit
+
     def _status(self) -> str:
         elapsed = time.monotonic() - self.started
         if self.total:
             done = self.n / self.total
             eta = f", about {duration(elapsed * (1 - done) / done)} left" if 0 < done < 1 else ""
-            return f"{self.n:,}/{self.total:,} {self.unit} ({done:.0%}) in {duration(elapsed)}{eta}"
-        return f"{self.n:,} {self.unit} in {duration(elapsed)}"
+            return f"{self.n:,}/{self.total:,} {self._units(self.total)} ({done:.0%}) in {duration(elapsed)}{eta}"
+        return f"{self.n:,} {self._units(self.n)} in {duration(elapsed)}"
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -86,7 +90,7 @@ class LineProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._say(f"done, {self.n:,} {self.unit} in {duration(time.monotonic() - self.started)}")
+            self._say(f"done, {self.n:,} {self._units(self.n)} in {duration(time.monotonic() - self.started)}")
 
     def __enter__(self) -> "LineProgress":
         return self

@@ -818,6 +818,7 @@ class _Puller:
         self.state_path = self.work / "verified.json"
         self.verified: dict[str, dict[str, Any]] = {}
         self.downloaded = 0
+        self.lost = 0  # bytes kept from an earlier run that a server ignoring Range made us fetch again
 
     # what is there already ----------------------------------------------------------------------------
     def installed(self) -> Optional[str]:
@@ -913,6 +914,7 @@ class _Puller:
             if status == "restart":  # the server refused the Range: the whole file again
                 restarted = True
                 progress.update(-offset)
+                self.lost += offset
                 part.unlink(missing_ok=True)
                 hasher, offset = hashlib.sha256(), 0
                 continue
@@ -953,6 +955,7 @@ class _Puller:
                 log.info("provenance-guard: %s ignores Range requests; %s starts again", self.source.display, fname)
                 part.unlink(missing_ok=True)
                 progress.update(-offset)
+                self.lost += offset
                 hasher, offset = hashlib.sha256(), 0
             elif offset and resp.status_code == 416:
                 if not allow_restart:
@@ -1169,7 +1172,7 @@ def _install(job: _Puller, replace: bool, progress: bool, on_progress: Optional[
         publish(job.staged, job.target)
         shutil.rmtree(job.work, ignore_errors=True)
         job.record()
-    return ("replaced" if there is not None else "installed"), kept
+    return ("replaced" if there is not None else "installed"), max(0, kept - job.lost)
 
 
 # hosts: a bundle URL pulled once, in the background --------------------------------------------------------

@@ -33,6 +33,7 @@ class Match:
     verdict: str = "pass"
     verification: Optional["Verification"] = None  # the pixel comparison with the reference, when one ran
     clip_verdict: Optional[str] = None  # the verdict of the score alone, when verification changed it
+    view: Optional[str] = None  # the part of the image that found it (multi-view queries; None: the whole)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -44,6 +45,8 @@ class Match:
             out["verification"] = self.verification.to_json()
         if self.clip_verdict is not None:
             out["clip_verdict"] = self.clip_verdict
+        if self.view is not None:
+            out["view"] = self.view
         return out
 
     @classmethod
@@ -54,7 +57,7 @@ class Match:
                    bundle_version=d["bundle_version"], row_id=int(d["row_id"]), url=d.get("url"),
                    caption=d.get("caption"), metadata=dict(d.get("metadata") or {}), verdict=d.get("verdict", "pass"),
                    verification=Verification.from_json(d["verification"]) if d.get("verification") else None,
-                   clip_verdict=d.get("clip_verdict"))
+                   clip_verdict=d.get("clip_verdict"), view=d.get("view"))
 
 
 @dataclass

@@ -97,7 +97,8 @@ class BuildReport:
                (f"; resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")]
         if self.tuning:
             r = self.tuning.chosen
-            out.append(f"search: nprobe={r.nprobe}; near-duplicate recall@1 {r.near_dup_r1:.3f} @10 {r.near_dup_r10:.3f}; "
+            probe = f"nprobe={r.nprobe}" if r.nprobe is not None else "exhaustive (every row scored)"
+            out.append(f"search: {probe}; near-duplicate recall@1 {r.near_dup_r1:.3f} @10 {r.near_dup_r10:.3f}; "
                        f"held-out recall@1 {r.held_out_r1:.3f} @10 {r.held_out_r10:.3f}; {r.latency_ms:.2f} ms/query "
                        f"({self.tuning.note})")
         if self.budget_bytes and self.peak_rss_bytes > self.budget_bytes:
@@ -331,7 +332,8 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
     if "train" not in state.completed:
         expected = training_estimate(choice.factory, d, choice.train_rows) if opts.progress and choice.train_rows \
             else None
-        with heartbeat(f"training {choice.factory} on {choice.train_rows:,} rows", expected, opts.progress):
+        with heartbeat(f"training {choice.factory} on {choice.train_rows:,} rows", expected,
+                       opts.progress and choice.train_rows > 0):
             index = train(choice.factory, d, _sample(shards, choice.train_rows) if choice.train_rows
                           else np.zeros((0, d), np.float32))
         faiss.write_index(index, str(work / ".trained.tmp"))

@@ -126,9 +126,9 @@ def embed_to_shards(inputs: list[str], out: Union[str, Path], model: str, *, dev
                     ray_address: Optional[str] = None, progress: bool = True) -> EmbedReport:
     """Embed images into LAION-layout shards under out (resuming at the first shard not yet written)."""
     import numpy as np
-    from tqdm import tqdm
 
     from ..core.images import to_pixels
+    from ..core.progress import progress as progress_bar
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -144,11 +144,18 @@ def embed_to_shards(inputs: list[str], out: Union[str, Path], model: str, *, dev
     embedder = None
     skipped: list[str] = []
     rows = resumed = 0
-    bar = tqdm(total=len(plan), unit="shard", desc="embedding", disable=not progress, file=sys.stderr)
+    # Folders list their images: count images. Tars are counted whole, as shards.
+    by_image = all("files" in item for item in plan)
+
+    def size(item) -> int:
+        return len(item["files"]) if by_image else 1
+
+    bar = progress_bar(sum(size(item) for item in plan), "embedding", "images" if by_image else "shards",
+                       enabled=progress)
     for number, item in enumerate(plan):
         if shard_done(out, number):
             resumed += 1
-            bar.update(1)
+            bar.update(size(item))
             continue
         samples = list(_samples_from_tar(item["tar"]) if "tar" in item
                        else _samples_from_folder(item["folder"], item["files"]))
@@ -188,6 +195,6 @@ def embed_to_shards(inputs: list[str], out: Union[str, Path], model: str, *, dev
             skipped.append(f"shard {number}: no readable image; nothing written (ids stay contiguous)")
             raise ConfigError(f"input shard {number} ({item.get('tar') or item.get('folder')}) holds no readable "
                               f"image; remove it from the inputs so shard numbers stay contiguous")
-        bar.update(1)
+        bar.update(size(item))
     bar.close()
     return EmbedReport(out, len(plan), rows, resumed, skipped)

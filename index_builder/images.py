@@ -53,7 +53,7 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
     """Embed every image under folder with model and publish an exact (flat) bundle at out."""
     import time
 
-    from tqdm import tqdm
+    from ..core.progress import progress as progress_bar
 
     t0 = time.perf_counter()
     # Recorded absolute: a host that reads the bundle later (a webui started elsewhere) resolves a relative
@@ -74,7 +74,7 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
             BundleWriter(out, model=embedder.spec.raw, dim=embedder.dim, bundle_id=bundle_id,
                          bundle_version=bundle_version, description=description, warn=warn, block=block,
                          overwrite=overwrite, wait=wait) as writer:
-        bar = tqdm(total=len(files), unit="img", desc="embedding", disable=not progress, file=sys.stderr)
+        bar = progress_bar(len(files), "embedding", "images", enabled=progress)
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             pixels = to_pixels(chunk)

@@ -17,8 +17,8 @@ def test_a_pipe_gets_a_line_at_each_tenth_and_one_when_done():
     bar.close()
     bar.close()  # once only
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("adding: 20/200 row (10%)") and "left" in lines[0]
-    assert len(lines) == 10 and lines[-1].startswith("adding: done, 200 row in")
+    assert lines[0].startswith("adding: 20/200 rows (10%)") and "left" in lines[0]
+    assert len(lines) == 10 and lines[-1].startswith("adding: done, 200 rows in")
 
 
 def test_a_line_every_n_seconds_between_tenths(monkeypatch):
@@ -81,6 +81,6 @@ def test_a_build_without_a_terminal_reports_every_phase(tmp_path, capfd):
     write_shards(tmp_path / "more", [500], d=32, seed=1, first_id=6000)
     append_rows(tmp_path / "b", str(tmp_path / "more"))
     err = capfd.readouterr().err
-    assert "adding: done, 500 row" in err and "metadata: done, 6,500 row" in err, err[-2000:]
+    assert "adding: done, 500 rows" in err and "metadata: done, 6,500 rows" in err, err[-2000:]
     add_caption_index(tmp_path / "b")
     assert "caption index: done" in capfd.readouterr().err

@@ -218,6 +218,7 @@ def test_a_server_that_ignores_range_restarts_the_file(site, tmp_path):
     report = pull(url, to, progress=False)
     assert report.status == "installed" and Bundle.open(to / "studio-refs").verify() == []
     assert [e["range"] for e in server.requested("metadata.arrow")] == [None, "bytes=700-"]
+    assert report.kept + report.downloaded == report.total_bytes  # the 700 bytes fetched again count once
 
 
 def test_a_corrupted_file_is_refused_and_nothing_installed(site, tmp_path, capsys):

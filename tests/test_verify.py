@@ -512,3 +512,23 @@ def test_a_folder_a_bundle_names_is_read_only_when_this_user_built_it_from_there
     assert (config_dir() / "reference-folders.json").is_file() and str(config_dir()) != str(bundle)
     monkeypatch.setenv("PROVENANCE_GUARD_CONFIG_DIR", str(tmp_path / "another-user"))
     assert not built_here(Bundle.open(built_bundle), references)  # another user's record does not count
+
+
+def test_a_multi_view_query_finds_and_verifies_a_copy_inside_a_larger_image(built_bundle, tmp_path):
+    """A training image inset at 40% of the output's area on an unrelated background: the whole-image query
+    does not reach block, the multi-view query finds it through the view that holds it, verifies it against
+    that view and blocks; an unrelated image with the same background is not blocked either way."""
+    from provenance_guard.index_builder.edits import inset
+
+    copy = inset(photo("astronaut"), 0.4)
+    background = inset(photo("camera"), 0.4)
+    policy = Policy(verify="confirm+escalate")
+    checker = Checker(built_bundle, device="cpu")
+    whole = checker.check([copy, background], policy=policy)
+    multi = checker.check([copy, background], policy=Policy(verify="confirm+escalate", views="multi"))
+    assert multi[0].verdict == "block" and multi[0].top.url == "astronaut.png", multi[0].top
+    assert multi[0].top.view is not None and multi[0].top.verification.status == COPY
+    assert multi[0].to_json()["matches"][0]["view"] == multi[0].top.view
+    assert whole[1].verdict != "block" and multi[1].verdict != "block"
+    with pytest.raises(Exception, match="give whole or multi"):
+        Policy(views="many")
