@@ -55,7 +55,7 @@ def block_message(result: CheckResult) -> str:
     limit = f" (block threshold {fmt_threshold(threshold)})" if threshold is not None else ""
     score = f", similarity {result.max_score:.3f}" if isinstance(result.max_score, (int, float)) else ""
     return (f"Blocked: too close to a known training image{score}{limit}{where}. "
-            f"Try another seed, a different prompt or less img2img strength.")
+            f"Try another seed, a different prompt, or (img2img) another input image or more denoising.")
 
 
 def result_payload(result: CheckResult, top: int = 5) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -8,7 +8,6 @@ build report and the manifest, never dropped silently.
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union

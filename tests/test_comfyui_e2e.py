@@ -262,22 +262,25 @@ def test_front_end_draws_escaped_report_on_the_node(comfyui, tmp_path, tiny_mode
 # --- the check's bundle_url: a published bundle pulled once, in the background ---------------------------------
 
 @contextmanager
-def _static_site(root: Path):
+def _static_site(root: Path, hold_s: float = 45):
     """root served as static hosting serves a published bundle: a ThreadingHTTPServer on 127.0.0.1 (a port of
     its own) in a thread of this process. Yields (base URL, site): site["requests"] lists every request's
-    (method, path); every answer waits until site["gate"] (an Event) is set."""
+    (method, path); every answer waits until site["gate"] (an Event) is set, or at most hold_s seconds (below a
+    pull's 60 s read timeout, so that a held answer never fails the pull; site["released"] counts those)."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    site = {"requests": [], "gate": threading.Event()}
+    site = {"requests": [], "gate": threading.Event(), "released": 0}
     lock = threading.Lock()
 
     class Handler(SimpleHTTPRequestHandler):
         def _held(self) -> None:
             with lock:
                 site["requests"].append((self.command, self.path))
-            site["gate"].wait(120)
+            if not site["gate"].wait(hold_s):
+                with lock:
+                    site["released"] += 1
 
         def do_GET(self):
             self._held()
@@ -314,7 +317,7 @@ def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references
     Fail mode closed: while the pull runs (the server holds its answers) each run blocks the image with a
     "downloading" message (never an unchecked pass, never a cached failure); once the bundle is installed in
     models/provenance the check gives its real verdict against it (a copy of a reference blocked, an unrelated
-    photo saved), and later runs reuse it without asking the server anything."""
+    photo saved), and later runs reuse it without asking the server anything, in a restarted ComfyUI too."""
     from provenance_guard.demo import DEMO_BLOCK, DEMO_WARN
     from provenance_guard.index_builder.images import build_from_images
 
@@ -356,7 +359,7 @@ def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references
             assert "downloading" in (image["error"] or "") and url in image["error"], image
             assert not image["matches"], image
         assert not list((tmp / "output").glob("pulling*")), "an image that was not checked was saved"
-        assert not installed.exists(), "installed before the server answered"
+        assert site["released"] or not installed.exists(), "installed before the server answered"
         _wait_for("no request reached the server while the check said it was downloading",
                   lambda: bool(site["requests"]), 30)
         held_s = time.time() - t0
@@ -395,8 +398,24 @@ def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references
         saved = _saved(history, "3", tmp / "output")
         assert len(saved) == 1 and read_record(saved[0]).verdict == "pass", saved
         assert site["requests"] == asked, f"a later run asked the server again: {site['requests'][len(asked):]}"
+
+        # another ComfyUI (a restart) on the same models/provenance folder finds the pulled bundle by the record
+        # the pull left beside it: it checks at once, without the network
+        again = tmp_path / "restarted"
+        again.mkdir()
+        _pack_yaml(again, tmp / "models" / "provenance")
+        t0 = time.time()
+        with _running_comfyui(again) as base2:
+            history = _queue(base2, graph(_upload(base2, copy), "restarted_copy"), timeout=240)
+            assert history["status"]["status_str"] == "success", history["status"]
+            report = history["outputs"]["2"]["provenance"][0]
+            assert report["verdict"] == "block" and report["images"][0]["error"] is None, report
+            assert report["images"][0]["matches"][0]["bundle"] == "e2e-pulled", report
+            restarted_s = time.time() - t0
+        assert "downloading the bundle" not in _log(again), _log(again)[-3000:]
+        assert site["requests"] == asked, f"the restarted ComfyUI asked the server: {site['requests'][len(asked):]}"
     print(f"\n[comfyui bundle_url] {len(asked)} requests ({', '.join(p for _, p in asked)}); "
-          f"two runs while held {held_s:.1f}s")
+          f"two runs while held {held_s:.1f}s; restarted ComfyUI checked in {restarted_s:.1f}s")
 
 
 # --- txt2img on a real SD1.5 checkpoint, blocking a regenerated known image, studio enforcement --------------
@@ -883,7 +902,13 @@ def _ws_run(base: str, graph: dict, timeout: float = 480) -> tuple[int, list[dic
                     msg["type"] in ("execution_success", "execution_error", "execution_interrupted")
                     or (msg["type"] == "executing" and data.get("node") is None)):
                 break
-    return binary, messages, _request(f"{base}/history/{prompt_id}")[prompt_id]
+    # ComfyUI sends execution_success before it writes the history: wait for the entry.
+    while True:
+        history = _request(f"{base}/history/{prompt_id}")
+        if prompt_id in history:
+            return binary, messages, history[prompt_id]
+        assert time.time() < deadline, f"the prompt's history did not appear within {timeout} s"
+        time.sleep(0.2)
 
 
 @needs_checkpoint
