@@ -1234,6 +1234,11 @@ def bundle_from_url(url: str, to: Union[str, Path], retry_after: float = RETRY_A
             raise BundleNotReady(f"the bundle at {source.display} could not be downloaded: {job.error}; it is tried "
                                  f"again {when}")
         done, total = job.done, job.total
+        if total and done >= total:  # every byte is here: installed already, or being opened and renamed
+            found = installed_from(source, to)
+            if found is not None:
+                job.path = str(found)
+                return job.path
     pct = f"{100.0 * done / total:.0f}%" if total else "starting"
     raise BundleNotReady(f"bundle downloading from {source.display}: {pct} — the check runs when it finishes")
 
