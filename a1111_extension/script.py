@@ -17,6 +17,8 @@ Hooks, and why these:
   script whose own postprocess_image_after_composite runs after this one and changes pixels is not seen.
 - postprocess: the per-image results and the batch summary in the response info (what API clients read,
   and what javascript/provenance_guard.js draws the panel under the gallery from).
+- on_image_saved (a script callback, credentials.image_saved): with Content Credentials on, the file the
+  webui just wrote is signed in place with its image's check, as the file's last write.
 Any unexpected error inside a hook is caught and applied as the fail mode. Under fail mode closed an image
 that could not be checked is withheld whatever the action (core.policy.host_action).
 """
@@ -40,7 +42,7 @@ from ..core.policy import BLOCK, UNCHECKED, WARN, Policy, apply_prompt, host_act
 from ..core.report import (batch_summary, block_message, placeholder_image, result_payload, short, short_notices,
                            summary_line)
 from ..core.result import CheckResult, GenerationRecord
-from . import settings
+from . import credentials, settings
 
 log = logging.getLogger("provenance_guard")
 
@@ -76,6 +78,7 @@ class RunState:
     withheld: set[int] = field(default_factory=set)
     monitor: Optional[MemorizationMonitor] = None  # the current batch's memorization signal (None: off)
     family: Optional[str] = None
+    signing: Optional[credentials.Signing] = None  # Content Credentials of this run's saved images (None: off)
 
     def record(self, index: int, result: CheckResult) -> CheckResult:
         for warning in self.warnings:
@@ -331,6 +334,14 @@ class ProvenanceGuardScript(scripts.Script):
                 p.comment(f"Provenance Guard: {HIGHRES_COPY}.")
         except ImportError:
             pass
+        try:
+            state.signing = credentials.run_signing(p, state.warnings)
+        except Exception as exc:  # noqa: BLE001 - credentials that were asked for must not silently go missing
+            log.exception("provenance-guard: Content Credentials could not be set up")
+            if settings.default("credentials") != "off":
+                state.signing = credentials.Signing(
+                    "required", error=f"Content Credentials could not be set up ({type(exc).__name__}: {exc}); fix "
+                                      f"{settings.FIELDS['credentials']} or turn it off")
         p._provenance = state
         for name in INFOTEXT_FIELDS:
             p.extra_generation_params[name] = infotext_value(state, name)
@@ -400,6 +411,9 @@ class ProvenanceGuardScript(scripts.Script):
     def _check(self, state: RunState, images, records: list[GenerationRecord], signals=None) -> list[CheckResult]:
         if state.error:
             return [failed_result(state.policy, state.error, rec) for rec in records]
+        if state.signing is not None and state.signing.error:  # credentials required and unusable: nothing saved
+            closed = replace(state.policy, fail_mode="closed")
+            return [failed_result(closed, state.signing.error, rec) for rec in records]
         policy = state.policy
         if policy.memorization_thresholds and "*" in policy.memorization_thresholds:
             policy = replace(policy, memorization_thresholds={state.family: policy.memorization_thresholds["*"]})
@@ -443,7 +457,7 @@ class ProvenanceGuardScript(scripts.Script):
             state.record(index, mark_failed(result, state.policy, f"internal error: {type(exc).__name__}: {exc}"))
             if index in state.withheld:
                 pp.image = Image.new("RGB", pp.image.size, "black")
-            pp.image.info["provenance"] = result.dumps()
+            _put_record(state, pp, index, result)
 
     def _final_image(self, state: RunState, p, pp) -> None:
         index = self._index(p, pp)
@@ -454,13 +468,15 @@ class ProvenanceGuardScript(scripts.Script):
         elif index not in state.withheld and result.checked:
             result = self._recheck_if_changed(state, p, pp, index, result)
         if index in state.withheld:
-            pp.image = placeholder_image(pp.image.width, pp.image.height, block_message(result),
-                                         short_notices(result))
+            signing_error = state.signing.error if state.signing is not None else None
+            message = (f"Blocked: {short(signing_error, 300)}" if signing_error and result.error == signing_error
+                       else block_message(result))  # not "set the fail mode to open": that would not help
+            pp.image = placeholder_image(pp.image.width, pp.image.height, message, short_notices(result))
         elif result.verdict in (WARN, BLOCK):
             p.comment(f"Provenance Guard, image {index + 1}: {summary_line(result)}")
         elif result.verdict == UNCHECKED:
             p.comment(f"Provenance Guard, image {index + 1}: not checked — {short(result.error, 200)}")
-        pp.image.info["provenance"] = result.dumps()
+        _put_record(state, pp, index, result)
 
     def _recheck_if_changed(self, state: RunState, p, pp, index: int, result: CheckResult) -> CheckResult:
         """Check the final pixels again when another script, face restoration, the overlay or color
@@ -587,8 +603,21 @@ def cfg_denoised(params) -> None:
         monitor.add_denoised(x_in[first], cond, uncond, sigma_in[first])
 
 
+def _put_record(state: RunState, pp, index: int, result: CheckResult) -> None:
+    """The record into image.info (before_image_saved copies it into the PNG); a run that signs remembers it,
+    so the saved file is signed with this result (and no file with a record this run did not make)."""
+    record = result.dumps()
+    pp.image.info["provenance"] = record
+    if state.signing is not None:
+        state.signing.remember(record, index, result)
+
+
 def before_image_saved(params) -> None:
     """script_callbacks.on_before_image_saved: put the record into the PNG as a 'provenance' chunk."""
     record = getattr(params.image, "info", {}).get("provenance") if params.image is not None else None
     if record and isinstance(params.pnginfo, dict):
         params.pnginfo["provenance"] = record
+    credentials.before_save(params)
+
+
+image_saved = credentials.image_saved  # script_callbacks.on_image_saved: the signature, the file's last write

@@ -8,9 +8,16 @@ names its component. On every page load the webui refreshes each option with
 does not take makes the whole refresh fail (HTTP 500, every field "Error", and Apply then writes the stale
 values back), so component_args keeps only the keywords the installed gradio takes (``update_args``).
 
-Values are validated where they are used: a safety setting (fail mode, action, verify, prompt action, the
-on/off switches) edited into config.json or posted through the API that is not one of its choices counts as
-its safe value (``SAFE``: what studio enforcement runs with), and the run says so once (``safe_choice``).
+Values are validated where they are used: a safety setting (fail mode, action, verify, prompt action,
+Content Credentials, the on/off switches) edited into config.json or posted through the API that is not one
+of its choices counts as its safe value (``SAFE``: what studio enforcement runs with), and the run says so
+once (``safe_choice``).
+
+Content Credentials (``credentials``: off | on | required; a1111_extension/credentials.py): the safe value of
+an unusable one is "required". Someone who typed a value meant to sign; "on" would save images unsigned
+without a word when the key is missing, "required" fails closed with one line naming the field to fix (and
+signs as usual when the key is there). Prompts in the credentials (``credentials_prompts``) are a privacy
+choice: an unusable value leaves them out.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "enabled": False, "bundle": "", "bundle_path": "", "bundle_url": "", "use_bundle_thresholds": True, "warn": 0.90,
     "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
     "references": "", "memorization": True, "memorization_steps": 5, "memorization_threshold": 0.0,
-    "prompt_action": "warn", "strict": False,
+    "prompt_action": "warn", "strict": False, "credentials": "off", "credentials_folder": "",
+    "credentials_prompts": True,
 }
 LABELS = {
     "enabled": "Check every generated image by default",
@@ -57,19 +65,31 @@ LABELS = {
                               "Stable Diffusion: the score is then shown, unrated)",
     "prompt_action": "How far a flagged prompt alone raises an image's verdict",
     "strict": "Strict (studios): a blocked image's pixels are never shown, not even beside its training image",
+    "credentials": "Content Credentials (C2PA): sign each checked image's saved file with its check. on: a key that "
+                   "cannot be used is said once and images are saved unsigned; required: nothing is saved unsigned "
+                   "(without a usable key every image is blocked)",
+    "credentials_folder": "Content Credentials signing key folder (signer.pem and signer.key, made by "
+                          "'provenance-guard credentials init DIR'; empty: $PROVENANCE_GUARD_CREDENTIALS)",
+    "credentials_prompts": "Put the prompt and negative prompt into the signed Content Credentials (off: left out, "
+                           "for privacy)",
 }
 PROMPT_ACTIONS = ["warn", "pass", "block"]
-CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS}
+CREDENTIAL_MODES = ["off", "on", "required"]
+CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS,
+           "credentials": CREDENTIAL_MODES}
 # What an unusable value of a safety setting counts as: the values studio enforcement runs with (closed,
-# block, confirm+escalate, checking and the monitor on, strict evidence, nothing fetched). Thresholds have
-# no such value (neither set is surely the stricter): unusable ones fail the check under the fail mode.
+# block, confirm+escalate, checking and the monitor on, strict evidence, nothing fetched, credentials
+# required, prompts kept out of them). Thresholds have no such value (neither set is surely the stricter):
+# unusable ones fail the check under the fail mode.
 SAFE: dict[str, Any] = {"action": "block", "fail_mode": "closed", "verify": "confirm+escalate",
                         "prompt_action": "block", "enabled": True, "memorization": True, "strict": True,
-                        "fetch_references": False}
+                        "fetch_references": False, "credentials": "required", "credentials_prompts": False}
 # The Settings field a message names where the command line would name a flag.
 FIELDS = {"references": "Settings > Provenance Guard > \"Folder of the bundle's reference images\"",
           "fetch": "Settings > Provenance Guard > \"Fetch training images of URL-only (LAION) bundles\" "
-                   "(or the script's own checkbox)"}
+                   "(or the script's own checkbox)",
+          "credentials": "Settings > Provenance Guard > \"Content Credentials (C2PA)\"",
+          "credentials_folder": "Settings > Provenance Guard > \"Content Credentials signing key folder\""}
 _said: set = set()
 _said_lock = threading.Lock()
 
@@ -87,13 +107,15 @@ def default(key: str) -> Any:
         return DEFAULTS[key]
 
 
-def say_once(message: str) -> None:
-    """Log a warning once per process (an unusable setting is read at every generation)."""
+def say_once(message: str) -> bool:
+    """Log a warning once per process (an unusable setting is read at every generation); True when it was
+    said now."""
     with _said_lock:
         if message in _said:
-            return
+            return False
         _said.add(message)
     log.warning("provenance-guard: %s", message)
+    return True
 
 
 def unusable(key: str, value: Any) -> str:
@@ -187,6 +209,9 @@ def options() -> dict[str, Any]:
         "memorization_threshold": info("memorization_threshold", gr.Number, {"precision": 6}),
         "prompt_action": info("prompt_action", gr.Radio, {"choices": PROMPT_ACTIONS}),
         "strict": info("strict"),
+        "credentials": info("credentials", gr.Radio, {"choices": CREDENTIAL_MODES}),
+        "credentials_folder": info("credentials_folder"),
+        "credentials_prompts": info("credentials_prompts"),
     }
 
 

@@ -1,7 +1,7 @@
 """ComfyUI glue: the node mappings, the web extension folder, and start-up registration (the
 models/provenance folder; studio enforcement when configured, refusing every prompt when it is configured
-but cannot run). Everything the check itself does is in core/; importing this package loads neither torch
-nor faiss nor any model."""
+but cannot run; Content Credentials on the saved files when configured, credentials.py). Everything the
+check itself does is in core/; importing this package loads neither torch nor faiss nor any model."""
 from __future__ import annotations
 
 import logging
@@ -39,6 +39,17 @@ def register_with_comfyui() -> None:
     except Exception as exc:  # noqa: BLE001 - configured but unusable: refuse every prompt, never run unchecked
         reason = (f"Provenance Guard studio enforcement is configured but cannot run: {exc}. Every prompt is refused "
                   f"until it is fixed (then restart ComfyUI)")
+        logging.getLogger("provenance_guard").error("provenance-guard: %s", reason)
+        PromptServer.instance.add_on_prompt_handler(enforce.refuse_all(reason))
+    from . import credentials
+
+    try:
+        if credentials.configure(folder_paths.get_user_directory()) is not None:
+            credentials.wrap_savers(_node_classes())
+            PromptServer.instance.add_on_prompt_handler(credentials.prompt_handler)
+    except Exception as exc:  # noqa: BLE001 - configured but unusable: refuse every prompt, never save unsigned
+        reason = (f"Provenance Guard Content Credentials are configured but cannot be used: {exc}. Every prompt is "
+                  f"refused until it is fixed (then restart ComfyUI)")
         logging.getLogger("provenance_guard").error("provenance-guard: %s", reason)
         PromptServer.instance.add_on_prompt_handler(enforce.refuse_all(reason))
     PromptServer.instance.add_on_prompt_handler(enforce.record_slot)

@@ -29,12 +29,13 @@ front of it).
 A user's own Provenance Check in the graph is made strict too. Latent previews (--preview-method) are
 turned off while enforcement is on: they would send undecoded, unchecked pixels to the browser.
 
-Enforcement fails closed. Once it is configured (the variable is set or the file exists), a configuration
-that cannot be read or validated (a file without a usable "enforce" object included), a graph that cannot
-be rewritten, or any error in the handler makes the prompt be refused with a message saying why: the graph
-is replaced by one ProvenanceGuardRefusal node, whose validation fails with that message, so ComfyUI
-answers the POST /prompt with a 400 naming it. (ComfyUI swallows exceptions raised by prompt handlers and
-would queue the graph unchecked.)
+Enforcement fails closed. Once it is configured (the variable is set, or the file exists and holds more
+than a "credentials" object: Content Credentials alone, comfyui_nodes/credentials.py, configure no
+enforcement), a configuration that cannot be read or validated (a file without a usable "enforce" object
+included), a graph that cannot be rewritten, or any error in the handler makes the prompt be refused with a
+message saying why: the graph is replaced by one ProvenanceGuardRefusal node, whose validation fails with
+that message, so ComfyUI answers the POST /prompt with a 400 naming it. (ComfyUI swallows exceptions raised
+by prompt handlers and would queue the graph unchecked.)
 """
 from __future__ import annotations
 
@@ -82,23 +83,38 @@ class EnforcementConfigError(ConfigError):
     """The studio enforcement configuration cannot be read or validated; every prompt is refused."""
 
 
+# The file's top-level objects: "enforce" (this module) and "credentials" (comfyui_nodes/credentials.py).
+SECTIONS = ("enforce", "credentials")
+
+
+def read_user_config(path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The JSON object in provenance_guard.json at path (None when there is no file); EnforcementConfigError
+    when it cannot be read or is no object. Its top-level keys are checked by load_config."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise EnforcementConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        with open(path, encoding="utf-8-sig") as f:  # a UTF-8 BOM, as Windows editors write, is fine
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EnforcementConfigError(f"{path} cannot be read as JSON ({exc}); fix it (see docs/hosts.md, 'Studio "
+                                     f"enforcement')") from exc
+    if not isinstance(data, dict):
+        raise EnforcementConfigError(f"{path} must hold a JSON object such as "
+                                     f'{{"enforce": {{"bundle": "..."}}}}, not a {type(data).__name__}')
+    return data
+
+
 def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[dict[str, Any]]:
     """The validated enforcement settings, None when enforcement is not configured, or EnforcementConfigError
-    when it is configured (the variable is set or the file exists) but cannot be used."""
+    when it is configured (the variable is set, or the file exists with anything but a "credentials" object
+    alone) but cannot be used."""
     path = os.path.join(user_dir, CONFIG_FILE) if user_dir else None
+    data = read_user_config(path)
     cfg: dict[str, Any] = {}
-    if path and os.path.exists(path):
-        try:
-            if os.path.getsize(path) > MAX_CONFIG_BYTES:
-                raise EnforcementConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-            with open(path, encoding="utf-8-sig") as f:  # a UTF-8 BOM, as Windows editors write, is fine
-                data = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise EnforcementConfigError(f"{path} cannot be read as JSON ({exc}); fix it (see docs/hosts.md, 'Studio "
-                                         f"enforcement')") from exc
-        if not isinstance(data, dict):
-            raise EnforcementConfigError(f"{path} must hold a JSON object such as "
-                                         f'{{"enforce": {{"bundle": "..."}}}}, not a {type(data).__name__}')
+    configured = data is not None and not (set(data) == {"credentials"})  # credentials alone: no enforcement
+    if configured:
         section = data.get("enforce")
         if section is None:
             raise EnforcementConfigError(f'{path} exists but holds no "enforce" object, so enforcement cannot run; '
@@ -107,10 +123,10 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
         if not isinstance(section, dict):
             raise EnforcementConfigError(f'{path}: "enforce" must be an object such as {{"bundle": "studio-refs"}}, '
                                          f"not {section!r}")
-        others = sorted(set(data) - {"enforce"})
+        others = sorted(set(data) - set(SECTIONS))
         if others:
-            raise EnforcementConfigError(f'{path}: unknown key(s) {others} beside "enforce"; put every setting '
-                                         f'inside "enforce" (see docs/hosts.md, \'Studio enforcement\')')
+            raise EnforcementConfigError(f'{path}: unknown key(s) {others} beside "enforce" and "credentials"; put '
+                                         f'every setting inside one of them (see docs/hosts.md, \'Studio enforcement\')')
         cfg = dict(section)
         unknown = sorted(set(cfg) - KEYS)
         if unknown:
@@ -120,9 +136,9 @@ def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[
         cfg["bundle"] = environ[ENV]
     elif ENV in environ:
         raise EnforcementConfigError(f"{ENV} is set but empty; give a bundle name, path or server URL, or unset it")
-    if not cfg and not (path and os.path.exists(path)):
+    if not cfg and not configured:
         return None
-    return _validated({**DEFAULTS, **cfg}, path if path and os.path.exists(path) else ENV)
+    return _validated({**DEFAULTS, **cfg}, path if configured else ENV)
 
 
 def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:

@@ -10,7 +10,9 @@ images whose verdict is block, as on_match says:
 A check that cannot run follows the fail mode: open -> unchecked (passed through, with a warning),
 closed -> withheld whatever on_match says (with warn it is dropped, as block does: core.policy.host_action).
 The record goes into EXTRA_PNGINFO, so Save Image writes a "provenance"
-PNG chunk beside "prompt" and "workflow". Models and bundles are cached across runs.
+PNG chunk beside "prompt" and "workflow". Models and bundles are cached across runs. Each result is also
+remembered by its pixels (credentials.remember), so the files a save node writes from them can be signed
+with Content Credentials.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 from dataclasses import replace
 from typing import Optional
 
+from . import credentials
 from .enforce import ProvenanceGuardRefusal
 from .nodes_memorization import NODE_CLASS_MAPPINGS as MEMORIZATION_NODES
 from .nodes_memorization import NODE_DISPLAY_NAME_MAPPINGS as MEMORIZATION_NAMES
@@ -304,11 +307,14 @@ class ProvenanceCheck:
 
         out = images
         kept = [i for i, a in enumerate(actions) if a != "block"]
+        credentials.remember(results)
         if "replace" in actions:
             out = images.clone()
             for i, a in enumerate(actions):
                 if a == "replace":
                     out[i] = 0.0
+            replaced = [i for i, a in enumerate(actions) if a == "replace"]
+            credentials.remember([results[i] for i in replaced], out[replaced])  # the black image carries its block
         if len(kept) < len(images):
             out = out[kept] if kept else _blocker(
                 "Provenance Check blocked every image: " + block_message(results[actions.index("block")]))
@@ -327,6 +333,7 @@ class ProvenanceCheck:
 
 
 NODE_CLASS_MAPPINGS = {"ProvenanceCheck": ProvenanceCheck, "ProvenanceGuardRefusal": ProvenanceGuardRefusal,
-                       **MEMORIZATION_NODES}
+                       **MEMORIZATION_NODES, **credentials.NODE_CLASS_MAPPINGS}
 NODE_DISPLAY_NAME_MAPPINGS = {"ProvenanceCheck": "Provenance Check",
-                              "ProvenanceGuardRefusal": "Provenance Guard (refused prompt)", **MEMORIZATION_NAMES}
+                              "ProvenanceGuardRefusal": "Provenance Guard (refused prompt)", **MEMORIZATION_NAMES,
+                              **credentials.NODE_DISPLAY_NAME_MAPPINGS}

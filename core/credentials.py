@@ -34,12 +34,14 @@ from typing import Any, Callable, Optional, Union
 from .errors import ConfigError, ProvenanceError
 
 ENV_CREDENTIALS = "PROVENANCE_GUARD_CREDENTIALS"
+ENV_TSA = "PROVENANCE_GUARD_TSA_URL"  # an RFC 3161 timestamp authority for every signature (off when unset)
 CHECK_LABEL = "org.provenance-guard.check"
 GENERATION_LABEL = "org.provenance-guard.generation"
 SCHEMA_VERSION = 1
 SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 ROOT_FILE, SIGNER_FILE, KEY_FILE = "root.pem", "signer.pem", "signer.key"
-MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+        ".mp4": "video/mp4", ".mov": "video/quicktime"}
 MAX_SIGN_BYTES = 256 << 20  # a file larger than this is refused, not read into the signer
 MAX_PEM_BYTES = 1 << 20
 TOP_MATCHES = 5
@@ -215,7 +217,8 @@ def _read_pem(path: Path, what: str) -> bytes:
 
 def load_credentials(folder: Union[str, Path], tsa_url: Optional[str] = None) -> Credentials:
     """Credentials from folder/signer.pem and folder/signer.key, checked: the key belongs to the leaf, the
-    leaf may sign (digitalSignature; not a CA), and it is inside its validity period."""
+    leaf may sign (digitalSignature; not a CA), and it is inside its validity period. tsa_url (else
+    $PROVENANCE_GUARD_TSA_URL, else none): the timestamp authority every signature asks."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -225,8 +228,10 @@ def load_credentials(folder: Union[str, Path], tsa_url: Optional[str] = None) ->
                                f"credentials init {folder}' or point at your studio's signer.pem/signer.key")
     chain = _read_pem(folder / SIGNER_FILE, "certificate chain")
     key = _read_pem(folder / KEY_FILE, "private key")
+    if tsa_url is None:
+        tsa_url = os.environ.get(ENV_TSA, "").strip() or None
     if tsa_url and not tsa_url.startswith(("http://", "https://")):
-        raise ConfigError(f"timestamp authority {tsa_url!r}: give an http(s) URL")
+        raise ConfigError(f"timestamp authority {tsa_url!r} (--tsa-url or ${ENV_TSA}): give an http(s) URL")
     try:
         certs = x509.load_pem_x509_certificates(chain)
         private = serialization.load_pem_private_key(key, password=None)
@@ -313,8 +318,8 @@ def manifest_for(result, software: str, title: str = "", include_prompts: bool =
 def mime_of(path: Path) -> str:
     mime = MIME.get(path.suffix.lower())
     if mime is None:
-        raise CredentialsError(f"{path.name}: Content Credentials are written into PNG, JPEG and WebP files here, "
-                               f"not {path.suffix or 'files without an extension'}")
+        raise CredentialsError(f"{path.name}: Content Credentials are written into PNG, JPEG, WebP, MP4 and MOV "
+                               f"files here, not {path.suffix or 'files without an extension'}")
     return mime
 
 

@@ -153,7 +153,7 @@ class State:
     def __init__(self, config: ServerConfig):
         import threading
 
-        from ..core.audit import AuditLog
+        from ..core.audit import AuditLog, signer_from_env
         from .metrics import Metrics
 
         self.config = config
@@ -161,7 +161,8 @@ class State:
         self._stamps: dict[str, Optional[tuple]] = {}
         self.bundles = {name: self._open(name) for name in config.indices}
         self.metrics = Metrics(config.metrics_dir, config.metrics_name)
-        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        # Signed with the studio key when $PROVENANCE_GUARD_CREDENTIALS names one (as the CLI's logs are).
+        self.audit = AuditLog(config.audit_log, signer_from_env()) if config.audit_log else None
         self._batchers: dict[str, Any] = {}
         self._checkers: dict[tuple, Any] = {}
         self.budget = DecodeBudget(config.max_decode_memory, config.admission_wait_s, config.workers)

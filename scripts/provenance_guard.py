@@ -29,5 +29,6 @@ from provenance_guard.a1111_extension import settings as _settings  # noqa: E402
 ProvenanceGuardScript = _glue.ProvenanceGuardScript
 script_callbacks.on_ui_settings(_settings.on_ui_settings)
 script_callbacks.on_before_image_saved(_glue.before_image_saved)
+script_callbacks.on_image_saved(_glue.image_saved)
 script_callbacks.on_cfg_denoiser(_glue.cfg_denoiser)
 script_callbacks.on_cfg_denoised(_glue.cfg_denoised)

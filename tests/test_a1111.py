@@ -140,10 +140,11 @@ def webui(tmp_path, monkeypatch, built_bundle):
     paths = types.ModuleType("modules.paths")
     paths.models_path = str(models)
     callbacks = types.ModuleType("modules.script_callbacks")
-    registry = {"ui_settings": [], "before_image_saved": [], "app_started": [], "cfg_denoiser": [],
-                "cfg_denoised": []}
+    registry = {"ui_settings": [], "before_image_saved": [], "image_saved": [], "app_started": [],
+                "cfg_denoiser": [], "cfg_denoised": []}
     callbacks.on_ui_settings = registry["ui_settings"].append
     callbacks.on_before_image_saved = registry["before_image_saved"].append
+    callbacks.on_image_saved = registry["image_saved"].append
     callbacks.on_app_started = registry["app_started"].append
     callbacks.on_cfg_denoiser = registry["cfg_denoiser"].append
     callbacks.on_cfg_denoised = registry["cfg_denoised"].append
@@ -793,3 +794,164 @@ def test_a_bundle_url_is_pulled_once_into_models_provenance_and_reused(webui, bu
         assert record["verdict"] == "block" and "clear one of them" in record["error"]
     finally:
         server.close()
+
+
+# Content Credentials -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    from provenance_guard.core.credentials import init_credentials
+
+    folder = tmp_path_factory.mktemp("keys")
+    init_credentials(folder, organization="Webui Studio")
+    return folder
+
+
+def signing_on(webui, keys, mode="on", prompts=True):
+    from provenance_guard.a1111_extension import settings
+
+    settings._said.clear()
+    opts = webui.shared.opts
+    opts.provenance_guard_credentials, opts.provenance_guard_credentials_folder = mode, str(keys)
+    opts.provenance_guard_credentials_prompts = prompts
+
+
+def save_like_webui(web, params, path: Path, stealth: bool = False) -> Path:
+    """modules/images.save_image after the before-save callbacks: Forge's stealth infotext (the alpha channel,
+    so RGBA), the file with params.pnginfo as PNG text chunks (infotext under "parameters", our record), written
+    to a .tmp and renamed, then the on_image_saved callbacks."""
+    from PIL import PngImagePlugin
+
+    image = params.image
+    if stealth:
+        image = image.convert("RGBA")
+        image.putalpha(254)
+    info = PngImagePlugin.PngInfo()
+    for k, v in params.pnginfo.items():
+        info.add_text(k, str(v))
+    params.filename = str(path)
+    image.save(str(path) + ".tmp", format="PNG", pnginfo=info)
+    Path(str(path) + ".tmp").replace(path)
+    for cb in web.registry["image_saved"]:
+        cb(params)
+    return path
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge-stealth-rgba"])
+def test_credentials_sign_each_saved_file_after_its_infotext_with_its_own_verdict(webui, keys, tmp_path, forge):
+    """The signature is the file's last write: the infotext and the record chunk are there and the manifest
+    is valid; each file carries its own image's check (the astronaut, a training image kept under warn, says
+    block: never pass) and the prompts, unless the privacy setting leaves them out."""
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    signing_on(webui, keys)
+    p, processed, saved, _ = generate(webui, ["astronaut", "camera"], args(), forge=forge)
+    root = (keys / "root.pem").read_bytes()
+    for i, params in enumerate(saved):
+        path = save_like_webui(webui, params, tmp_path / f"{i:05d}.png", stealth=forge)
+        chunks = png_text_chunks(path)
+        assert chunks["parameters"] == processed.infotexts[i] and "provenance" in chunks
+        status = cr.verify_file(path, root)
+        assert status.state == "trusted", status.problems
+        record = json.loads(chunks["provenance"])
+        assert status.check["verdict"] == record["verdict"] == ["block", "pass"][i]
+        assert status.generation["prompt"] == f"prompt {i}" and status.generation["seed"] == 1000 + i
+        assert status.source_type == cr.SOURCE_TYPE
+        with Image.open(path) as im:
+            assert im.mode == ("RGBA" if forge else "RGB")
+        assert read_record(path).verdict == record["verdict"]
+    signing_on(webui, keys, prompts=False)
+    _, _, saved, _ = generate(webui, ["camera"], args())
+    status = cr.verify_file(save_like_webui(webui, saved[0], tmp_path / "private.png"))
+    assert status.state == "valid" and "prompt" not in status.generation and status.generation["seed"] == 1000
+
+
+def test_a_blocked_placeholder_says_block_and_a_record_the_run_did_not_make_is_never_signed(webui, keys, tmp_path):
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    signing_on(webui, keys)
+    _, _, saved, _ = generate(webui, ["astronaut"], args(action="block"))
+    path = save_like_webui(webui, saved[0], tmp_path / "blocked.png")
+    assert is_placeholder(Image.open(path)) and cr.verify_file(path).check["verdict"] == "block"
+    # a grid, an extras-tab save or an upload carrying someone's "pass" record: not this run's image
+    p, _, saved, _ = generate(webui, ["camera"], args())
+    forged = json.loads(saved[0].pnginfo["provenance"])
+    forged["checked_at"] = "2020-01-01T00:00:00Z"
+    other = ImageSaveParams(saved[0].image.copy(), p, "", {"parameters": "x", "provenance": json.dumps(forged)})
+    assert cr.verify_file(save_like_webui(webui, other, tmp_path / "grid.png")).state == "absent"
+    # the extension off for a run: nothing of it is signed
+    _, _, saved, _ = generate(webui, ["camera"], args(enabled=False))
+    assert cr.verify_file(save_like_webui(webui, saved[0], tmp_path / "off.png")).state == "absent"
+
+
+@pytest.mark.parametrize("value", ["required", "yes"])  # an unusable value counts as required (the safe value)
+def test_required_without_a_usable_key_blocks_every_image(webui, tmp_path, value):
+    pytest.importorskip("c2pa")
+    signing_on(webui, tmp_path / "no-keys", mode=value)
+    p, processed, saved, _ = generate(webui, ["camera"], args(fail_mode="open"))
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and is_placeholder(saved[0].image)
+    assert "Content Credentials are required" in record["error"] and "credentials init" in record["error"]
+    assert 'Settings > Provenance Guard > "Content Credentials (C2PA)"' in record["error"]
+    path = save_like_webui(webui, saved[0], tmp_path / "blocked.png")  # the placeholder, unsigned: nothing real
+    assert is_placeholder(Image.open(path))
+    if value == "yes":
+        assert any("counts as 'required'" in w for w in record["warnings"])
+
+
+def test_a_signature_that_fails_under_required_leaves_a_placeholder_and_under_on_the_file(webui, keys, tmp_path,
+                                                                                          monkeypatch, caplog):
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+
+    def broken(*a, **k):
+        raise cr.CredentialsError("simulated signing failure; the file is unchanged")
+
+    monkeypatch.setattr(cr, "sign_file", broken)
+    signing_on(webui, keys, mode="required")
+    p, _, saved, _ = generate(webui, ["camera"], args())
+    out = tmp_path / "out"
+    out.mkdir()
+    path = save_like_webui(webui, saved[0], out / "req.png")
+    assert is_placeholder(Image.open(path)) and "parameters" not in png_text_chunks(path)
+    assert any("replaced by a placeholder" in c for c in p.comments)
+    assert [f.name for f in out.iterdir()] == ["req.png"]  # no temporary file left
+    signing_on(webui, keys, mode="on")
+    with caplog.at_level("WARNING", logger="provenance_guard"):
+        for n in range(2):
+            _, _, saved, _ = generate(webui, ["camera"], args())
+            path = save_like_webui(webui, saved[0], tmp_path / f"on{n}.png")
+            assert not is_placeholder(Image.open(path)) and "parameters" in png_text_chunks(path)
+    assert sum("saved without Content Credentials" in r.message for r in caplog.records) == 1
+
+
+def test_without_c2pa_credentials_are_said_off_once_and_required_blocks(webui, keys, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "c2pa", None)
+    signing_on(webui, keys)
+    with caplog.at_level("WARNING", logger="provenance_guard"):
+        p, _, saved, _ = generate(webui, ["camera"], args())
+        p2, _, _, _ = generate(webui, ["camera"], args())
+    said = [r.message for r in caplog.records if "Content Credentials are off" in r.message]
+    assert len(said) == 1 and "c2pa-python is not installed" in said[0]
+    assert any("Content Credentials are off" in c for c in p.comments) and not p2.comments
+    assert json.loads(saved[0].pnginfo["provenance"])["verdict"] == "pass"  # "on": saved, unsigned
+    signing_on(webui, keys, mode="required")
+    _, _, saved, _ = generate(webui, ["camera"], args())
+    record = json.loads(saved[0].pnginfo["provenance"])
+    assert record["verdict"] == "block" and "c2pa-python is not installed" in record["error"]
+
+
+def test_img2img_signs_the_input_image_as_the_parent_ingredient(webui, keys, tmp_path):
+    c2pa = pytest.importorskip("c2pa")
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    signing_on(webui, keys)
+    p, _, saved, _ = generate(webui, ["camera"], args())
+    p.init_images = [sample_image("coffee").convert("RGB").resize((96, 96))]  # StableDiffusionProcessingImg2Img
+    path = save_like_webui(webui, saved[0], tmp_path / "i2i.png")
+    assert cr.verify_file(path).state == "valid"
+    with open(path, "rb") as f, c2pa.Reader("image/png", f) as reader:
+        manifest = reader.get_active_manifest()
+    (ingredient,) = manifest["ingredients"]
+    assert ingredient["relationship"] == "parentOf"
+    actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))["data"]["actions"]
+    assert any(a["action"] == "c2pa.edited" for a in actions)

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
-from provenance_guard.core.record import BATCH_SCHEMA
+from provenance_guard.core.record import BATCH_SCHEMA, png_text_chunks, read_record
 from provenance_guard.demo import sample_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -727,3 +728,316 @@ def test_the_bundle_fields_say_what_they_take(pack):
     assert spec["bundle_url"][0] == "STRING" and spec["bundle_url"][1]["default"] == ""
     assert list(spec)[-1] == "bundle_url"  # saved workflows give widget values by position: new inputs go last
     assert "downloaded once" in spec["bundle_url"][1]["tooltip"]
+
+
+# Content Credentials -------------------------------------------------------------------------------------------
+
+class SaveImage:
+    """nodes.SaveImage of ComfyUI v0.3.64, as far as signing sees it: one PNG per image with a "prompt" chunk and
+    one chunk per EXTRA_PNGINFO key (workflow, our provenance record), reported as {filename, subfolder, type}."""
+
+    def __init__(self):
+        import folder_paths
+
+        self.output_dir, self.type, self.prefix_append = folder_paths.get_output_directory(), "output", ""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        from PIL import Image, PngImagePlugin
+
+        filename_prefix += self.prefix_append
+        results = []
+        for n, image in enumerate(images):
+            img = Image.fromarray(np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8))
+            metadata = PngImagePlugin.PngInfo()
+            if prompt is not None:
+                metadata.add_text("prompt", json.dumps(prompt))
+            for key in extra_pnginfo or {}:
+                metadata.add_text(key, json.dumps(extra_pnginfo[key]))
+            file = f"{filename_prefix}_{n:05}_.png"
+            img.save(Path(self.output_dir) / file, pnginfo=metadata, compress_level=4)
+            results.append({"filename": file, "subfolder": "", "type": self.type})
+        return {"ui": {"images": results}}
+
+
+class PreviewImage(SaveImage):
+    def __init__(self):
+        import folder_paths
+
+        super().__init__()
+        self.output_dir, self.type, self.prefix_append = folder_paths.get_temp_directory(), "temp", "_temp_x"
+
+
+class SaveAnimatedWEBP:
+    """comfy_extras' SaveAnimatedWEBP: every frame into one file (metadata in EXIF)."""
+
+    def __init__(self):
+        import folder_paths
+
+        self.output_dir, self.type = folder_paths.get_output_directory(), "output"
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+
+    def save_images(self, images, fps, filename_prefix, lossless, quality, method, num_frames=0, prompt=None,
+                    extra_pnginfo=None):
+        from PIL import Image
+
+        frames = [Image.fromarray(np.clip(255.0 * i.cpu().numpy(), 0, 255).astype(np.uint8)) for i in images]
+        exif = frames[0].getexif()
+        exif[0x0110] = f"prompt:{json.dumps(prompt)}"
+        file = f"{filename_prefix}_00001_.webp"
+        frames[0].save(Path(self.output_dir) / file, save_all=True, duration=int(1000 / fps),
+                       append_images=frames[1:], exif=exif, lossless=lossless, quality=quality)
+        return {"ui": {"images": [{"filename": file, "subfolder": "", "type": self.type}], "animated": (True,)}}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    from provenance_guard.core.credentials import init_credentials
+
+    folder = tmp_path_factory.mktemp("keys")
+    init_credentials(folder, organization="Comfy Studio")
+    return folder
+
+
+@pytest.fixture
+def saving(comfy, monkeypatch):
+    """The stand-ins grow what the save nodes need: output/temp/input folders, the save nodes themselves and
+    the executing context (which node runs now)."""
+    fp = sys.modules["folder_paths"]
+    for name in ("output", "temp", "input", "user"):
+        (comfy.tmp / name).mkdir(exist_ok=True)
+    fp.get_output_directory = lambda: str(comfy.tmp / "output")
+    fp.get_temp_directory = lambda: str(comfy.tmp / "temp")
+    fp.get_input_directory = lambda: str(comfy.tmp / "input")
+    fp.get_annotated_filepath = lambda name, default_dir=None: str(comfy.tmp / "input" / name)
+    classes: dict = {}
+    nodes_mod = sys.modules["nodes"]
+
+    def fresh_classes():
+        """New classes for each load (the wrapper goes onto the class ComfyUI has, once per process)."""
+        save = type("SaveImage", (SaveImage,), {"save_images": SaveImage.__dict__["save_images"]})
+
+        def init(self):
+            save.__init__(self)
+            self.output_dir, self.type, self.prefix_append = fp.get_temp_directory(), "temp", "_temp_x"
+
+        classes.update({"SaveImage": save, "PreviewImage": type("PreviewImage", (save,), {"__init__": init}),
+                        "SaveAnimatedWEBP": type("SaveAnimatedWEBP", (SaveAnimatedWEBP,),
+                                                 {"save_images": SaveAnimatedWEBP.__dict__["save_images"]})})
+        nodes_mod.NODE_CLASS_MAPPINGS.update(classes)
+        nodes_mod.SaveImage = classes["SaveImage"]
+
+    running = {"node": None}
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: (types.SimpleNamespace(prompt_id="p1", node_id=running["node"])
+                                           if running["node"] else None)
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    names = []
+
+    def load(config: Optional[dict]):
+        """The pack as ComfyUI loads it at start (a fresh start: its handlers and save classes only)."""
+        fresh_classes()
+        PromptServer.instance.on_prompt_handlers.clear()
+        if config is not None:
+            (comfy.tmp / "user" / "provenance_guard.json").write_text(json.dumps(config))
+        name = f"{comfy.tmp}/custom_nodes/provenance-guard-signing{len(names)}".replace(".", "_x_")
+        names.append(name)
+        module = load_pack(name)
+        assert module.NODE_CLASS_MAPPINGS  # ComfyUI reading the mappings runs the registration
+        module.signing = sys.modules[name + ".comfyui_nodes.credentials"]
+        return module
+
+    yield types.SimpleNamespace(load=load, classes=classes, running=running, out=comfy.tmp / "output",
+                                temp=comfy.tmp / "temp", input=comfy.tmp / "input", tmp=comfy.tmp)
+    for name in names:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def checked(module, names, on_match="warn", prompt=None, unique_id="10"):
+    """The Provenance Check of the loaded pack on these sample images: (its output images, extra_pnginfo)."""
+    node = module.NODE_CLASS_MAPPINGS["ProvenanceCheck"]()
+    extra = {"workflow": {"nodes": [{"id": 10, "type": "ProvenanceCheck"}]}}
+    out = node.check(tensor(*names), bundle="studio-refs", on_match=on_match, fail_mode="open", top_k=3,
+                     extra_pnginfo=extra, prompt=prompt or {}, unique_id=unique_id)
+    return out["result"][0], extra
+
+
+def files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def refused(module, graph) -> Optional[str]:
+    data = {"prompt": graph}
+    for handler in PromptServer.instance.on_prompt_handlers:
+        data = handler(data)
+    (node_id, node), *_ = data["prompt"].items()
+    return refusal_reason(data["prompt"]) if node["class_type"] == "ProvenanceGuardRefusal" else None
+
+
+def test_credentials_config_is_validated_strictly_and_alone_enforces_nothing(saving, comfy, keys):
+    from provenance_guard.comfyui_nodes import credentials as cc
+    from provenance_guard.comfyui_nodes.enforce import load_config as enforcement
+
+    user = comfy.tmp / "user"
+    assert cc.load_config(str(user)) == cc.DEFAULTS  # no file: off
+    (user / "provenance_guard.json").write_text(json.dumps({"credentials": {"mode": "on", "folder": str(keys)}}))
+    cfg = cc.load_config(str(user))
+    assert (cfg["mode"], cfg["folder"], cfg["prompts"]) == ("on", str(keys), True)
+    assert enforcement(str(user), environ={}) is None  # credentials alone: no enforcement
+    for bad, why in [({"credentials": {"mode": "yes"}}, '"mode" must be'), ({"credentials": "on"}, "must be an object"),
+                     ({"credentials": {"mode": "on", "key": "x"}}, "unknown key"),
+                     ({"credentials": {"mode": "on", "prompts": "no"}}, '"prompts" must be true or false'),
+                     ({"credentials": {"mode": "on", "folder": 5}}, '"folder" must be')]:
+        (user / "provenance_guard.json").write_text(json.dumps(bad))
+        with pytest.raises(cc.CredentialsConfigError, match=why):
+            cc.load_config(str(user))
+    # loaded by ComfyUI with a bad "credentials" object: every prompt is refused, saying why
+    module = saving.load({"credentials": {"mode": "requird"}})
+    reason = refused(module, example_graph())
+    assert '"mode" must be' in reason and "Every prompt is refused" in reason
+
+
+def test_save_image_files_are_signed_after_comfyui_writes_them(saving, keys):
+    """The prompt/workflow chunks and the record are written first, the signature last: the manifest is
+    valid, and each file carries the check of its own pixels (the astronaut, kept under warn, says block)."""
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    module = saving.load({"credentials": {"mode": "on", "folder": str(keys)}})
+    graph = example_graph()
+    images, extra = checked(module, ["astronaut", "camera"], prompt=graph)
+    saving.running["node"] = "9"
+    out = saving.classes["SaveImage"]().save_images(images, "t2i", prompt=graph, extra_pnginfo=extra)
+    paths = [saving.out / e["filename"] for e in out["ui"]["images"]]
+    root = (keys / "root.pem").read_bytes()
+    for path, verdict in zip(paths, ["block", "pass"]):
+        chunks = png_text_chunks(path)
+        assert json.loads(chunks["prompt"]) == graph and "workflow" in chunks and "provenance" in chunks
+        status = cr.verify_file(path, root)
+        assert status.state == "trusted", status.problems
+        assert status.check["verdict"] == read_record(path).verdict == verdict
+        assert status.generation["prompt"] == "a portrait photo of an astronaut, studio lighting"
+    # Preview Image (the temp folder) is not signed; pixels no check saw are saved unsigned under "on"
+    out = saving.classes["PreviewImage"]().save_images(images)
+    assert cr.verify_file(saving.temp / out["ui"]["images"][0]["filename"]).state == "absent"
+    out = saving.classes["SaveImage"]().save_images(tensor("coins"), "unchecked", prompt=graph)
+    assert cr.verify_file(saving.out / out["ui"]["images"][0]["filename"]).state == "absent"
+    # an animation: the check of its most serious frame, once every frame was checked
+    out = saving.classes["SaveAnimatedWEBP"]().save_images(images, 6.0, "anim", True, 80, "default", prompt=graph)
+    status = cr.verify_file(saving.out / out["ui"]["images"][0]["filename"])
+    assert status.state == "valid" and status.check["verdict"] == "block"
+
+
+def test_replaced_images_carry_their_block_and_prompts_can_be_left_out(saving, keys):
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    module = saving.load({"credentials": {"mode": "required", "folder": str(keys), "prompts": False}})
+    images, extra = checked(module, ["astronaut", "camera"], on_match="replace", prompt=example_graph())
+    out = saving.classes["SaveImage"]().save_images(images, "replaced", extra_pnginfo=extra)
+    statuses = [cr.verify_file(saving.out / e["filename"]) for e in out["ui"]["images"]]
+    assert [s.check["verdict"] for s in statuses] == ["block", "pass"]
+    assert all("prompt" not in s.generation for s in statuses)
+
+
+def test_required_fails_closed_nothing_is_saved_unsigned(saving, keys, monkeypatch):
+    pytest.importorskip("c2pa")
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    monkeypatch.delenv(cr.ENV_CREDENTIALS, raising=False)
+    module = saving.load({"credentials": {"mode": "required", "folder": str(saving.tmp / "no-keys")}})
+    reason = refused(module, example_graph())
+    assert "Content Credentials are required but cannot be written" in reason and "credentials init" in reason
+    assert refused(module, {"1": {"class_type": "PreviewImage", "inputs": {}}}) is None  # saves nothing
+    images, extra = checked(module, ["camera"])
+    with pytest.raises(RuntimeError, match="required but cannot be written.*Nothing was saved"):
+        saving.classes["SaveImage"]().save_images(images, "none", extra_pnginfo=extra)
+    assert files(saving.out) == []
+    assert "cannot be written into" in refused(module, {"1": {"class_type": "SaveWEBM", "inputs": {}}})
+    assert "required but cannot be written" in refused(module, {"1": {"class_type": "SaveVideo", "inputs": {}}})
+
+    module = saving.load({"credentials": {"mode": "required", "folder": str(keys)}})
+    assert refused(module, example_graph()) is None
+    with pytest.raises(RuntimeError, match="not checked by a Provenance Check"):  # pixels no check saw
+        saving.classes["SaveImage"]().save_images(tensor("coins"), "unchecked")
+    assert files(saving.out) == []
+
+    own = sys.modules[module.__name__ + ".core.credentials"]  # the loaded pack's own core
+
+    def broken(*a, **k):
+        raise own.CredentialsError("simulated signing failure")
+
+    images, extra = checked(module, ["camera", "coffee"])
+    monkeypatch.setattr(own, "sign_file", broken)
+    with pytest.raises(RuntimeError, match="could not be written: simulated signing failure"):
+        saving.classes["SaveImage"]().save_images(images, "failing", extra_pnginfo=extra)
+    assert files(saving.out) == []  # the unsigned files were removed
+
+
+def test_the_explicit_save_node_signs_or_fails_the_prompt(saving, keys, monkeypatch):
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    monkeypatch.delenv(cr.ENV_CREDENTIALS, raising=False)
+    module = saving.load({"credentials": {"mode": "off", "folder": str(keys)}})
+    cls = module.NODE_CLASS_MAPPINGS["ProvenanceSaveImage"]
+    assert module.NODE_DISPLAY_NAME_MAPPINGS["ProvenanceSaveImage"] == "Save Image (Content Credentials)"
+    assert cls.CATEGORY == "provenance" and cls.OUTPUT_NODE and cls.VALIDATE_INPUTS("x") is True
+    images, extra = checked(module, ["camera"], prompt=example_graph())
+    out = cls().save_images(images, "explicit", include_prompts=False, prompt=example_graph(), extra_pnginfo=extra)
+    path = saving.out / out["ui"]["images"][0]["filename"]
+    status = cr.verify_file(path)
+    assert status.state == "valid" and status.check["verdict"] == "pass" and "prompt" not in status.generation
+    assert "workflow" in png_text_chunks(path)
+    # mode off: plain Save Image is not signed (and the node did not sign twice: one valid manifest)
+    out = saving.classes["SaveImage"]().save_images(images, "plain")
+    assert cr.verify_file(saving.out / out["ui"]["images"][0]["filename"]).state == "absent"
+    with pytest.raises(RuntimeError, match="not checked by a Provenance Check"):
+        cls().save_images(tensor("coins"), "explicit-unchecked")
+    module = saving.load({"credentials": {"mode": "off"}})  # no key anywhere
+    cls = module.NODE_CLASS_MAPPINGS["ProvenanceSaveImage"]
+    assert "no signing key" in cls.VALIDATE_INPUTS("x")
+    before = files(saving.out)
+    with pytest.raises(RuntimeError, match="no signing key"):
+        cls().save_images(images, "explicit-nokey")
+    assert files(saving.out) == before
+
+
+def test_without_c2pa_credentials_are_said_off_once(saving, keys, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "c2pa", None)
+    with caplog.at_level("WARNING", logger="provenance_guard"):
+        module = saving.load({"credentials": {"mode": "on", "folder": str(keys)}})
+        images, extra = checked(module, ["camera"])
+        for n in range(2):
+            saving.classes["SaveImage"]().save_images(images, f"plain{n}", extra_pnginfo=extra)
+    said = [r.message for r in caplog.records if "Content Credentials are off" in r.message]
+    assert len(said) == 1 and "c2pa-python is not installed" in said[0]
+    assert len(files(saving.out)) == 2  # "on": saved, unsigned
+    assert "c2pa-python is not installed" in module.NODE_CLASS_MAPPINGS["ProvenanceSaveImage"].VALIDATE_INPUTS("x")
+
+
+def test_a_loaded_image_is_the_parent_ingredient(saving, keys):
+    c2pa = pytest.importorskip("c2pa")
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    module = saving.load({"credentials": {"mode": "on", "folder": str(keys)}})
+    sample_image("camera").convert("RGB").resize((96, 96)).save(saving.input / "in.png")
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+             "2": {"class_type": "ProvenanceCheck", "inputs": {"images": ["1", 0]}},
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "loaded"}}}
+    images, extra = checked(module, ["camera"], prompt=graph, unique_id="2")
+    saving.running["node"] = "3"
+    out = saving.classes["SaveImage"]().save_images(images, "loaded", prompt=graph, extra_pnginfo=extra)
+    path = saving.out / out["ui"]["images"][0]["filename"]
+    assert cr.verify_file(path).state == "valid"
+    with open(path, "rb") as f, c2pa.Reader("image/png", f) as reader:
+        manifest = reader.get_active_manifest()
+    (ingredient,) = manifest["ingredients"]
+    assert ingredient["relationship"] == "parentOf" and ingredient["title"] == "in.png"

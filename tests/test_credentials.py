@@ -140,7 +140,7 @@ def test_bad_credentials_fail_closed_with_one_clear_line(tmp_path, keys, other_k
     with pytest.raises(cr.CredentialsError, match="not PEM"):
         cr.load_credentials(mixed)
     path = save(tmp_path / "x.gif")
-    with pytest.raises(cr.CredentialsError, match="PNG, JPEG and WebP"):
+    with pytest.raises(cr.CredentialsError, match="PNG, JPEG, WebP, MP4 and MOV"):
         cr.sign_file(path, cr.load_credentials(keys), cr.manifest_for(result(), "host"))
     assert cr.verify_file(path).state == "error"
 
@@ -306,3 +306,53 @@ def test_the_iptc_digital_source_type_is_in_xmp_too(tmp_path, keys, suffix):
         xmp = im.text.get("XML:com.adobe.xmp") if suffix == ".png" else im.info.get("xmp", b"").decode()
     assert "<Iptc4xmpExt:DigitalSourceType>" + cr.SOURCE_TYPE in xmp
     assert cr.verify_file(path).state == "valid"
+
+
+def test_the_index_servers_audit_log_is_signed_when_the_studio_key_is_configured(tmp_path, built_bundle, keys,
+                                                                                  monkeypatch):
+    pytest.importorskip("fastapi")
+    from provenance_guard.core.audit import verify
+    from provenance_guard.index_server.app import ServerConfig, State
+
+    monkeypatch.setenv(cr.ENV_CREDENTIALS, str(keys))
+    log = tmp_path / "server-audit.jsonl"
+    state = State(ServerConfig(indices={"refs": str(built_bundle)}, audit_log=str(log), embeddings_only=True))
+    try:
+        state.audit.append([{"verdict": "pass", "source": "server embedding"}])
+    finally:
+        state.close()
+    assert verify(log, signer_cert=(keys / "signer.pem").read_bytes()).ok
+
+
+def test_an_mp4_video_round_trips_valid_and_a_changed_byte_is_invalid(tmp_path, keys):
+    av = pytest.importorskip("av", reason="PyAV makes the test video (pip install '.[dev]')")
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(8):
+            frame = (np.random.default_rng(i).random((64, 64, 3)) * 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    cr.sign_file(path, cr.load_credentials(keys), cr.manifest_for(result(), "host", path.name))
+    status = cr.verify_file(path, (keys / "root.pem").read_bytes())
+    assert status.state == "trusted" and status.check["verdict"] == "pass" and status.source_type == cr.SOURCE_TYPE
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0xFF  # inside the media data
+    (tmp_path / "changed.mp4").write_bytes(bytes(data))
+    assert cr.verify_file(tmp_path / "changed.mp4").state == "invalid"
+
+
+def test_a_timestamp_authority_comes_from_the_option_or_the_environment_and_must_be_http(keys, monkeypatch):
+    monkeypatch.delenv(cr.ENV_TSA, raising=False)
+    assert cr.load_credentials(keys).tsa_url is None  # off by default
+    monkeypatch.setenv(cr.ENV_TSA, "http://tsa.example.test/rfc3161")
+    assert cr.load_credentials(keys).tsa_url == "http://tsa.example.test/rfc3161"  # every host's signatures
+    assert cr.load_credentials(keys, "https://other.example.test/").tsa_url == "https://other.example.test/"
+    monkeypatch.setenv(cr.ENV_TSA, "ftp://tsa.example.test/")
+    with pytest.raises(cr.ConfigError, match="give an http"):
+        cr.load_credentials(keys)
