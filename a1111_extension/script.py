@@ -16,7 +16,7 @@ Hooks, and why these:
   into image.info, which the on_before_image_saved callback copies into the PNG's "provenance" chunk. A
   script whose own postprocess_image_after_composite runs after this one and changes pixels is not seen.
 - postprocess: the per-image results and the batch summary in the response info (what API clients read,
-  and what javascript/provenance_guard.js draws the panel under the gallery from).
+  and what javascript/provenance_guard.js draws the panel in the accordion from).
 - on_image_saved (a script callback, credentials.image_saved): with Content Credentials on, the file the
   webui just wrote is signed in place with its image's check, as the file's last write.
 Any unexpected error inside a hook is caught and applied as the fail mode. Under fail mode closed an image

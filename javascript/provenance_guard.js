@@ -1,4 +1,4 @@
-// provenance-guard (A1111/Forge): the panel under the gallery lists each image's verdict and closest training
+// provenance-guard (A1111/Forge): the panel in the Provenance Guard accordion lists each image's verdict and closest training
 // images. It is drawn from the generation's own info (the hidden generation_info textbox the webui fills for
 // this browser's run: extra_generation_params["Provenance results"]), so it always belongs to the gallery
 // above it and never to another user's or an API client's run. Every text goes in as text (textContent),
