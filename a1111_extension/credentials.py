@@ -9,8 +9,9 @@ it, then a rename; a failure leaves the file as the webui wrote it).
 Which image is which: ``postprocess_image_after_composite`` puts each image's record into ``image.info``
 and, when the run signs, remembers that exact record text in the run's ``Signing``; a saved file is signed
 only when its record is one this run made (never a record that arrived with an uploaded image, never a file
-the extension did not check: grids, "before face restoration" copies, the extras tab). A blocked
-placeholder carries its own block verdict; nothing is signed as passed that did not pass.
+the extension did not check). Under "required" a file this run saved that no check belongs to (a grid, a
+"before face restoration / color correction / highres fix" copy) becomes a placeholder saying why. A
+blocked placeholder carries its own block verdict; nothing is signed as passed that did not pass.
 
 Settings (Settings > Provenance Guard): ``credentials`` off | on | required, ``credentials_folder`` (empty:
 $PROVENANCE_GUARD_CREDENTIALS), ``credentials_prompts``. Under "on" a key that cannot be used, or c2pa-python
@@ -138,21 +139,39 @@ def image_saved(params) -> None:
     and signs. Never raises into the webui."""
     state = getattr(getattr(params, "p", None), "_provenance", None)
     signing: Optional[Signing] = getattr(state, "signing", None)
-    if signing is None or signing.credentials is None or not signing.records:
+    if signing is None or signing.credentials is None:
         return
     pnginfo = params.pnginfo if isinstance(getattr(params, "pnginfo", None), dict) else {}
     record = pnginfo.get("provenance") or (getattr(params.image, "info", None) or {}).get("provenance")
     entry = signing.records.get(record) if isinstance(record, str) else None
-    if entry is None:  # a grid, a copy the webui saved before the check, the extras tab: not this run's image
+    if entry is None:  # a grid, a copy the webui saved before the check: no check of its own to sign with
+        if signing.mode == "required":
+            _unsigned_extra(params)
         return
     index, result = entry
     path = saved_path(params)
+    for target in [path] + _jpeg_copy(path, params):
+        try:
+            if target is None:
+                raise OSError(f"the file the webui wrote for {os.path.basename(str(params.filename))} cannot be "
+                              f"found")
+            sign(target, signing, result, parent_image(params.p, index))
+        except Exception as exc:  # noqa: BLE001 - the webui swallows callback errors; the file is handled here
+            _failed(signing, params, target, index, result, exc)
+
+
+def _jpeg_copy(path: Optional[str], params) -> list[str]:
+    """The downscaled JPEG copy the webui writes beside a large PNG in the same save ("Save copy of large
+    images as JPG"), when there is one written since this save began: the same image, signed the same way."""
+    if path is None or not path.lower().endswith(".png"):
+        return []
+    copy = os.path.splitext(path)[0] + ".jpg"
+    began = getattr(params, SEEN, None)
     try:
-        if path is None:
-            raise OSError(f"the file the webui wrote for {os.path.basename(str(params.filename))} cannot be found")
-        sign(path, signing, result, parent_image(params.p, index))
-    except Exception as exc:  # noqa: BLE001 - the webui swallows callback errors; the file is handled here
-        _failed(signing, params, path, index, result, exc)
+        mtime = os.stat(copy).st_mtime_ns
+    except OSError:
+        return []
+    return [copy] if began is not None and mtime >= began - MTIME_SLACK_NS else []
 
 
 def sign(path: str, signing: Signing, result: CheckResult, parent=None) -> None:
@@ -234,6 +253,32 @@ def _failed(signing: Signing, params, path: Optional[str], index: int, result: C
     if callable(comment):
         comment(f"Provenance Guard, image {index + 1}: Content Credentials could not be written ({why[:200]}); "
                 f"the saved file was replaced by a placeholder.")
+
+
+EXTRA_COPY = ("Not saved: Content Credentials are required, and this file (a grid, or a copy the webui saves "
+              "before face restoration, color correction or highres fix) carries no check of its own. Turn "
+              "those save options off in Settings > Saving images")
+
+
+def _unsigned_extra(params) -> None:
+    """Under "required", a file this run saved that no check belongs to (a grid, a "save a copy before ..."
+    file) becomes a placeholder saying why: nothing real is left unsigned."""
+    path = saved_path(params)
+    if path is None:
+        return
+    log.warning("provenance-guard: %s carries no check of its own (a grid or an early copy); Content Credentials "
+                "are required, so it is replaced by a placeholder", os.path.basename(path))
+    for target in [path] + _jpeg_copy(path, params):
+        try:
+            placeholder(target, EXTRA_COPY)
+        except Exception:  # noqa: BLE001 - last resort: the unsigned file must not stay
+            log.exception("provenance-guard: the placeholder could not be written; removing %s", target)
+            try:
+                os.unlink(target)
+            except OSError:
+                log.error("provenance-guard: %s could not be removed; delete it by hand", target)
+    settings.say_once("Content Credentials are required: grids and the webui's early copies are saved as "
+                      "placeholders (they carry no check of their own); turn those save options off")
 
 
 def placeholder(path: str, message: str) -> None:

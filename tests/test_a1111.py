@@ -899,6 +899,35 @@ def test_required_without_a_usable_key_blocks_every_image(webui, tmp_path, value
         assert any("counts as 'required'" in w for w in record["warnings"])
 
 
+def test_under_required_a_grid_or_an_early_copy_of_the_run_is_saved_as_a_placeholder(webui, keys, tmp_path):
+    """Required: nothing real is left unsigned. The run's own images are signed; a grid (or a "save a copy
+    before face restoration" file) carries no check of its own and becomes a placeholder saying why; under
+    "on" it stays as the webui wrote it, unsigned."""
+    cr = pytest.importorskip("provenance_guard.core.credentials")
+    pytest.importorskip("c2pa")
+    signing_on(webui, keys, mode="required")
+    p, _, saved, _ = generate(webui, ["camera", "coffee"], args())
+    for i, params in enumerate(saved):
+        assert cr.verify_file(save_like_webui(webui, params, tmp_path / f"{i}.png")).state == "valid"
+    grid = ImageSaveParams(Image.new("RGB", (192, 96), "gray"), p, "", {"parameters": "grid of the batch"})
+    path = save_like_webui(webui, grid, tmp_path / "grid.png")
+    assert is_placeholder(Image.open(path)) and cr.verify_file(path).state == "absent"
+    # the webui's downscaled JPEG copy of a large image, written in the same save: signed as the image is
+    p, _, saved, _ = generate(webui, ["coffee"], args())
+    for cb in webui.registry.get("before_image_saved", []):
+        cb(saved[0])
+    saved[0].image.convert("RGB").save(tmp_path / "large.jpg", "JPEG")
+    save_like_webui(webui, saved[0], tmp_path / "large.png")
+    assert cr.verify_file(tmp_path / "large.jpg").state == "valid"
+    assert cr.verify_file(tmp_path / "large.jpg").check["verdict"] == cr.verify_file(tmp_path / "large.png").check[
+        "verdict"]
+    signing_on(webui, keys, mode="on")
+    p, _, saved, _ = generate(webui, ["camera"], args())
+    grid = ImageSaveParams(Image.new("RGB", (192, 96), "gray"), p, "", {"parameters": "grid of the batch"})
+    path = save_like_webui(webui, grid, tmp_path / "grid-on.png")
+    assert not is_placeholder(Image.open(path)) and cr.verify_file(path).state == "absent"
+
+
 def test_a_signature_that_fails_under_required_leaves_a_placeholder_and_under_on_the_file(webui, keys, tmp_path,
                                                                                           monkeypatch, caplog):
     cr = pytest.importorskip("provenance_guard.core.credentials")

@@ -126,6 +126,27 @@ def test_webui_signs_each_saved_image_with_its_verdict_after_the_infotext(signin
     w.state["credentials"] = {"verdicts": [r["verdict"] for r in results], "grids": len(grids)}
 
 
+def test_webui_required_saves_a_grid_as_a_placeholder_and_signs_the_images(signing_webui):
+    """Required: nothing real is left unsigned. The batch's images are signed; the grid the webui saves
+    carries no check of its own and is saved as a placeholder."""
+    w, keys = signing_webui
+    _sign_on(w, keys, mode="required")
+    _set_options(w, {"grid_save": True})
+    payload = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "batch_size": 2, "seed": SEED,
+               "save_images": True, "alwayson_scripts": _script_args(str(w.host.bundle), "warn")}
+    out = _generate(w, "txt2img", payload)
+    _assert_no_hook_errors(out, "txt2img with Content Credentials required")
+    saved = _saved_samples(w, out["new_files"], "txt2img")
+    for path in saved.values():
+        assert cr.verify_file(path).state == "valid", path
+    grids = [p for p in out["new_files"] if "grids" in str(p) and p.suffix.lower() == ".png"]
+    assert grids, out["new_files"]
+    for grid in grids:
+        with Image.open(grid) as img:
+            assert _is_placeholder(img), f"{grid}: a grid was saved unsigned while credentials are required"
+    _set_options(w, CREDENTIAL_DEFAULTS)
+
+
 def _active_actions(path: Path) -> list:
     import c2pa
 
