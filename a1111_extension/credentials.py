@@ -240,15 +240,8 @@ def _failed(signing: Signing, params, path: Optional[str], index: int, result: C
               "replaced by a placeholder", index + 1, why)
     if path is None:
         return
-    try:
-        placeholder(path, f"Blocked: Content Credentials are required and could not be written ({why[:200]}). "
-                          f"Fix {settings.FIELDS['credentials_folder']}.")
-    except Exception:  # noqa: BLE001 - last resort: the unsigned file must not stay
-        log.exception("provenance-guard: the placeholder could not be written; removing %s", path)
-        try:
-            os.unlink(path)
-        except OSError:
-            log.error("provenance-guard: %s could not be removed; delete it by hand", path)
+    placeholder(path, f"Blocked: Content Credentials are required and could not be written ({why[:200]}). "
+                      f"Fix {settings.FIELDS['credentials_folder']}.")
     comment = getattr(getattr(params, "p", None), "comment", None)
     if callable(comment):
         comment(f"Provenance Guard, image {index + 1}: Content Credentials could not be written ({why[:200]}); "
@@ -269,20 +262,25 @@ def _unsigned_extra(params) -> None:
     log.warning("provenance-guard: %s carries no check of its own (a grid or an early copy); Content Credentials "
                 "are required, so it is replaced by a placeholder", os.path.basename(path))
     for target in [path] + _jpeg_copy(path, params):
-        try:
-            placeholder(target, EXTRA_COPY)
-        except Exception:  # noqa: BLE001 - last resort: the unsigned file must not stay
-            log.exception("provenance-guard: the placeholder could not be written; removing %s", target)
-            try:
-                os.unlink(target)
-            except OSError:
-                log.error("provenance-guard: %s could not be removed; delete it by hand", target)
+        placeholder(target, EXTRA_COPY)
     settings.say_once("Content Credentials are required: grids and the webui's early copies are saved as "
                       "placeholders (they carry no check of their own); turn those save options off")
 
 
 def placeholder(path: str, message: str) -> None:
-    """Replace the file at path by a black placeholder of the same size and format, atomically."""
+    """Replace the unsigned file at path by a black placeholder of the same size and format, atomically; where
+    that cannot be written, remove the file (an unsigned file must not stay)."""
+    try:
+        _write_placeholder(path, message)
+    except Exception:  # noqa: BLE001 - last resort: the unsigned file must not stay
+        log.exception("provenance-guard: the placeholder could not be written; removing %s", path)
+        try:
+            os.unlink(path)
+        except OSError:
+            log.error("provenance-guard: %s could not be removed; delete it by hand", path)
+
+
+def _write_placeholder(path: str, message: str) -> None:
     from PIL import Image
 
     from ..core.report import SHORT_FAILURE_NOTICES, placeholder_image

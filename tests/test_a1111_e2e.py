@@ -44,13 +44,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from static_site import static_site, wait_for
 from PIL import Image
 from provenance_guard.core.record import png_text_chunks, read_record
 from provenance_guard.core.report import block_message
@@ -1005,57 +1005,6 @@ def test_strict_evidence_shows_training_image_only(webui: Webui):
 PULLED_NAME = "e2e-provenance-pulled"  # the published copy's folder name: where the webui's pull installs it
 
 
-@contextmanager
-def _static_site(root: Path, hold_s: float = 45):
-    """root served as static hosting serves a published bundle: a ThreadingHTTPServer on 127.0.0.1 (a port of
-    its own) in a thread of this process. Yields (base URL, site): site["requests"] lists every request's
-    (method, path); every answer waits until site["gate"] (an Event) is set, or at most hold_s seconds (below a
-    pull's 60 s read timeout, so that a held answer never fails the pull; site["released"] counts those)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    site = {"requests": [], "gate": threading.Event(), "released": 0}
-    lock = threading.Lock()
-
-    class Handler(SimpleHTTPRequestHandler):
-        def _held(self) -> None:
-            with lock:
-                site["requests"].append((self.command, self.path))
-            if not site["gate"].wait(hold_s):
-                with lock:
-                    site["released"] += 1
-
-        def do_GET(self):
-            self._held()
-            super().do_GET()
-
-        def do_HEAD(self):
-            self._held()
-            super().do_HEAD()
-
-        def log_message(self, *args):  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, name="e2e-static-site", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", site
-    finally:
-        site["gate"].set()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-def _wait_for(what: str, ready, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        assert time.time() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.25)
-
-
 def test_bundle_url_pulls_once_then_checks(webui: Webui):
     """The script's 11th argument, bundle_url (bundle and bundle_path left empty): a bundle holding the known
     image, built and published (`index build`, `index publish`, the host's python through the clone) and served
@@ -1095,7 +1044,7 @@ def test_bundle_url_pulls_once_then_checks(webui: Webui):
 
     timings = {}
     try:
-        with _static_site(site_root) as (root_url, site):
+        with static_site(site_root) as (root_url, site):
             url = f"{root_url}/bundles/{PULLED_NAME}/"
             t0 = time.time()
             out, r = call(SEED, url, "bundle_url while downloading")  # the server holds every answer
@@ -1108,13 +1057,13 @@ def test_bundle_url_pulls_once_then_checks(webui: Webui):
             saved = _saved_samples(w, out["new_files"], "txt2img")
             assert list(saved) == [SEED], saved
             assert _check_saved(w, saved[SEED], "block").get("error"), saved[SEED]
-            _wait_for("no request reached the server while the check said it was downloading",
+            wait_for("no request reached the server while the check said it was downloading",
                       lambda: bool(site["requests"]), 30)
             assert site["released"] or not installed.exists(), "installed before the server answered"
 
             t0 = time.time()
             site["gate"].set()
-            _wait_for("the webui's pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
+            wait_for("the webui's pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
                       and record.is_file(), 120)
             timings["pull_s"] = round(time.time() - t0, 1)
             (installed / MARKER).write_text("installed by the webui's pull for tests/test_a1111_e2e.py; removed at "

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from static_site import static_site, wait_for
 
 from provenance_guard.core.record import png_text_chunks, read_record
 from provenance_guard.demo import sample_image
@@ -261,57 +262,6 @@ def test_front_end_draws_escaped_report_on_the_node(comfyui, tmp_path, tiny_mode
 
 # --- the check's bundle_url: a published bundle pulled once, in the background ---------------------------------
 
-@contextmanager
-def _static_site(root: Path, hold_s: float = 45):
-    """root served as static hosting serves a published bundle: a ThreadingHTTPServer on 127.0.0.1 (a port of
-    its own) in a thread of this process. Yields (base URL, site): site["requests"] lists every request's
-    (method, path); every answer waits until site["gate"] (an Event) is set, or at most hold_s seconds (below a
-    pull's 60 s read timeout, so that a held answer never fails the pull; site["released"] counts those)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    site = {"requests": [], "gate": threading.Event(), "released": 0}
-    lock = threading.Lock()
-
-    class Handler(SimpleHTTPRequestHandler):
-        def _held(self) -> None:
-            with lock:
-                site["requests"].append((self.command, self.path))
-            if not site["gate"].wait(hold_s):
-                with lock:
-                    site["released"] += 1
-
-        def do_GET(self):
-            self._held()
-            super().do_GET()
-
-        def do_HEAD(self):
-            self._held()
-            super().do_HEAD()
-
-        def log_message(self, *args):  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, name="e2e-static-site", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", site
-    finally:
-        site["gate"].set()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-def _wait_for(what: str, ready, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        assert time.time() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.25)
-
-
 def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references, tiny_model, tmp_path):
     """bundle_url names a bundle published with `index publish` on a static server (this process, loopback).
     Fail mode closed: while the pull runs (the server holds its answers) each run blocks the image with a
@@ -339,7 +289,7 @@ def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references
     sample_image("camera").convert("RGB").save(other)
     copy_name, other_name = _upload(base, copy), _upload(base, other)
 
-    with _static_site(site_root) as (root_url, site):
+    with static_site(site_root) as (root_url, site):
         url = f"{root_url}/bundles/{name}/"
 
         def graph(image: str, prefix: str) -> dict:
@@ -360,13 +310,13 @@ def test_bundle_url_pulls_once_in_the_background_then_checks(comfyui, references
             assert not image["matches"], image
         assert not list((tmp / "output").glob("pulling*")), "an image that was not checked was saved"
         assert site["released"] or not installed.exists(), "installed before the server answered"
-        _wait_for("no request reached the server while the check said it was downloading",
+        wait_for("no request reached the server while the check said it was downloading",
                   lambda: bool(site["requests"]), 30)
         held_s = time.time() - t0
 
         site["gate"].set()
         record = tmp / "models" / "provenance" / f".{name}.source.json"
-        _wait_for("the pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
+        wait_for("the pull did not install the bundle", lambda: (installed / "manifest.json").is_file()
                   and record.is_file(), 120)
         time.sleep(1)  # the background job takes the installed folder just after writing the record
 
