@@ -11,7 +11,7 @@ import json
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .core.config import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_TOP_K, DEFAULT_WARN
@@ -27,7 +27,7 @@ def _float01(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a cosine such as 0.95")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a cosine such as 0.95") from None
     if not -1.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} is not a cosine; give a number between -1 and 1")
     return value
@@ -37,13 +37,13 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
-def terminal_safe(text: Optional[str], width: int = 0) -> str:
+def terminal_safe(text: str | None, width: int = 0) -> str:
     """Strip control characters (captions come from the web) and shorten to width."""
     if not text:
         return ""
@@ -267,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--references", metavar="DIR", help="where the bundle's image folder is now, if it moved")
     cal.add_argument("--plot", metavar="PNG", help="where to write the score plot (default: BUNDLE.calibration.png "
                                                    "beside the bundle)")
+    cal.add_argument("--views", choices=("whole", "multi"), default="multi",
+                     help="the queries the thresholds are measured for, as 'check --views' makes them: multi (the "
+                          "whole image, its quarters and its centre; check's default with --verify on, and what "
+                          "the hosts' views setting 'multi' runs) or whole (one query: the hosts' default and "
+                          "check --verify off). Multi-view queries give wrong rows more chances, so their "
+                          "thresholds sit higher (default: multi)")
     cal.add_argument("--device", default="auto")
     cal.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
@@ -332,9 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "503 with Retry-After (default 2048)")
     sv.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json")
     sv.add_argument("--workers", type=_positive, default=1,
-                    help="server processes on the one port (default 1; one per CPU core serves the most "
-                         "requests): each maps the bundles, shared through the page cache, and loads its own "
-                         "model for image checks")
+                    help="server processes on the one port, run by uvicorn's process manager (default 1; one "
+                         "per CPU core serves the most requests): each maps the bundles, shared through the "
+                         "page cache, and loads its own model for image checks. SIGHUP restarts them one by "
+                         "one, SIGTTIN/SIGTTOU add or remove one")
+    sv.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                    help="close a connection that has not sent a request's headers within S seconds of opening "
+                         "or of its last answer (default 10)")
+    sv.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                    help="a request body must arrive within S seconds, else 408 (default 60)")
+    sv.add_argument("--max-connections", type=_positive, default=1000,
+                    help="open connections per worker process beyond which requests get 503 (default 1000)")
     add_verify_options(sv, default="confirm+escalate")
     sv.add_argument("--max-request-mb", type=float, default=20.0)
     sv.add_argument("--max-images", type=_positive, default=64, help="images per /v1/check request")
@@ -401,11 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    if list(sys.argv[1:] if argv is None else argv) == ["serve-worker"]:  # a process of serve --workers N
-        from .index_server.app import worker_main
-
-        return worker_main()
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":
@@ -441,13 +451,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
 
 
-def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, Optional[str]]]:
+def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, str | None]]:
     """(path, problem) for every image to check: folders expanded; an input that is not a checkable image (a
     missing path, a .gif, a folder without images) comes with the problem, to be reported as that input's
     result, so one bad input never stops the others."""
     from .core.images import IMAGE_SUFFIXES, find_images
 
-    out: list[tuple[Path, Optional[str]]] = []
+    out: list[tuple[Path, str | None]] = []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
@@ -464,7 +474,7 @@ def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, O
     return out
 
 
-def _file_sha256(path: Path) -> Optional[str]:
+def _file_sha256(path: Path) -> str | None:
     from .core.bundle import sha256_file
 
     try:
@@ -473,7 +483,7 @@ def _file_sha256(path: Path) -> Optional[str]:
         return None
 
 
-def cmd_check(args) -> int:
+def cmd_check(args) -> int:  # noqa: C901 - the gate's options, each applied where the run reaches it
     from .core.progress import heartbeat, progress
 
     from .core import html_report
@@ -500,7 +510,7 @@ def cmd_check(args) -> int:
     bundles = checker.open()
     with heartbeat("loading the model", enabled=not args.no_progress):
         checker.embedders()
-    jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
+    jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed after the run
     by_id = {b.id: b for b in bundles if hasattr(b, "manifest")}
     signed_bundles = [{"id": b.id, "version": b.version, **({"manifest_sha256": _file_sha256(b.path / "manifest.json")}
                                                             if hasattr(b, "path") else {})} for b in bundles
@@ -666,7 +676,7 @@ def _sign_after(path: Path, result, args, signing, bundles, lines: dict, failure
     lines[str(path)] = f"signed by {signing.subject}"
 
 
-def _trust_anchors(path: Optional[str]) -> Optional[bytes]:
+def _trust_anchors(path: str | None) -> bytes | None:
     """--trust's PEM roots (None without it), after checking that credentials can be read here at all."""
     from .core import credentials as cr
 
@@ -866,23 +876,41 @@ def cmd_calibrate(args) -> int:
 
     report = calibrate(args.bundle, negatives=args.negatives, positives=args.positives, target_fpr=args.target_fpr,
                        sample=args.sample, references=args.references, device=args.device, plot=args.plot,
-                       wait=not args.no_wait)
+                       wait=not args.no_wait, views=args.views)
     for line in report.lines():
         print(terminal_safe(line))
     return EXIT_OK
 
 
 def cmd_serve(args) -> int:
-    import os
-
     try:
+        import prometheus_client  # noqa: F401
         import threadpoolctl  # noqa: F401
         import uvicorn  # noqa: F401
 
-        from .index_server.app import ServerConfig, serve
+        from .index_server.processes import serve
     except ModuleNotFoundError as exc:
         raise ConfigError(f"the index server needs {exc.name}, which is not installed: pip install "
                           f"'provenance-guard[server]' (or, in a clone, pip install '.[server]')") from exc
+    config = server_config(args)
+    print(f"serving {', '.join(f'{n}={p}' for n, p in config.indices.items())} on http://{args.host}:{args.port}"
+          + (" (token required)" if config.token else "")
+          + (f", {config.workers} worker processes" if config.workers > 1 else ""), file=sys.stderr, flush=True)
+    serve(config, args.host, args.port, log_level=args.log_level)
+    return EXIT_OK
+
+
+def server_config_from_argv(argv: Sequence[str]):
+    """serve's arguments (as in $PROVENANCE_GUARD_SERVE_ARGS, for gunicorn's workers) -> (ServerConfig, args)."""
+    args = build_parser().parse_args(["serve", *argv])
+    return server_config(args), args
+
+
+def server_config(args):
+    """The ServerConfig of serve's parsed arguments."""
+    import os
+
+    from .index_server.config import ServerConfig
 
     indices = {}
     for item in args.index:
@@ -901,21 +929,21 @@ def cmd_serve(args) -> int:
                               f"on its first line") from exc
         if not token:
             raise ConfigError(f"--token-file {args.token_file}: its first line is empty; put the token there")
-    config = ServerConfig(indices=indices, token=token, allow_image_url=args.allow_image_url,
-                          allow_loopback_fetch=args.allow_image_url_loopback, openapi=args.openapi,
-                          max_decode_memory=int(args.max_decode_mb * 2**20),
-                          max_request_bytes=int(args.max_request_mb * 2**20),
-                          max_images_per_request=args.max_images, max_batch=args.max_batch,
-                          batch_wait_ms=args.batch_wait_ms, device=args.device,
-                          audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
-                          warn=args.warn, block=args.block, fail_mode=args.fail_mode, verify=args.verify,
-                          verify_from=args.verify_from, references=reference_options(args),
-                          workers=args.workers, model=args.model, embeddings_only=args.embeddings_only)
-    print(f"serving {', '.join(f'{n}={p}' for n, p in indices.items())} on http://{args.host}:{args.port}"
-          + (" (token required)" if config.token else "")
-          + (f", {config.workers} worker processes" if config.workers > 1 else ""), file=sys.stderr, flush=True)
-    serve(config, args.host, args.port, log_level=args.log_level)
-    return EXIT_OK
+    for option, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not 0 < seconds <= 3600:
+            raise ConfigError(f"{option} {seconds:g}: give seconds above 0, at most 3600")
+    return ServerConfig(indices=indices, token=token, allow_image_url=args.allow_image_url,
+                        allow_loopback_fetch=args.allow_image_url_loopback, openapi=args.openapi,
+                        max_decode_memory=int(args.max_decode_mb * 2**20),
+                        max_request_bytes=int(args.max_request_mb * 2**20),
+                        max_images_per_request=args.max_images, max_batch=args.max_batch,
+                        batch_wait_ms=args.batch_wait_ms, device=args.device,
+                        audit_log=args.audit_log or os.environ.get("PROVENANCE_GUARD_AUDIT_LOG"),
+                        warn=args.warn, block=args.block, fail_mode=args.fail_mode, verify=args.verify,
+                        verify_from=args.verify_from, references=reference_options(args),
+                        workers=args.workers, model=args.model, embeddings_only=args.embeddings_only,
+                        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                        max_connections=args.max_connections)
 
 
 def cmd_fingerprint(args) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Optional
 
 TINY_MODEL_CFG = {
     "embed_dim": 64,
@@ -130,7 +129,7 @@ def write_outputs(folder: Path) -> dict[str, str]:
     return made
 
 
-def run_demo(out: Path, model: Optional[str] = None, device: str = "auto") -> int:
+def run_demo(out: Path, model: str | None = None, device: str = "auto") -> int:
     """Build the sample bundle, check the sample outputs, print the table, write the records."""
     import importlib.util
 

@@ -17,7 +17,7 @@ import launch
 # distribution -> (import name, requirement)
 PACKAGES = {
     "open_clip_torch": ("open_clip", "open_clip_torch>=2.20"),
-    "faiss-cpu": ("faiss", "faiss-cpu>=1.8"),
+    "faiss-cpu": ("faiss", "faiss-cpu>=1.11"),  # 1.11: the memory-mapped re-rank views (core/bundle)
     "pyarrow": ("pyarrow", "pyarrow>=14"),
     "safetensors": ("safetensors", "safetensors"),
     "huggingface_hub": ("huggingface_hub", "huggingface_hub"),
@@ -30,6 +30,8 @@ PACKAGES = {
 OPTIONAL = {"c2pa-python": ("c2pa", "c2pa-python>=0.38,<0.39")}
 PINNED = ("torch", "torchvision", "numpy")
 PYARROW_FOR_NUMPY1 = "pyarrow>=14,<26"
+# An installed copy older than this is upgraded (importable is not enough: older FAISS lacks what bundles use).
+MINIMUM = {"faiss-cpu": (1, 11)}
 
 
 def installed(dist: str):
@@ -51,7 +53,8 @@ def importable(module: str) -> bool:
 
 
 def wanted() -> list:
-    """The requirements to install now: missing packages, and a pyarrow that cannot work beside numpy 1."""
+    """The requirements to install now: missing packages, ones older than MINIMUM, and a pyarrow that cannot
+    work beside numpy 1."""
     numpy = installed("numpy")
     numpy1 = numpy is not None and release(numpy) < (2,)
     out = []
@@ -61,7 +64,8 @@ def wanted() -> list:
             if pyarrow is None or release(pyarrow) >= (26,):
                 out.append(PYARROW_FOR_NUMPY1)
             continue
-        if not importable(module):
+        version = installed(dist)
+        if not importable(module) or (dist in MINIMUM and version is not None and release(version) < MINIMUM[dist]):
             out.append(requirement)
     return out
 

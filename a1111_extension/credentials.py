@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..core.result import CheckResult
 from . import settings
@@ -46,7 +46,7 @@ class Signing:
     mode: str
     credentials: Any = None  # core.credentials.Credentials; None when the run cannot sign
     include_prompts: bool = True
-    error: Optional[str] = None  # "required" and unusable: every image of the run is blocked with this
+    error: str | None = None  # "required" and unusable: every image of the run is blocked with this
     software: str = ""
     records: dict[str, tuple[int, CheckResult]] = field(default_factory=dict)  # record text -> (index, result)
 
@@ -69,7 +69,7 @@ def software() -> str:
     return f"{name} {tag}".strip() if tag and tag != "<none>" else name
 
 
-def _problem() -> tuple[Optional[str], Any]:
+def _problem() -> tuple[str | None, Any]:
     """(None, credentials) when the run can sign, else (one line saying why not and what to do, None)."""
     from ..core import credentials as cr
     from ..core.errors import ProvenanceError
@@ -104,7 +104,7 @@ def _samples_format() -> str:
         return "png"
 
 
-def run_signing(p, warnings: list) -> Optional[Signing]:
+def run_signing(p, warnings: list) -> Signing | None:
     """The run's Signing (None: credentials off, or "on" and they cannot be used, said once)."""
     mode = settings.safe_choice("credentials", settings.default("credentials"), warnings)
     if mode == "off":
@@ -138,7 +138,7 @@ def image_saved(params) -> None:
     """script_callbacks.on_image_saved: sign the file just written, when it holds an image this run checked
     and signs. Never raises into the webui."""
     state = getattr(getattr(params, "p", None), "_provenance", None)
-    signing: Optional[Signing] = getattr(state, "signing", None)
+    signing: Signing | None = getattr(state, "signing", None)
     if signing is None or signing.credentials is None:
         return
     pnginfo = params.pnginfo if isinstance(getattr(params, "pnginfo", None), dict) else {}
@@ -160,7 +160,7 @@ def image_saved(params) -> None:
             _failed(signing, params, target, index, result, exc)
 
 
-def _jpeg_copy(path: Optional[str], params) -> list[str]:
+def _jpeg_copy(path: str | None, params) -> list[str]:
     """The downscaled JPEG copy the webui writes beside a large PNG in the same save ("Save copy of large
     images as JPG"), when there is one written since this save began: the same image, signed the same way."""
     if path is None or not path.lower().endswith(".png"):
@@ -188,7 +188,7 @@ def sign(path: str, signing: Signing, result: CheckResult, parent=None) -> None:
         cr.sign_file(path, signing.credentials, manifest, parent=parent_path)
 
 
-def saved_path(params) -> Optional[str]:
+def saved_path(params) -> str | None:
     """The file the webui wrote: params.filename, or, under "Add number suffix" for existing names (the webui
     does not update params.filename then), the last of name-1, name-2, ...; only a file written since this
     save began."""
@@ -229,7 +229,7 @@ def parent_image(p, index: int):
     return image if hasattr(image, "save") else None
 
 
-def _failed(signing: Signing, params, path: Optional[str], index: int, result: CheckResult, exc: Exception) -> None:
+def _failed(signing: Signing, params, path: str | None, index: int, result: CheckResult, exc: Exception) -> None:
     """Signing a saved file failed. "required": the file becomes a placeholder (nothing real stays unsigned);
     "on": it stays as the webui wrote it, said once."""
     why = str(exc) or type(exc).__name__

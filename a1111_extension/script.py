@@ -30,7 +30,8 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import modules.scripts as scripts
 
@@ -51,7 +52,7 @@ FAIL_MODES = settings.FAIL_MODES
 # The order of ui()'s components = the order of alwayson_scripts args in the API (docs/hosts.md documents it).
 # New arguments go at the end, so API callers that send the older, shorter list keep working.
 ARG_NAMES = ["enabled", "bundle", "bundle_path", "use_bundle_thresholds", "warn", "block", "action", "fail_mode",
-             "verify", "fetch_references", "bundle_url"]
+             "verify", "fetch_references", "bundle_url", "views"]
 HIGHRES_COPY = ("a copy of this image from before highres fix was saved before any check could run "
                 "('Save a copy of image before applying highres fix' is on); turn that setting off so no "
                 "unchecked copy reaches the outputs")
@@ -71,14 +72,14 @@ class RunState:
     action: str
     policy: Policy
     bundle: str = ""
-    error: Optional[str] = None  # a setting or bundle that makes every check of this run fail
+    error: str | None = None  # a setting or bundle that makes every check of this run fail
     references: ReferenceOptions = field(default_factory=lambda: ReferenceOptions())
     warnings: list[str] = field(default_factory=list)
     results: dict[int, CheckResult] = field(default_factory=dict)  # global image index -> result
     withheld: set[int] = field(default_factory=set)
-    monitor: Optional[MemorizationMonitor] = None  # the current batch's memorization signal (None: off)
-    family: Optional[str] = None
-    signing: Optional[credentials.Signing] = None  # Content Credentials of this run's saved images (None: off)
+    monitor: MemorizationMonitor | None = None  # the current batch's memorization signal (None: off)
+    family: str | None = None
+    signing: credentials.Signing | None = None  # Content Credentials of this run's saved images (None: off)
 
     def record(self, index: int, result: CheckResult) -> CheckResult:
         for warning in self.warnings:
@@ -93,7 +94,7 @@ class RunState:
 def parse_args(args) -> dict[str, Any]:
     """The script's arguments by name; one left out (an API caller sending fewer) or FROM_SETTINGS (what the
     API fills in for one left out, or a caller's null) takes the setting's value at this call."""
-    values = dict(zip(ARG_NAMES, args))
+    values = dict(zip(ARG_NAMES, args, strict=False))  # a caller may send fewer: the rest are settings'
     for name in ARG_NAMES:
         if values.get(name, FROM_SETTINGS) is FROM_SETTINGS:
             values[name] = settings.default(name)
@@ -108,6 +109,7 @@ def run_state(values: dict[str, Any]) -> RunState:
     fail_mode = settings.safe_choice("fail_mode", values.get("fail_mode"), warnings)
     action = settings.safe_choice("action", values.get("action"), warnings)
     verify = settings.safe_choice("verify", values.get("verify"), warnings)
+    views = settings.safe_choice("views", values.get("views"), warnings)
     prompt_action = settings.choice("prompt_action")
     use_bundle = values.get("use_bundle_thresholds")
     problems = []
@@ -116,12 +118,12 @@ def run_state(values: dict[str, Any]) -> RunState:
         use_bundle = True
     fetch = values.get("fetch_references") is True
     strict = settings.safe_choice("strict", settings.default("strict"), warnings)
-    policy = Policy(fail_mode=fail_mode, strict=strict)
+    policy = Policy(fail_mode=fail_mode, strict=strict, views=views)
     try:
         threshold = float(settings.default("memorization_threshold") or 0.0)
         policy = Policy(warn=None if use_bundle else float(values["warn"]),
                         block=None if use_bundle else float(values["block"]),
-                        fail_mode=fail_mode, verify=verify, prompt_action=prompt_action, strict=strict,
+                        fail_mode=fail_mode, verify=verify, prompt_action=prompt_action, strict=strict, views=views,
                         memorization_thresholds={"*": threshold} if threshold > 0 else None)
     except (ConfigError, TypeError, ValueError) as exc:
         problems.append(f"thresholds warn={values.get('warn')!r}, block={values.get('block')!r}: {exc}")
@@ -213,11 +215,11 @@ def _global_index(p, position: int) -> int:
     return int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1) + int(position)
 
 
-def infotext_value(state: RunState, name: str) -> Callable[..., Optional[str]]:
+def infotext_value(state: RunState, name: str) -> Callable[..., str | None]:
     """A callable for p.extra_generation_params[name]: create_infotext calls it with its locals (p, index =
     the image's position in its batch, use_main_prompt for the grid)."""
 
-    def value(**kwargs) -> Optional[str]:
+    def value(**kwargs) -> str | None:
         if kwargs.get("use_main_prompt"):
             return infotext_fields(list(state.results.values()), batch=True).get(name)
         result = state.results.get(_global_index(kwargs.get("p"), kwargs.get("index") or 0))
@@ -226,7 +228,7 @@ def infotext_value(state: RunState, name: str) -> Callable[..., Optional[str]]:
     return value
 
 
-def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, Optional[str]]:
+def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, str | None]:
     """The infotext fields of one image, or of a batch (the worst verdict with a count; the best score)."""
     if not results:
         return {}
@@ -241,7 +243,7 @@ def infotext_fields(results: list[CheckResult], batch: bool) -> dict[str, Option
     }
 
 
-def _batch_memorization(results: list[CheckResult]) -> Optional[str]:
+def _batch_memorization(results: list[CheckResult]) -> str | None:
     """The batch's highest memorization score in a few words (None when no image has one)."""
     scored = [r.prompt for r in results if r.prompt is not None and r.prompt.memorization_score is not None]
     if scored:
@@ -299,11 +301,14 @@ class ProvenanceGuardScript(scripts.Script):
                                   label="Verify matches on the training image's pixels", elem_id=self.elem_id("verify"))
                 fetch = gr.Checkbox(label="Fetch training images of URL-only bundles (tells their hosts someone looked)",
                                     value=settings.default("fetch_references"), elem_id=self.elem_id("fetch_references"))
+                views = gr.Radio(settings.VIEWS, value=settings.choice("views"),
+                                 label="Query views (multi: also the quarters and the centre)",
+                                 elem_id=self.elem_id("views"))
             # Filled by javascript/provenance_guard.js from this generation's info (never from a shared route).
             gr.HTML("", elem_id=f"provenance_guard_panel_{'img2img' if is_img2img else 'txt2img'}")
         self.infotext_fields = []
         components = [enabled, bundle, bundle_path, use_bundle, warn, block, action, fail_mode, verify, fetch,
-                      bundle_url]
+                      bundle_url, views]
         if _collecting_api_defaults():
             for component in components:  # never drawn: what the API fills in for arguments left out
                 component.value = FROM_SETTINGS
@@ -352,7 +357,7 @@ class ProvenanceGuardScript(scripts.Script):
 
     def process_batch(self, p, *args, **kwargs):
         """A fresh memorization monitor for each batch (its images' scores go to the batch check)."""
-        state: Optional[RunState] = getattr(p, "_provenance", None)
+        state: RunState | None = getattr(p, "_provenance", None)
         if state is None or state.family is None:
             return
         try:
@@ -372,7 +377,7 @@ class ProvenanceGuardScript(scripts.Script):
         """Forge: on_cfg_denoised never fires there; its ComfyUI-style patcher gets the post-CFG function
         (core.memorization.post_cfg_step). Forge's arguments carry no cond_scale: the step's guidance comes
         from on_cfg_denoiser (cfg_denoiser below), by the webui's own rule. A1111 has no such hook."""
-        state: Optional[RunState] = getattr(p, "_provenance", None)
+        state: RunState | None = getattr(p, "_provenance", None)
         objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
         if state is None or state.monitor is None or objects is None:
             return
@@ -392,7 +397,7 @@ class ProvenanceGuardScript(scripts.Script):
         objects.unet = unet
 
     def postprocess_batch_list(self, p, pp, *args, **kwargs):
-        state: Optional[RunState] = getattr(p, "_provenance", None)
+        state: RunState | None = getattr(p, "_provenance", None)
         if state is None or not pp.images:
             return
         first = _global_index(p, 0)
@@ -441,7 +446,7 @@ class ProvenanceGuardScript(scripts.Script):
         return _global_index(p, getattr(p, "batch_index", 0) or 0)
 
     def postprocess_image_after_composite(self, p, pp, *args):
-        state: Optional[RunState] = getattr(p, "_provenance", None)
+        state: RunState | None = getattr(p, "_provenance", None)
         if state is None:
             return
         try:
@@ -504,7 +509,7 @@ class ProvenanceGuardScript(scripts.Script):
             self.postprocess_image_after_composite(p, pp, *args)
 
     def postprocess(self, p, processed, *args):
-        state: Optional[RunState] = getattr(p, "_provenance", None)
+        state: RunState | None = getattr(p, "_provenance", None)
         if state is None:
             return
         ordered = [state.results[i] for i in sorted(state.results)]
@@ -558,7 +563,7 @@ def cfg_denoiser(params) -> None:
     unconditional prediction, for on_cfg_denoised (A1111) or the post-CFG function (Forge)."""
     denoiser = getattr(params, "denoiser", None)
     p = getattr(denoiser, "p", None)
-    state: Optional[RunState] = getattr(p, "_provenance", None)
+    state: RunState | None = getattr(p, "_provenance", None)
     monitor = state.monitor if state is not None else None
     if monitor is None or monitor.done:
         _PENDING.step = _PENDING.guidance = None

@@ -8,7 +8,7 @@ names its component. On every page load the webui refreshes each option with
 does not take makes the whole refresh fail (HTTP 500, every field "Error", and Apply then writes the stale
 values back), so component_args keeps only the keywords the installed gradio takes (``update_args``).
 
-Values are validated where they are used: a safety setting (fail mode, action, verify, prompt action,
+Values are validated where they are used: a safety setting (fail mode, action, verify, views, prompt action,
 Content Credentials, the on/off switches) edited into config.json or posted through the API that is not one
 of its choices counts as its safe value (``SAFE``: what studio enforcement runs with), and the run says so
 once (``safe_choice``).
@@ -25,7 +25,8 @@ import inspect
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 log = logging.getLogger("provenance_guard")
 
@@ -39,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "block": 0.95, "action": "warn", "fail_mode": "open", "verify": "confirm", "fetch_references": False,
     "references": "", "memorization": True, "memorization_steps": 5, "memorization_threshold": 0.0,
     "prompt_action": "warn", "strict": False, "credentials": "off", "credentials_folder": "",
-    "credentials_prompts": True,
+    "credentials_prompts": True, "views": "whole",
 }
 LABELS = {
     "enabled": "Check every generated image by default",
@@ -56,6 +57,9 @@ LABELS = {
     "fail_mode": "If a check cannot run: open (pass, marked unchecked) or closed (block)",
     "verify": "Verify matches on the training image's pixels: confirm (a block found different becomes warn), "
               "escalate (a verified copy blocks), both, or off",
+    "views": "Query views: whole (the image alone) or multi (also its four quarters and its centre, each verified "
+             "against the part that found it: finds a training image copied into part of a larger image, for six "
+             "times the embedding work)",
     "fetch_references": "Fetch training images of URL-only (LAION) bundles to verify them (tells each image's "
                         "host that someone looked at it)",
     "references": "Folder of the bundle's reference images, if it moved",
@@ -75,15 +79,17 @@ LABELS = {
 }
 PROMPT_ACTIONS = ["warn", "pass", "block"]
 CREDENTIAL_MODES = ["off", "on", "required"]
+VIEWS = ["whole", "multi"]  # core.policy.VIEWS, the webui's default first
 CHOICES = {"action": ACTIONS, "fail_mode": FAIL_MODES, "verify": VERIFY_MODES, "prompt_action": PROMPT_ACTIONS,
-           "credentials": CREDENTIAL_MODES}
+           "credentials": CREDENTIAL_MODES, "views": VIEWS}
 # What an unusable value of a safety setting counts as: the values studio enforcement runs with (closed,
 # block, confirm+escalate, checking and the monitor on, strict evidence, nothing fetched, credentials
-# required, prompts kept out of them). Thresholds have no such value (neither set is surely the stricter):
-# unusable ones fail the check under the fail mode.
+# required, prompts kept out of them), and for the views the more thorough query (multi). Thresholds have no
+# such value (neither set is surely the stricter): unusable ones fail the check under the fail mode.
 SAFE: dict[str, Any] = {"action": "block", "fail_mode": "closed", "verify": "confirm+escalate",
                         "prompt_action": "block", "enabled": True, "memorization": True, "strict": True,
-                        "fetch_references": False, "credentials": "required", "credentials_prompts": False}
+                        "fetch_references": False, "credentials": "required", "credentials_prompts": False,
+                        "views": "multi"}
 # The Settings field a message names where the command line would name a flag.
 FIELDS = {"references": "Settings > Provenance Guard > \"Folder of the bundle's reference images\"",
           "fetch": "Settings > Provenance Guard > \"Fetch training images of URL-only (LAION) bundles\" "
@@ -124,7 +130,7 @@ def unusable(key: str, value: Any) -> str:
             f"until it is fixed in Settings > Provenance Guard or config.json")
 
 
-def safe_choice(key: str, value: Any, warnings: Optional[list] = None) -> Any:
+def safe_choice(key: str, value: Any, warnings: list | None = None) -> Any:
     """value when it is one of the key's choices (a bool for an on/off setting), else the key's safe value,
     said once in the log and added to warnings."""
     ok = value in CHOICES[key] if key in CHOICES else isinstance(value, bool)
@@ -146,7 +152,7 @@ def update_args(component: Any, args: dict[str, Any]) -> dict[str, Any]:
     """The keywords of args that the installed gradio takes both when it builds component and when the
     settings page refreshes it (gradio 3's Component.update() has a fixed list; gradio 4 has no update() and
     gr.update takes any keyword, so everything the constructor takes is kept)."""
-    def names(fn: Optional[Callable]) -> Optional[set]:
+    def names(fn: Callable | None) -> set | None:
         if fn is None:
             return None
         try:
@@ -202,6 +208,7 @@ def options() -> dict[str, Any]:
         "action": info("action", gr.Radio, {"choices": ACTIONS}),
         "fail_mode": info("fail_mode", gr.Radio, {"choices": FAIL_MODES}),
         "verify": info("verify", gr.Radio, {"choices": VERIFY_MODES}),
+        "views": info("views", gr.Radio, {"choices": VIEWS}),
         "fetch_references": info("fetch_references"),
         "references": info("references"),
         "memorization": info("memorization"),

@@ -106,7 +106,7 @@ def main() -> None:
         for k in parts:
             parts[k].append(r.timings_ms[k] / 1e3)
     hit = np.mean([r.matches[0].row_id == i for r, i in
-                   zip(checker.check_embeddings(q[:50]), ids[:50])])
+                   zip(checker.check_embeddings(q[:50]), ids[:50], strict=True)])
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{bundle.count:,} x {DIM}-d, {FACTORY}, nprobe={NPROBE}, float16 re-rank vectors; files in page cache")

@@ -23,6 +23,7 @@ checked: the share of queries whose top result is the row the query was made fro
 
     .venv/bin/python bench/p4_server_load.py [--requests 6400] [--clients 32] [--soak-s 600] [--workers N]
                                              [--rounds 3] [--clip-back-requests 960] [--skip-clip-back]
+                                             [--compare GIT_REF]
 """
 from __future__ import annotations
 
@@ -114,12 +115,12 @@ def summary(segments: list[tuple[float, list[float]]]) -> tuple[float, float, fl
         len(lat_ms)
 
 
-def top1_agreement(port: int, bodies: list[bytes], expected: "np.ndarray", path: str = "/knn-service") -> float:
+def top1_agreement(port: int, bodies: list[bytes], expected: np.ndarray, path: str = "/knn-service") -> float:
     """Share of queries whose first result is the stored row the query was made from: the answers are real."""
     import requests
 
     hits = 0
-    for body, want in zip(bodies, expected):
+    for body, want in zip(bodies, expected, strict=True):
         out = requests.post(f"http://127.0.0.1:{port}{path}", data=body, timeout=30).json()
         if path == "/v1/check":
             out = [{"id": m["row_id"]} for m in out["results"][0]["matches"]]
@@ -131,7 +132,7 @@ class FaissBound:
     """The bare-FAISS bound: the bundle's index (as the server opens it) searched one query at a time from
     n threads, OpenMP at one thread each."""
 
-    def __init__(self, bundle_path: Path, queries: "np.ndarray", k: int = 40):
+    def __init__(self, bundle_path: Path, queries: np.ndarray, k: int = 40):
         import faiss
 
         from provenance_guard.core.bundle import Bundle
@@ -227,7 +228,17 @@ def wait_until_warm(port: int, workers: int, seconds: float = 300.0) -> tuple[fl
     return time.monotonic() - t0, faiss_rerank
 
 
-def try_clip_back(bundle_path: Path, bodies: list[bytes], clients: int, expected: "np.ndarray"):
+def worktree(ref: str) -> Path:
+    """A temporary checkout of ref (git worktree) whose server runs by path beside this one."""
+    import tempfile
+
+    tree = Path(tempfile.mkdtemp(prefix="p4-compare-")) / "provenance_guard"
+    subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tree), ref], check=True,
+                   capture_output=True)
+    return tree
+
+
+def try_clip_back(bundle_path: Path, bodies: list[bytes], clients: int, expected: np.ndarray):
     """Run clip-retrieval's `clip back` in its own venv over the same FAISS index (nprobe set as in our
     manifest) and the same Arrow metadata, and load it like ours. Returns (message, measurement or None).
 
@@ -269,7 +280,7 @@ def try_clip_back(bundle_path: Path, bodies: list[bytes], clients: int, expected
                         "torch.save(open_clip.create_model('ViT-B-32').state_dict(), sys.argv[1])", str(ckpt)],
                        check=True, capture_output=True)
     port = free_port()
-    log = open(HERE / "out" / "p4-clip-back.log", "wb")
+    log = open(HERE / "out" / "p4-clip-back.log", "wb")  # noqa: SIM115 - closed with the server, below
     server = subprocess.Popen([str(py), "-m", "clip_retrieval.clip_back",
                                f"--indices_paths={folder / 'indices_paths.json'}", f"--port={port}",
                                f"--clip_model=open_clip:ViT-B-32/{ckpt}", "--use_jit=False", "--use_arrow=True",
@@ -288,6 +299,7 @@ def try_clip_back(bundle_path: Path, bodies: list[bytes], clients: int, expected
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        log.close()
     return "clip back (clip-retrieval, Flask) over the same index file and metadata", result
 
 
@@ -301,6 +313,9 @@ def main() -> None:
     ap.add_argument("--skip-clip-back", action="store_true")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes")
     ap.add_argument("--rounds", type=int, default=3, help="bound, knn load and /v1/check load, in turn")
+    ap.add_argument("--compare", metavar="GIT_REF",
+                    help="also serve this commit's code (a temporary git worktree, removed after) under the same "
+                         "load, each of its loads right after ours in every round, and print both ratios")
     args = ap.parse_args()
     from p1_check_overhead import build
 
@@ -322,32 +337,59 @@ def main() -> None:
     bound1 = bound.rate(1, 10.0)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "provenance_guard", "serve", "--index", f"laion={path}",
-                               "--port", str(port), "--log-level", "warning", "--workers", str(args.workers)],
+                               "--port", str(port), "--log-level", "warning", "--workers", str(args.workers),
+                               "--embeddings-only"],  # embedding queries only: no model to load
                               stderr=subprocess.DEVNULL)
+    other = other_port = tree = None
+    if args.compare:
+        tree = worktree(args.compare)
+        other_port = free_port()
+        other = subprocess.Popen([sys.executable, str(tree), "serve", "--index", f"laion={path}", "--port",
+                                  str(other_port), "--log-level", "warning", "--workers", str(args.workers),
+                                  "--embeddings-only"],
+                                 stderr=subprocess.DEVNULL)
     rounds = max(1, min(args.rounds, args.requests // (args.clients * 4)))  # each round a few requests a client
-    bounds, knn_runs, check_runs = [], [], []
+    bounds, knn_runs, check_runs, other_knn, other_check = [], [], [], [], []
     try:
         wait_until_up(port, "/healthz", server, 120)
         warm_s, faiss_rerank = wait_until_warm(port, args.workers)
-        for r in range(rounds):  # the idle server takes no CPU while the bound is measured
+        if other is not None:
+            wait_until_up(other_port, "/healthz", other, 120)
+            wait_until_warm(other_port, args.workers)
+        for r in range(rounds):  # an idle server takes no CPU while the bound is measured
             bounds.append(bound.rate(2, BOUND_SECONDS))
             knn_runs.append(timed_load(port, bodies[r::rounds], args.clients, "/knn-service"))
+            if other is not None:
+                other_knn.append(timed_load(other_port, bodies[r::rounds], args.clients, "/knn-service"))
             check_runs.append(timed_load(port, checks[r::rounds], args.clients, "/v1/check"))
+            if other is not None:
+                other_check.append(timed_load(other_port, checks[r::rounds], args.clients, "/v1/check"))
+        if other is not None:
+            other.send_signal(signal.SIGTERM)
+            other.wait(timeout=60)
         rss_warm = rss_mb(server.pid, tree=True)
         top1 = top1_agreement(port, bodies[:50], ids[:50])
         c_top1 = top1_agreement(port, checks[:50], ids[:50], "/v1/check")
         soaked = soak(port, bodies, args.clients, args.soak_s) if args.soak_s > 0 else 0
         rss_after = rss_mb(server.pid, tree=True)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        for proc in (server, other):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        if tree is not None:
+            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True)
+            import shutil
+
+            shutil.rmtree(tree.parent, ignore_errors=True)
     bound2 = statistics.mean(bounds)
     qps, p50, p99, n = summary(knn_runs)
     c_qps, c_p50, c_p99, c_n = summary(check_runs)
     # Each round's requests over the bound its time was worth: exactly r when throughput follows the bound
     # at ratio r (requests over the mean bound would weigh a slow round's longer time against it).
-    ratio = n / sum(w * b for (w, _), b in zip(knn_runs, bounds))
-    c_ratio = c_n / sum(w * b for (w, _), b in zip(check_runs, bounds))
+    ratio = n / sum(w * b for (w, _), b in zip(knn_runs, bounds, strict=True))
+    c_ratio = c_n / sum(w * b for (w, _), b in zip(check_runs, bounds, strict=True))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server ({args.workers} worker processes) and "
           f"clients on the same machine; measured once every worker said its bundle was warm ({warm_s:.1f} s "
           f"after it answered; re-rank inside FAISS: {'yes' if faiss_rerank else 'no, the Python re-rank'})")
@@ -359,10 +401,18 @@ def main() -> None:
           f"top-1 = source row {top1:.2f}", flush=True)
     print(f"/v1/check: {c_n} requests (one precomputed embedding each, top_k 10), {c_qps:6.1f} req/s; latency "
           f"p50 {c_p50:7.1f} ms, p99 {c_p99:7.1f} ms; top-1 = source row {c_top1:.2f}")
-    per_round = [(len(lk) / wk / b, len(lc) / wc / b) for b, (wk, lk), (wc, lc) in zip(bounds, knn_runs, check_runs)]
+    per_round = [(len(lk) / wk / b, len(lc) / wc / b) for b, (wk, lk), (wc, lc) in zip(bounds, knn_runs, check_runs, strict=True)]
     print("rounds (knn / bound, /v1/check / bound, against the round's bound): "
           + "; ".join(f"{a:.2f}, {c:.2f}" for a, c in per_round))
     print(f"P4 knn throughput / bare-FAISS bound (2 threads) = {ratio:.2f} (target >= 0.5); /v1/check: {c_ratio:.2f}")
+    if other_knn:
+        o_qps, o_p50, o_p99, o_n = summary(other_knn)
+        o_ratio = o_n / sum(w * b for (w, _), b in zip(other_knn, bounds, strict=True))
+        o_c_ratio = summary(other_check)[3] / sum(w * b for (w, _), b in zip(other_check, bounds, strict=True))
+        print(f"{args.compare} (same load, right after ours in each round): {o_n} requests, {o_qps:6.1f} req/s; "
+              f"latency p50 {o_p50:7.1f} ms, p99 {o_p99:7.1f} ms")
+        print(f"P4 knn / bound: this code {ratio:.2f}, {args.compare} {o_ratio:.2f}; /v1/check / bound: this code "
+              f"{c_ratio:.2f}, {args.compare} {o_c_ratio:.2f}")
     if soaked:
         print(f"server RSS: {rss_warm:.0f} MB after the measured loads, {rss_after:.0f} MB after {args.soak_s:.0f} s "
               f"more "

@@ -120,7 +120,7 @@ def _perspective_coeffs(target, source):
     import numpy as np
 
     rows = []
-    for (x, y), (u, v) in zip(target, source):
+    for (x, y), (u, v) in zip(target, source, strict=True):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
     a = np.array(rows, dtype=np.float64)
@@ -133,7 +133,7 @@ def recall_at_precision(positives: list[float], negatives: list[float], precisio
     micro-AP companion figure)."""
     scored = sorted([(s, True) for s in positives] + [(s, False) for s in negatives], reverse=True)
     best = tp = fp = 0
-    for score, positive in scored:
+    for _, positive in scored:
         tp += positive
         fp += not positive
         if tp / (tp + fp) >= precision:

@@ -7,7 +7,6 @@ refused, since its scores would be meaningless.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 from ..core.errors import ConfigError
 from ..core.images import Pixels
@@ -42,7 +41,7 @@ def describe(clip_vision) -> tuple:
     return (len(layers), conv.out_channels, conv.kernel_size[0], int(clip_vision.image_size), proj, activation)
 
 
-def identify(clip_vision) -> Optional[str]:
+def identify(clip_vision) -> str | None:
     """The open_clip spec of a ComfyUI CLIP vision model, or None when it is not one we know."""
     try:
         return KNOWN.get(describe(clip_vision))

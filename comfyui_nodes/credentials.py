@@ -40,7 +40,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..core.errors import ConfigError, ProvenanceError
 
@@ -70,7 +70,7 @@ class CredentialsConfigError(ConfigError):
     """The "credentials" object of provenance_guard.json cannot be used; every prompt is refused."""
 
 
-def load_config(user_dir: Optional[str]) -> dict[str, Any]:
+def load_config(user_dir: str | None) -> dict[str, Any]:
     """The validated "credentials" object (DEFAULTS when there is none), or CredentialsConfigError."""
     from .enforce import CONFIG_FILE, read_user_config
 
@@ -124,10 +124,10 @@ class Signing:
     mode: str
     folder: str = ""
     prompts: bool = True
-    file: Optional[str] = None
+    file: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Signing":
+    def from_config(cls, cfg: dict[str, Any]) -> Signing:
         return cls(cfg["mode"], cfg.get("folder") or "", cfg.get("prompts", True) is not False, cfg.get("file"))
 
     def credentials(self):
@@ -154,7 +154,7 @@ class Signing:
             _keys[str(folder)] = (stamp, loaded)
         return loaded
 
-    def problem(self) -> Optional[str]:
+    def problem(self) -> str | None:
         try:
             self.credentials()
         except ProvenanceError as exc:
@@ -171,10 +171,10 @@ def _stamp(path: Path):
 
 
 _config: dict[str, Any] = dict(DEFAULTS)
-_active: Optional[Signing] = None  # the automatic post-save signing (None: mode off)
+_active: Signing | None = None  # the automatic post-save signing (None: mode off)
 
 
-def configure(user_dir: Optional[str]) -> Optional[Signing]:
+def configure(user_dir: str | None) -> Signing | None:
     """Read the configuration (CredentialsConfigError when it cannot be used) and say once what it means."""
     global _config, _active
     cfg = load_config(user_dir)
@@ -195,13 +195,13 @@ def configure(user_dir: Optional[str]) -> Optional[Signing]:
     return _active
 
 
-def active() -> Optional[Signing]:
+def active() -> Signing | None:
     return _active
 
 
 # which check belongs to which pixels ----------------------------------------------------------------------
 
-_checked: "OrderedDict[str, Any]" = OrderedDict()  # pixels sha256 -> CheckResult
+_checked: OrderedDict[str, Any] = OrderedDict()  # pixels sha256 -> CheckResult
 _checked_lock = threading.Lock()
 
 
@@ -212,7 +212,7 @@ def remember(results, images=None) -> None:
     digests = _digests(images) if images is not None else [
         (getattr(r, "image", None) or {}).get("pixels_sha256") for r in results]
     with _checked_lock:
-        for digest, result in zip(digests, results):
+        for digest, result in zip(digests, results, strict=False):  # as before: what was checked
             if digest and result is not None:
                 _checked[digest] = result
                 _checked.move_to_end(digest)
@@ -220,12 +220,12 @@ def remember(results, images=None) -> None:
             _checked.popitem(last=False)
 
 
-def checked(digest: Optional[str]):
+def checked(digest: str | None):
     with _checked_lock:
         return _checked.get(digest) if digest else None
 
 
-def _digests(images) -> list[Optional[str]]:
+def _digests(images) -> list[str | None]:
     from ..core.images import pixels_sha256, to_pixels
 
     return [None if isinstance(p, Exception) else pixels_sha256(p) for p in to_pixels(images)]
@@ -248,13 +248,13 @@ def software() -> str:
         return "ComfyUI"
 
 
-def _executing_node() -> Optional[str]:
+def _executing_node() -> str | None:
     from .nodes_memorization import executing
 
     return executing()[1]
 
 
-def parent_of(prompt: Any, node_id: Optional[str]) -> Optional[str]:
+def parent_of(prompt: Any, node_id: str | None) -> str | None:
     """The file of the one LoadImage whose pixels reach node_id (through image and latent inputs only), when
     there is exactly one and it is a PNG, JPEG or WebP; else None."""
     if not isinstance(prompt, dict) or node_id is None or str(node_id) not in prompt:
@@ -295,12 +295,12 @@ class Plan:
     required: bool
     credentials: Any = None
     results: list = field(default_factory=list)
-    parent: Optional[str] = None
+    parent: str | None = None
     include_prompts: bool = True
 
     @classmethod
     def make(cls, signing: Signing, images, where: str, animated: bool, required: bool, prompt=None,
-             include_prompts: bool = True) -> "Plan":
+             include_prompts: bool = True) -> Plan:
         """Before anything is written: the credentials and each image's check. Under required, RuntimeError
         when either is missing (nothing is saved)."""
         plan = cls(signing, where, required, include_prompts=include_prompts and signing.prompts)
@@ -348,7 +348,7 @@ class Plan:
                                    f"removed")
             say_once(message)
             return
-        for n, (path, result) in enumerate(zip(paths, self.results)):
+        for n, (path, result) in enumerate(zip(paths, self.results, strict=False)):  # as the saver wrote them
             if result is None:
                 continue
             try:
@@ -441,7 +441,7 @@ def wrap_savers(classes: dict) -> list[str]:
         method = cls.__dict__.get("execute") if isinstance(cls, type) else None
         if isinstance(method, classmethod):
             if not getattr(method.__func__, WRAPPED, False):
-                setattr(cls, "execute", classmethod(_signing_video_save(method.__func__, name)))
+                cls.execute = classmethod(_signing_video_save(method.__func__, name))
             done.append(name)
     for name, animated in SIGNED_NODES.items():
         cls = classes.get(name)

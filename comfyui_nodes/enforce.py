@@ -6,8 +6,9 @@ Opt-in, by either
   path, or a server URL), or
 - a file provenance_guard.json in ComfyUI's user folder:
   {"enforce": {"bundle": "...", "fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-  "verify": "confirm+escalate", "monitor": true, "image_types": [], "data_types": []}}
-  (monitor: a Memorization Monitor goes in front of every sampler's model, so every enforced check also gets
+  "verify": "confirm+escalate", "views": "whole", "monitor": true, "image_types": [], "data_types": []}}
+  (views: "multi" queries each image's quarters and centre too (core.policy.VIEWS); monitor: a Memorization
+  Monitor goes in front of every sampler's model, so every enforced check also gets
   the sampler's memorization signal; exempt_nodes: output node classes a studio lets through unchecked,
   named explicitly; save_nodes: node classes to guard although they are not output nodes; image_types and
   data_types: a node pack's own input types, as carrying image data or not).
@@ -39,13 +40,15 @@ by prompt handlers and would queue the graph unchecked.)
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 from ..core.errors import ConfigError
-from ..core.policy import VERIFY_MODES
+from ..core.policy import VERIFY_MODES, VIEWS
 
 ENV = "PROVENANCE_GUARD_ENFORCE"
 CONFIG_FILE = "provenance_guard.json"
@@ -54,7 +57,8 @@ REFUSAL_ID = "provenance-guard-refused"
 CHECK_CLASS = "ProvenanceCheck"
 REFUSAL_CLASS = "ProvenanceGuardRefusal"
 DEFAULTS: dict[str, Any] = {"fail_mode": "closed", "exempt_nodes": [], "save_nodes": [], "top_k": 5,
-                            "verify": "confirm+escalate", "monitor": True, "image_types": [], "data_types": []}
+                            "verify": "confirm+escalate", "views": "whole", "monitor": True, "image_types": [],
+                            "data_types": []}
 KEYS = set(DEFAULTS) | {"bundle"}
 IMAGE = "IMAGE"
 # Types made from images upstream: traced to the IMAGE links they come from.
@@ -87,7 +91,7 @@ class EnforcementConfigError(ConfigError):
 SECTIONS = ("enforce", "credentials")
 
 
-def read_user_config(path: Optional[str]) -> Optional[dict[str, Any]]:
+def read_user_config(path: str | None) -> dict[str, Any] | None:
     """The JSON object in provenance_guard.json at path (None when there is no file); EnforcementConfigError
     when it cannot be read or is no object. Its top-level keys are checked by load_config."""
     if not path or not os.path.exists(path):
@@ -106,14 +110,14 @@ def read_user_config(path: Optional[str]) -> Optional[dict[str, Any]]:
     return data
 
 
-def load_config(user_dir: Optional[str] = None, environ=os.environ) -> Optional[dict[str, Any]]:
+def load_config(user_dir: str | None = None, environ=os.environ) -> dict[str, Any] | None:
     """The validated enforcement settings, None when enforcement is not configured, or EnforcementConfigError
     when it is configured (the variable is set, or the file exists with anything but a "credentials" object
     alone) but cannot be used."""
     path = os.path.join(user_dir, CONFIG_FILE) if user_dir else None
     data = read_user_config(path)
     cfg: dict[str, Any] = {}
-    configured = data is not None and not (set(data) == {"credentials"})  # credentials alone: no enforcement
+    configured = data is not None and set(data) != {"credentials"}  # credentials alone: no enforcement
     if configured:
         section = data.get("enforce")
         if section is None:
@@ -160,6 +164,8 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise EnforcementConfigError(f'{where}: "top_k" must be a whole number from 1 to 100, not {top_k!r}')
     if cfg.get("verify") not in VERIFY_MODES:
         raise EnforcementConfigError(f'{where}: "verify" must be one of {list(VERIFY_MODES)}, not {cfg.get("verify")!r}')
+    if not isinstance(cfg.get("views"), str) or cfg.get("views") not in VIEWS:
+        raise EnforcementConfigError(f'{where}: "views" must be one of {list(VIEWS)}, not {cfg.get("views")!r}')
     if not isinstance(cfg.get("monitor"), bool):
         raise EnforcementConfigError(f'{where}: "monitor" must be true or false, not {cfg.get("monitor")!r}')
     reserved = {IMAGE} | REFUSED_TYPES | TRACED_TYPES
@@ -169,7 +175,8 @@ def _validated(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             raise EnforcementConfigError(f'{where}: "{key}" may name a node pack\'s own types only, not {taken} '
                                          f"(enforcement decides those itself)")
     return {"bundle": bundle.strip(), "fail_mode": cfg["fail_mode"], "exempt_nodes": names("exempt_nodes"),
-            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "monitor": cfg["monitor"],
+            "save_nodes": names("save_nodes"), "top_k": top_k, "verify": cfg["verify"], "views": cfg["views"],
+            "monitor": cfg["monitor"],
             "image_types": names("image_types"), "data_types": names("data_types")}
 
 
@@ -184,30 +191,47 @@ def check_inputs(config: dict[str, Any], source: list) -> dict[str, Any]:
             "bundle_path": bundle if _is_path(bundle) else "", "on_match": "block",
             "fail_mode": config["fail_mode"], "use_bundle_thresholds": True, "warn": 0.90, "block": 0.95,
             "top_k": int(config["top_k"]), "model_override": "", "verify": config.get("verify", "confirm+escalate"),
-            "fetch_references": False, "references": "", "prompt_action": "warn", "strict": True, "bundle_url": ""}
+            "fetch_references": False, "references": "", "prompt_action": "warn", "strict": True, "bundle_url": "",
+            "views": config.get("views", "whole")}
 
 
 def _enforcing(node: Any, config: dict[str, Any]) -> bool:
     """Whether node is a Provenance Check exactly as enforcement inserts it: its class and every one of its
-    inputs (a check that differs in any input, a references folder included, is the user's, not ours)."""
+    inputs (a check that differs in any input, a references folder included, is the user's, not ours). An
+    optional input the node leaves out runs with the node's default (as ComfyUI calls it), so it is compared
+    as that default: a check saved before an input existed still matches when the default is enforcement's."""
     if not isinstance(node, dict) or node.get("class_type") != CHECK_CLASS:
         return False
     inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
     want = check_inputs(config, inputs.get("images"))
+    inputs = {**{k: v for k, v in _node_defaults().items() if k in want}, **inputs}
     return set(inputs) == set(want) and all(inputs[k] == v and type(inputs[k]) is type(v) for k, v in want.items())
+
+
+@functools.cache
+def _node_defaults() -> dict[str, Any]:
+    """The defaults of the check node's optional inputs (what it runs with when the graph leaves one out;
+    a required input left out fails ComfyUI's validation). Read once: they are the code's."""
+    import inspect
+
+    from .nodes_provenance import ProvenanceCheck
+
+    optional = set(ProvenanceCheck.INPUT_TYPES().get("optional") or {})
+    return {k: p.default for k, p in inspect.signature(ProvenanceCheck.check).parameters.items()
+            if k in optional and p.default is not inspect.Parameter.empty}
 
 
 class Refused(Exception):
     """A graph enforcement will not run: the message says which node and why."""
 
 
-def _type_name(kind: Any) -> Optional[str]:
+def _type_name(kind: Any) -> str | None:
     if isinstance(kind, (list, tuple)):
         return "COMBO"  # a list of choices
     return str(kind) if isinstance(kind, str) and kind else None
 
 
-def _declared(cls: Any, key: str) -> Optional[str]:
+def _declared(cls: Any, key: str) -> str | None:
     try:
         spec = cls.INPUT_TYPES() if cls is not None and hasattr(cls, "INPUT_TYPES") else {}
     except Exception:  # noqa: BLE001 - a pack's INPUT_TYPES may fail: the link's own type decides then
@@ -219,7 +243,7 @@ def _declared(cls: Any, key: str) -> Optional[str]:
     return None
 
 
-def _produced(classes: dict, node: Any, slot: Any) -> Optional[str]:
+def _produced(classes: dict, node: Any, slot: Any) -> str | None:
     cls = classes.get(node.get("class_type")) if isinstance(node, dict) else None
     returns = getattr(cls, "RETURN_TYPES", ()) or ()
     if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot < len(returns):
@@ -237,7 +261,7 @@ class _Guard:
         self.found: dict[str, bool] = {}  # node id traced -> whether an IMAGE link was checked above it
         self.steps = 0
 
-    def kind(self, node: dict, key: str, value: list) -> Optional[str]:
+    def kind(self, node: dict, key: str, value: list) -> str | None:
         produced = _produced(self.classes, self.prompt.get(str(value[0])), value[1])
         declared = _declared(self.classes.get(node.get("class_type")), key)
         return IMAGE if IMAGE in (produced, declared) else produced or declared

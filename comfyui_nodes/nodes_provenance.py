@@ -20,7 +20,6 @@ import json
 import os
 import time
 from dataclasses import replace
-from typing import Optional
 
 from . import credentials
 from .enforce import ProvenanceGuardRefusal
@@ -32,6 +31,7 @@ FOLDER = "provenance"
 NO_BUNDLE = "(no bundle in models/provenance)"
 ON_MATCH = ["warn", "block", "replace", "error"]
 VERIFY_MODES = ["confirm", "off", "escalate", "confirm+escalate"]  # the first is the node's default
+VIEWS = ["whole", "multi"]  # core.policy.VIEWS, the node's default first
 CHUNK = 16  # images per forward pass, and per progress-bar step, in large batches
 
 
@@ -146,7 +146,7 @@ def sampler_signals(record, images: int):
     return scores, monitor.family
 
 
-def sampler_threshold(record) -> Optional[float]:
+def sampler_threshold(record) -> float | None:
     """The threshold the Memorization Monitor node of these images' sampler was given (None: not set)."""
     return getattr(_sampler_monitor(record), "threshold", None)
 
@@ -211,11 +211,15 @@ class ProvenanceCheck:
                 "strict": ("BOOLEAN", {"default": False, "tooltip": (
                     "never show a checked image's pixels in the evidence picture (the training image and its "
                     "matched region only); studio enforcement turns it on")}),
-                # Last: saved workflows give widget values by position, so new inputs go at the end.
+                # Saved workflows give widget values by position, so new inputs go at the end.
                 "bundle_url": ("STRING", {"default": "", "tooltip": (
                     "a published bundle's URL (https://host/path/ or hf://datasets/OWNER/NAME): downloaded once "
                     "into models/provenance and reused; until the download is done the check fails under "
                     "fail_mode; overrides the list")}),
+                "views": (VIEWS, {"default": "whole", "tooltip": (
+                    "whole: query with the image alone; multi: also with its four quarters and its centre, each "
+                    "candidate verified against the part that found it (finds a training image copied into part of "
+                    "a larger image, for six times the embedding work)")}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
@@ -223,7 +227,7 @@ class ProvenanceCheck:
     @classmethod
     def IS_CHANGED(cls, bundle=None, bundle_path="", use_bundle_thresholds=True, warn=0.9, block=0.95, top_k=5,
                    on_match="warn", fail_mode="open", model_override="", verify="confirm", fetch_references=False,
-                   references="", prompt_action="warn", strict=False, bundle_url="", **_):
+                   references="", prompt_action="warn", strict=False, bundle_url="", views="whole", **_):
         """Re-run when the bundle on disk changes (a new version after a takedown), never NaN; while a
         bundle_url is still downloading, every run (the check it failed must not be reused from the cache)."""
         try:
@@ -235,12 +239,12 @@ class ProvenanceCheck:
             stamp = f"not ready {time.time_ns()}" if isinstance(exc, BundleNotReady) else "unresolved"
         return json.dumps([str(stamp), bundle, bundle_path, use_bundle_thresholds, warn, block, top_k, on_match,
                            fail_mode, model_override, verify, fetch_references, references, prompt_action, strict,
-                           bundle_url])
+                           bundle_url, views])
 
     def check(self, images, bundle, on_match="warn", fail_mode="open", use_bundle_thresholds=True, warn=0.90,
               block=0.95, top_k=5, clip_vision=None, model_override="", bundle_path="", verify="confirm",
-              fetch_references=False, references="", prompt_action="warn", strict=False, bundle_url="", prompt=None,
-              extra_pnginfo=None, unique_id=None):
+              fetch_references=False, references="", prompt_action="warn", strict=False, bundle_url="", views="whole",
+              prompt=None, extra_pnginfo=None, unique_id=None):
         from ..core.check import failed_result, shared_checker
         from ..core.errors import ConfigError, ProvenanceError
         from ..core.policy import Policy, host_action
@@ -252,7 +256,7 @@ class ProvenanceCheck:
 
         policy = Policy(warn=None if use_bundle_thresholds else warn, block=None if use_bundle_thresholds else block,
                         fail_mode=fail_mode, top_k=int(top_k), verify=verify, prompt_action=prompt_action,
-                        strict=strict is True)
+                        strict=strict is True, views=views)
         reference_options = ReferenceOptions(root=(references or "").strip() or None, fetch=bool(fetch_references),
                                              root_hint="the node's references input (the folder's path)",
                                              fetch_hint="the node's fetch_references input")

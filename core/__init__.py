@@ -1,9 +1,14 @@
 """The shared core: image -> embed -> search -> re-rank -> verdict -> act, with no host imports.
 
-Stages, one module each, data flowing one way:
+Stages, data flowing one way:
 images.py (pixels) -> embed.py (+ models.py: open_clip loading) -> search.py (FAISS + exact re-rank over a
-bundle.py bundle) -> policy.py (verdict) -> record.py (PNG chunk / sidecar). check.py runs the pipeline;
-result.py holds the dataclasses it returns; errors.py the named errors; config.py every default.
+bundle: the bundle/ package, reader.py, writer.py, manifest.py, rerank.py, rows.py) -> policy.py (verdict)
+-> verify.py (pixels of the training image) -> record.py (PNG chunk / sidecar) and credentials.py (C2PA).
+check.py runs the pipeline; result.py holds the dataclasses it returns; errors.py the named errors;
+config.py the shared defaults and environment variables. Beside the check: memorization.py (the sampler's
+signal), captions.py (the prompt side), references.py, remote.py (a studio server as a bundle), fetch.py
+and pull.py (bytes from the network), audit.py, html_report.py and report.py (what a person reads),
+progress.py, logs.py, fingerprint.py.
 
 Importing this package loads neither torch nor faiss: the names below resolve on first use.
 """

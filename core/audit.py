@@ -28,7 +28,6 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from .errors import ConfigError
 from .result import CheckResult
@@ -46,8 +45,8 @@ def _user() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
-def audit_entry(result: CheckResult, image_sha256: Optional[str] = None, source: Optional[str] = None,
-                user: Optional[str] = None) -> dict:
+def audit_entry(result: CheckResult, image_sha256: str | None = None, source: str | None = None,
+                user: str | None = None) -> dict:
     top = result.top
     return {
         "schema": AUDIT_SCHEMA, "schema_version": 1,
@@ -83,7 +82,7 @@ class AuditSigner:
         return base64.b64encode(self._key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
 
     @classmethod
-    def from_folder(cls, folder: Union[str, Path]) -> "AuditSigner":
+    def from_folder(cls, folder: str | Path) -> AuditSigner:
         """The signer of a credentials folder (signer.pem, signer.key), checked as signing credentials are."""
         from .credentials import load_credentials
 
@@ -110,7 +109,7 @@ class AuditLog:
     """Appends entries to a JSON Lines file; safe across threads and processes. With ``signer`` every entry
     is signed."""
 
-    def __init__(self, path: Union[str, Path], signer: Optional[AuditSigner] = None):
+    def __init__(self, path: str | Path, signer: AuditSigner | None = None):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.signer = signer
@@ -196,7 +195,7 @@ def _tail(fd: int) -> tuple[str, list, bool]:
 @dataclass
 class Verification:
     lines: int = 0
-    broken_at: Optional[int] = None  # 1-based line number of the first line that breaks the chain
+    broken_at: int | None = None  # 1-based line number of the first line that breaks the chain
     problem: str = ""
     last_sha256: str = GENESIS
     unchained: int = 0  # lines at the start without a chain (allowed only with allow_unchained)
@@ -210,7 +209,7 @@ class Verification:
         return self.broken_at is None
 
 
-def _signature_problem(entry: dict, public_key, fingerprint: str) -> Optional[str]:
+def _signature_problem(entry: dict, public_key, fingerprint: str) -> str | None:
     """Why entry's signature does not hold for the key, or None."""
     import base64
     import binascii
@@ -232,8 +231,8 @@ def _signature_problem(entry: dict, public_key, fingerprint: str) -> Optional[st
     return None
 
 
-def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: Optional[str] = None,
-           signer_cert: Optional[bytes] = None) -> Verification:
+def verify(path: str | Path, allow_unchained: bool = False,  # noqa: C901 - one walk, each line's cases in order
+           expect_last: str | None = None, signer_cert: bytes | None = None) -> Verification:
     """Walk the chain of an audit log; the first line whose ``prev`` is not the hash of the line before it
     (or that is not a JSON entry at all) is where it was changed. A log must be chained from its first line
     (with allow_unchained, a log with no chain, or an unchained prefix before chained lines, passes with a
@@ -329,13 +328,13 @@ def verify(path: Union[str, Path], allow_unchained: bool = False, expect_last: O
     return result
 
 
-def from_env() -> Optional[AuditLog]:
+def from_env() -> AuditLog | None:
     """The log $PROVENANCE_GUARD_AUDIT_LOG names, signed with $PROVENANCE_GUARD_CREDENTIALS's key when set."""
     path = os.environ.get(ENV_AUDIT_LOG)
     return AuditLog(path, signer_from_env()) if path else None
 
 
-def signer_from_env() -> Optional[AuditSigner]:
+def signer_from_env() -> AuditSigner | None:
     from .credentials import ENV_CREDENTIALS
 
     folder = os.environ.get(ENV_CREDENTIALS, "").strip()

@@ -23,7 +23,8 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -48,7 +49,7 @@ def caption_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(normalise(text).encode("utf-8")).digest()[:8], "big")
 
 
-def _pairs(batches: Iterable, first_row: int = 0) -> Iterator["np.ndarray"]:
+def _pairs(batches: Iterable, first_row: int = 0) -> Iterator[np.ndarray]:
     """(hash, row) pairs of metadata record batches' caption column, a batch at a time."""
     import numpy as np
 
@@ -62,12 +63,12 @@ def _pairs(batches: Iterable, first_row: int = 0) -> Iterator["np.ndarray"]:
             yield np.array(keep, dtype=DTYPE)
 
 
-def write_index(path: Path, pairs: Iterable["np.ndarray"]) -> int:
+def write_index(path: Path, pairs: Iterable[np.ndarray]) -> int:
     """Sort (hash, row) pairs into ``path`` with memory bounded by RUN_ROWS; returns the pair count."""
     import numpy as np
 
     runs: list[Path] = []
-    pending: list["np.ndarray"] = []
+    pending: list[np.ndarray] = []
     pending_rows = 0
     tmpdir = Path(tempfile.mkdtemp(prefix=".captions-", dir=str(path.parent)))
     try:
@@ -115,8 +116,8 @@ def build(path: Path, metadata_batches: Iterable, first_row: int = 0) -> int:
     return write_index(path, _pairs(metadata_batches, first_row))
 
 
-def extend(path: Path, old: Optional["np.ndarray"], new_batches: Iterable, first_row: int,
-           other: Optional["np.ndarray"] = None) -> int:
+def extend(path: Path, old: np.ndarray | None, new_batches: Iterable, first_row: int,
+           other: np.ndarray | None = None) -> int:
     """An index holding old's pairs, other's (a merged bundle's, already offset) and new rows' (append)."""
     import numpy as np
 
@@ -130,7 +131,7 @@ def extend(path: Path, old: Optional["np.ndarray"], new_batches: Iterable, first
     return write_index(path, chunks())
 
 
-def read_index(path: Path, count: int) -> "np.ndarray":
+def read_index(path: Path, count: int) -> np.ndarray:
     """captions.npy validated: never pickled, sorted pairs whose rows are inside the bundle."""
     import numpy as np
 
@@ -163,7 +164,7 @@ class CaptionMatch:
                 "compared": self.compared, "examples": self.examples}
 
 
-def lookup(bundle: "Bundle", text: str) -> Optional[CaptionMatch]:
+def lookup(bundle: Bundle, text: str) -> CaptionMatch | None:
     """The rows of bundle whose caption is ``text`` (normalised), or None when the bundle has no caption
     index (built before caption indices existed: 'provenance-guard index captions BUNDLE' adds one)."""
     import numpy as np
@@ -177,7 +178,7 @@ def lookup(bundle: "Bundle", text: str) -> Optional[CaptionMatch]:
     if len(bundle.removed):
         rows = rows[~bundle.is_removed(rows)]
     wanted = normalise(text)
-    checked = [int(r) for r, meta in zip(rows[:MAX_ROWS_COMPARED], bundle.rows(rows[:MAX_ROWS_COMPARED].tolist()))
+    checked = [int(r) for r, meta in zip(rows[:MAX_ROWS_COMPARED], bundle.rows(rows[:MAX_ROWS_COMPARED].tolist()), strict=True)
                if normalise(meta.get("caption") or "") == wanted]
     total = len(checked) + max(0, len(rows) - MAX_ROWS_COMPARED)
     near = 0

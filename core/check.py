@@ -16,7 +16,8 @@ import operator
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from .bundle import Bundle, manifest_stamp, utc_now
 from .config import DEFAULT_BATCH_SIZE
@@ -27,7 +28,7 @@ from .logs import quiet_third_party
 from .models import ModelSpec
 from .captions import lookup as lookup_caption
 from .memorization import MemorizationScore, PromptCheck, prompt_check
-from .policy import NOT_A_COPY, Policy, apply_prompt, apply_verification, verdict_for, worst
+from .policy import NOT_A_COPY, VIEWS, Policy, apply_prompt, apply_verification, verdict_for, worst
 from .references import ReferenceOptions, ReferenceResolver
 from .result import BundleThresholds, CheckResult, GenerationRecord, Match
 from .remote import RemoteBundle, is_remote
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-BundleLike = Union[str, Path, Bundle]
+BundleLike = str | Path | Bundle
 # A bundle this small that holds its reference pixels locally (a studio's own images) gets its top match
 # verified whatever the score: comparing one image is cheap, and a copy CLIP scores low is still a copy.
 SMALL_BUNDLE_ROWS = 100_000
@@ -49,14 +50,14 @@ _SCORE = operator.attrgetter("score")
 UNIT_SLACK = 1e-6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tool_version() -> str:
     from .. import __version__
 
     return __version__
 
 
-def model_override_problem(bundle_model: str, override: str) -> Optional[str]:
+def model_override_problem(bundle_model: str, override: str) -> str | None:
     """Why override may not stand in for the bundle's model, or None when it may.
 
     An override names the same weights in another place (a local file, a folder, a hub copy); a different
@@ -66,7 +67,7 @@ def model_override_problem(bundle_model: str, override: str) -> Optional[str]:
         return None
     want, got = ModelSpec.parse(bundle_model), ModelSpec.parse(override)
 
-    def base(arch: Optional[str]) -> Optional[str]:
+    def base(arch: str | None) -> str | None:
         return arch[: -len("-quickgelu")] if arch and arch.endswith("-quickgelu") else arch
 
     if want.arch and got.arch and base(want.arch) != base(got.arch):
@@ -79,10 +80,10 @@ def model_override_problem(bundle_model: str, override: str) -> Optional[str]:
 class Checker:
     """Checks images against one or more bundles. Safe to share between threads."""
 
-    def __init__(self, bundles: Union[BundleLike, Sequence[BundleLike]], *, model: Optional[str] = None,
-                 device: str = "auto", policy: Optional[Policy] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: Optional[int] = None, token: Optional[str] = None, announce: bool = False,
-                 references: Optional[ReferenceOptions] = None):
+    def __init__(self, bundles: BundleLike | Sequence[BundleLike], *, model: str | None = None,
+                 device: str = "auto", policy: Policy | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_pixels: int | None = None, token: str | None = None, announce: bool = False,
+                 references: ReferenceOptions | None = None):
         if isinstance(bundles, (str, Path, Bundle)):
             bundles = [bundles]
         if not bundles:
@@ -94,7 +95,7 @@ class Checker:
         self.policy = policy or Policy()
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self._bundles: Optional[list[Bundle]] = None
+        self._bundles: list[Bundle] | None = None
         self._lock = threading.Lock()
         # Hosts log one line of their own (model, device, bundle) when the model first loads.
         self.announce, self._announced = announce, False
@@ -141,12 +142,12 @@ class Checker:
         return loaded
 
     # checking -------------------------------------------------------------------------------------------
-    def check(self, images: Union[Sequence[ImageInput], "torch.Tensor", "np.ndarray"],
-              records: Optional[Sequence[Optional[GenerationRecord]]] = None,
-              policy: Optional[Policy] = None,
-              embedder: Optional[Embedder] = None,
-              signals: Optional[Sequence[Optional[MemorizationScore]]] = None,
-              family: Optional[str] = None) -> list[CheckResult]:
+    def check(self, images: Sequence[ImageInput] | torch.Tensor | np.ndarray,  # noqa: C901 - the pipeline, in order
+              records: Sequence[GenerationRecord | None] | None = None,
+              policy: Policy | None = None,
+              embedder: Embedder | None = None,
+              signals: Sequence[MemorizationScore | None] | None = None,
+              family: str | None = None) -> list[CheckResult]:
         """One result per image, in order. A batch goes through each model in one forward pass.
 
         ``embedder`` replaces the bundles' model (e.g. a host's already-loaded CLIP vision model that the
@@ -162,14 +163,14 @@ class Checker:
         if len(records) != len(pixels):
             raise ConfigError(f"{len(records)} generation records given for {len(pixels)} images")
         good = [i for i, p in enumerate(pixels) if isinstance(p, Pixels)]
-        results: list[Optional[CheckResult]] = [None] * len(pixels)
+        results: list[CheckResult | None] = [None] * len(pixels)
         for i, p in enumerate(pixels):
             if isinstance(p, ImageInputError):
                 results[i] = self._failure(policy, str(p), records[i], {"source": f"image {i}"})
         if good:
             batch = [pixels[i] for i in good]
             # Multi-view: every image's views in one batch, searched together, folded back per image below.
-            parts = [views(p) if policy.views == "multi" else [(None, p)] for p in batch]
+            parts = view_queries(batch, policy.views)
             queries = [v for image_views in parts for _, v in image_views]
             try:
                 bundles = self.open()
@@ -190,7 +191,7 @@ class Checker:
                                    for spec, e in self.embedders().items()}
                         models = {b.id: self.model_for(b) for b in bundles}
                     timings["embed"] = (time.perf_counter() - t0) * 1e3
-                    per_image = _fold_views(self._search_all(bundles, models, vectors, policy, timings), parts,
+                    per_image = fold_views(self._search_all(bundles, models, vectors, policy, timings), parts,
                                             policy.top_k)
                 for remote in self.remote:
                     t_remote = time.perf_counter()
@@ -226,8 +227,8 @@ class Checker:
                 apply_prompt(result, policy.prompt_action)
         return results  # type: ignore[return-value]
 
-    def prompt_section(self, record: Optional[GenerationRecord], signal: Optional[MemorizationScore],
-                       family: Optional[str], policy: Policy, monitored: bool = True) -> PromptCheck:
+    def prompt_section(self, record: GenerationRecord | None, signal: MemorizationScore | None,
+                       family: str | None, policy: Policy, monitored: bool = True) -> PromptCheck:
         """The prompt side of a result: the memorization signal judged for its family, and whether the prompt
         is a training caption (and of how many near-duplicate images) in the first bundle with a caption
         index."""
@@ -252,8 +253,8 @@ class Checker:
                                                        "captions BUNDLE' adds one"}
         return section
 
-    def check_embeddings(self, vectors: "np.ndarray", records: Optional[Sequence[Optional[GenerationRecord]]] = None,
-                         policy: Optional[Policy] = None, model: Optional[str] = None) -> list[CheckResult]:
+    def check_embeddings(self, vectors: np.ndarray, records: Sequence[GenerationRecord | None] | None = None,
+                         policy: Policy | None = None, model: str | None = None) -> list[CheckResult]:
         """Check precomputed embeddings (rows) made with ``model`` (default: the bundles' model). Rows are
         scaled to unit length (a flat index scores inner products, which are cosines only between unit rows)."""
         import numpy as np
@@ -292,9 +293,9 @@ class Checker:
         return [self._result(per_image[n], thresholds, policy, records[n], {"source": "embedding"},
                              " + ".join(sorted(set(models.values()))), timings) for n in range(len(vectors))]
 
-    def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, "np.ndarray"],
+    def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, np.ndarray],
                     policy: Policy, timings: dict[str, float],
-                    squares: Optional[dict[str, list[float]]] = None) -> list[list[Match]]:
+                    squares: dict[str, list[float]] | None = None) -> list[list[Match]]:
         """Matches of every image across all bundles, merged by score, top-k, each with its verdict.
         squares: each model's rows' squared norms, where the caller has them."""
         n = len(next(iter(vectors.values())))
@@ -317,7 +318,7 @@ class Checker:
         return merged
 
     def _verify(self, pixels: Pixels, matches: list[Match], bundles: list[Bundle], policy: Policy,
-                parts: Optional[dict] = None) -> None:
+                parts: dict | None = None) -> None:
         """Stage 4b: compare the image with the reference pixels of its candidates (matches at or above
         verify_from, and the top match of a small bundle with local references), then adjust their verdicts
         by the verify mode (policy.apply_verification). A candidate a view found is compared with that view
@@ -345,7 +346,7 @@ class Checker:
         missing = opencv_missing()
         seen: dict = {}  # view name -> (PIL image, features), made once per view
 
-        def generated(view: Optional[str]):
+        def generated(view: str | None):
             if view not in seen:
                 part = (parts or {}).get(view) or pixels
                 image = Image.fromarray(part.tensor.detach().cpu().numpy())
@@ -372,7 +373,7 @@ class Checker:
         return out
 
     def _result(self, matches: list[Match], thresholds: list[BundleThresholds], policy: Policy,
-                record: Optional[GenerationRecord], image: dict, model: str, timings: dict) -> CheckResult:
+                record: GenerationRecord | None, image: dict, model: str, timings: dict) -> CheckResult:
         warnings = []
         approximate = [t.bundle_id for t in thresholds if not t.exact]
         if approximate:
@@ -392,7 +393,7 @@ class Checker:
             verify=({"mode": policy.verify, "from": policy.verify_from} if policy.verify != "off" else None),
         )
 
-    def _failure(self, policy: Policy, message: str, record: Optional[GenerationRecord], image: dict) -> CheckResult:
+    def _failure(self, policy: Policy, message: str, record: GenerationRecord | None, image: dict) -> CheckResult:
         thresholds = []
         if self._bundles is not None:
             try:
@@ -402,12 +403,12 @@ class Checker:
         return failed_result(policy, message, record, image, self.model_override, thresholds)
 
 
-_SHARED: dict[tuple, tuple[Optional[tuple], Checker]] = {}
+_SHARED: dict[tuple, tuple[tuple | None, Checker]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "auto",
-                   references: Optional[ReferenceOptions] = None) -> Checker:
+def shared_checker(bundle: str, *, model: str | None = None, device: str = "auto",
+                   references: ReferenceOptions | None = None) -> Checker:
     """The process's Checker for one bundle (folder or server URL), for hosts that check run after run.
 
     The bundle stays open between runs; when a new version is published at its path (``index remove``
@@ -424,9 +425,9 @@ def shared_checker(bundle: str, *, model: Optional[str] = None, device: str = "a
         return _SHARED[key][1]
 
 
-def failed_result(policy: Policy, message: str, record: Optional[GenerationRecord] = None,
-                  image: Optional[dict] = None, model: Optional[str] = None,
-                  thresholds: Optional[list[BundleThresholds]] = None) -> CheckResult:
+def failed_result(policy: Policy, message: str, record: GenerationRecord | None = None,
+                  image: dict | None = None, model: str | None = None,
+                  thresholds: list[BundleThresholds] | None = None) -> CheckResult:
     """The result of a check that could not run: 'unchecked' (fail mode open) or 'block' (closed)."""
     verdict = policy.failure_verdict()
     action = "blocked (fail mode closed)" if verdict == "block" else "not checked (fail mode open)"
@@ -448,13 +449,23 @@ def mark_failed(result: CheckResult, policy: Policy, message: str) -> CheckResul
     return result
 
 
-def _fold_views(found: list[list[Match]], parts: list[list], top_k: int) -> list[list[Match]]:
+def view_queries(batch: Sequence[Pixels], mode: str) -> list[list[tuple[str | None, Pixels]]]:
+    """Each image's queries under the views mode (core.policy.VIEWS): "whole", the image alone as
+    [(None, image)]; "multi", the image and its parts (core.images.views). What a check embeds and searches;
+    ``index calibrate`` measures its thresholds on the same queries."""
+    if mode not in VIEWS:
+        raise ConfigError(f"views {mode!r}: give whole or multi")
+    return [views(p) if mode == "multi" else [(None, p)] for p in batch]
+
+
+def fold_views(found: list[list[Match]], parts: list[list], top_k: int) -> list[list[Match]]:
     """Matches per query (every image's views, in order) -> matches per image: each training row once, at
-    the best score any of the image's views gave it, tagged with that view (None: the whole image)."""
+    the best score any of the image's views gave it, tagged with that view (None: the whole image).
+    ``parts``: each image's (view name, ...) pairs, as view_queries gives them."""
     out, at = [], 0
     for image_views in parts:
         best: dict[tuple, Match] = {}
-        for (name, _), matches in zip(image_views, found[at:at + len(image_views)]):
+        for (name, _), matches in zip(image_views, found[at:at + len(image_views)], strict=True):
             for m in matches:
                 key = (m.bundle_id, m.row_id)
                 if key not in best or m.score > best[key].score:

@@ -1,4 +1,5 @@
-"""Defaults and environment variables: every tunable number of the package lives here, once.
+"""Shared defaults and environment variables: the thresholds, limits and switches more than one module reads.
+A number only one module uses lives beside its use, named and explained there.
 
 Thresholds are exact cosines between L2-normalised CLIP image embeddings. The literature gives no CLIP
 cut-off for "copy"; dataset de-duplication uses 0.94 (clip-retrieval) to ~0.95 (LAION-2B), so a score at

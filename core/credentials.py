@@ -29,7 +29,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
+from collections.abc import Callable
 
 from .errors import ConfigError, ProvenanceError
 
@@ -55,7 +56,7 @@ class CredentialsUnavailable(CredentialsError, ConfigError):
     """c2pa-python is not installed (or cannot load here)."""
 
 
-def unavailable() -> Optional[str]:
+def unavailable() -> str | None:
     """None when c2pa-python can be used here, else one line saying why and what to install."""
     try:
         import c2pa  # noqa: F401
@@ -87,7 +88,7 @@ class InitReport:
     subject: str
 
 
-def init_credentials(folder: Union[str, Path], organization: str = "provenance-guard studio",
+def init_credentials(folder: str | Path, organization: str = "provenance-guard studio",
                      days: int = 730, overwrite: bool = False) -> InitReport:
     """A local studio root (``root.pem``, the trust anchor verifiers are given; its key is not kept) and a
     signing leaf (``signer.pem``: leaf then root; ``signer.key``: PKCS#8, mode 0600): ES256 (P-256), key
@@ -114,7 +115,7 @@ def init_credentials(folder: Union[str, Path], organization: str = "provenance-g
     leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{organization} signer"),
                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
 
-    def usage(**on: bool) -> "x509.KeyUsage":
+    def usage(**on: bool) -> x509.KeyUsage:
         flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
                      data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
                      encipher_only=False, decipher_only=False)
@@ -170,10 +171,10 @@ class Credentials:
     that signs bytes (a KMS/HSM: ``callback(data) -> DER or raw ES256 signature``, as c2pa expects)."""
 
     chain_pem: bytes
-    key_pem: Optional[bytes] = field(default=None, repr=False)
-    callback: Optional[Callable[[bytes], bytes]] = None
+    key_pem: bytes | None = field(default=None, repr=False)
+    callback: Callable[[bytes], bytes] | None = None
     alg: str = "es256"
-    tsa_url: Optional[str] = None
+    tsa_url: str | None = None
     source: str = ""
     subject: str = ""
 
@@ -191,7 +192,7 @@ class Credentials:
                                    f"that signer.key belongs to signer.pem") from None
 
 
-def credentials_folder(value: Optional[str]) -> Optional[Path]:
+def credentials_folder(value: str | None) -> Path | None:
     """The folder named by value, else by $PROVENANCE_GUARD_CREDENTIALS, else None."""
     raw = value or os.environ.get(ENV_CREDENTIALS) or ""
     return Path(raw).expanduser() if raw.strip() else None
@@ -215,7 +216,7 @@ def _read_pem(path: Path, what: str) -> bytes:
     return data
 
 
-def load_credentials(folder: Union[str, Path], tsa_url: Optional[str] = None) -> Credentials:
+def load_credentials(folder: str | Path, tsa_url: str | None = None) -> Credentials:
     """Credentials from folder/signer.pem and folder/signer.key, checked: the key belongs to the leaf, the
     leaf may sign (digitalSignature; not a CA), and it is inside its validity period. tsa_url (else
     $PROVENANCE_GUARD_TSA_URL, else none): the timestamp authority every signature asks."""
@@ -255,7 +256,7 @@ def load_credentials(folder: Union[str, Path], tsa_url: Optional[str] = None) ->
 
 # the manifest ---------------------------------------------------------------------------------------------
 
-def check_assertion(result, bundles: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+def check_assertion(result, bundles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Our check assertion for a CheckResult (see the module docstring)."""
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "verdict": result.verdict,
@@ -280,7 +281,7 @@ def check_assertion(result, bundles: Optional[list[dict[str, Any]]] = None) -> d
     return out
 
 
-def generation_assertion(generation, include_prompts: bool = True) -> Optional[dict[str, Any]]:
+def generation_assertion(generation, include_prompts: bool = True) -> dict[str, Any] | None:
     if generation is None:
         return None
     data = {k: getattr(generation, k) for k in ("prompt", "negative_prompt", "seed", "sampler", "scheduler",
@@ -291,7 +292,7 @@ def generation_assertion(generation, include_prompts: bool = True) -> Optional[d
 
 
 def manifest_for(result, software: str, title: str = "", include_prompts: bool = True,
-                 bundles: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+                 bundles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest definition c2pa's Builder signs: the creation action (with its IPTC digital source type,
     set by the builder's intent), the generating model as the host reports it, our two assertions."""
     from .. import __version__
@@ -357,8 +358,8 @@ def with_xmp(data: bytes, mime: str) -> bytes:
     return data
 
 
-def sign_file(path: Union[str, Path], credentials: Credentials, manifest: dict[str, Any],
-              parent: Optional[Union[str, Path]] = None, thumbnail: bool = False) -> None:
+def sign_file(path: str | Path, credentials: Credentials, manifest: dict[str, Any],
+              parent: str | Path | None = None, thumbnail: bool = False) -> None:
     """Sign the saved file at path in place: the manifest (with parent, an input image, as its parentOf
     ingredient, carrying that image's own manifest when it has one) is embedded and the file replaced in one
     rename; a failure leaves the original untouched."""
@@ -431,10 +432,10 @@ class CredentialStatus:
 
     path: str
     state: str
-    signer: Optional[str] = None
-    check: Optional[dict[str, Any]] = None
-    generation: Optional[dict[str, Any]] = None
-    source_type: Optional[str] = None
+    signer: str | None = None
+    check: dict[str, Any] | None = None
+    generation: dict[str, Any] | None = None
+    source_type: str | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -446,7 +447,7 @@ class CredentialStatus:
                 "generation": self.generation, "digital_source_type": self.source_type, "problems": self.problems}
 
 
-def verify_file(path: Union[str, Path], trust_pem: Optional[bytes] = None) -> CredentialStatus:
+def verify_file(path: str | Path, trust_pem: bytes | None = None) -> CredentialStatus:
     """Read and validate path's manifest; with trust_pem (PEM roots) also whether its signer chains to them."""
     c2pa = _c2pa()
     path = Path(path)
@@ -496,8 +497,8 @@ def verify_file(path: Union[str, Path], trust_pem: Optional[bytes] = None) -> Cr
     return status
 
 
-def credential_problem(status: CredentialStatus, verdict: Optional[str] = None, require_trust: bool = False) -> \
-        Optional[str]:
+def credential_problem(status: CredentialStatus, verdict: str | None = None, require_trust: bool = False) -> \
+        str | None:
     """Why a gate that requires credentials refuses this image, or None: absent, invalid or untrusted
     credentials, a check assertion missing or saying block, or one that disagrees with this check's verdict."""
     if status.state not in ("trusted", "valid"):

@@ -12,7 +12,8 @@ PIL transform the difference is the resampler alone (torch antialiased bicubic v
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from .config import DEFAULT_BATCH_SIZE, ENV_DEVICE
 from .errors import ConfigError, ImageInputError
@@ -78,7 +79,7 @@ class Embedder:
             probe = torch.zeros(1, 3, *self.size, device=self.device, dtype=self.dtype)
             return int(self.model.encode_image(probe).shape[-1])
 
-    def _resize(self, x: "torch.Tensor") -> "torch.Tensor":
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """x: 1x3xHxW, uint8 or float 0..1 -> 1x3xSxS float 0..1, following open_clip's resize modes."""
         import torch
         import torch.nn.functional as F
@@ -91,7 +92,7 @@ class Embedder:
         if x.dtype == torch.uint8 and x.device.type != "cpu":
             x = x.float().div_(255.0)
 
-        def resize(nh: int, nw: int) -> "torch.Tensor":
+        def resize(nh: int, nw: int) -> torch.Tensor:
             if (nh, nw) != (h, w):
                 y = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
             else:
@@ -116,7 +117,7 @@ class Embedder:
         top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
         return y[..., top:top + th, left:left + tw]
 
-    def preprocess(self, pixels: Sequence[Pixels]) -> "torch.Tensor":
+    def preprocess(self, pixels: Sequence[Pixels]) -> torch.Tensor:
         """Pixels -> model input N x 3 x S x S on the model's device, in the model's dtype."""
         import torch
 
@@ -128,7 +129,7 @@ class Embedder:
         batch = torch.cat(out, 0)
         return ((batch - self.mean) / self.std).to(self.dtype)
 
-    def embed_pixels(self, pixels: Sequence[Pixels], batch_size: int = DEFAULT_BATCH_SIZE) -> "np.ndarray":
+    def embed_pixels(self, pixels: Sequence[Pixels], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Embed prepared pixels, batch_size images per forward pass -> float32 N x dim, rows of norm 1."""
         import numpy as np
         import torch
@@ -143,8 +144,8 @@ class Embedder:
                 chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
         return np.concatenate(chunks, 0).astype(np.float32, copy=False)
 
-    def embed(self, images: Union[Sequence[ImageInput], "torch.Tensor", "np.ndarray"],
-              batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None) -> "np.ndarray":
+    def embed(self, images: Sequence[ImageInput] | torch.Tensor | np.ndarray,
+              batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: int | None = None) -> np.ndarray:
         """Embed images of any accepted kind (see images.py); raises the first image's ImageInputError."""
         pixels = to_pixels(images, max_pixels)
         for p in pixels:
@@ -152,7 +153,7 @@ class Embedder:
                 raise p
         return self.embed_pixels(pixels, batch_size)  # type: ignore[arg-type]
 
-    def embed_text(self, texts: Sequence[str]) -> "np.ndarray":
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings in the same space (for text queries against an index)."""
         import open_clip
         import torch
@@ -174,7 +175,7 @@ _LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _GLOBAL_LOCK = threading.Lock()
 
 
-def get_embedder(model: Union[str, ModelSpec], device: str = "auto") -> Embedder:
+def get_embedder(model: str | ModelSpec, device: str = "auto") -> Embedder:
     """The process-wide embedder for (model, device); built on first use, fp16 on a GPU."""
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(model)
     dev = resolve_device(device)

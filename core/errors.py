@@ -46,7 +46,7 @@ class DimensionMismatchError(BundleError):
     """Vectors of one dimension met an index, model or file of another."""
 
     @classmethod
-    def model_for(cls, model: object, got: int, bundle) -> "DimensionMismatchError":
+    def model_for(cls, model: object, got: int, bundle) -> DimensionMismatchError:
         """A model whose embeddings have another dimension than a bundle's vectors, said one way everywhere."""
         return cls(f"model {model} gives {got}-d embeddings but bundle {bundle.id} ({bundle.path}) holds "
                    f"{bundle.dim}-d vectors of {bundle.model}; check with the bundle's model")

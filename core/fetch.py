@@ -26,7 +26,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 from urllib.parse import urljoin, urlparse
 
 from .errors import ProvenanceError
@@ -86,19 +85,22 @@ class _Refused(OSError):
     pass
 
 
-def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None, any_address: bool = False):
+def _connection_classes(policy: FetchPolicy, opened: list | None = None, any_address: bool = False):
     """urllib3 connection pools whose connections check the address they connect to (none with
     ``any_address``: a download the user asked for) and, with ``opened``, list the sockets they open, for a
     deadline that shuts them down."""
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+    # urllib3 opens every connection's socket in HTTPConnection._new_conn (1.x and 2.x alike) and has no public
+    # hook that sees the address before connect() (socket_options are setsockopt values, not a callback);
+    # tests/test_fetch.py fails if a urllib3 release stops calling it.
     def new_conn(self):
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else policy.connect_timeout
-        last: Optional[Exception] = None
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM):
+        last: Exception | None = None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
             if not any_address and not address_allowed(sockaddr[0], policy.allow_loopback):
-                last = _Refused(f"{self._dns_host} resolves to {sockaddr[0]}, which is not a public address")
+                last = _Refused(f"{self.host} resolves to {sockaddr[0]}, which is not a public address")
                 continue
             sock = socket.socket(family, kind, proto)
             try:
@@ -110,7 +112,7 @@ def _connection_classes(policy: FetchPolicy, opened: Optional[list] = None, any_
             except OSError as exc:
                 sock.close()
                 last = exc
-        raise last or _Refused(f"{self._dns_host} has no address")
+        raise last or _Refused(f"{self.host} has no address")
 
     class Plain(HTTPConnection):
         _new_conn = new_conn
@@ -153,7 +155,7 @@ def deadline_session(policy: FetchPolicy, seconds: float, any_address: bool = Fa
         session.close()
 
 
-def http_session(policy: FetchPolicy, opened: Optional[list] = None, any_address: bool = False):
+def http_session(policy: FetchPolicy, opened: list | None = None, any_address: bool = False):
     """A requests session through those pools; proxies and netrc from the environment are ignored."""
     import requests
     from requests.adapters import HTTPAdapter
@@ -230,7 +232,7 @@ class Fetcher:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provenance-guard-fetch")
         self._slots = threading.BoundedSemaphore(workers + queue)
 
-    def submit(self, url: str) -> "Future[bytes]":
+    def submit(self, url: str) -> Future[bytes]:
         if not self._slots.acquire(blocking=False):
             raise FetchBusy(self.public + " (too many fetches at once; try again shortly)", "pool and queue full")
         try:

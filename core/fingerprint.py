@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
@@ -59,7 +59,7 @@ def _owner(embedder):
     return getattr(embedder, "cache_owner", None) or embedder
 
 
-def probe_vectors(embedder) -> "np.ndarray":
+def probe_vectors(embedder) -> np.ndarray:
     """The probes' unit embeddings by this embedder (computed once per embedder)."""
     import numpy as np
 
@@ -78,7 +78,7 @@ def probe_vectors(embedder) -> "np.ndarray":
     return vectors
 
 
-def weights_sha256(spec) -> Optional[str]:
+def weights_sha256(spec) -> str | None:
     """sha256 of the weights file a ``file`` spec names (None for tags, folders, hub names)."""
     from pathlib import Path
 
@@ -105,7 +105,7 @@ def fingerprint(embedder) -> dict[str, Any]:
     return out
 
 
-def _probes(stored: Any) -> Optional["np.ndarray"]:
+def _probes(stored: Any) -> np.ndarray | None:
     """A stored fingerprint's probe embeddings as unit rows, or None when it is damaged."""
     import numpy as np
 
@@ -118,11 +118,11 @@ def _probes(stored: Any) -> Optional["np.ndarray"]:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _worst_cosine(a: "np.ndarray", b: "np.ndarray") -> float:
+def _worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min())
 
 
-def mismatch(stored: Any, embedder) -> Optional[str]:
+def mismatch(stored: Any, embedder) -> str | None:
     """Why the embedder's weights are not the ones a stored fingerprint describes, or None when they are (or
     when the fingerprint is of a kind this version does not read: then the name alone decides)."""
     if not isinstance(stored, dict) or stored.get("probe_version") != PROBE_VERSION:
@@ -152,7 +152,7 @@ def same_weights(a: Any, b: Any) -> bool:
 _UNSEEN = object()
 
 
-def _stored_key(bundle: "Bundle", stored: Any) -> tuple:
+def _stored_key(bundle: Bundle, stored: Any) -> tuple:
     """What a decision is kept under: the bundle's id, version and its fingerprint's digest (two copies of one
     version may carry different fingerprints). The digest is computed once per opened bundle."""
     digest = getattr(bundle, "_fingerprint_digest", None)
@@ -167,7 +167,7 @@ def _stored_key(bundle: "Bundle", stored: Any) -> tuple:
     return bundle.id, bundle.version, digest
 
 
-def check_model(bundle: "Bundle", embedder) -> None:
+def check_model(bundle: Bundle, embedder) -> None:
     """Raise ModelMismatchError when the bundle's fingerprint says embedder's weights are not its model's
     (DimensionMismatchError when even the dimension differs). Decided once per embedder and bundle version."""
     stored = (bundle.manifest.build or {}).get(KEY)

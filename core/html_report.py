@@ -36,7 +36,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Callable
 
 from .policy import BLOCK, PASS, UNCHECKED, WARN, fmt_threshold
 from .report import match_html, safe_href, short, verification_line
@@ -72,15 +73,15 @@ class ReportRow:
     its matches found on this machine, by (bundle id, row id)."""
 
     result: CheckResult
-    image: Optional[Union[str, Path]] = None
+    image: str | Path | None = None
     match_images: dict[tuple[str, int], Path] = field(default_factory=dict)
-    credentials: Optional[str] = None  # the image's Content Credentials, in one line (check --require/--sign)
+    credentials: str | None = None  # the image's Content Credentials, in one line (check --require/--sign)
 
 
 # pictures ---------------------------------------------------------------------------------------------------
 
 def thumbnail(image: ImageSource, size: int = THUMB_SIZE, quality: int = JPEG_QUALITY,
-              box: Optional[tuple[int, int]] = None) -> Optional[str]:
+              box: tuple[int, int] | None = None) -> str | None:
     """A JPEG data URI of an image (a file, encoded bytes or a PIL image) at most size px on its longer side
     (or within box, width x height), upright (EXIF orientation applied), transparency flattened on white;
     None when it cannot be read. Files and bytes are decoded under the pixel cap and decode budget of checked
@@ -107,7 +108,7 @@ def thumbnail(image: ImageSource, size: int = THUMB_SIZE, quality: int = JPEG_QU
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def local_reference(bundle: "Bundle", match: Match, options: Optional["ReferenceOptions"] = None) -> Optional[Path]:
+def local_reference(bundle: Bundle, match: Match, options: ReferenceOptions | None = None) -> Path | None:
     """The training/reference image of a match when it is on this machine: in the bundle's image folder (or
     the folder options.root names), else, when reference fetching is on, the copy a verification fetched
     into the reference cache. Nothing is fetched here."""
@@ -125,7 +126,7 @@ def local_reference(bundle: "Bundle", match: Match, options: Optional["Reference
     return cached if cached.is_file() else None
 
 
-def _evidence(uri: str) -> Optional[str]:
+def _evidence(uri: str) -> str | None:
     """A verified match's side-by-side picture (a data: URI the check made) re-encoded to fit EVIDENCE_BOX, or
     None when it is not a picture."""
     head, _, data = uri.partition(",")
@@ -145,7 +146,7 @@ class _Budget:
         self.limit = self.left = limit
         self.left_out = 0
 
-    def picture(self, draw: Callable[[Any], Optional[str]], source: Any) -> tuple[Optional[str], str]:
+    def picture(self, draw: Callable[[Any], str | None], source: Any) -> tuple[str | None, str]:
         """(data URI, "") of what draw(source) makes while the budget has room for it; (None, a line saying so) once
         the budget is spent (nothing more is drawn then); (None, "") when draw makes nothing."""
         if self.left > 0:
@@ -186,13 +187,13 @@ def _sort_score(value: Any) -> float:
 
 # prompts ------------------------------------------------------------------------------------------------------
 
-def _prompt_text(value: Any) -> Optional[str]:
+def _prompt_text(value: Any) -> str | None:
     if isinstance(value, str) and value.strip() and len(value) <= MAX_PROMPT_CHARS:
         return value.strip()
     return None
 
 
-def _record_prompt(text: str) -> Optional[str]:
+def _record_prompt(text: str) -> str | None:
     """The prompt in one of our provenance records (a check-result, or a check-batch whose entries agree)."""
     data = json.loads(text)
     if not isinstance(data, dict):
@@ -203,12 +204,12 @@ def _record_prompt(text: str) -> Optional[str]:
     return _generation_prompt(data)
 
 
-def _generation_prompt(record: Any) -> Optional[str]:
+def _generation_prompt(record: Any) -> str | None:
     generation = record.get("generation") if isinstance(record, dict) else None
     return _prompt_text(generation.get("prompt")) if isinstance(generation, dict) else None
 
 
-def a1111_prompt(text: str) -> Optional[str]:
+def a1111_prompt(text: str) -> str | None:
     """The prompt of A1111/Forge infotext: the text before "Negative prompt:" and the "Steps: ..." line."""
     text = text.replace("\r\n", "\n")
     if text.startswith(("Negative prompt:", "Steps:")):
@@ -221,14 +222,14 @@ def a1111_prompt(text: str) -> Optional[str]:
     return _prompt_text(text[:cut])
 
 
-def _comfyui_prompt(text: str) -> Optional[str]:
+def _comfyui_prompt(text: str) -> str | None:
     from .record import parse_comfyui_prompt
 
     graph = json.loads(text)
     return _prompt_text(parse_comfyui_prompt(graph).prompt) if isinstance(graph, dict) else None
 
 
-def _read_capped(path: Path) -> Optional[str]:
+def _read_capped(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SOURCE_BYTES + 1)
@@ -237,7 +238,7 @@ def _read_capped(path: Path) -> Optional[str]:
     return data.decode("utf-8") if len(data) <= MAX_SOURCE_BYTES else None
 
 
-def image_prompt(image: Union[str, Path]) -> tuple[Optional[str], str]:
+def image_prompt(image: str | Path) -> tuple[str | None, str]:
     """(prompt, where it was read) of an image file: its provenance record (PNG chunk, then sidecar), else
     A1111's ``parameters`` text, else ComfyUI's ``prompt`` graph. Never raises: whatever is damaged,
     hostile or over MAX_SOURCE_BYTES is skipped, and (None, "") means nothing usable was found."""
@@ -264,7 +265,7 @@ def image_prompt(image: Union[str, Path]) -> tuple[Optional[str], str]:
     return None, ""
 
 
-def row_prompt(row: ReportRow) -> tuple[Optional[str], str]:
+def row_prompt(row: ReportRow) -> tuple[str | None, str]:
     """The prompt shown for a row: the check's generation record, else what the image file carries."""
     generation = row.result.generation
     prompt = _prompt_text(getattr(generation, "prompt", None))
@@ -305,7 +306,7 @@ def _below_line(m: Match) -> str:
             + (f" <small>{_text(check, 160)}</small>" if check else "") + "</li>")
 
 
-def _detail(n: int, row: ReportRow, name: str, source: str, prompt: tuple[Optional[str], str],
+def _detail(n: int, row: ReportRow, name: str, source: str, prompt: tuple[str | None, str],
             budget: _Budget) -> str:
     r = row.result
     verdict = _text(r.verdict, 20)
@@ -357,7 +358,7 @@ def _detail(n: int, row: ReportRow, name: str, source: str, prompt: tuple[Option
     return "".join(parts)
 
 
-def _summary_row(n: int, row: ReportRow, name: str, source: str, prompt: Optional[str],
+def _summary_row(n: int, row: ReportRow, name: str, source: str, prompt: str | None,
                  credentials: bool = False) -> str:
     r = row.result
     verdict = _text(r.verdict, 20)
@@ -505,7 +506,7 @@ Bundles: {_text("; ".join(bundles) or NONE, 2000)}.</div>
 """
 
 
-def write(path: Union[str, Path], rows: list[ReportRow], checked: int, **kw: Any) -> Path:
+def write(path: str | Path, rows: list[ReportRow], checked: int, **kw: Any) -> Path:
     """Write the report atomically; returns its path."""
     from .record import atomic_write
 

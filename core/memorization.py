@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -30,10 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_STEPS = 5
 
 # family -> (threshold, source). Only measured values belong here.
-THRESHOLDS: dict[str, tuple[Optional[float], str]] = {
-    # bench/q2_memorization.py, 2026-11-28: the toy model's 5-step score above every one of 40 unseen prompts
-    # (FPR <= 1/40); its one memorized prompt scored above it. A rerun writes bench/out/q2/threshold.json.
-    "toy-q2": (0.0207, "bench/q2_memorization.py (toy pixel-space model trained to memorize; 40 unseen prompts)"),
+THRESHOLDS: dict[str, tuple[float | None, str]] = {
+    # bench/q2_memorization.py, 2026-12-07: the toy's 5-step score at <= 1 % FPR on 389 non-memorized prompts
+    # (3 above it); 22 of 27 memorized prompts score above it. A rerun writes bench/out/q2/threshold.json.
+    "toy-q2": (0.06956, "bench/q2_memorization.py (toy pixel-space model trained to memorize; 389 non-memorized "
+                        "prompts)"),
     "sd1": (None, "not measured here (no Stable Diffusion weights on these machines): set one from your own "
                   "runs of known memorized and ordinary prompts"),
     "sd2": (None, "not measured here: set one from your own runs"),
@@ -47,7 +48,7 @@ PASS, FLAG, UNRATED, UNAVAILABLE = "pass", "flag", "unrated", "unavailable"
 class MemorizationScore:
     """One image's signal: score (None when unavailable), the steps it averages, and why when unavailable."""
 
-    score: Optional[float]
+    score: float | None
     steps: int
     reason: str = ""
 
@@ -56,13 +57,13 @@ class MemorizationScore:
 class PromptCheck:
     """The prompt section of a result: the sampler's memorization signal and the caption check."""
 
-    memorization_score: Optional[float] = None
+    memorization_score: float | None = None
     steps: int = 0
-    threshold: Optional[float] = None
-    family: Optional[str] = None
+    threshold: float | None = None
+    family: str | None = None
     verdict: str = UNAVAILABLE
     reason: str = ""
-    caption_matches: Optional[dict[str, Any]] = None  # {"rows", "near_duplicates", "bundle"} or None
+    caption_matches: dict[str, Any] | None = None  # {"rows", "near_duplicates", "bundle"} or None
 
     def to_json(self) -> dict[str, Any]:
         out = {"memorization_score": None if self.memorization_score is None else round(self.memorization_score, 6),
@@ -73,7 +74,7 @@ class PromptCheck:
         return out
 
     @classmethod
-    def from_json(cls, d: Optional[dict[str, Any]]) -> Optional["PromptCheck"]:
+    def from_json(cls, d: dict[str, Any] | None) -> PromptCheck | None:
         if not d:
             return None
         return cls(memorization_score=d.get("memorization_score"), steps=int(d.get("steps") or 0),
@@ -81,14 +82,14 @@ class PromptCheck:
                    reason=d.get("reason", ""), caption_matches=d.get("caption_matches"))
 
 
-def threshold_for(family: Optional[str], overrides: Optional[dict[str, float]] = None) -> Optional[float]:
+def threshold_for(family: str | None, overrides: dict[str, float] | None = None) -> float | None:
     if family and overrides and family in overrides:
         return float(overrides[family])
     return THRESHOLDS.get(family or "", (None, ""))[0]
 
 
-def prompt_check(score: Optional[MemorizationScore], family: Optional[str],
-                 overrides: Optional[dict[str, float]] = None) -> PromptCheck:
+def prompt_check(score: MemorizationScore | None, family: str | None,
+                 overrides: dict[str, float] | None = None) -> PromptCheck:
     """A memorization score judged against its family's threshold."""
     if score is None:
         return PromptCheck(verdict=UNAVAILABLE, family=family, reason="no sampler signal was recorded for this image")
@@ -115,14 +116,14 @@ class MemorizationMonitor:
 
             raise ConfigError(f"memorization steps {steps}: give a whole number >= 1")
         self.steps = steps
-        self.family: Optional[str] = None  # the model family the host found (for the threshold)
-        self.threshold: Optional[float] = None  # the host's own threshold for this run (None: table/bundle)
+        self.family: str | None = None  # the model family the host found (for the threshold)
+        self.threshold: float | None = None  # the host's own threshold for this run (None: table/bundle)
         self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         with self._lock:
-            self._sums: Optional["torch.Tensor"] = None
+            self._sums: torch.Tensor | None = None
             self._counts = 0
             self._seen = 0
             self._no_cfg = False
@@ -144,15 +145,15 @@ class MemorizationMonitor:
         with self._lock:
             self._skipped += 1
 
-    def add_eps(self, eps_cond: "torch.Tensor", eps_uncond: "torch.Tensor") -> None:
+    def add_eps(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> None:
         """One step's noise predictions, [B, ...] each (the same images in the same order)."""
         if self.done:
             return
         diff = (eps_cond.detach().float() - eps_uncond.detach().float()).flatten(1)
         self._add(diff.pow(2).mean(dim=1).sqrt())
 
-    def add_denoised(self, x: "torch.Tensor", denoised_cond: "torch.Tensor", denoised_uncond: "torch.Tensor",
-                     sigma: "torch.Tensor") -> None:
+    def add_denoised(self, x: torch.Tensor, denoised_cond: torch.Tensor, denoised_uncond: torch.Tensor,
+                     sigma: torch.Tensor) -> None:
         """One step's denoised estimates with the noise level: eps_c - eps_u = (D_u - D_c) / sigma."""
         if self.done:
             return
@@ -165,7 +166,7 @@ class MemorizationMonitor:
         diff = diff / sigma[: diff.shape[0]].clamp_min(1e-8)[:, None]
         self._add(diff.pow(2).mean(dim=1).sqrt())
 
-    def _add(self, rms: "torch.Tensor") -> None:
+    def _add(self, rms: torch.Tensor) -> None:
         # Kept on the sampler's device: reading it back (a GPU sync) waits for scores().
         with self._lock:
             if self._sums is None or self._sums.shape != rms.shape:
@@ -175,7 +176,7 @@ class MemorizationMonitor:
                 self._counts += 1
             self._seen += 1
 
-    def scores(self, images: Optional[int] = None) -> list[MemorizationScore]:
+    def scores(self, images: int | None = None) -> list[MemorizationScore]:
         """One score per image of the batch (``images`` of them when the monitor saw none)."""
         with self._lock:
             if self._no_cfg:
@@ -189,7 +190,7 @@ class MemorizationMonitor:
             return [MemorizationScore(float(s) / self._counts, self._counts) for s in self._sums.cpu().tolist()]
 
 
-def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale: Optional[float] = None,
+def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale: float | None = None,
                   skipped: bool = False) -> None:
     """One sampling step as a ComfyUI-style post-CFG function sees it (ComfyUI's node, Forge's UNet patcher).
 
@@ -218,7 +219,7 @@ def post_cfg_step(monitor: MemorizationMonitor, args: dict[str, Any], cfg_scale:
         monitor.add_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"])
 
 
-def score_text(check: Optional["PromptCheck"]) -> Optional[str]:
+def score_text(check: PromptCheck | None) -> str | None:
     """The memorization signal in a few words for an infotext or a node's report ("0.0123 unrated"), or
     None when no signal was recorded."""
     if check is None:
@@ -246,7 +247,7 @@ class RunStore:
                     self._runs.pop(next(iter(self._runs)))
             return self._runs[run]
 
-    def get(self, run: str) -> Optional[MemorizationMonitor]:
+    def get(self, run: str) -> MemorizationMonitor | None:
         with self._lock:
             return self._runs.get(run)
 

@@ -25,7 +25,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 from .config import NETWORK_PROBE_TIMEOUT_S
@@ -41,11 +41,11 @@ class ModelSpec:
 
     raw: str
     kind: str
-    arch: Optional[str]
+    arch: str | None
     source: str
 
     @classmethod
-    def parse(cls, spec: str) -> "ModelSpec":
+    def parse(cls, spec: str) -> ModelSpec:
         spec = (spec or "").strip()
         if not spec:
             raise ConfigError("no model given; pass e.g. --model ViT-L-14/openai (see docs/checking.md, 'Models')")
@@ -72,7 +72,7 @@ class ModelSpec:
         return self.raw
 
 
-def _probe(url: str) -> Optional[str]:
+def _probe(url: str) -> str | None:
     """None when the host of url accepts a TCP connection within the timeout, else the reason."""
     parsed = urlparse(url)
     host = parsed.hostname
@@ -299,16 +299,26 @@ _REGISTER_LOCK = threading.Lock()
 
 def _construct(model_cfg: dict[str, Any], quick_gelu: bool, device: str, precision: str):
     """The open_clip model of an architecture config, without weights. The config is registered under a
-    private name and built by open_clip's own create_model, which works alike from open_clip 2.20 (A1111's
-    and Forge's pin) to 3.x; no weights are fetched here (pretrained_hf=False keeps HF text towers offline)."""
+    name made from its own hash (so one name is one config) with open_clip.add_model_config, and built by
+    open_clip's create_model, which work alike from open_clip 2.20 (A1111's and Forge's pin) to 3.x; no
+    weights are fetched here (pretrained_hf=False keeps HF text towers offline)."""
     import hashlib
+    import tempfile
 
     import open_clip
-    from open_clip import factory
 
     name = "pg-" + hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
     with _REGISTER_LOCK:
-        factory._MODEL_CONFIGS[name] = json.loads(json.dumps(model_cfg))
+        if open_clip.get_model_config(name) is None:
+            # add_model_config reads a <name>.json file; the registry keeps the config once the file is gone
+            with tempfile.TemporaryDirectory(prefix="provenance-guard-") as tmp:
+                path = Path(tmp) / f"{name}.json"
+                path.write_text(json.dumps(model_cfg))
+                open_clip.add_model_config(path)
+            if open_clip.get_model_config(name) is None:  # open_clip skips a config without these three
+                missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+                raise ModelLoadError(f"the model config has no {', '.join(missing) or 'usable fields'}: give an "
+                                     f"open_clip_config.json whose model_cfg has embed_dim, vision_cfg and text_cfg")
     with silenced("open_clip"):
         model = open_clip.create_model(name, pretrained=None, precision=precision, device=device,
                                        force_quick_gelu=quick_gelu, pretrained_hf=False)

@@ -13,7 +13,7 @@ nothing unchecked goes out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from .config import DEFAULT_FAIL_MODE, DEFAULT_TOP_K, FAIL_MODES
 from .errors import ConfigError
@@ -40,7 +40,7 @@ def validate_thresholds(warn: float, block: float) -> None:
         raise ConfigError(f"warn threshold {warn} is above block threshold {block}; warn must be <= block")
 
 
-def verdict_for(score: Optional[float], warn: float, block: float) -> str:
+def verdict_for(score: float | None, warn: float, block: float) -> str:
     if score is None:
         return PASS
     if score >= block:
@@ -80,15 +80,15 @@ class Policy:
     verified on pixels (VERIFY_MODES); verify_from: the score from which candidates are verified (None: each
     bundle's warn threshold; the top match of a small bundle with local references always is)."""
 
-    warn: Optional[float] = None
-    block: Optional[float] = None
+    warn: float | None = None
+    block: float | None = None
     fail_mode: str = DEFAULT_FAIL_MODE
     top_k: int = DEFAULT_TOP_K
     verify: str = "off"
-    verify_from: Optional[float] = None
+    verify_from: float | None = None
     # How far a flagged prompt alone raises the image's verdict: "pass" (never), "warn" or "block".
     prompt_action: str = "warn"
-    memorization_thresholds: Optional[dict] = None  # family -> threshold, over the built-in table
+    memorization_thresholds: dict | None = None  # family -> threshold, over the built-in table
     # Strict (studio enforcement, the webuis' strict setting): evidence pictures show the training image with
     # the matched region only, never the checked image's pixels (which may be a blocked copy).
     strict: bool = False
@@ -109,7 +109,7 @@ class Policy:
             raise ConfigError(f"strict {self.strict!r}: give true or false")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top-k {self.top_k!r}: give a whole number of matches >= 1")
-        for name, value in (("warn", self.warn), ("block", self.block)):
+        for value in (self.warn, self.block):
             if value is not None:
                 validate_thresholds(value, value)
         if self.warn is not None and self.block is not None:
@@ -132,7 +132,7 @@ class Policy:
 NOT_A_COPY = "semantically close, not a copy: the reference was compared on pixels and found different"
 
 
-def apply_verification(match: "Match", mode: str) -> None:
+def apply_verification(match: Match, mode: str) -> None:
     """Adjust a match's verdict by its verification under mode (see VERIFY_MODES). The score's own verdict
     is kept in match.clip_verdict when it changes. An unavailable reference changes nothing."""
     v = match.verification
@@ -147,7 +147,7 @@ def apply_verification(match: "Match", mode: str) -> None:
         match.clip_verdict, match.verdict = match.verdict, verdict
 
 
-def apply_prompt(result: "CheckResult", prompt_action: str) -> None:
+def apply_prompt(result: CheckResult, prompt_action: str) -> None:
     """Combine the prompt verdict into the image's: a flagged prompt (memorization signal over its threshold,
     or the caption of duplicated training images) raises the verdict to at most prompt_action."""
     prompt = result.prompt
@@ -162,7 +162,7 @@ def apply_prompt(result: "CheckResult", prompt_action: str) -> None:
             f"it is the training caption of {prompt.caption_matches['near_duplicates']} near-duplicate images"))
 
 
-def host_action(result: "CheckResult", action: str, blocking: str = BLOCK) -> str:
+def host_action(result: CheckResult, action: str, blocking: str = BLOCK) -> str:
     """What a host does with this image: "pass" (let it through, annotated) or its blocking action.
 
     ``action`` is the host's setting for a match (warn, or one of its blocking actions); ``blocking`` is what

@@ -13,7 +13,8 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import IO, Iterator, Optional
+from typing import IO
+from collections.abc import Iterator
 
 ENV_EVERY = "PROVENANCE_GUARD_PROGRESS_S"
 PROGRESS_EVERY_S = 30.0
@@ -47,7 +48,7 @@ def _interactive(file: IO) -> bool:
 class LineProgress:
     """The part of tqdm's interface the package uses (update, close, n, total), as plain log lines."""
 
-    def __init__(self, total: Optional[int], desc: str, unit: str, file: IO, every: Optional[float] = None):
+    def __init__(self, total: int | None, desc: str, unit: str, file: IO, every: float | None = None):
         self.total, self.desc, self.unit, self.file = total, desc, unit, file
         self.n = 0
         self.every = every_s() if every is None else every
@@ -92,15 +93,15 @@ class LineProgress:
             self._closed = True
             self._say(f"done, {self.n:,} {self._units(self.n)} in {duration(time.monotonic() - self.started)}")
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def progress(total: Optional[int], desc: str, unit: str = "item", enabled: bool = True,
-             file: Optional[IO] = None, leave: bool = True):
+def progress(total: int | None, desc: str, unit: str = "item", enabled: bool = True,
+             file: IO | None = None, leave: bool = True):
     """A progress bar of total units: tqdm on a terminal, LineProgress elsewhere, a silent tqdm when not
     enabled."""
     from tqdm import tqdm
@@ -113,8 +114,8 @@ def progress(total: Optional[int], desc: str, unit: str = "item", enabled: bool 
 
 
 @contextmanager
-def heartbeat(desc: str, expected_s: Optional[float] = None, enabled: bool = True,
-              file: Optional[IO] = None) -> Iterator[None]:
+def heartbeat(desc: str, expected_s: float | None = None, enabled: bool = True,
+              file: IO | None = None) -> Iterator[None]:
     """Reports a step that cannot count its work while it runs: on a terminal a bar of elapsed seconds
     (against expected_s when given), elsewhere a line every ``every_s()`` seconds, and the time it took."""
     if not enabled:

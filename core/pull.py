@@ -48,7 +48,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any
+from collections.abc import Callable, Iterator
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from .bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, check_file_name, read_manifest, sha256_file, utc_now
@@ -163,7 +164,7 @@ class Source:
                     f"{quote(name, safe='')}")
         return self.base + quote(name, safe="")
 
-    def auth(self) -> tuple[dict[str, str], Optional[tuple]]:
+    def auth(self) -> tuple[dict[str, str], tuple | None]:
         """(headers, origin) the requests to origin carry: the Hub's user agent and the user's token."""
         if self.kind != "hf":
             return {}, None
@@ -342,7 +343,8 @@ class PublishFile:
                 "files": self.files, "published_at": self.published_at, "tool": self.tool}
 
     @classmethod
-    def parse(cls, data: bytes, where: str, policy: PullPolicy = PullPolicy()) -> "PublishFile":
+    def parse(cls, data: bytes, where: str,  # noqa: C901 - a strict validator: one check per field, in order
+              policy: PullPolicy = PullPolicy()) -> PublishFile:
         """Strict parse of a publish file's bytes; PublishFileError naming the first problem."""
         def bad(problem: str) -> PublishFileError:
             return PublishFileError(f"{where}: {problem}; refused before anything was downloaded (ask the "
@@ -466,7 +468,7 @@ class PublishReport:
         ]
 
 
-def publish_bundle(folder: Union[str, Path], name: Optional[str] = None, wait: bool = True) -> PublishReport:
+def publish_bundle(folder: str | Path, name: str | None = None, wait: bool = True) -> PublishReport:
     """Write folder/provenance-bundle.json: every file of the bundle with its size and sha256, computed here
     and checked against the sizes and sha256 the bundle's manifest records. A folder that does not open as a
     bundle, or whose files differ from its manifest, is refused."""
@@ -640,7 +642,7 @@ class _Progress:
     the caller's on_progress(done, total) (what a host's message shows)."""
 
     def __init__(self, total: int, done: int, label: str, show: bool,
-                 on_progress: Optional[Callable[[int, int], None]]):
+                 on_progress: Callable[[int, int], None] | None):
         self.total, self.done, self.label, self.on_progress = total, done, label, on_progress
         self.bar = None
         self.plain = False
@@ -750,7 +752,7 @@ def _is_disk_full(exc: BaseException) -> bool:
     return is_disk_full(exc)
 
 
-def _read_json(path: Path, limit: int) -> Optional[dict]:
+def _read_json(path: Path, limit: int) -> dict | None:
     try:
         if path.stat().st_size > limit:
             return None
@@ -770,7 +772,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _hash_prefix(path: Path) -> tuple["hashlib._Hash", int]:
+def _hash_prefix(path: Path) -> tuple[hashlib._Hash, int]:
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
@@ -785,7 +787,7 @@ def source_record(folder: Path, name: str) -> Path:
     return folder / f".{name}.source.json"
 
 
-def installed_from(source: Source, folder: Union[str, Path], limit: int = 2000) -> Optional[Path]:
+def installed_from(source: Source, folder: str | Path, limit: int = 2000) -> Path | None:
     """The bundle folder under folder that an earlier pull installed from source (found by the records
     pulls leave beside their bundles; no network), or None."""
     folder = Path(folder).expanduser()
@@ -821,7 +823,7 @@ class _Puller:
         self.lost = 0  # bytes kept from an earlier run that a server ignoring Range made us fetch again
 
     # what is there already ----------------------------------------------------------------------------
-    def installed(self) -> Optional[str]:
+    def installed(self) -> str | None:
         """None when target is free; "same" when it holds this very bundle intact; "damaged" when it holds this
         bundle's manifest with files of other sizes; "other" for another bundle. NotInstallable for a target
         that is no bundle at all (never replaced)."""
@@ -941,8 +943,8 @@ class _Puller:
         self.verified[fname] = {"size": st.st_size, "sha256": want, "mtime_ns": st.st_mtime_ns}
         self.save_state()
 
-    def _transfer(self, fname: str, part: Path, size: int, offset: int, hasher, progress: _Progress,
-                  allow_restart: bool):
+    def _transfer(self, fname: str, part: Path, size: int, offset: int,  # noqa: C901 - one HTTP exchange's cases
+                  hasher, progress: _Progress, allow_restart: bool):
         """One request for fname's bytes from offset; returns (hasher, new offset) or "restart"."""
         import requests
 
@@ -1092,7 +1094,7 @@ class _Puller:
             log.warning("provenance-guard: could not record where %s came from (%s)", self.target, exc)
 
 
-def _content_range(value: str) -> Optional[tuple[int, Optional[int]]]:
+def _content_range(value: str) -> tuple[int, int | None] | None:
     """(first byte, total or None) of a Content-Range header 'bytes A-B/N'; None when it is not one."""
     m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
     if not m:
@@ -1100,8 +1102,8 @@ def _content_range(value: str) -> Optional[tuple[int, Optional[int]]]:
     return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
 
 
-def pull(url: str, to: Union[str, Path, None] = None, name: Optional[str] = None, *, replace: bool = False,
-         progress: bool = True, on_progress: Optional[Callable[[int, int], None]] = None, wait: bool = True,
+def pull(url: str, to: str | Path | None = None, name: str | None = None, *, replace: bool = False,
+         progress: bool = True, on_progress: Callable[[int, int], None] | None = None, wait: bool = True,
          policy: PullPolicy = PullPolicy()) -> PullReport:
     """Download the bundle published at url into to/NAME (to: ./models/provenance by default; NAME: the
     publish file's, or name), resumable and verified, installed in one rename. An intact copy of the same
@@ -1127,7 +1129,7 @@ def pull(url: str, to: Union[str, Path, None] = None, name: Optional[str] = None
                       downloaded=job.downloaded, kept=kept, seconds=time.monotonic() - start, source=source.display)
 
 
-def _install(job: _Puller, replace: bool, progress: bool, on_progress: Optional[Callable[[int, int], None]],
+def _install(job: _Puller, replace: bool, progress: bool, on_progress: Callable[[int, int], None] | None,
              wait: bool) -> tuple[str, int]:
     """Under the bundle's lock: (status, bytes kept from earlier runs) of downloading, verifying, opening and
     installing job's bundle."""
@@ -1181,11 +1183,11 @@ def _install(job: _Puller, replace: bool, progress: bool, on_progress: Optional[
 class _Job:
     source: Source
     to: Path
-    thread: Optional[threading.Thread] = None
+    thread: threading.Thread | None = None
     done: int = 0
     total: int = 0
-    path: Optional[str] = None
-    error: Optional[str] = None
+    path: str | None = None
+    error: str | None = None
     failed_at: float = 0.0
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -1195,7 +1197,7 @@ _JOBS_LOCK = threading.Lock()
 RETRY_AFTER = 60.0
 
 
-def bundle_from_url(url: str, to: Union[str, Path], retry_after: float = RETRY_AFTER) -> str:
+def bundle_from_url(url: str, to: str | Path, retry_after: float = RETRY_AFTER) -> str:
     """For a host's "bundle URL" field: the folder of the bundle published at url, installed under to.
 
     Pulled once: the first call starts a pull in a background thread (a pull can take minutes; the host's UI
@@ -1262,7 +1264,7 @@ def _run_job(job: _Job) -> None:
     job.finished.set()
 
 
-def join_pulls(timeout: Optional[float] = None) -> bool:
+def join_pulls(timeout: float | None = None) -> bool:
     """Wait for the background pulls started so far (tests, a clean shutdown); True when all finished."""
     with _JOBS_LOCK:
         jobs = list(_JOBS.values())

@@ -16,7 +16,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from .errors import ImageInputError
 from .result import CheckResult, GenerationRecord
@@ -76,7 +76,7 @@ def _iter_text_chunks(fp):
             fp.seek(length + 4, os.SEEK_CUR)
 
 
-def _inflate(data: bytes) -> Optional[bytes]:
+def _inflate(data: bytes) -> bytes | None:
     """zlib data inflated, or None when it is damaged or would inflate beyond MAX_TEXT_CHUNK."""
     inflater = zlib.decompressobj()
     try:
@@ -86,7 +86,7 @@ def _inflate(data: bytes) -> Optional[bytes]:
     return None if len(out) > MAX_TEXT_CHUNK or inflater.unconsumed_tail else out
 
 
-def _text_of(ctype: bytes, body: bytes) -> Optional[tuple[str, str]]:
+def _text_of(ctype: bytes, body: bytes) -> tuple[str, str] | None:
     try:
         if ctype == b"tEXt":
             key, _, text = body.partition(b"\0")
@@ -108,7 +108,7 @@ def _text_of(ctype: bytes, body: bytes) -> Optional[tuple[str, str]]:
         return None
 
 
-def png_text_chunks(source: Union[bytes, str, os.PathLike]) -> dict[str, str]:
+def png_text_chunks(source: bytes | str | os.PathLike) -> dict[str, str]:
     """Every tEXt, zTXt and iTXt chunk of a PNG (bytes or a file path) as {key: text}, later chunks winning.
     Memory is bounded: compressed chunks inflate to MAX_TEXT_CHUNK at most (larger ones are skipped, as are
     damaged ones, so one bad chunk hides no other), and at most MAX_TEXT_TOTAL bytes of text are read."""
@@ -120,7 +120,7 @@ def png_text_chunks(source: Union[bytes, str, os.PathLike]) -> dict[str, str]:
         fp = None
     else:
         try:
-            fp = open(source, "rb")
+            fp = open(source, "rb")  # noqa: SIM115 - closed in the finally below, after its chunks are read
         except OSError:
             return {}
         chunks = _iter_text_chunks(fp)
@@ -206,12 +206,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 # provenance records -------------------------------------------------------------------------------------
 
-def sidecar_path(image: Union[str, Path]) -> Path:
+def sidecar_path(image: str | Path) -> Path:
     image = Path(image)
     return image.with_name(image.name + SIDECAR_SUFFIX)
 
 
-def write_record(image: Union[str, Path], result: CheckResult, png: bool = True, sidecar: bool = False) -> list[Path]:
+def write_record(image: str | Path, result: CheckResult, png: bool = True, sidecar: bool = False) -> list[Path]:
     """Write the record into the PNG (when it is one and png=True) and/or a sidecar; returns files written.
 
     A non-PNG image gets the sidecar even when only png was asked for, so a record is never dropped.
@@ -243,7 +243,7 @@ def batch_record(results: list[CheckResult]) -> dict[str, Any]:
     return {"schema": BATCH_SCHEMA, "schema_version": 1, "records": [r.to_json() for r in results]}
 
 
-def read_record(image: Union[str, Path]) -> Optional[CheckResult]:
+def read_record(image: str | Path) -> CheckResult | None:
     """The record in the PNG chunk, else in the sidecar, else None. A batch record yields the entry whose
     pixels_sha256 is this image's."""
     image = Path(image)
@@ -261,7 +261,7 @@ def read_record(image: Union[str, Path]) -> Optional[CheckResult]:
     return CheckResult.from_json(data)
 
 
-def _pixels_digest(image: Path) -> Optional[str]:
+def _pixels_digest(image: Path) -> str | None:
     from .images import pixels_sha256, to_pixels
 
     (p,) = to_pixels([image])
@@ -324,7 +324,8 @@ _LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader", "unCLIPC
 _MAX_GRAPH_NODES = 10_000
 
 
-def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = None) -> GenerationRecord:
+def parse_comfyui_prompt(prompt: str | dict,  # noqa: C901 - one walk of a graph whose node kinds each differ
+                         from_node: str | None = None) -> GenerationRecord:
     """ComfyUI API graph (the hidden PROMPT, or the PNG ``prompt`` chunk) -> GenerationRecord.
 
     With ``from_node`` (the id of the node that checks the image) the record describes the sampler that
@@ -339,16 +340,16 @@ def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = No
         return rec
     graph = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
 
-    def node(ref) -> Optional[dict]:
+    def node(ref) -> dict | None:
         if isinstance(ref, list) and ref:
             return graph.get(str(ref[0]))
         return None
 
-    def inputs_of(n: Optional[dict]) -> dict:
+    def inputs_of(n: dict | None) -> dict:
         inp = n.get("inputs") if n else None
         return inp if isinstance(inp, dict) else {}
 
-    def upstream(start: str, through: Optional[tuple[str, ...]] = None):
+    def upstream(start: str, through: tuple[str, ...] | None = None):
         """Node ids upstream of start, nearest first (breadth first), following only the input names in
         through when given."""
         seen, queue = {start}, [start]
@@ -362,7 +363,7 @@ def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = No
                     queue.append(str(value[0]))
                     yield str(value[0])
 
-    def text_of(ref, depth: int = 0) -> Optional[str]:
+    def text_of(ref, depth: int = 0) -> str | None:
         n = node(ref)
         if not n or depth > 16:
             return None
@@ -422,7 +423,7 @@ def parse_comfyui_prompt(prompt: Union[str, dict], from_node: Optional[str] = No
     return rec
 
 
-def _exif_user_comment(path: Path) -> Optional[str]:
+def _exif_user_comment(path: Path) -> str | None:
     from PIL import Image
 
     try:
@@ -446,7 +447,7 @@ def _exif_user_comment(path: Path) -> Optional[str]:
     return raw if isinstance(raw, str) else None
 
 
-def read_generation(image: Union[str, Path]) -> Optional[GenerationRecord]:
+def read_generation(image: str | Path) -> GenerationRecord | None:
     """The generation parameters A1111/Forge or ComfyUI stored in the image file, or None."""
     image = Path(image)
     try:
@@ -468,7 +469,7 @@ def read_generation(image: Union[str, Path]) -> Optional[GenerationRecord]:
     return parse_a1111_parameters(text) if text and "Steps: " in text else None
 
 
-def record_from_mapping(data: Optional[dict[str, Any]]) -> Optional[GenerationRecord]:
+def record_from_mapping(data: dict[str, Any] | None) -> GenerationRecord | None:
     """A caller's dict (prompt, seed, ...) -> GenerationRecord, with source 'caller' unless given."""
     if not data:
         return None

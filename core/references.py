@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from .errors import ImageInputError
 
@@ -46,9 +46,9 @@ FAILED_RETRY_S = 3600.0  # a dead link is not asked again for an hour
 
 @dataclass(frozen=True)
 class ReferenceOptions:
-    root: Optional[str] = None        # where a bundle's image folder is now (it moved)
+    root: str | None = None        # where a bundle's image folder is now (it moved)
     fetch: bool = False               # fetch LAION-style URLs (opt-in)
-    cache_dir: Optional[str] = None   # default $PROVENANCE_GUARD_REFERENCE_CACHE, else ~/.cache/provenance-guard/...
+    cache_dir: str | None = None   # default $PROVENANCE_GUARD_REFERENCE_CACHE, else ~/.cache/provenance-guard/...
     cache_bytes: int = 512 << 20
     allow_loopback: bool = False      # tests only
     # How messages name the options that fix a missing reference: command-line flags by default; a host
@@ -63,7 +63,7 @@ class Reference:
     label: what a record may say about it (the row's relative path, or the URL: never a local path, which
     would tell whoever receives the image how this machine's folders are laid out)."""
 
-    image: Optional["Image.Image"]
+    image: Image.Image | None
     source: str
     reason: str = ""
     label: str = ""
@@ -106,11 +106,11 @@ def _recorded() -> list:
     return entries
 
 
-def _identity(bundle: "Bundle") -> tuple[str, str]:
+def _identity(bundle: Bundle) -> tuple[str, str]:
     return str(bundle.id), str((bundle.manifest.build or {}).get("created", ""))
 
 
-def remember_folder(bundle_id: str, created: str, folder: Union[str, Path]) -> None:
+def remember_folder(bundle_id: str, created: str, folder: str | Path) -> None:
     """Record that this machine's user built bundle ``bundle_id`` (at ``created``) from ``folder``, so its
     checks may read that folder's images. Best effort: a config folder that cannot be written is said in
     the log, and the user names the folder instead."""
@@ -126,7 +126,7 @@ def remember_folder(bundle_id: str, created: str, folder: Union[str, Path]) -> N
                     "name the folder (--references) when checking", folder, bundle_id, config_dir(), exc)
 
 
-def built_here(bundle: "Bundle", folder: Union[str, Path]) -> bool:
+def built_here(bundle: Bundle, folder: str | Path) -> bool:
     """Whether this machine's user built this bundle from folder (the local record, never the manifest)."""
     bundle_id, created = _identity(bundle)
     real = os.path.realpath(str(folder))
@@ -134,7 +134,7 @@ def built_here(bundle: "Bundle", folder: Union[str, Path]) -> bool:
                for e in _recorded())
 
 
-def recorded_folders(bundle: "Bundle") -> list[Path]:
+def recorded_folders(bundle: Bundle) -> list[Path]:
     """The image folders the bundle's manifest names (build.sources of kind "images"), trusted or not."""
     out = []
     for source in bundle.manifest.build.get("sources", []) or []:
@@ -143,7 +143,7 @@ def recorded_folders(bundle: "Bundle") -> list[Path]:
     return out
 
 
-def image_roots(bundle: "Bundle", root: Optional[str] = None) -> list[Path]:
+def image_roots(bundle: Bundle, root: str | None = None) -> list[Path]:
     """Folders a bundle's relative image paths resolve against: the one the user names first, then the ones
     the manifest recorded that this machine's user built the bundle from (built_here)."""
     roots = [Path(root).expanduser()] if root else []
@@ -151,7 +151,7 @@ def image_roots(bundle: "Bundle", root: Optional[str] = None) -> list[Path]:
     return roots
 
 
-def local_path(bundle: "Bundle", match: "Match", root: Optional[str] = None) -> Optional[Path]:
+def local_path(bundle: Bundle, match: Match, root: str | None = None) -> Path | None:
     """The match's image file on this machine, or None. Only a relative path inside a root is followed."""
     rel = match.metadata.get("path") or match.metadata.get("image_path")
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\0" in rel:
@@ -175,7 +175,7 @@ class ReferenceCache:
         digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
         return self.folder / digest[:2] / digest
 
-    def get(self, url: str) -> Optional[bytes]:
+    def get(self, url: str) -> bytes | None:
         path = self.path(url)
         try:
             data = path.read_bytes()
@@ -222,7 +222,7 @@ class ReferenceResolver:
     def __init__(self, options: ReferenceOptions = ReferenceOptions()):
         self.options = options
         self._fetcher = None
-        self._cache: Optional[ReferenceCache] = None
+        self._cache: ReferenceCache | None = None
         self._failed: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -238,7 +238,7 @@ class ReferenceResolver:
                                         workers=4, queue=64, public="the reference image could not be fetched")
             return self._fetcher, self._cache
 
-    def resolve(self, bundle: "Bundle", match: "Match") -> Reference:
+    def resolve(self, bundle: Bundle, match: Match) -> Reference:
         from .images import open_image
 
         path = local_path(bundle, match, self.options.root)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import time
-from typing import Optional
 from urllib.parse import urlparse
 
 from .errors import ConfigError, ProvenanceError
@@ -28,7 +27,7 @@ class ServerDown(ProvenanceError):
 
 
 class RemoteBundle:
-    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30.0, retries: int = 3,
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.5):
         parsed = urlparse(url)
         name = parsed.path.strip("/").split("/")[-1] if parsed.path.strip("/") else ""

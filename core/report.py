@@ -6,7 +6,6 @@ HTML): the HTML helpers escape every one of them and only link http(s) URLs.
 from __future__ import annotations
 
 import html
-from typing import Optional
 from urllib.parse import urlparse
 
 from .policy import BLOCK, UNCHECKED, WARN, fmt_threshold, reaches
@@ -18,7 +17,7 @@ def is_flagged(result: CheckResult, level: str = BLOCK) -> bool:
     return reaches(result.verdict, level)
 
 
-def short(text: Optional[str], width: int = 80) -> str:
+def short(text: str | None, width: int = 80) -> str:
     text = " ".join(str(text or "").split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -89,7 +88,7 @@ def text_report(results: list[CheckResult], top: int = 3) -> str:
     return "\n".join(lines)
 
 
-def memorization_line(result: CheckResult) -> Optional[str]:
+def memorization_line(result: CheckResult) -> str | None:
     """'memorization 1.0030 flag (threshold 0.0010, sd1)', or None when no score was measured."""
     p = result.prompt
     if p is None or p.memorization_score is None:
@@ -98,7 +97,7 @@ def memorization_line(result: CheckResult) -> Optional[str]:
     return f"memorization {p.memorization_score:.4f} {p.verdict} ({against}{', ' + p.family if p.family else ''})"
 
 
-def safe_href(url: Optional[str]) -> Optional[str]:
+def safe_href(url: str | None) -> str | None:
     """The URL when it is http(s) (never javascript:, data: ...), escaped for an attribute; else None."""
     if not url:
         return None
@@ -121,7 +120,7 @@ def verification_line(m: Match) -> str:
     return f"pixels: {v.status} ({how}{', mirrored' if v.mirrored else ''}){changed}"
 
 
-def match_html(m: Match, thumbnail: Optional[str] = None) -> str:
+def match_html(m: Match, thumbnail: str | None = None) -> str:
     """One match as an HTML list item; every text escaped, links open in a new tab; a verified match shows
     its side-by-side evidence (a data: URI made here, never a URL from the index)."""
     href = safe_href(m.url)
@@ -208,7 +207,7 @@ def _drawable(text: str, font) -> str:
     return text
 
 
-def _wrap(draw, text: str, font, width: int) -> Optional[list[str]]:
+def _wrap(draw, text: str, font, width: int) -> list[str] | None:
     """Words of text in lines no wider than width pixels, or None when a single word does not fit."""
     lines: list[str] = []
     line = ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .memorization import PromptCheck
@@ -27,13 +27,13 @@ class Match:
     bundle_id: str
     bundle_version: str
     row_id: int
-    url: Optional[str] = None
-    caption: Optional[str] = None
+    url: str | None = None
+    caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     verdict: str = "pass"
-    verification: Optional["Verification"] = None  # the pixel comparison with the reference, when one ran
-    clip_verdict: Optional[str] = None  # the verdict of the score alone, when verification changed it
-    view: Optional[str] = None  # the part of the image that found it (multi-view queries; None: the whole)
+    verification: Verification | None = None  # the pixel comparison with the reference, when one ran
+    clip_verdict: str | None = None  # the verdict of the score alone, when verification changed it
+    view: str | None = None  # the part of the image that found it (multi-view queries; None: the whole)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -50,7 +50,7 @@ class Match:
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Match":
+    def from_json(cls, d: dict[str, Any]) -> Match:
         from .verify import Verification
 
         return cls(score=float(d["score"]), exact=bool(d["exact"]), bundle_id=d["bundle"],
@@ -64,25 +64,25 @@ class Match:
 class GenerationRecord:
     """What produced the image, as the host knows it (A1111 infotext, ComfyUI graph, or the caller)."""
 
-    prompt: Optional[str] = None
-    negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
-    sampler: Optional[str] = None
-    scheduler: Optional[str] = None
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    model: Optional[str] = None
-    model_hash: Optional[str] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    source: Optional[str] = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    model: str | None = None
+    model_hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
 
     @classmethod
-    def from_json(cls, d: Optional[dict[str, Any]]) -> Optional["GenerationRecord"]:
+    def from_json(cls, d: dict[str, Any] | None) -> GenerationRecord | None:
         if not d:
             return None
         known = {f.name for f in fields(cls)}
@@ -105,20 +105,20 @@ class CheckResult:
     """The outcome for one image."""
 
     verdict: str
-    max_score: Optional[float]
+    max_score: float | None
     matches: list[Match]
-    model: Optional[str]
+    model: str | None
     thresholds: list[BundleThresholds]
     fail_mode: str
     image: dict[str, Any] = field(default_factory=dict)
-    generation: Optional[GenerationRecord] = None
+    generation: GenerationRecord | None = None
     warnings: list[str] = field(default_factory=list)
-    error: Optional[str] = None
+    error: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     checked_at: str = ""
     tool_version: str = ""
-    verify: Optional[dict[str, Any]] = None  # {"mode", "from"}: how matches were verified on pixels, when they were
-    prompt: Optional["PromptCheck"] = None  # the prompt side: memorization signal and caption check
+    verify: dict[str, Any] | None = None  # {"mode", "from"}: how matches were verified on pixels, when they were
+    prompt: PromptCheck | None = None  # the prompt side: memorization signal and caption check
 
     @property
     def exact(self) -> bool:
@@ -129,7 +129,7 @@ class CheckResult:
         return self.error is None
 
     @property
-    def top(self) -> Optional[Match]:
+    def top(self) -> Match | None:
         return self.matches[0] if self.matches else None
 
     def to_json(self) -> dict[str, Any]:
@@ -160,7 +160,7 @@ class CheckResult:
         return json.dumps(self.to_json(), ensure_ascii=False, **kw)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CheckResult":
+    def from_json(cls, d: dict[str, Any]) -> CheckResult:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"not a {SCHEMA} object")
         if int(d.get("schema_version", 0)) > SCHEMA_VERSION:

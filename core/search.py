@@ -11,7 +11,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from .bundle import Bundle
 from .bundle.rerank import FaissRerank
@@ -27,11 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class SearchOutput:
     matches: list[list[Match]]
     timings_ms: dict[str, float] = field(default_factory=dict)
-    vectors: Optional[list["np.ndarray"]] = None  # with_vectors: each query's matches' stored rows, in order
+    vectors: list[np.ndarray] | None = None  # with_vectors: each query's matches' stored rows, in order
 
 
-def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
-           with_vectors: bool = False, squares: Optional[list[float]] = None) -> SearchOutput:
+def search(bundle: Bundle, queries: np.ndarray, k: int, metadata: bool = True,
+           with_vectors: bool = False, squares: list[float] | None = None) -> SearchOutput:
     """Top-k matches of each query row (unit float32 vectors of the bundle's dimension), best first.
     With metadata=False the matches carry ids and scores only (join later with ``join_metadata``);
     with_vectors also returns the matches' stored vectors (float32), read once for the re-rank anyway.
@@ -49,14 +49,18 @@ def search(bundle: Bundle, queries: "np.ndarray", k: int, metadata: bool = True,
                         vectors if with_vectors else None)
 
 
-def search_scores(bundle: Bundle, queries: "np.ndarray", k: int,
-                  squares: Optional[list[float]] = None) -> list[list[tuple[float, int]]]:
+def search_scores(bundle: Bundle, queries: np.ndarray, k: int, squares: list[float] | None = None,
+                  timings: dict[str, float] | None = None) -> list[list[tuple[float, int]]]:
     """What search() finds, as (score, row id) pairs per query, best first: no Match objects and no metadata
-    (the index server builds its rows from these; 80 Match objects cost a knn request ~0.1 ms)."""
-    return _ranked(bundle, queries, k, False, squares)[0]
+    (the index server builds its rows from these; 80 Match objects cost a knn request ~0.1 ms).
+    ``timings``: given, the search's and the re-rank's seconds are put there."""
+    ranked, _, (t0, t1, t2) = _ranked(bundle, queries, k, False, squares)
+    if timings is not None:
+        timings["search"], timings["rerank"] = t1 - t0, t2 - t1
+    return ranked
 
 
-def _ranked(bundle: Bundle, queries: "np.ndarray", k: int, with_vectors: bool, squares: Optional[list[float]]):
+def _ranked(bundle: Bundle, queries: np.ndarray, k: int, with_vectors: bool, squares: list[float] | None):
     """search()'s work up to the Match objects: (pairs per query, stored vectors or None, the times the index
     search began and ended and the scoring ended)."""
     import numpy as np
@@ -103,8 +107,8 @@ def _ranked(bundle: Bundle, queries: "np.ndarray", k: int, with_vectors: bool, s
         if rerank:
             ranked, vectors = _rerank(bundle, queries, q_norms, ids, id_rows, k, with_vectors)
         else:
-            ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids) if i >= 0]
-                      for row_scores, row_ids in zip(scores.tolist(), id_rows)]
+            ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids, strict=True) if i >= 0]
+                      for row_scores, row_ids in zip(scores.tolist(), id_rows, strict=True)]
     if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001): clamped, once checked
         ranked = [[(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
     else:
@@ -112,7 +116,7 @@ def _ranked(bundle: Bundle, queries: "np.ndarray", k: int, with_vectors: bool, s
     return ranked, vectors, (t0, t1, time.perf_counter())
 
 
-def row_squares(x: "np.ndarray") -> list[float]:
+def row_squares(x: np.ndarray) -> list[float]:
     """Squared norms of the rows of a 2-d float32 array (inf or nan when a row holds one), each summed by
     FAISS (``fvec_norm_L2sqr``, float32 as numpy's dot sums). Around a FAISS search every numpy call pays
     tens of microseconds of cold caches; FAISS's own code, which the search runs, paid 22-29 us a check in
@@ -161,7 +165,7 @@ def _clamped(bundle: Bundle, score: float) -> float:
 def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
     """Fill url, caption and the other columns of matches (of this bundle) from its metadata."""
     wanted = sorted({m.row_id for m in matches})
-    rows = dict(zip(wanted, bundle.rows(wanted)))
+    rows = dict(zip(wanted, bundle.rows(wanted), strict=True))
     first: dict[int, Match] = {}
     for m in matches:
         md = rows.pop(m.row_id, None)  # a row's dict is fresh: its first match takes it as it is
@@ -173,7 +177,7 @@ def join_metadata(bundle: Bundle, matches: list[Match]) -> None:
         first[m.row_id] = m
 
 
-def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "np.ndarray",
+def _rerank(bundle: Bundle, queries: np.ndarray, q_norms: list[float], ids: np.ndarray,
             id_rows: list[list[int]], k: int, with_vectors: bool = True):
     """Exact cosines of each query with its candidates: per query, the best k (score, id) pairs, best first,
     and (with_vectors, else None) their stored vectors (float32, the same order)."""
@@ -184,9 +188,9 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "n
     dots = np.matmul(vecs, queries[:, :, None])[:, :, 0].tolist()  # BLAS; einsum's generic loop was 3x slower
     norms = np.einsum("qcd,qcd->qc", vecs, vecs).tolist()
     out, rows = [], []
-    for n, (row_ids, row_dots, row_norms, qn) in enumerate(zip(id_rows, dots, norms, q_norms)):
+    for n, (row_ids, row_dots, row_norms, qn) in enumerate(zip(id_rows, dots, norms, q_norms, strict=True)):
         ranked = [(d / max(math.sqrt(nv * qn), 1e-12), i, c) for c, (i, d, nv) in
-                  enumerate(zip(row_ids, row_dots, row_norms)) if i >= 0]
+                  enumerate(zip(row_ids, row_dots, row_norms, strict=True)) if i >= 0]
         ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep the index's order
         del ranked[k:]
         out.append([(sc, i) for sc, i, _ in ranked])
@@ -195,7 +199,7 @@ def _rerank(bundle: Bundle, queries: "np.ndarray", q_norms: list[float], ids: "n
     return out, rows if with_vectors else None
 
 
-def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarray", ids: "np.ndarray",
+def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: np.ndarray, ids: np.ndarray,
                      k: int) -> list[list[tuple[float, int]]]:
     """Per query, the best k (exact cosine, id) pairs, best first, from FAISS's inner products with the stored
     rows and the rows' inverse norms."""
@@ -205,17 +209,17 @@ def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: "np.ndarra
             return ranked
     inverse = refine.inverse_norms
     out = []
-    for row_ids, row_dots, qn in zip(ids.tolist(), dots.tolist(), q_norms):
+    for row_ids, row_dots, qn in zip(ids.tolist(), dots.tolist(), q_norms, strict=True):
         iq = 1.0 / math.sqrt(qn) if qn > 0 else 0.0  # a zero query scores 0, as in _rerank (nan: refused above)
-        ranked = [(d * inverse[i] * iq, i) for d, i in zip(row_dots, row_ids) if i >= 0]
+        ranked = [(d * inverse[i] * iq, i) for d, i in zip(row_dots, row_ids, strict=True) if i >= 0]
         ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep FAISS's order
         del ranked[k:]
         out.append(ranked)
     return out
 
 
-def _exact_from_dots_numpy(refine: FaissRerank, q_norms: list[float], dots: "np.ndarray", ids: "np.ndarray",
-                           k: int) -> Optional[list[list[tuple[float, int]]]]:
+def _exact_from_dots_numpy(refine: FaissRerank, q_norms: list[float], dots: np.ndarray, ids: np.ndarray,
+                           k: int) -> list[list[tuple[float, int]]] | None:
     """_exact_from_dots for a batch (the index server's 16 queries of 100 candidates): the same float64
     products in the same order, so the same scores, and the same stable order; None when a score is not
     finite (the Python path keeps that case as it always was, for the score check to report)."""
@@ -230,5 +234,5 @@ def _exact_from_dots_numpy(refine: FaissRerank, q_norms: list[float], dots: "np.
     scores[~valid] = -np.inf  # after every candidate, in FAISS's order, then cut
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # stable: equal scores keep FAISS's order
     kept = np.minimum(valid.sum(axis=1), k).tolist()
-    return [list(zip(sc[:n], i[:n])) for sc, i, n in zip(np.take_along_axis(scores, order, axis=1).tolist(),
-                                                       np.take_along_axis(ids, order, axis=1).tolist(), kept)]
+    return [list(zip(sc[:n], i[:n], strict=True)) for sc, i, n in zip(np.take_along_axis(scores, order, axis=1).tolist(),
+                                                       np.take_along_axis(ids, order, axis=1).tolist(), kept, strict=True)]

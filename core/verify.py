@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -61,7 +61,7 @@ class VerifyThresholds:
     min_reference_coverage: float = 0.5
 
     @classmethod
-    def from_json(cls, data: Optional[dict]) -> "VerifyThresholds":
+    def from_json(cls, data: dict | None) -> VerifyThresholds:
         data = data or {}
         default = cls()
         return cls(min_inliers=int(data.get("min_inliers", default.min_inliers)),
@@ -85,16 +85,16 @@ class Verification:
     inliers: int = 0
     inlier_ratio: float = 0.0
     coverage: dict[str, float] = field(default_factory=dict)
-    transform: Optional[list[list[float]]] = None
+    transform: list[list[float]] | None = None
     mirrored: bool = False
-    tiled_l2: Optional[float] = None
-    ncc: Optional[float] = None
+    tiled_l2: float | None = None
+    ncc: float | None = None
     ms: float = 0.0
     reason: str = ""
-    reference: Optional[str] = None  # where the reference pixels came from (a path or a URL)
-    region: Optional[list[list[float]]] = None  # the generated image's outline on the reference (x, y pairs)
+    reference: str | None = None  # where the reference pixels came from (a path or a URL)
+    region: list[list[float]] | None = None  # the generated image's outline on the reference (x, y pairs)
     lines: list[list[float]] = field(default_factory=list)  # inlier pairs: gx, gy, rx, ry
-    evidence: Optional[str] = None  # side-by-side picture (JPEG data URI) for people; not part of the record
+    evidence: str | None = None  # side-by-side picture (JPEG data URI) for people; not part of the record
     dense_applicable: bool = False  # whether the dense comparison may decide (few keypoints, or blur)
 
     def to_json(self) -> dict[str, Any]:
@@ -111,7 +111,7 @@ class Verification:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Verification":
+    def from_json(cls, data: dict[str, Any]) -> Verification:
         return cls(status=data.get("status", UNAVAILABLE), method=data.get("method") or "",
                    inliers=int(data.get("inliers") or 0), inlier_ratio=float(data.get("inlier_ratio") or 0.0),
                    coverage=dict(data.get("coverage") or {}), transform=data.get("transform"),
@@ -119,11 +119,11 @@ class Verification:
                    ms=float(data.get("ms") or 0.0), reason=data.get("reason", ""), reference=data.get("reference"))
 
 
-def unavailable(reason: str, reference: Optional[str] = None) -> Verification:
+def unavailable(reason: str, reference: str | None = None) -> Verification:
     return Verification(status=UNAVAILABLE, reason=reason, reference=reference)
 
 
-def opencv_missing() -> Optional[str]:
+def opencv_missing() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("cv2") is None:
@@ -135,8 +135,8 @@ def opencv_missing() -> Optional[str]:
 
 @dataclass
 class _Keypoints:
-    points: "np.ndarray"          # N x 2, in full-image pixel coordinates
-    descriptors: Optional["np.ndarray"]
+    points: np.ndarray          # N x 2, in full-image pixel coordinates
+    descriptors: np.ndarray | None
 
     def __len__(self) -> int:
         return 0 if self.descriptors is None else len(self.descriptors)
@@ -151,11 +151,11 @@ class Features:
     height: int
     sift: _Keypoints
     sift_small: _Keypoints
-    mirror: Optional[_Keypoints] = None
-    mirror_small: Optional[_Keypoints] = None
+    mirror: _Keypoints | None = None
+    mirror_small: _Keypoints | None = None
     dense: Any = None          # generated: list of view stacks; reference: one stack per alignment
     alignments: list = field(default_factory=list)  # reference: (crop, mirrored, angle) per stack
-    content: Optional[tuple] = None  # generated: (x0, y0, x1, y1) inside its borders (content_box)
+    content: tuple | None = None  # generated: (x0, y0, x1, y1) inside its borders (content_box)
 
 
 _LOCAL = threading.local()
@@ -170,13 +170,13 @@ def _sift():
     return detector
 
 
-def _gray(image: "Image.Image") -> "np.ndarray":
+def _gray(image: Image.Image) -> np.ndarray:
     import numpy as np
 
     return np.ascontiguousarray(np.asarray(image.convert("L")))
 
 
-def _keypoints(gray: "np.ndarray", side: int) -> _Keypoints:
+def _keypoints(gray: np.ndarray, side: int) -> _Keypoints:
     import cv2
     import numpy as np
 
@@ -192,7 +192,7 @@ def _keypoints(gray: "np.ndarray", side: int) -> _Keypoints:
     return _Keypoints(points, des)
 
 
-def _normalised(a: "np.ndarray") -> "np.ndarray":
+def _normalised(a: np.ndarray) -> np.ndarray:
     import numpy as np
 
     a = a.astype(np.float32)
@@ -201,7 +201,7 @@ def _normalised(a: "np.ndarray") -> "np.ndarray":
     return a / n if n > 1e-6 else np.zeros_like(a)
 
 
-def _views(gray: "np.ndarray") -> "np.ndarray":
+def _views(gray: np.ndarray) -> np.ndarray:
     """The normalised regions of a 64 x 64 view, one row each (zero rows for flat regions)."""
     import cv2
     import numpy as np
@@ -212,7 +212,7 @@ def _views(gray: "np.ndarray") -> "np.ndarray":
     return np.stack([np.pad(r, (0, width - len(r))) for r in rows]), small
 
 
-def _unpadded(gray: "np.ndarray") -> "np.ndarray":
+def _unpadded(gray: np.ndarray) -> np.ndarray:
     """gray without uniform borders (padding in any flat colour)."""
     h, w = gray.shape
     top, bottom, left, right = 0, h, 0, w
@@ -237,7 +237,7 @@ FILL_GRADIENT = 0.6  # a featureless fill (a blurred stretch of the image): mean
 FILL_STD = 40.0
 
 
-def content_box(gray: "np.ndarray") -> tuple[int, int, int, int]:
+def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of gray inside its borders: on each side, the run of lines that are uniform (padding
     in any colour) or featureless (a blurred fill: neighbouring pixels all but equal), up to BORDER_MAX of
     the image. A dark or plain region with any texture (noise, grain, edges) is content."""
@@ -246,13 +246,13 @@ def content_box(gray: "np.ndarray") -> tuple[int, int, int, int]:
     h, w = gray.shape
     g = gray.astype(np.float32)
 
-    def border(lines: "np.ndarray") -> "np.ndarray":
+    def border(lines: np.ndarray) -> np.ndarray:
         """Per line (rows of ``lines``): whether it is border."""
         std = lines.std(axis=1)
         along = np.abs(np.diff(lines, axis=1)).mean(axis=1) if lines.shape[1] > 1 else np.zeros(len(lines))
         return (std < FLAT_STD) | ((along < FILL_GRADIENT) & (std < FILL_STD))
 
-    def run(flags: "np.ndarray", across: "np.ndarray", limit: int) -> int:
+    def run(flags: np.ndarray, across: np.ndarray, limit: int) -> int:
         n = 0
         while n < limit and flags[n] and (n == 0 or across[n - 1] < FILL_GRADIENT * 4):
             n += 1
@@ -269,7 +269,7 @@ def content_box(gray: "np.ndarray") -> tuple[int, int, int, int]:
     return left, top, w - right, h - bottom
 
 
-def generated_features(image: "Image.Image") -> Features:
+def generated_features(image: Image.Image) -> Features:
     gray = _gray(image)
     mirror = gray[:, ::-1].copy()
     views = [_views(gray), _views(_unpadded(gray))]
@@ -277,7 +277,7 @@ def generated_features(image: "Image.Image") -> Features:
                     _keypoints(mirror, SIDE), _keypoints(mirror, SMALL_SIDE), dense=views, content=content_box(gray))
 
 
-def reference_features(image: "Image.Image") -> Features:
+def reference_features(image: Image.Image) -> Features:
     import cv2
     import numpy as np
 
@@ -308,10 +308,10 @@ class ReferenceFeatures:
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
-        self._cache: "OrderedDict[str, Features]" = OrderedDict()
+        self._cache: OrderedDict[str, Features] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str, image: "Image.Image") -> Features:
+    def get(self, key: str, image: Image.Image) -> Features:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -330,6 +330,38 @@ REFERENCE_FEATURES = ReferenceFeatures()
 
 # comparing -------------------------------------------------------------------------------------------------------
 
+def _nearest(sims: np.ndarray, axis: int) -> np.ndarray:
+    """For each row (axis 1) or column (axis 0) of a matrix of dot products between unit descriptors: the index
+    of its nearest descriptor on the other side when it passes Lowe's ratio test (distance below RATIO times
+    the second nearest's), else -1. Unit vectors' distances are sqrt(2 - 2 dot): the nearest and the second
+    nearest are the largest and second-largest dot products, found with two passes of max (no sort)."""
+    import numpy as np
+
+    nearest = sims.argmax(axis=axis)
+    lines = np.arange(len(nearest))
+    at = (lines, nearest) if axis == 1 else (nearest, lines)
+    first = sims[at]
+    rest = sims.copy()
+    rest[at] = -np.inf
+    second = rest.max(axis=axis)
+    d1 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * first))
+    d2 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * second))
+    return np.where(d1 < RATIO * d2, nearest, -1)
+
+
+def _mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one ratio-test matches between two sets of unit descriptors (rows, at least 2 each): the
+    indices into a, and their partners in b, of the pairs that are each other's nearest, both passing the
+    ratio test. One matrix product serves both directions."""
+    import numpy as np
+
+    sims = a @ b.T
+    forward, backward = _nearest(sims, 1), _nearest(sims, 0)
+    q = np.nonzero(forward >= 0)[0]
+    mutual = q[backward[forward[q]] == q]
+    return mutual, forward[mutual]
+
+
 def _match(a: _Keypoints, b: _Keypoints):
     """(inliers, matches, 2x3 transform a->b, inlier points of a, of b) of a RANSAC similarity fit over the
     mutual ratio-test matches."""
@@ -338,26 +370,11 @@ def _match(a: _Keypoints, b: _Keypoints):
 
     if len(a) < 4 or len(b) < 4:
         return 0, 0, None, None, None
-    # RootSIFT descriptors have unit length: squared distances are 2 - 2 * dot, so one matrix product gives
-    # both directions' nearest and second-nearest neighbours.
-    sims = a.descriptors @ b.descriptors.T
-    dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims))
-
-    def best(d):
-        two = np.argpartition(d, 1, axis=1)[:, :2]
-        d2 = np.take_along_axis(d, two, axis=1)
-        order = np.argsort(d2, axis=1)
-        nearest = np.take_along_axis(two, order, axis=1)[:, 0]
-        d2 = np.sort(d2, axis=1)
-        return np.where(d2[:, 0] < RATIO * d2[:, 1], nearest, -1)
-
-    forward, backward = best(dist), best(dist.T)
-    q = np.nonzero(forward >= 0)[0]
-    mutual = q[backward[forward[q]] == q]
+    mutual, partner = _mutual_matches(a.descriptors, b.descriptors)
     if len(mutual) < 4:
         return 0, len(mutual), None, None, None
     src = a.points[mutual]
-    dst = b.points[forward[mutual]]
+    dst = b.points[partner]
     pairs = mutual
     matrix, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
     if matrix is None or mask is None:
@@ -369,7 +386,7 @@ def _match(a: _Keypoints, b: _Keypoints):
     return int(keep.sum()), len(pairs), matrix, src[keep], dst[keep]
 
 
-def _coverage(points: "np.ndarray", width: int, height: int, box: Optional[tuple] = None) -> float:
+def _coverage(points: np.ndarray, width: int, height: int, box: tuple | None = None) -> float:
     """The share of the image (of ``box`` inside it, when given: its content) that the points' bounding box
     spans."""
     if points is None or len(points) < 3:
@@ -381,7 +398,7 @@ def _coverage(points: "np.ndarray", width: int, height: int, box: Optional[tuple
     return float(min(1.0, w * h / max(1, (x1 - x0) * (y1 - y0))))
 
 
-def _tiled_l2(a: "np.ndarray", b: "np.ndarray") -> float:
+def _tiled_l2(a: np.ndarray, b: np.ndarray) -> float:
     """Carlini et al.'s tiled L2: the largest RMS difference over 4 x 4 tiles of two 64 x 64 gray views on
     [0, 1] (after matching their mean and contrast, which brightness edits change)."""
     import numpy as np
@@ -402,7 +419,7 @@ def _dense(gen: Features, ref: Features):
 
     best, where, pair = -1.0, None, None
     for view, small in gen.dense:
-        for (stack, ref_small), alignment in zip(ref.dense, ref.alignments):
+        for (stack, ref_small), alignment in zip(ref.dense, ref.alignments, strict=True):
             score = float(np.max(np.einsum("rk,rk->r", view, stack)))
             if score > best:
                 best, where, pair = score, alignment, (small, ref_small)
@@ -410,7 +427,7 @@ def _dense(gen: Features, ref: Features):
 
 
 def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyThresholds(),
-           reference: Optional[str] = None, measure_all: bool = False) -> Verification:
+           reference: str | None = None, measure_all: bool = False) -> Verification:
     """Compare a generated image's features with a reference's; see the module docstring. measure_all (for
     calibration) runs every measurement, so the scores can be judged again under other cut-offs: the small
     pass, and the dense comparison (with ``dense_applicable`` saying whether it may decide)."""
@@ -450,7 +467,7 @@ def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyTh
         out.region = (corners @ matrix[:, :2].T + matrix[:, 2]).tolist()
         step = max(1, len(src) // 40)
         out.lines = [[float(gen.width - a[0] if mirrored else a[0]), float(a[1]), float(b[0]), float(b[1])]
-                     for a, b in zip(src[::step], dst[::step])]
+                     for a, b in zip(src[::step], dst[::step], strict=True)]
     # Too few keypoints to decide (flat images), or a generated image whose detail is blurred away.
     out.dense_applicable = min(len(gen.sift), len(ref.sift)) < FEW_KEYPOINTS or len(gen.sift) < len(gen.sift_small) * 2
     if measure_all:
@@ -470,8 +487,8 @@ def verify(gen: Features, ref: Features, thresholds: VerifyThresholds = VerifyTh
     return out
 
 
-def compare(generated: "Image.Image", reference: "Image.Image", thresholds: VerifyThresholds = VerifyThresholds(),
-            reference_key: Optional[str] = None) -> Verification:
+def compare(generated: Image.Image, reference: Image.Image, thresholds: VerifyThresholds = VerifyThresholds(),
+            reference_key: str | None = None) -> Verification:
     """verify() from two PIL images (the reference's features cached under reference_key when given)."""
     t0 = time.perf_counter()
     missing = opencv_missing()
@@ -484,7 +501,7 @@ def compare(generated: "Image.Image", reference: "Image.Image", thresholds: Veri
     return out
 
 
-def evidence_picture(generated: Optional["Image.Image"], reference: "Image.Image", v: Verification,
+def evidence_picture(generated: Image.Image | None, reference: Image.Image, v: Verification,
                      height: int = 200, lines: bool = True) -> str:
     """The picture a person judges by: the generated image ("your image") and the reference ("training
     image") side by side at the same height, each labelled, the matched region outlined on the reference
@@ -497,7 +514,7 @@ def evidence_picture(generated: Optional["Image.Image"], reference: "Image.Image
 
     from PIL import Image, ImageDraw
 
-    def scaled(img: "Image.Image"):
+    def scaled(img: Image.Image):
         factor = height / max(1, img.height)
         return img.convert("RGB").resize((max(1, round(img.width * factor)), height), Image.BILINEAR), factor
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, TRAINED_FILE, Bundle, BundleLock, Manifest,
                            MetadataWriter, RerankFileWriter, finalize, publish, read_manifest, rerank_file_names,
@@ -55,18 +55,18 @@ HELD_OUT_QUERIES = 200
 class BuildOptions:
     model: str
     max_memory: int = 4 << 30
-    index_key: Optional[str] = None
-    rerank: Optional[str] = "float16"
-    max_rerank_memory: Optional[int] = None
+    index_key: str | None = None
+    rerank: str | None = "float16"
+    max_rerank_memory: int | None = None
     target_recall: float = 0.999
-    target_latency_ms: Optional[float] = None
-    bundle_id: Optional[str] = None
-    bundle_version: Optional[str] = None
+    target_latency_ms: float | None = None
+    bundle_id: str | None = None
+    bundle_version: str | None = None
     description: str = ""
     warn: float = DEFAULT_WARN
     block: float = DEFAULT_BLOCK
     overwrite: bool = False
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     progress: bool = True
     wait: bool = True
 
@@ -77,10 +77,10 @@ class BuildReport:
     rows: int
     factory: str
     note: str
-    rerank: Optional[str]
+    rerank: str | None
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
-    tuning: Optional[Tuning] = None
+    tuning: Tuning | None = None
     resumed_shards: int = 0
     peak_rss_bytes: int = 0
     rss_by_phase: dict[str, int] = field(default_factory=dict)
@@ -132,13 +132,13 @@ class State:
         self.done: set[int] = set()
         self.phases: dict[str, float] = {}
         self.completed: list[str] = []
-        self.tuning: Optional[dict[str, Any]] = None
-        self.captions: Optional[str] = None
+        self.tuning: dict[str, Any] | None = None
+        self.captions: str | None = None
         self.publishing = False
         self.text: dict[str, int] = {}  # url/caption rows repaired or cut in this run's metadata phase
 
     @classmethod
-    def load(cls, path: Path, fingerprint: dict[str, Any]) -> Optional["State"]:
+    def load(cls, path: Path, fingerprint: dict[str, Any]) -> State | None:
         """The state of this very build, or None (no state, another build's, or unreadable)."""
         try:
             data = json.loads(path.read_text())
@@ -189,7 +189,7 @@ def part_path(work: Path, number: int) -> Path:
     return work / "parts" / f"part_{number:05d}.index"
 
 
-def process_shard(shard: Shard, work: str, total_rows: int, dim: int, rerank: Optional[str], ivf: bool) -> int:
+def process_shard(shard: Shard, work: str, total_rows: int, dim: int, rerank: str | None, ivf: bool) -> int:
     """Write a shard's re-rank vectors into their rows and, for IVF, its part index; returns its rows."""
     import numpy as np
 
@@ -232,7 +232,7 @@ def _sample(shards: list[Shard], rows: int, seed: int = 0):
     return out
 
 
-def _rerank_dtype(opts: BuildOptions, n: int, d: int) -> Optional[str]:
+def _rerank_dtype(opts: BuildOptions, n: int, d: int) -> str | None:
     """The re-rank dtype asked for, stepped down (float16 -> int8 -> none) to fit --max-rerank-memory."""
     if opts.rerank is None or opts.max_rerank_memory is None:
         return opts.rerank
@@ -307,14 +307,14 @@ def _build(source: str, out: Path, opts: BuildOptions) -> BuildReport:
         raise
 
 
-def _bundle_size_estimate(n: int, d: int, choice: IndexChoice, rerank: Optional[str]) -> int:
+def _bundle_size_estimate(n: int, d: int, choice: IndexChoice, rerank: str | None) -> int:
     """Bytes the build writes: the index (about twice while parts are merged), re-rank vectors, metadata."""
     index = choice.bytes_needed or n * d * 4
     vectors = {"float16": n * d * 2, "int8": n * (d + 4), None: 0}[rerank]
     return 2 * index + vectors + n * 256
 
 
-def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Optional[str], out: Path, work: Path,
+def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: str | None, out: Path, work: Path,
             home: Path, state: State, resumed_shards: int, opts: BuildOptions, t_start: float) -> BuildReport:
     import faiss
     import numpy as np
@@ -461,7 +461,7 @@ def _phases(shards: list[Shard], n: int, d: int, choice: IndexChoice, rerank: Op
     return report
 
 
-def _published_report(out: Path, n: int, choice: IndexChoice, rerank: Optional[str], state: State,
+def _published_report(out: Path, n: int, choice: IndexChoice, rerank: str | None, state: State,
                       t_start: float) -> BuildReport:
     tuning = None
     if state.tuning:
@@ -477,7 +477,7 @@ def _tool() -> str:
     return f"provenance-guard {__version__}"
 
 
-def _params(choice: IndexChoice, nprobe: Optional[int]) -> dict[str, Any]:
+def _params(choice: IndexChoice, nprobe: int | None) -> dict[str, Any]:
     if not choice.ivf or nprobe is None:
         return {}
     params: dict[str, Any] = {"nprobe": int(nprobe)}

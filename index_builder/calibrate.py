@@ -8,6 +8,11 @@ and with the best wrong match's reference (wrong). Images of --negatives DIR (kn
 wrong pairs: their best match in the bundle. A bundle without pixels is calibrated from --positives DIR, pairs
 of known copies named NAME.gen.* and NAME.ref.*, and --negatives.
 
+Queries are made the way checks make them (``views``, core.check.view_queries): with "multi" (the default,
+as a check with verification runs) each image is searched with its whole and its parts, a score is the best
+any of its views gives the row, and the pair is compared on pixels with the view that gave it; with "whole"
+the image alone. A multi-view query gives every wrong row more chances, so its thresholds sit higher.
+
 Thresholds are chosen at the target false-positive rate over the wrong pairs (block at it, warn at ten times
 it, at most 5 %), and so are the verifier's cut-offs. The table printed gives the true-positive rate per edit
 at the chosen thresholds for the score, the pixels and both, and the false-positive rate with its count of
@@ -21,10 +26,10 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from ..core.errors import ConfigError
 from ..core.images import IMAGE_SUFFIXES, find_images
+from ..core.policy import VIEWS
 from .edits import EDITS
 
 
@@ -34,16 +39,16 @@ class Pair:
 
     kind: str              # "true" or "wrong"
     edit: str              # the edit, or "negative" / "positive" for user folders
-    score: Optional[float]  # exact cosine (None: the reference row was not found in the bundle)
+    score: float | None  # exact cosine (None: the reference row was not found in the bundle)
     status: str = "unavailable"
     method: str = ""
     inliers: int = 0
-    ncc: Optional[float] = None
+    ncc: float | None = None
     coverage: float = 0.0
     dense_applicable: bool = False
 
     @classmethod
-    def of(cls, kind: str, edit: str, score: Optional[float], v) -> "Pair":
+    def of(cls, kind: str, edit: str, score: float | None, v) -> Pair:
         if v is None:
             return cls(kind, edit, score)
         return cls(kind, edit, score, v.status, v.method, v.inliers, v.ncc, v.coverage.get("generated", 0.0),
@@ -64,13 +69,14 @@ class Calibration:
     fpr_upper95: float
     tpr: dict[str, dict[str, float]] = field(default_factory=dict)  # edit -> {clip, pixels, combined}
     curve: list[dict[str, float]] = field(default_factory=list)
-    plot: Optional[Path] = None
+    plot: Path | None = None
     notes: list[str] = field(default_factory=list)
+    views: str = "multi"
 
     def lines(self) -> list[str]:
-        out = [f"calibrated {self.bundle} (version {self.version}) at a target false-positive rate of "
-               f"{self.target_fpr:g}: warn >= {self.warn:.4f}, block >= {self.block:.4f}; pixels: copy from "
-               f"{self.verification['min_inliers']} matched points or a correlation of "
+        out = [f"calibrated {self.bundle} (version {self.version}) for {self.views}-view queries at a target "
+               f"false-positive rate of {self.target_fpr:g}: warn >= {self.warn:.4f}, block >= {self.block:.4f}; "
+               f"pixels: copy from {self.verification['min_inliers']} matched points or a correlation of "
                f"{self.verification['dense_ncc']:.3f}",
                f"{self.true_pairs} true pairs, {self.wrong_pairs} wrong pairs; false positives (combined) "
                f"{self.fpr:.4f}, at most {self.fpr_upper95:.4f} with 95 % confidence",
@@ -118,12 +124,58 @@ def _flagged_pixels(p: Pair, cut: dict) -> bool:
     return p.inliers >= cut["min_inliers"] or (p.dense_applicable and p.ncc is not None and p.ncc >= cut["dense_ncc"])
 
 
-def _pairs_from_bundle(bundle, embedder, resolver, sample: int, rng: random.Random, thresholds) -> list[Pair]:
-    import numpy as np
+class _Queries:
+    """Images as a check queries them under ``views`` (core.check.view_queries): every view embedded in one
+    batch, and each view's verifier features made once, when a pair first needs them."""
 
+    def __init__(self, embedder, images: list, views: str):
+        from ..core.check import view_queries
+        from ..core.images import to_pixels
+
+        self.images = images
+        pixels = to_pixels(images)
+        for p in pixels:
+            if isinstance(p, Exception):
+                raise p
+        self.parts = view_queries(pixels, views)
+        self.vectors = embedder.embed_pixels([v for image_views in self.parts for _, v in image_views])
+        self._start = [0]
+        for image_views in self.parts:
+            self._start.append(self._start[-1] + len(image_views))
+        self._features: dict = {}
+
+    def search(self, bundle, k: int):
+        """Each image's matches over all its views, each row at its best view's score (m.view names it)."""
+        from ..core.check import fold_views
+        from ..core.search import search
+
+        return fold_views(search(bundle, self.vectors, k).matches, self.parts, k)
+
+    def best(self, n: int, vector) -> tuple[float, str | None]:
+        """The best cosine any view of image n gives a row (its unit vector), and that view's name."""
+        import numpy as np
+
+        scores = self.vectors[self._start[n]:self._start[n + 1]] @ np.asarray(vector, dtype=np.float32)
+        at = int(np.argmax(scores))
+        return float(scores[at]), self.parts[n][at][0]
+
+    def features(self, n: int, view: str | None):
+        """The verifier's features of image n's view (None: the whole image, as given)."""
+        from PIL import Image
+
+        from ..core.verify import generated_features
+
+        if (n, view) not in self._features:
+            part = dict(self.parts[n]).get(view) if view is not None else None
+            image = self.images[n] if part is None else Image.fromarray(part.tensor.cpu().numpy())
+            self._features[(n, view)] = generated_features(image)
+        return self._features[(n, view)]
+
+
+def _pairs_from_bundle(bundle, embedder, resolver, sample: int, rng: random.Random, thresholds,
+                       views: str = "multi") -> list[Pair]:
     from ..core.result import Match
-    from ..core.search import search
-    from ..core.verify import generated_features, reference_features, verify
+    from ..core.verify import reference_features, verify
 
     rows = list(range(bundle.count))
     rng.shuffle(rows)
@@ -142,50 +194,48 @@ def _pairs_from_bundle(bundle, embedder, resolver, sample: int, rng: random.Rand
         used += 1
         ref_features = reference_features(ref.image)
         edited = {name: fn(ref.image) for name, fn in EDITS.items()}
-        vectors = embedder.embed(list(edited.values()))
-        found = search(bundle, vectors, 10).matches
+        queries = _Queries(embedder, list(edited.values()), views)
+        found = queries.search(bundle, 10)
         own = bundle.vector([row])[0]
-        for (name, image), vector, matches in zip(edited.items(), vectors, found):
-            gen = generated_features(image)
-            v = verify(gen, ref_features, thresholds, measure_all=True)
-            out.append(Pair.of("true", name, float(np.dot(vector, own)), v))
+        for n, (name, matches) in enumerate(zip(edited, found, strict=True)):
+            score, view = queries.best(n, own)
+            v = verify(queries.features(n, view), ref_features, thresholds, measure_all=True)
+            out.append(Pair.of("true", name, score, v))
             wrong = next((m for m in matches if m.row_id != row), None)
             if wrong is None:
                 continue
             wrong_ref = resolver.resolve(bundle, wrong)
-            w = (verify(gen, reference_features(wrong_ref.image), thresholds, measure_all=True)
-                 if wrong_ref.available else None)
+            w = (verify(queries.features(n, wrong.view), reference_features(wrong_ref.image), thresholds,
+                        measure_all=True) if wrong_ref.available else None)
             out.append(Pair.of("wrong", name, wrong.score, w))
     if used == 0:
         return []
     return out
 
 
-def _pairs_from_folder(bundle, embedder, resolver, folder: Path, thresholds) -> list[Pair]:
-    """--negatives: each image's best match in the bundle is a wrong pair."""
+def _pairs_from_folder(bundle, embedder, resolver, folder: Path, thresholds, views: str = "multi") -> list[Pair]:
+    """--negatives: each image's best match in the bundle (over its views) is a wrong pair."""
     from ..core.images import open_image
-    from ..core.search import search
-    from ..core.verify import generated_features, reference_features, verify
+    from ..core.verify import reference_features, verify
 
     out = []
     for path in find_images(folder):
-        image = open_image(path).convert("RGB")
-        (matches,) = search(bundle, embedder.embed([image]), 1).matches
+        queries = _Queries(embedder, [open_image(path).convert("RGB")], views)
+        (matches,) = queries.search(bundle, 1)
         if not matches:
             continue
         ref = resolver.resolve(bundle, matches[0])
-        w = (verify(generated_features(image), reference_features(ref.image), thresholds, measure_all=True)
-             if ref.available else None)
+        w = (verify(queries.features(0, matches[0].view), reference_features(ref.image), thresholds,
+                    measure_all=True) if ref.available else None)
         out.append(Pair.of("wrong", "negative", matches[0].score, w))
     return out
 
 
-def _pairs_from_positives(embedder, folder: Path, thresholds) -> list[Pair]:
-    """--positives: NAME.gen.* and NAME.ref.* are a known copy (true pair); a gen with another ref is wrong."""
-    import numpy as np
-
+def _pairs_from_positives(embedder, folder: Path, thresholds, views: str = "multi") -> list[Pair]:
+    """--positives: NAME.gen.* and NAME.ref.* are a known copy (true pair); a gen with another ref is wrong.
+    A gen's score with a ref is the best any of its views gives (the ref is stored whole, as in a bundle)."""
     from ..core.images import open_image
-    from ..core.verify import generated_features, reference_features, verify
+    from ..core.verify import reference_features, verify
 
     def pairs_of(kind: str) -> dict[str, Path]:
         return {p.name.split(f".{kind}.")[0]: p for p in folder.iterdir()
@@ -198,24 +248,27 @@ def _pairs_from_positives(embedder, folder: Path, thresholds) -> list[Pair]:
                           f"{', '.join(IMAGE_SUFFIXES)}) found")
     g_img = {n: open_image(gens[n]).convert("RGB") for n in names}
     r_img = {n: open_image(refs[n]).convert("RGB") for n in names}
-    g_vec = dict(zip(names, embedder.embed([g_img[n] for n in names])))
-    r_vec = dict(zip(names, embedder.embed([r_img[n] for n in names])))
+    gens_q = _Queries(embedder, [g_img[n] for n in names], views)
+    r_vec = dict(zip(names, embedder.embed([r_img[n] for n in names]), strict=True))
     r_feat = {n: reference_features(r_img[n]) for n in names}
     out = []
     for i, n in enumerate(names):
-        gen = generated_features(g_img[n])
-        v = verify(gen, r_feat[n], thresholds, measure_all=True)
-        out.append(Pair.of("true", "positive", float(np.dot(g_vec[n], r_vec[n])), v))
+        score, view = gens_q.best(i, r_vec[n])
+        v = verify(gens_q.features(i, view), r_feat[n], thresholds, measure_all=True)
+        out.append(Pair.of("true", "positive", score, v))
         other = names[(i + 1) % len(names)]
         if other != n:
-            w = verify(gen, r_feat[other], thresholds, measure_all=True)
-            out.append(Pair.of("wrong", "positive", float(np.dot(g_vec[n], r_vec[other])), w))
+            score, view = gens_q.best(i, r_vec[other])
+            w = verify(gens_q.features(i, view), r_feat[other], thresholds, measure_all=True)
+            out.append(Pair.of("wrong", "positive", score, w))
     return out
 
 
-def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None, positives: Optional[str] = None,
-              target_fpr: float = 0.001, sample: int = 50, references: Optional[str] = None, device: str = "auto",
-              plot: Optional[str] = None, seed: int = 0, wait: bool = True) -> Calibration:
+def calibrate(bundle_path: str | Path, *, negatives: str | None = None, positives: str | None = None,
+              target_fpr: float = 0.001, sample: int = 50, references: str | None = None, device: str = "auto",
+              plot: str | None = None, seed: int = 0, wait: bool = True, views: str = "multi") -> Calibration:
+    """Measure and write a bundle's thresholds (see the module docstring). views: the queries the checks
+    that use them make, "multi" (a check's default with verification on) or "whole"."""
     from ..core.bundle import Bundle
     from ..core.embed import get_embedder
     from ..core.references import ReferenceOptions, ReferenceResolver
@@ -224,6 +277,8 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
 
     if not 0.0 < target_fpr < 0.5:
         raise ConfigError(f"--target-fpr {target_fpr}: give a rate between 0 and 0.5, e.g. 0.001")
+    if views not in VIEWS:
+        raise ConfigError(f"--views {views!r}: give whole or multi (the queries the checks make)")
     missing = opencv_missing()
     if missing:
         raise ConfigError(f"calibration compares pixels: {missing}")
@@ -233,16 +288,16 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
     resolver = ReferenceResolver(ReferenceOptions(root=references))
     thresholds = VerifyThresholds()  # measure_all: every score is kept, to be judged under the cut-offs chosen below
     rng = random.Random(seed)
-    pairs = _pairs_from_bundle(bundle, embedder, resolver, sample, rng, thresholds)
+    pairs = _pairs_from_bundle(bundle, embedder, resolver, sample, rng, thresholds, views)
     if positives:
-        pairs += _pairs_from_positives(embedder, Path(positives).expanduser(), thresholds)
+        pairs += _pairs_from_positives(embedder, Path(positives).expanduser(), thresholds, views)
     if not any(p.kind == "true" for p in pairs):
         raise ConfigError(f"bundle {bundle.id} has no reference pixels on this machine (a bundle built from "
                           f"embeddings has URLs only); give --references DIR (the folder its images were built "
                           f"from), or --positives DIR holding known copy pairs NAME.gen.png + NAME.ref.png, "
                           f"with --negatives DIR of images known not to be copies")
     if negatives:
-        pairs += _pairs_from_folder(bundle, embedder, resolver, Path(negatives).expanduser(), thresholds)
+        pairs += _pairs_from_folder(bundle, embedder, resolver, Path(negatives).expanduser(), thresholds, views)
     true = [p for p in pairs if p.kind == "true"]
     wrong = [p for p in pairs if p.kind == "wrong"]
     bad = [p for p in pairs if p.score is not None and not math.isfinite(p.score)]
@@ -294,8 +349,8 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
         t = -1.0 + 2.0 * i / 20 if scores else 0.0
         t = max(min(scores, default=-1.0), t)
         curve.append({"threshold": round(t, 4),
-                      "tpr": round(rate(true, lambda p: p.score is not None and p.score >= t), 4),
-                      "fpr": round(rate(wrong, lambda p: p.score is not None and p.score >= t), 4)})
+                      "tpr": round(rate(true, lambda p, t=t: p.score is not None and p.score >= t), 4),
+                      "fpr": round(rate(wrong, lambda p, t=t: p.score is not None and p.score >= t), 4)})
     plot_path = Path(plot).expanduser() if plot else bundle_path.parent / f"{bundle_path.name}.calibration.png"
     bundle.close()
 
@@ -306,16 +361,17 @@ def calibrate(bundle_path: Union[str, Path], *, negatives: Optional[str] = None,
             "target_fpr": target_fpr, "true_pairs": len(true), "wrong_pairs": len(wrong),
             "false_positives": false_positives, "fpr_upper95": round(upper95(false_positives, len(wrong)), 6),
             "tpr": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in tpr.items()}, "curve": curve,
-            "sample": sample, "negatives": negatives, "positives": positives,
+            "sample": sample, "negatives": negatives, "positives": positives, "views": views,
         }
-        return {"op": "calibrate", "warn": m.warn, "block": m.block, "target_fpr": target_fpr,
+        return {"op": "calibrate", "warn": m.warn, "block": m.block, "target_fpr": target_fpr, "views": views,
                 "true_pairs": len(true), "wrong_pairs": len(wrong)}
 
     # The plot first: a failure drawing it leaves the manifest as it was.
     draw_plot(plot_path, [p.score for p in true if p.score is not None], scores, warn, block, bundle.id)
     report = update_manifest(bundle_path, change, wait=wait)
     return Calibration(bundle_path, report.version, warn, block, cut, target_fpr, len(true), len(wrong),
-                       rate(wrong, combined), upper95(false_positives, len(wrong)), tpr, curve, plot_path, notes)
+                       rate(wrong, combined), upper95(false_positives, len(wrong)), tpr, curve, plot_path, notes,
+                       views)
 
 
 def draw_plot(path: Path, true: list[float], wrong: list[float], warn: float, block: float, title: str) -> None:
@@ -342,7 +398,7 @@ def draw_plot(path: Path, true: list[float], wrong: list[float], warn: float, bl
     draw = ImageDraw.Draw(img)
     plot_w, plot_h = width - 2 * margin, height - 2 * margin
     bar = plot_w / bins
-    for n, (a, b) in enumerate(zip(ct, cw)):
+    for n, (a, b) in enumerate(zip(ct, cw, strict=True)):
         x = margin + n * bar
         for count, colour, shift in ((b, (211, 47, 47), 0), (a, (46, 125, 50), bar / 2)):
             h = plot_h * count / top

@@ -11,7 +11,7 @@ every node, and the build folder (beside --out) must be on storage every node se
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 
 def init_ray(address: str):
@@ -26,7 +26,7 @@ def init_ray(address: str):
     return ray
 
 
-def run_shards_on_ray(address: str, shards, work: str, total_rows: int, dim: int, rerank: Optional[str],
+def run_shards_on_ray(address: str, shards, work: str, total_rows: int, dim: int, rerank: str | None,
                       ivf: bool) -> Iterator:
     """Run build.process_shard for every shard as a Ray task; yield each shard as its task finishes."""
     from .build import process_shard

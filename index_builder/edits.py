@@ -9,7 +9,7 @@ combinations (a JPEG q30 thumbnail; a crop of a flipped image).
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 

@@ -17,7 +17,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
 
 from ..core.config import DEFAULT_BATCH_SIZE
 from ..core.errors import ConfigError, ImageInputError
@@ -120,9 +120,9 @@ def _metadata_table(rows: list[dict]):
     return pa.table(columns)
 
 
-def embed_to_shards(inputs: list[str], out: Union[str, Path], model: str, *, device: str = "auto",
+def embed_to_shards(inputs: list[str], out: str | Path, model: str, *, device: str = "auto",
                     batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int = 10_000,
-                    ray_address: Optional[str] = None, progress: bool = True) -> EmbedReport:
+                    ray_address: str | None = None, progress: bool = True) -> EmbedReport:
     """Embed images into LAION-layout shards under out (resuming at the first shard not yet written)."""
     import numpy as np
 

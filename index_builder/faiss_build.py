@@ -12,13 +12,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 
-def train(factory: str, d: int, sample: "np.ndarray"):
+def train(factory: str, d: int, sample: np.ndarray):
     """A trained, empty index for factory (inner product), trained on sample (float32 unit rows).
 
     A pre-transform (OPQ) is trained and applied first and the raw sample released before the IVF/PQ
@@ -49,7 +50,7 @@ def train(factory: str, d: int, sample: "np.ndarray"):
     return index
 
 
-def training_estimate(factory: str, d: int, n: int) -> Optional[float]:
+def training_estimate(factory: str, d: int, n: int) -> float | None:
     """About how many seconds ``train(factory, d, <n rows>)`` takes on this machine, for the progress line:
     the k-means work of each stage (points x dimensions x centroids x iterations, at FAISS's defaults),
     timed one iteration on a small sample of each stage's shape here. Within a factor of about 2; None for
@@ -95,7 +96,7 @@ def training_estimate(factory: str, d: int, n: int) -> Optional[float]:
     return total
 
 
-def add_part(trained_path: Path, vectors: Iterable[tuple[int, "np.ndarray"]], out_path: Path) -> int:
+def add_part(trained_path: Path, vectors: Iterable[tuple[int, np.ndarray]], out_path: Path) -> int:
     """Add (first id, rows) batches to a copy of the trained index; write it to out_path atomically."""
     import faiss
     import numpy as np
@@ -214,8 +215,8 @@ def _merge_with_faiss(trained_path: Path, parts: list[Path], folder: Path, ivfda
     return index
 
 
-def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]], k: int,
-               chunk: int = 20_000) -> "np.ndarray":
+def exact_topk(queries: np.ndarray, batches: Iterable[tuple[int, np.ndarray]], k: int,
+               chunk: int = 20_000) -> np.ndarray:
     """Ids of the exact top-k inner products of queries over all rows (streamed in (first id, rows) batches,
     scored chunk rows at a time so the score matrix stays small)."""
     import numpy as np
@@ -239,7 +240,7 @@ def exact_topk(queries: "np.ndarray", batches: Iterable[tuple[int, "np.ndarray"]
 
 @dataclass
 class Recall:
-    nprobe: Optional[int]
+    nprobe: int | None
     near_dup_r1: float
     near_dup_r10: float
     held_out_r1: float
@@ -250,11 +251,11 @@ class Recall:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def _recalls(found: "np.ndarray", truth: "np.ndarray") -> tuple[float, float]:
+def _recalls(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """recall@1 and recall@10 of found against exact truth (-1 pads bundles of fewer than 10 rows)."""
     r1 = float((found[:, 0] == truth[:, 0]).mean())
     hits = total = 0
-    for f, t in zip(found, truth):
+    for f, t in zip(found, truth, strict=True):
         valid = {int(i) for i in t[:10] if i >= 0}
         hits += len(valid & {int(i) for i in f[:10]})
         total += len(valid)
@@ -268,8 +269,8 @@ class Tuning:
     note: str = ""
 
 
-def measure(search: Callable[["np.ndarray"], "np.ndarray"], near: "np.ndarray", near_truth: "np.ndarray",
-            held: "np.ndarray", held_truth: "np.ndarray", nprobe: Optional[int]) -> Recall:
+def measure(search: Callable[[np.ndarray], np.ndarray], near: np.ndarray, near_truth: np.ndarray,
+            held: np.ndarray, held_truth: np.ndarray, nprobe: int | None) -> Recall:
     """Recall of search (queries -> ids, best first, >= 10 columns) and its median latency per query."""
     found_near = search(near)
     found_held = search(held)
@@ -283,8 +284,8 @@ def measure(search: Callable[["np.ndarray"], "np.ndarray"], near: "np.ndarray", 
     return Recall(nprobe, n1, n10, h1, h10, statistics.median(times) * 1e3)
 
 
-def tune_nprobe(make_search: Callable[[Optional[int]], Callable], nlist: int, near, near_truth, held, held_truth,
-                target_recall: float, target_latency_ms: Optional[float]) -> Tuning:
+def tune_nprobe(make_search: Callable[[int | None], Callable], nlist: int, near, near_truth, held, held_truth,
+                target_recall: float, target_latency_ms: float | None) -> Tuning:
     """Smallest nprobe (powers of two) whose near-duplicate recall@1 reaches target_recall, among those whose
     median latency stays within target_latency_ms when that is given. nlist 0 (no IVF): one measurement."""
     if not nlist:

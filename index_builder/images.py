@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from ..core.bundle import BundleWriter, space_for
 from ..core.config import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_WARN
@@ -44,9 +43,9 @@ def _caption(path: Path) -> bytes:
         return b""
 
 
-def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: str, *, device: str = "auto",
-                      batch_size: int = DEFAULT_BATCH_SIZE, bundle_id: Optional[str] = None,
-                      bundle_version: Optional[str] = None, description: str = "", warn: float = DEFAULT_WARN,
+def build_from_images(folder: str | Path, out: str | Path, model: str, *, device: str = "auto",
+                      batch_size: int = DEFAULT_BATCH_SIZE, bundle_id: str | None = None,
+                      bundle_version: str | None = None, description: str = "", warn: float = DEFAULT_WARN,
                       block: float = DEFAULT_BLOCK, overwrite: bool = False, progress: bool = True,
                       wait: bool = True) -> BuildReport:
     """Embed every image under folder with model and publish an exact (flat) bundle at out."""
@@ -78,7 +77,7 @@ def build_from_images(folder: Union[str, Path], out: Union[str, Path], model: st
             chunk = files[start:start + batch_size]
             pixels = to_pixels(chunk)
             rows, good = [], []
-            for path, p in zip(chunk, pixels):
+            for path, p in zip(chunk, pixels, strict=True):
                 if isinstance(p, ImageInputError):
                     skipped.append(str(p))
                     continue

@@ -21,7 +21,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 from ..core.bundle import (INDEX_FILE, IVFDATA_FILE, METADATA_FILE, REMOVED_FILE, TRAINED_FILE, Bundle, BundleLock,
                            Manifest, MetadataWriter, RerankFileWriter, finalize, normalize_metadata, publish,
@@ -67,8 +66,8 @@ def _publish_change(tmp: Path, out: Path, manifest: Manifest, old_files: dict) -
 
 # remove ---------------------------------------------------------------------------------------------------
 
-def ids_for(bundle: Bundle, *, ids: Optional[list[int]] = None, urls: Optional[list[str]] = None,
-            hashes: Optional[list[str]] = None, hash_columns: tuple[str, ...] = ("hash", "sha256", "md5")) -> tuple[
+def ids_for(bundle: Bundle, *, ids: list[int] | None = None, urls: list[str] | None = None,
+            hashes: list[str] | None = None, hash_columns: tuple[str, ...] = ("hash", "sha256", "md5")) -> tuple[
         list[int], int]:
     """Row ids named directly, or by url or hash (scanning metadata); returns (ids, how many were not found)."""
     import numpy as np
@@ -101,7 +100,7 @@ def ids_for(bundle: Bundle, *, ids: Optional[list[int]] = None, urls: Optional[l
     return sorted(set(found_ids)), len(set(values) - found_values)
 
 
-def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=None, reason: str = "",
+def remove_rows(bundle_path: str | Path, *, ids=None, urls=None, hashes=None, reason: str = "",
                 wait: bool = True) -> ChangeReport:
     """Take rows out of the bundle at bundle_path and publish the new version. Runs under the bundle's
     maintenance lock: removed.npy and the manifest's history are read and written by one run at a time."""
@@ -137,7 +136,7 @@ def remove_rows(bundle_path: Union[str, Path], *, ids=None, urls=None, hashes=No
                         f"{missing} listed {kind} matched no row" if missing else "")
 
 
-def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True,
+def update_manifest(bundle_path: str | Path, change, wait: bool = True,
                     operation: str = "index calibrate") -> ChangeReport:
     """A new version whose data files are the old ones (hard-linked) and whose manifest ``change(manifest,
     folder)`` edits (it may write new files into the folder); change returns the history entry. Under the
@@ -163,7 +162,7 @@ def update_manifest(bundle_path: Union[str, Path], change, wait: bool = True,
     return ChangeReport(bundle_path, m.bundle_version, m.count, 0)
 
 
-def add_caption_index(bundle_path: Union[str, Path], wait: bool = True, progress: bool = True) -> ChangeReport:
+def add_caption_index(bundle_path: str | Path, wait: bool = True, progress: bool = True) -> ChangeReport:
     """Write the caption index of a bundle built without one (as a new version)."""
     from ..core.progress import progress as bar
 
@@ -176,7 +175,7 @@ def add_caption_index(bundle_path: Union[str, Path], wait: bool = True, progress
 
 # append and merge -----------------------------------------------------------------------------------------
 
-def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Optional[Bundle], object]], total: int) -> None:
+def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Bundle | None, object]], total: int) -> None:
     """Re-rank vectors of the new version: each source is (bundle whose vectors are copied) or (None, batches)."""
     import numpy as np
 
@@ -196,7 +195,7 @@ def _write_vectors(tmp: Path, m: Manifest, sources: list[tuple[Optional[Bundle],
         writer.close()
 
 
-def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = False, extra_index: Optional[Path] = None):
+def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = False, extra_index: Path | None = None):
     """base's index with more rows: through base's trained quantizer into on-disk lists (IVF), or added to a
     full in-memory copy (exhaustive indices). Returns the index; writes index.ivfdata into tmp for IVF."""
     import faiss
@@ -227,7 +226,7 @@ def _combined_index(tmp: Path, base: Bundle, extra_batches, shift_ids: bool = Fa
     return index
 
 
-def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str] = None,
+def append_rows(bundle_path: str | Path, source: str, model: str | None = None,
                 wait: bool = True, progress: bool = True) -> ChangeReport:
     """Add the rows of LAION-layout shards at source to the bundle, under the bundle's maintenance lock."""
     bundle_path = Path(bundle_path).expanduser()
@@ -240,7 +239,7 @@ def append_rows(bundle_path: Union[str, Path], source: str, model: Optional[str]
             bundle.close()
 
 
-def _append(bundle_path: Path, bundle: Bundle, source: str, model: Optional[str], progress: bool) -> ChangeReport:
+def _append(bundle_path: Path, bundle: Bundle, source: str, model: str | None, progress: bool) -> ChangeReport:
     import faiss
 
     from ..core.progress import heartbeat
@@ -306,7 +305,7 @@ def _table(batch):
     return pa.Table.from_batches([batch])
 
 
-def merge_bundles(a_path: Union[str, Path], b_path: Union[str, Path], out: Union[str, Path],
+def merge_bundles(a_path: str | Path, b_path: str | Path, out: str | Path,
                   overwrite: bool = False, wait: bool = True) -> ChangeReport:
     """Bundle B's rows after A's, published at out (under out's maintenance lock: out may be A itself)."""
     out = Path(out).expanduser()

@@ -16,7 +16,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from ..core.errors import ConfigError, DimensionMismatchError, RowCountMismatchError
 
@@ -125,7 +126,7 @@ def scan_shards(source: str) -> list[Shard]:
     return shards
 
 
-def read_vectors(shard: Shard, start: int = 0, stop: Optional[int] = None) -> "np.ndarray":
+def read_vectors(shard: Shard, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows [start, stop) of a shard as a private float32 array. Plain reads, not a memory map: a build
     streams gigabytes through here, and mapped pages would count as the process's resident memory."""
     import numpy as np
@@ -143,7 +144,7 @@ def read_vectors(shard: Shard, start: int = 0, stop: Optional[int] = None) -> "n
     return arr.reshape(stop - start, shard.dim).astype(np.float32)
 
 
-def read_rows(shard: Shard, rows: "np.ndarray") -> "np.ndarray":
+def read_rows(shard: Shard, rows: np.ndarray) -> np.ndarray:
     """The given local rows (sorted) of a shard as float32, reading only those rows where the file is local."""
     import numpy as np
 
@@ -161,7 +162,7 @@ def read_rows(shard: Shard, rows: "np.ndarray") -> "np.ndarray":
     return np.frombuffer(data, dtype=shard.dtype).reshape(len(rows), shard.dim).astype(np.float32)
 
 
-def read_metadata(shard: Shard) -> "pa.Table":
+def read_metadata(shard: Shard) -> pa.Table:
     import pyarrow.parquet as pq
 
     fs, path = _fs_of(shard.parquet)
@@ -169,7 +170,7 @@ def read_metadata(shard: Shard) -> "pa.Table":
         return pq.read_table(f)
 
 
-def iter_vectors(shards: list[Shard], batch_rows: int = 100_000) -> Iterator[tuple[int, "np.ndarray"]]:
+def iter_vectors(shards: list[Shard], batch_rows: int = 100_000) -> Iterator[tuple[int, np.ndarray]]:
     """(first id, float32 rows) in id order, batch_rows at a time."""
     for shard in shards:
         for start in range(0, shard.rows, batch_rows):
@@ -185,7 +186,7 @@ def shard_done(folder: Path, number: int) -> bool:
     return npy.is_file() and parquet.is_file()
 
 
-def write_shard(folder: Path, number: int, vectors: "np.ndarray", metadata: "pa.Table") -> None:
+def write_shard(folder: Path, number: int, vectors: np.ndarray, metadata: pa.Table) -> None:
     """Write one shard atomically: the .npy, then the .parquet (whose presence marks the shard complete)."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -203,7 +204,7 @@ def write_shard(folder: Path, number: int, vectors: "np.ndarray", metadata: "pa.
     os.replace(tmp_parquet, parquet)
 
 
-def metadata_schema(shards: list[Shard], base: Optional["pa.Schema"] = None) -> "pa.Schema":
+def metadata_schema(shards: list[Shard], base: pa.Schema | None = None) -> pa.Schema:
     """One schema for all shards' metadata (url/caption normalised), so shards of different producers can
     share a bundle; reads parquet footers only."""
     import pyarrow as pa

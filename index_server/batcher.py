@@ -19,7 +19,8 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -30,18 +31,18 @@ log = logging.getLogger("provenance_guard.server")
 
 class EmbedBatcher:
     def __init__(self, embedder, max_batch: int = 32, wait_ms: float = 5.0,
-                 on_batch: Optional[Callable[[int], None]] = None):
+                 on_batch: Callable[[int], None] | None = None):
         self.embedder = embedder
         self.cache_owner = embedder  # core.fingerprint keeps its probe results on the model, not per wrapper
         self.spec = embedder.spec
         self.dim = embedder.dim
         self.max_batch, self.wait_s = max(1, max_batch), wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: "queue.Queue" = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="provenance-guard-batcher", daemon=True)
         self._thread.start()
 
-    def embed_pixels(self, pixels, batch_size: int = 32) -> "np.ndarray":
+    def embed_pixels(self, pixels, batch_size: int = 32) -> np.ndarray:
         future: Future = Future()
         self._queue.put((list(pixels), future))
         return future.result()
@@ -94,13 +95,13 @@ class SearchBatcher:
     called on the event loop and returns an asyncio future. ``setup`` runs once in each thread first."""
 
     def __init__(self, fn: Callable[[list, Callable], None], threads: int, max_batch: int,
-                 setup: Optional[Callable[[], None]] = None, flush: int = 4,
-                 on_batch: Optional[Callable[[int], None]] = None):
+                 setup: Callable[[], None] | None = None, flush: int = 4,
+                 on_batch: Callable[[int], None] | None = None):
         self.fn, self.max_batch, self.setup, self.flush = fn, max(1, max_batch), setup, max(1, flush)
         self.on_batch = on_batch
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._refusal: Optional[Callable[[], BaseException]] = None  # set by close(): closed from then on
+        self._refusal: Callable[[], BaseException] | None = None  # set by close(): closed from then on
         self._threads = [threading.Thread(target=self._run, name=f"provenance-guard-search-{n}", daemon=True)
                          for n in range(max(1, threads))]
         for t in self._threads:
@@ -188,7 +189,7 @@ class SearchBatcher:
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             self.fn([it for it, _, _ in batch], answer)
-            missing: Optional[BaseException] = None
+            missing: BaseException | None = None
         except Exception as exc:  # noqa: BLE001 - fn answers per item; anything else fails the rest
             missing = exc
         for n, done in enumerate(answered):
@@ -221,7 +222,7 @@ def _copy(exc: BaseException) -> BaseException:
 
 
 def _deliver(futures: list, answers: list) -> None:
-    for future, answer in zip(futures, answers):
+    for future, answer in zip(futures, answers, strict=True):
         if future.done():  # cancelled: the client went away or the server stopped waiting
             continue
         if isinstance(answer, BaseException):

@@ -7,7 +7,7 @@ options this server does not implement.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,7 +26,7 @@ Count = Annotated[int, Field(strict=True)]
 Switch = Annotated[bool, Field(strict=True)]
 
 # clip-retrieval's front end sends "" for options left empty; they are accepted and ignored.
-IgnoredNumber = Optional[Union[Annotated[float, Field(allow_inf_nan=False)], Annotated[str, Field(max_length=32)]]]
+IgnoredNumber = Annotated[float, Field(allow_inf_nan=False)] | Annotated[str, Field(max_length=32)] | None
 
 
 class _Body(BaseModel):
@@ -34,15 +34,15 @@ class _Body(BaseModel):
 
 
 class KnnRequest(_Body):
-    indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+    indice_name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     modality: Literal["image", "text"] = "image"
     num_images: Count = Field(40, ge=1, le=MAX_NUM_IMAGES)
-    num_result_ids: Optional[Count] = Field(None, ge=1, le=MAX_NUM_IMAGES)
-    text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
-    image: Optional[str] = None
-    image_url: Optional[str] = Field(None, max_length=MAX_URL_CHARS)
+    num_result_ids: Count | None = Field(None, ge=1, le=MAX_NUM_IMAGES)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    image: str | None = None
+    image_url: str | None = Field(None, max_length=MAX_URL_CHARS)
     # Finite numbers, checked by pydantic's own parser: a Python loop over 768 values cost a request 40 us.
-    embedding_input: Optional[list[Number]] = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    embedding_input: list[Number] | None = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
     deduplicate: Switch = True
     # Accepted for clip-retrieval clients and ignored: no safety model, no aesthetic mixing here.
     use_safety_model: Switch = False
@@ -53,21 +53,21 @@ class KnnRequest(_Body):
 
 
 class MetadataRequest(_Body):
-    indice_name: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+    indice_name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     ids: list[Count] = Field(..., max_length=MAX_METADATA_IDS)
 
 
 class CheckOptions(_Body):
     """/v1/check options, from a JSON body or the fields of a multipart form (strings, converted here)."""
 
-    indices: Optional[Union[list[str], str]] = None
+    indices: list[str] | str | None = None
     top_k: int = Field(10, ge=1, le=MAX_TOP_K)
-    warn: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
-    block: Optional[float] = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
-    fail_mode: Optional[Literal["open", "closed"]] = None
-    verify: Optional[Literal["off", "confirm", "escalate", "confirm+escalate"]] = None
-    generation: Optional[Union[dict[str, Any], list[Optional[dict[str, Any]]], str]] = None
-    user: Optional[str] = Field(None, max_length=MAX_NAME_CHARS)
+    warn: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    block: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    fail_mode: Literal["open", "closed"] | None = None
+    verify: Literal["off", "confirm", "escalate", "confirm+escalate"] | None = None
+    generation: dict[str, Any] | list[dict[str, Any] | None] | str | None = None
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
     @classmethod
@@ -95,13 +95,13 @@ class CheckOptions(_Body):
 class CheckRequest(CheckOptions):
     """JSON /v1/check: images (base64), or precomputed embeddings of the bundles' model (one per image)."""
 
-    images: Optional[list[str]] = Field(None, min_length=1)
-    embeddings: Optional[list[Annotated[list[Number], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]]] = \
+    images: list[str] | None = Field(None, min_length=1)
+    embeddings: list[Annotated[list[Number], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]] | None = \
         Field(None, min_length=1, max_length=MAX_NUM_IMAGES)
     # JSON: strict (the form fields of CheckOptions arrive as strings and are converted there).
     top_k: Count = Field(10, ge=1, le=MAX_TOP_K)
-    warn: Optional[Number] = Field(None, ge=-1.0, le=1.0)
-    block: Optional[Number] = Field(None, ge=-1.0, le=1.0)
+    warn: Number | None = Field(None, ge=-1.0, le=1.0)
+    block: Number | None = Field(None, ge=-1.0, le=1.0)
 
     @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
     @classmethod

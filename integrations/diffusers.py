@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Sequence
 
 from ..core.check import Checker
 from ..core.memorization import DEFAULT_STEPS, MemorizationMonitor
@@ -60,13 +61,13 @@ def _black(images, kind: str, flags: list[bool]):
             if flagged:
                 images[i] = 0
         return images
-    return [Image.new(img.mode, img.size) if flagged else img for img, flagged in zip(images, flags)]
+    return [Image.new(img.mode, img.size) if flagged else img for img, flagged in zip(images, flags, strict=True)]
 
 
 class ProvenanceSafetyChecker:
     """A safety_checker for StableDiffusionPipeline that withholds images too close to a training image."""
 
-    def __init__(self, index, policy: Optional[Policy] = None, *, model: Optional[str] = None,
+    def __init__(self, index, policy: Policy | None = None, *, model: str | None = None,
                  device: str = "auto", references=None):
         self.checker = Checker(index, model=model, device=device, references=references)
         self.policy = policy or Policy(verify="confirm")
@@ -135,8 +136,8 @@ class _CfgReader:
 class GuardedPipeline:
     """A diffusers pipeline whose every call is checked (see guard()). Other attributes are the pipeline's."""
 
-    def __init__(self, pipe, index, policy: Optional[Policy] = None, *, model: Optional[str] = None,
-                 device: str = "auto", steps: int = DEFAULT_STEPS, family: Optional[str] = None, references=None,
+    def __init__(self, pipe, index, policy: Policy | None = None, *, model: str | None = None,
+                 device: str = "auto", steps: int = DEFAULT_STEPS, family: str | None = None, references=None,
                  credentials=None, include_prompts: bool = True):
         self.pipe = pipe
         self.credentials = _credentials(credentials)
@@ -235,6 +236,6 @@ def _credentials(value):
     return cr.load_credentials(value)
 
 
-def guard(pipe, index: Union[str, Sequence[str]], policy: Optional[Policy] = None, **kwargs) -> GuardedPipeline:
+def guard(pipe, index: str | Sequence[str], policy: Policy | None = None, **kwargs) -> GuardedPipeline:
     """Check every output of pipe against index (see the module docstring); returns the guarded pipeline."""
     return GuardedPipeline(pipe, index, policy, **kwargs)

@@ -224,6 +224,7 @@ def chw(name: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+
 def generate(web, names, args, forge=False, n_iter=1, change=None):
     """modules/processing.py's loop: per batch the batch hooks, per image postprocess_image, the overlay,
     postprocess_image_after_composite, the save (with its infotext); then the grid, Processed, postprocess.
@@ -265,7 +266,8 @@ def generate(web, names, args, forge=False, n_iter=1, change=None):
 
 def args(**kw):
     values = dict(enabled=True, bundle="studio-refs", bundle_path="", use_bundle_thresholds=True, warn=0.9,
-                  block=0.95, action="warn", fail_mode="open", verify="confirm", fetch_references=False, bundle_url="")
+                  block=0.95, action="warn", fail_mode="open", verify="confirm", fetch_references=False, bundle_url="",
+                  views="whole")
     values.update(kw)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
@@ -290,7 +292,9 @@ def test_settings_section_and_ui(webui):
     components = script.ui(False)
     from provenance_guard.a1111_extension.script import ARG_NAMES
 
-    assert len(components) == len(ARG_NAMES) == 11 and ARG_NAMES[-1] == "bundle_url"  # new ones go last (API)
+    assert len(components) == len(ARG_NAMES) == 12 and ARG_NAMES[-2:] == ["bundle_url", "views"]  # new ones go last
+    assert opts.provenance_guard_views == "whole" and kinds["provenance_guard_views"] == "Radio"
+    assert opts.data_labels["provenance_guard_views"].component_args == {"choices": ["whole", "multi"]}
     assert opts.provenance_guard_bundle_url == "" and "downloaded once" in opts.data_labels[
         "provenance_guard_bundle_url"].label
     assert "index server URL (http://host:port/NAME)" in opts.data_labels["provenance_guard_bundle_path"].label
@@ -491,7 +495,8 @@ def test_thresholds_the_run_cannot_use_fail_it_under_the_fail_mode(webui):
 
 
 @pytest.mark.parametrize("key,bad,safe", [("fail_mode", "sometimes", "closed"), ("action", "blok", "block"),
-                                          ("verify", "bogus", "confirm+escalate"), ("fail_mode", None, "closed")])
+                                          ("verify", "bogus", "confirm+escalate"), ("fail_mode", None, "closed"),
+                                          ("views", "many", "multi"), ("views", ["multi"], "multi")])
 def test_an_unusable_safety_setting_counts_as_its_safe_value(webui, caplog, key, bad, safe):
     """A hand-edited config.json: the value counts as the safe one, and the run says so (never fails open)."""
     from provenance_guard.a1111_extension import settings
@@ -500,13 +505,15 @@ def test_an_unusable_safety_setting_counts_as_its_safe_value(webui, caplog, key,
     opts = webui.shared.opts
     # the bundle is missing too, so a fail mode that failed open would pass the image unchecked
     opts.provenance_guard_enabled = True
-    opts.provenance_guard_bundle = "studio-refs" if key in ("verify", "action") else "gone"
+    opts.provenance_guard_bundle = "studio-refs" if key in ("verify", "action", "views") else "gone"
     name = "astronaut" if key == "action" else "camera"  # the astronaut is a reference: its verdict is block
     setattr(opts, f"provenance_guard_{key}", bad)
     with caplog.at_level("WARNING", logger="provenance_guard"):
         p, processed, saved, originals = generate(webui, [name], [None] * 10)  # all from the settings
         generate(webui, [name], [None] * 10)
     record = json.loads(saved[0].pnginfo["provenance"])
+    if key in ("verify", "views"):
+        assert not record.get("error"), record["error"]
     assert any(f"counts as {safe!r}" in w for w in record["warnings"]), record["warnings"]
     assert sum(f"counts as {safe!r}" in r.message for r in caplog.records) == 1  # said once
     if key == "fail_mode":
@@ -515,6 +522,60 @@ def test_an_unusable_safety_setting_counts_as_its_safe_value(webui, caplog, key,
         assert record["verify"]["mode"] == "confirm+escalate"
     if key == "action":
         assert record["verdict"] == "block" and is_placeholder(saved[0].image)
+
+
+@pytest.fixture
+def views_seen(monkeypatch):
+    """The views of every check the script runs (the policy it hands core)."""
+    from provenance_guard.core.check import Checker
+
+    seen, real = [], Checker.check
+
+    def spy(self, images, *a, policy=None, **k):
+        seen.append(policy.views)
+        return real(self, images, *a, policy=policy, **k)
+
+    monkeypatch.setattr(Checker, "check", spy)
+    return seen
+
+
+def test_the_views_setting_and_argument_reach_the_check(webui, views_seen):
+    """Views: "whole" by default; the setting decides for a caller that leaves the argument out (the older,
+    shorter argument list included), the argument wins when sent; multi finds a reference inset into a
+    larger image through the part that holds it and verifies it there."""
+    from provenance_guard.a1111_extension import settings
+
+    assert settings.DEFAULTS["views"] == "whole" and set(settings.VIEWS) == set(__import__(
+        "provenance_guard.core.policy", fromlist=["VIEWS"]).VIEWS)
+    generate(webui, ["camera"], args())
+    generate(webui, ["camera"], args(views="multi"))
+    webui.shared.opts.provenance_guard_views = "multi"
+    generate(webui, ["camera"], args(views=None))  # null: as in Settings
+    generate(webui, ["camera"], args()[:11])  # an API caller from before the argument existed
+    generate(webui, ["camera"], args(views="whole"))
+    assert views_seen == ["whole", "multi", "multi", "multi", "whole"]
+
+
+def test_multi_views_find_and_verify_a_copy_inside_a_larger_image(webui, monkeypatch):
+    """A reference pasted into a quarter of an unrelated generated image: the whole-image query does not
+    reach the reference, the multi-view query finds it through that quarter and verifies it there."""
+    def composite(name):  # 256 x 256: the reference in the top-left quarter, an unrelated photo around it
+        def scaled(n, side):
+            img = sample_image(n).convert("RGB").resize((side, side))
+            return torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0).permute(2, 0, 1)
+
+        base = scaled("coins", 256)
+        base[:, :128, :128] = scaled(name, 128)
+        return base
+
+    monkeypatch.setattr(sys.modules[__name__], "chw", composite)
+    found = {}
+    for views in ("whole", "multi"):
+        p, processed, saved, _ = generate(webui, ["astronaut"], args(views=views, verify="confirm+escalate"))
+        top = json.loads(saved[0].pnginfo["provenance"])["matches"][0]
+        found[views] = (top.get("view"), top["url"], top["verification"]["status"], top["score"])
+    assert found["multi"][:3] == ("top-left", "astronaut.png", "copy"), found
+    assert found["whole"][0] is None and found["multi"][3] > found["whole"][3], found
 
 
 def test_a_block_the_prompt_raised_says_so_and_a_missing_score_is_no_crash():
@@ -635,11 +696,18 @@ def run_install(monkeypatch, versions: dict, missing: set, skip: bool = False):
 
 def test_install_py_pins_what_pip_sees_and_installs_only_what_is_missing(monkeypatch):
     calls = run_install(monkeypatch, {"torch": "2.14.1", "torchvision": "0.29.1", "numpy": "2.4.6"}, {"faiss"})
-    assert len(calls) == 1 and '"faiss-cpu>=1.8"' in calls[0][0]
+    assert len(calls) == 1 and '"faiss-cpu>=1.11"' in calls[0][0]
     # the version pip sees, never torch.__version__'s "+cu130" (pip could not resolve that)
     assert calls[0][1].splitlines() == ["torch==2.14.1", "torchvision==0.29.1", "numpy==2.4.6"]
     assert run_install(monkeypatch, {}, set()) == []  # everything there: nothing to do
     assert run_install(monkeypatch, {}, {"faiss"}, skip=True) == []
+
+
+def test_install_py_upgrades_a_faiss_too_old_for_bundles(monkeypatch):
+    """An importable faiss older than 1.11 lacks the memory-mapped views bundles open with: it is upgraded."""
+    calls = run_install(monkeypatch, {"faiss-cpu": "1.8.0", "numpy": "1.26.2", "pyarrow": "25.0.1"}, set())
+    assert [c[0].split('"')[1] for c in calls] == ["faiss-cpu>=1.11"] and "numpy==1.26.2" in calls[0][1]
+    assert run_install(monkeypatch, {"faiss-cpu": "1.11.0", "numpy": "1.26.2", "pyarrow": "25.0.1"}, set()) == []
 
 
 @pytest.mark.parametrize("pyarrow", [None, "26.0.1"])

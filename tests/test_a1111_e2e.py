@@ -304,7 +304,7 @@ def _data_uri(value: Any) -> bool:
     return isinstance(value, str) and re.match(r"data:image/[a-z]+;base64,[A-Za-z0-9+/]{100,}={0,2}$", value) is not None
 
 
-def _top_verification_expected(host: "Host") -> bool:
+def _top_verification_expected(host: Host) -> bool:
     """Whether the check verifies every image's top match on pixels whatever its score (core/check.py: a bundle of
     at most SMALL_BUNDLE_ROWS rows whose manifest records a local images folder)."""
     from provenance_guard.core.check import SMALL_BUNDLE_ROWS
@@ -430,7 +430,7 @@ def _per_image(out: dict, count: int, w: Webui) -> tuple[list[dict], list[tuple[
     assert isinstance(results, list) and len(results) == count, \
         f"'Provenance results' is not a list of {count}: {extra['Provenance results'][:2000]}"
     assert [r["index"] for r in results] == list(range(count)), [r.get("index") for r in results]
-    for i, (fields, r) in enumerate(zip(parsed, results)):
+    for i, (fields, r) in enumerate(zip(parsed, results, strict=True)):
         assert fields.get("Provenance") in VERDICTS, \
             f"image {i}: infotext has no per-image 'Provenance' verdict: {infotexts[first + i]!r}"
         assert fields["Provenance"] == r["verdict"], \
@@ -791,7 +791,7 @@ def test_txt2img_warn(webui: Webui):
     # unrelated references (scikit-image photos) and random-weight SD noise: nothing comes close
     assert verdicts == ["pass", "pass"], f"expected pass for both images against unrelated photos: {results}"
     assert out["info"]["extra_generation_params"]["Provenance"] == "pass 2 of 2"
-    for i, (fields, r) in enumerate(zip(parsed, results)):
+    for i, (fields, r) in enumerate(zip(parsed, results, strict=True)):
         assert r["error"] is None and r["max_score"] is not None, f"image {i} was not checked: {r}"
         assert fields.get("Provenance similarity") and fields.get("Provenance bundle", "").startswith(BUNDLE_NAME), \
             f"image {i}: infotext lacks similarity/bundle: {fields}"
@@ -1109,7 +1109,7 @@ def test_fail_closed_missing_bundle(webui: Webui):
                "alwayson_scripts": _script_args("/nonexistent", "warn", "closed", verify=None)}
     out = _generate(w, "txt2img", payload)
     parsed, _, results = _per_image(out, 2, w)
-    for i, (fields, r) in enumerate(zip(parsed, results)):
+    for i, (fields, r) in enumerate(zip(parsed, results, strict=True)):
         assert fields["Provenance"] == "block", f"image {i}: fail closed should block, infotext says {fields}"
         assert r["error"], f"image {i}: a missing bundle should be recorded as the error: {r}"
     for i, (_, img) in enumerate(out["images"]):  # the grid too: it is made of placeholders

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import faiss
@@ -130,7 +129,7 @@ def test_ivfpq_bundle_reranks_to_exact_cosine(tmp_path):
     q = vecs[[10, 500]] + 0.01 * unit(2, d, seed=9)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     out = search(b, q, 5)
-    for qi, matches in zip([10, 500], out.matches):
+    for qi, matches in zip([10, 500], out.matches, strict=False):
         assert matches[0].row_id == qi and matches[0].exact
         expected = float(q[[10, 500].index(qi)] @ vecs[qi])
         assert abs(matches[0].score - expected) < 2e-3  # float16-stored vectors, exact arithmetic
@@ -162,9 +161,9 @@ def _python_rerank(b: Bundle, q: np.ndarray, k: int, **kw):
 
 
 def _same_matches(fast, slow) -> None:
-    for a, c in zip(fast.matches, slow.matches):
+    for a, c in zip(fast.matches, slow.matches, strict=False):
         assert [m.row_id for m in a] == [m.row_id for m in c]
-        assert max(abs(x.score - y.score) for x, y in zip(a, c)) < 1e-5
+        assert max(abs(x.score - y.score) for x, y in zip(a, c, strict=False)) < 1e-5
         assert all(x.exact for x in a)
 
 
@@ -179,7 +178,7 @@ def test_warm_bundle_reranks_inside_faiss_with_the_same_results(tmp_path):
     for k in (1, 5, 10, 40):
         fast, slow = search(b, q, k, with_vectors=True), _python_rerank(b, q, k, with_vectors=True)
         _same_matches(fast, slow)
-        for ms, rows in zip(fast.matches, fast.vectors):
+        for ms, rows in zip(fast.matches, fast.vectors, strict=False):
             np.testing.assert_array_equal(rows, b.vector([m.row_id for m in ms]))
         assert all(m.row_id not in (11, 12) for ms in fast.matches for m in ms)  # removed rows stay out
     assert fast.matches[0][0].row_id == 10 and fast.matches[0][0].url == "10"
@@ -438,61 +437,16 @@ def test_warm_up_maps_rows_and_metadata_and_reads_stay_the_same(tmp_path, monkey
     assert out.matches[0][0].row_id == 5 and out.matches[0][0].exact
 
 
-def test_metadata_rows_read_from_buffers_equal_pyarrow_values(tmp_path):
-    """Strings, large strings, integers and floats are read from the Arrow buffers; every other type through
-    as_py. Each value must equal pyarrow's own, with nulls, unicode, empty strings and sliced arrays."""
-    import pyarrow.ipc as ipc
-
-    from provenance_guard.core.bundle.rows import BatchCache, BatchView, column_reader
-
-    n = 300
-    rng = np.random.default_rng(3)
-    null = lambda i, v: None if i % 7 == 3 else v  # noqa: E731
-    table = pa.table({
-        "url": pa.array([null(i, f"https://e.com/{i}?q=<b>&x=ü") for i in range(n)]),
-        "caption": pa.array([null(i, "" if i % 5 == 0 else "星 " * (i % 4) + "<i>x</i>") for i in range(n)],
-                            pa.large_string()),
-        "width": pa.array([null(i, int(rng.integers(-2**40, 2**40))) for i in range(n)], pa.int64()),
-        "small": pa.array([null(i, i % 120) for i in range(n)], pa.uint8()),
-        "f32": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float32()),
-        "f64": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float64()),
-        "nsfw": pa.array([null(i, i % 2 == 0) for i in range(n)], pa.bool_()),
-        "tags": pa.array([null(i, ["a", str(i)]) for i in range(n)], pa.list_(pa.string())),
-        "when": pa.array([null(i, i * 1000) for i in range(n)], pa.timestamp("ms")),
-        "kind": pa.array([["x", "y"][i % 2] for i in range(n)]).dictionary_encode(),
-        "empty": pa.array([None] * n, pa.string()),
-    })
-    batch = table.to_batches()[0]
-    for sliced in (batch, batch.slice(17, 150)):
-        view = BatchView(sliced, sliced.schema.names)
-        for j in range(sliced.num_rows):
-            assert view.row(j) == {name: sliced.column(c)[j].as_py() for c, name in enumerate(sliced.schema.names)}
-    readers = [column_reader(batch.column(c)) for c in range(batch.num_columns)]
-    assert [r is not None for r in readers] == [True] * 6 + [False] * 4 + [True]
-
-    path = tmp_path / "m.arrow"
-    with ipc.new_file(str(path), table.schema) as w:
-        for b in table.to_batches(max_chunksize=10):
-            w.write_batch(b)
-    cache = BatchCache(ipc.open_file(pa.memory_map(str(path), "r")), limit=4)
-    for k in range(30):
-        assert cache.get(k).row(3) == table.slice(k * 10 + 3, 1).to_pylist()[0]
-        assert len(cache) <= 4
-
-
-def _ipc_file(path: Path, table, batch_rows: int):
+def _ipc_reader(path: Path, table, batch_rows: int):
     import pyarrow.ipc as ipc
 
     with ipc.new_file(str(path), table.schema) as w:
         for b in table.to_batches(max_chunksize=batch_rows):
             w.write_batch(b)
-    source = pa.memory_map(str(path), "r")
-    reader = ipc.open_file(source)
-    source.seek(0)
-    return reader, source.read_buffer()
+    return ipc.open_file(pa.memory_map(str(path), "r"))
 
 
-def _gather_table(n: int = 300):
+def _metadata_table(n: int = 300):
     rng = np.random.default_rng(4)
     null = lambda i, v: None if i % 7 == 3 else v  # noqa: E731
     f32 = [null(i, float(rng.random())) for i in range(n)]
@@ -503,97 +457,97 @@ def _gather_table(n: int = 300):
                             pa.large_string()),
         "width": pa.array([null(i, int(rng.integers(-2**40, 2**40))) for i in range(n)], pa.int64()),
         "small": pa.array([null(i, i % 120) for i in range(n)], pa.uint8()),
-        "height": pa.array([i * 3 for i in range(n)], pa.int32()),  # grouped with no other column
+        "height": pa.array([i * 3 for i in range(n)], pa.int32()),
         "f32": pa.array(f32, pa.float32()),
         "f64": pa.array([null(i, float(rng.random())) for i in range(n)], pa.float64()),
         "empty": pa.array([None] * n, pa.string()),
         "key": pa.array([f"{i:09d}" for i in range(n)]),  # a second string column without nulls
+        "nsfw": pa.array([null(i, i % 2 == 0) for i in range(n)], pa.bool_()),
+        "tags": pa.array([null(i, ["a", str(i)]) for i in range(n)], pa.list_(pa.string())),
+        "when": pa.array([null(i, i * 1000) for i in range(n)], pa.timestamp("ms")),
+        "kind": pa.array([["x", "y"][i % 2] for i in range(n)]).dictionary_encode(),
+        "raw": pa.array([null(i, bytes([i % 256, 0xFF])) for i in range(n)], pa.binary()),
     })
 
 
-def test_row_gather_reads_every_value_as_pyarrow_does(tmp_path):
-    """A knn answer's rows read in a few numpy gathers: every value equals pyarrow's (nulls, unicode, empty
-    strings, large strings, every number width), whatever the order of the ids and with repeats; json_values
-    turns floats that are not finite into None and nothing else."""
+def test_metadata_rows_equal_pyarrow_values_and_keep_few_batches(tmp_path):
+    """Every value equals pyarrow's own to_pylist (nulls, unicode, empty strings, large strings, every number
+    width, lists, timestamps, dictionaries, bytes), whatever the order of the ids and with repeats;
+    json_values turns floats that are not finite into None and other types into JSON values, and leaves the
+    rest alone. At most `limit` record batches are kept."""
     import math
 
-    from provenance_guard.core.bundle.rows import RowGather
+    from provenance_guard.core.bundle.rows import MetadataRows
+    from provenance_guard.core.result import _jsonable
 
-    table = _gather_table()
-    reader, whole = _ipc_file(tmp_path / "m.arrow", table, 64)
-    gather = RowGather(reader, whole, 64, table.num_rows)
+    table = _metadata_table()
+    meta = MetadataRows(_ipc_reader(tmp_path / "m.arrow", table, 64), 64, table.num_rows, limit=2)
     want = table.to_pylist()
-    ids = np.array([299, 0, 63, 64, 65, 5, 6, 8, 3, 150, 5, 256, 255], dtype=np.int64)
-    got = [dict(zip(gather.names, vals)) for vals in zip(*gather.columns(ids))]
-    for i, row in zip(ids.tolist(), got):
+    ids = [299, 0, 63, 64, 65, 5, 6, 8, 3, 150, 5, 256, 255]
+    got = [dict(zip(meta.names, vals, strict=False)) for vals in zip(*meta.columns(ids), strict=False)]
+    for i, row in zip(ids, got, strict=False):
         assert row.keys() == want[i].keys()
         for k, v in row.items():
             assert v == want[i][k] or (isinstance(v, float) and math.isnan(v) and math.isnan(want[i][k])), (i, k)
             assert type(v) is type(want[i][k])
-    safe = [dict(zip(gather.names, vals)) for vals in zip(*gather.columns(ids, json_values=True))]
+    assert meta.batch.cache_info().currsize <= 2
+    safe = [dict(zip(meta.names, vals, strict=False)) for vals in zip(*meta.columns(ids, json_values=True), strict=False)]
     assert [r["f32"] for r in safe[5:8]] == [None, None, None]
-    assert [{k: v for k, v in r.items() if k != "f32"} for r in safe] == \
-        [{k: v for k, v in r.items() if k != "f32"} for r in got]
-    every = np.arange(table.num_rows, dtype=np.int64)
-    assert [dict(zip(gather.names, v)) for v in zip(*gather.columns(every, json_values=True))] == \
-        [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in want]
+    assert safe == [{k: _jsonable(v) for k, v in r.items()} for r in got]
+    assert safe[0]["when"] == want[299]["when"].isoformat() and safe[0]["raw"] == "2bff"
+    assert meta.columns([]) == [[] for _ in meta.names]
 
 
-def test_row_gather_refuses_damaged_files_and_leaves_other_types_to_batch_views(tmp_path):
-    """Offsets that point outside their data, or a record batch of the wrong length, are a BundleFileError
-    naming the fix; a column type it does not read (bool, lists) leaves the file to BatchCache."""
+def test_metadata_rows_refuse_damaged_files(tmp_path):
+    """Text offsets that point outside their data, or a record batch of the wrong length, are a
+    BundleFileError naming the fix, never a read outside a buffer; the file's other batches still read."""
     import pyarrow.ipc as ipc
 
-    from provenance_guard.core.bundle.rows import NotGathered, RowGather
+    from provenance_guard.core.bundle.rows import MetadataRows
 
     table = pa.table({"url": [f"u{i}" for i in range(100)], "w": pa.array(range(100), pa.int32())})
-    reader, whole = _ipc_file(tmp_path / "ok.arrow", table, 10)
+    reader = _ipc_reader(tmp_path / "ok.arrow", table, 10)
     with pytest.raises(BundleFileError, match="record batch 0 holds 10 rows where 8 belong"):
-        RowGather(reader, whole, 8, 100).columns(np.array([1], dtype=np.int64))
+        MetadataRows(reader, 8, 100).columns([1])
 
-    offsets = reader.get_batch(3).column(0).buffers()[1]
+    source = pa.memory_map(str(tmp_path / "ok.arrow"), "r")
+    source.seek(0)
+    whole = source.read_buffer()
+    offsets = ipc.open_file(source).get_batch(3).column(0).buffers()[1]
     at = offsets.address - whole.address + 4 * 5  # the end of row 34's string
     data = bytearray((tmp_path / "ok.arrow").read_bytes())
     data[at:at + 4] = (1 << 30).to_bytes(4, "little")
     (tmp_path / "bad.arrow").write_bytes(bytes(data))
-    source = pa.memory_map(str(tmp_path / "bad.arrow"), "r")
-    bad = ipc.open_file(source)
-    source.seek(0)
-    gather = RowGather(bad, source.read_buffer(), 10, 100)
-    assert gather.columns(np.array([3, 99], dtype=np.int64)) == [["u3", "u99"], [3, 99]]  # other batches read
-    with pytest.raises(BundleFileError, match="string offsets outside its data.*rebuild the bundle"):
-        gather.columns(np.array([31], dtype=np.int64))
-
-    flags = pa.table({"url": ["a", "b"], "nsfw": [True, False]})
-    with pytest.raises(NotGathered, match="nsfw is bool"):
-        RowGather(*_ipc_file(tmp_path / "f.arrow", flags, 10), 10, 2)
+    meta = MetadataRows(ipc.open_file(pa.memory_map(str(tmp_path / "bad.arrow"), "r")), 10, 100)
+    assert meta.columns([3, 99]) == [["u3", "u99"], [3, 99]]  # other batches read
+    with pytest.raises(BundleFileError, match="url of record batch 3 has text offsets outside its data.*rebuild"):
+        meta.columns([31])
 
 
-def test_bundle_rows_read_many_rows_by_gather_as_batch_views_do(tmp_path):
-    """Bundle.rows of a knn answer's many rows (the gather) equals the row-by-row read, removed rows and
-    json_values included; a bundle whose metadata has a type the gather does not read answers the same way."""
-    from provenance_guard.core.bundle.rows import GATHER_MIN_ROWS
+def test_bundle_rows_equal_pyarrow_rows_removed_and_json_values(tmp_path):
+    """Bundle.rows of a check's few rows and of a knn answer's many: the metadata's own rows (pyarrow's
+    to_pylist), removed rows read {"removed": True}, json_values as core.result makes values."""
+    import math
 
-    table = _gather_table(200)
-    vecs = unit(200, 8, seed=2)
-    flags = table.append_column("nsfw", pa.array([i % 2 == 0 for i in range(200)]))
-    for name, meta in (("plain", table), ("flags", flags)):
-        with BundleWriter(tmp_path / name, model="m/t", dim=8) as w:
-            w.add(vecs, meta)
-            w.finish()
-        from provenance_guard.index_builder.maintain import remove_rows
+    from provenance_guard.core.result import _jsonable
+    from provenance_guard.index_builder.maintain import remove_rows
 
-        remove_rows(tmp_path / name, ids=[7, 150], reason="test")
-        b, slow = Bundle.open(tmp_path / name), Bundle.open(tmp_path / name)
-        slow._row_gather = False
-        ids = [150, 0, 5, 6, 8, 7, 199, 3] + list(range(100, 100 + GATHER_MIN_ROWS))
-        for json_values in (False, True):
-            got, want = b.rows(ids, json_values=json_values), slow.rows(ids, json_values=json_values)
-            assert repr(got) == repr(want)  # NaN included
-            assert got[0] == got[5] == {"removed": True}
-        assert (b._metadata_gather() is None) == (name == "flags")
-        with pytest.raises(IndexError, match="row 200 is outside"):
-            b.rows(ids + [200])
+    table = _metadata_table(200)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
+        w.add(unit(200, 8, seed=2), table)
+        w.finish()
+    remove_rows(tmp_path / "b", ids=[7, 150], reason="test")
+    b = Bundle.open(tmp_path / "b")
+    stored = b._rows._reader.read_all().to_pylist()  # as written, after the writer's normalisation
+    ids = [150, 0, 5, 6, 8, 7, 199, 3] + list(range(100, 140))
+    for count in (3, len(ids)):
+        want = [{"removed": True} if i in (7, 150) else stored[i] for i in ids[:count]]
+        got = b.rows(ids[:count])
+        assert repr(got) == repr(want)  # NaN included
+        assert b.rows(ids[:count], json_values=True) == [{k: _jsonable(v) for k, v in r.items()} for r in want]
+    assert math.isnan(b.rows([5])[0]["f32"]) and b.rows([5], json_values=True)[0]["f32"] is None
+    with pytest.raises(IndexError, match="row 200 is outside"):
+        b.rows(ids + [200])
 
 
 def test_batch_scoring_in_numpy_equals_the_python_scoring():
@@ -638,8 +592,6 @@ def test_batch_scoring_in_numpy_equals_the_python_scoring():
 def test_bundle_rows_take_extra_values_after_the_metadata(tmp_path):
     """extra values (a knn answer's id and similarity) follow the metadata's columns; one the metadata has
     keeps its place, whichever way the rows are read; a removed row keeps them too."""
-    from provenance_guard.core.bundle.rows import GATHER_MIN_ROWS
-
     n = 100
     vecs = unit(n, 8, seed=3)
     with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:
@@ -649,7 +601,7 @@ def test_bundle_rows_take_extra_values_after_the_metadata(tmp_path):
 
     remove_rows(tmp_path / "b", ids=[4], reason="test")
     b = Bundle.open(tmp_path / "b")
-    for count in (3, GATHER_MIN_ROWS):
+    for count in (3, 40):  # a check's rows, a knn answer's
         ids = list(range(count))
         plain = b.rows(ids)
         rows = b.rows(ids, extra={"id": ids, "similarity": [i / 100 for i in ids]})
@@ -658,11 +610,10 @@ def test_bundle_rows_take_extra_values_after_the_metadata(tmp_path):
     assert b.rows([4], extra={"id": [4]}) == [{"removed": True, "id": 4}]
 
 
-def test_row_gather_never_decodes_a_null_slot_and_rows_check_their_extra(tmp_path):
-    """A null string's bytes are undefined (Arrow lets them be anything, invalid UTF-8 too): the gather
-    reads None there without decoding them, as the row-by-row read does. extra lists of the wrong length
-    are refused."""
-    from provenance_guard.core.bundle.rows import RowGather
+def test_metadata_rows_never_decode_a_null_slot_and_rows_check_their_extra(tmp_path):
+    """A null string's bytes are undefined (Arrow lets them be anything, invalid UTF-8 too): they read None
+    without being decoded. extra lists of the wrong length are refused."""
+    from provenance_guard.core.bundle.rows import MetadataRows
 
     n = 40
     offsets = np.arange(n + 1, dtype=np.int32)
@@ -674,8 +625,8 @@ def test_row_gather_never_decodes_a_null_slot_and_rows_check_their_extra(tmp_pat
     col = pa.Array.from_buffers(pa.string(), n, [bitmap, pa.py_buffer(offsets.tobytes()), pa.py_buffer(bytes(data))],
                                 null_count=1)
     table = pa.table({"url": col, "w": pa.array(range(n), pa.int64())})
-    gather = RowGather(*_ipc_file(tmp_path / "m.arrow", table, 16), 16, n)
-    assert gather.columns(np.array([2, 3, 4, 35], dtype=np.int64)) == [["a", None, "a", "a"], [2, 3, 4, 35]]
+    meta = MetadataRows(_ipc_reader(tmp_path / "m.arrow", table, 16), 16, n)
+    assert meta.columns([2, 3, 4, 35]) == [["a", None, "a", "a"], [2, 3, 4, 35]]
 
     vecs = unit(30, 8, seed=1)
     with BundleWriter(tmp_path / "b", model="m/t", dim=8) as w:

@@ -261,7 +261,7 @@ def test_check_embeddings_scales_rows_and_refuses_other_shapes(built_bundle, che
     (unit_r,) = c.check_embeddings(vec)
     (long_r,) = c.check_embeddings(7.5 * vec[0])  # one 1-d row, not unit length
     assert [m.row_id for m in long_r.matches] == [m.row_id for m in unit_r.matches]
-    assert max(abs(a.score - b.score) for a, b in zip(long_r.matches, unit_r.matches)) < 1e-5
+    assert max(abs(a.score - b.score) for a, b in zip(long_r.matches, unit_r.matches, strict=True)) < 1e-5
     (cube,) = c.check_embeddings(vec[None, :, :])
     assert cube.verdict == "unchecked" and "one row per image" in cube.error
     zero, nan = c.check_embeddings(np.stack([np.zeros_like(vec[0]), np.full_like(vec[0], np.nan)]))

@@ -250,3 +250,55 @@ def test_record_show_is_safe_with_a_hostile_record(tmp_path, capsys, record, why
         assert code == 0 and "written by:  Automatic1111 webui (a1111) (as the record says)" in out
     else:
         assert code == 0 and "written by:  ['a']" in out  # printed as text, never a crash
+
+
+def test_check_views_default_follows_verify_and_finds_an_inset_copy(built_bundle, tmp_path, capsys):
+    """check --views: multi by default when --verify is on (the studio gate), whole with --verify off; a
+    reference inset into a larger image is found through the view that holds it."""
+    from provenance_guard.index_builder.edits import inset
+
+    copy = tmp_path / "inset.png"
+    inset(sample_image("astronaut").convert("RGB"), 0.4).save(copy)
+
+    def top_view(*extra):
+        cli(["check", str(copy), "--index", str(built_bundle), "--json", *extra])
+        return json.loads(capsys.readouterr().out.splitlines()[0])["matches"][0]
+
+    assert top_view("--verify", "off").get("view") is None  # whole: one query
+    found = top_view()  # --verify confirm+escalate by default: multi
+    assert found.get("view") is not None and found["url"] == "astronaut.png"
+    assert top_view("--views", "whole").get("view") is None
+    assert top_view("--verify", "off", "--views", "multi").get("view") is not None
+    with pytest.raises(SystemExit) as raised:
+        cli(["check", str(copy), "--index", str(built_bundle), "--views", "many"])
+    assert raised.value.code == 2
+
+
+def test_calibrate_measures_the_views_the_checks_query_with(built_bundle, tmp_path, capsys):
+    """index calibrate --views: multi by default (a check's default with verification), whole on request. The
+    multi-view query gives every wrong row more chances, so its wrong pairs score at least as high and its
+    thresholds sit at least as high; the manifest says which queries its thresholds are for."""
+    import shutil
+
+    from provenance_guard.core.bundle import Bundle
+    from provenance_guard.core.errors import ConfigError
+    from provenance_guard.index_builder.calibrate import calibrate
+
+    made = {}
+    for views in ("whole", "multi"):
+        bundle = tmp_path / views
+        shutil.copytree(built_bundle, bundle)
+        argv = ["index", "calibrate", str(bundle), "--sample", "2", "--target-fpr", "0.05", "--device", "cpu",
+                "--plot", str(tmp_path / f"{views}.png")]
+        assert cli(argv + (["--views", "whole"] if views == "whole" else [])) == 0
+        assert f"for {views}-view queries" in capsys.readouterr().out
+        made[views] = Bundle.open(bundle).manifest
+        assert made[views].build["calibration"]["views"] == views
+        assert made[views].build["history"][-1]["views"] == views
+    assert made["multi"].block >= made["whole"].block - 1e-6 and made["multi"].warn >= made["whole"].warn - 1e-6
+    assert made["multi"].build["calibration"]["wrong_pairs"] == made["whole"].build["calibration"]["wrong_pairs"]
+    with pytest.raises(ConfigError, match="give whole or multi"):
+        calibrate(tmp_path / "whole", views="many", device="cpu")
+    with pytest.raises(SystemExit) as raised:
+        cli(["index", "calibrate", str(tmp_path / "whole"), "--views", "many"])
+    assert raised.value.code == 2

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -338,6 +337,10 @@ def _enforced_inputs(**changes):
     ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(prompt_action="pass")}, False),
     ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(use_bundle_thresholds=1)}, False),  # type counts
     ({"class_type": "ProvenanceCheck", "inputs": {**_enforced_inputs(), "added_later": "x"}}, False),
+    ({"class_type": "ProvenanceCheck", "inputs": _enforced_inputs(views="multi")}, False),  # not the enforced views
+    # saved before the views input existed: it runs with the node's default, which is enforcement's here
+    ({"class_type": "ProvenanceCheck", "inputs": {k: v for k, v in _enforced_inputs().items() if k != "views"}},
+     True),
     # without strict: enforcement makes every check strict first, and then it is the enforced check
     ({"class_type": "ProvenanceCheck", "inputs": {k: v for k, v in _enforced_inputs().items() if k != "strict"}},
      True),
@@ -466,6 +469,9 @@ def test_a_graph_enforcement_cannot_rewrite_is_refused_with_the_reason(pack, mon
     ('{"enforce": null}', 'holds no "enforce" object'),
     ('{"enforce": {"bundle": "studio-refs"}, "enforcement": {}}', 'beside "enforce"'),
     ('{"enforce": {"bundle": "studio-refs", "image_types": "MESH"}}', '"image_types" must be a list'),
+    ('{"enforce": {"bundle": "studio-refs", "views": "many"}}', '"views" must be one of'),
+    ('{"enforce": {"bundle": "studio-refs", "views": ["multi"]}}', '"views" must be one of'),
+    ('{"enforce": {"bundle": "studio-refs", "views": null}}', '"views" must be one of'),
 ])
 @pytest.mark.parametrize("env", [None, "studio-refs"])
 def test_a_configuration_that_cannot_be_used_refuses_every_prompt(comfy, monkeypatch, text, why, env):
@@ -501,6 +507,29 @@ def test_an_empty_bundle_is_refused_and_the_variable_overrides_the_file(comfy):
     with pytest.raises(EnforcementConfigError, match='"bundle" must name'):
         load_config(str(comfy.tmp / "user"), environ={})
     assert load_config(str(comfy.tmp / "user"), environ={"PROVENANCE_GUARD_ENFORCE": "x"})["bundle"] == "x"
+
+
+def test_enforced_views_go_into_every_inserted_check(comfy):
+    """"views" in provenance_guard.json: "whole" unless set; "multi" goes into every check enforcement inserts,
+    and a check left without the input (the node's default, whole) no longer counts as the enforced one."""
+    from provenance_guard.comfyui_nodes.enforce import load_config
+
+    (comfy.tmp / "user").mkdir()
+    path = comfy.tmp / "user" / "provenance_guard.json"
+    path.write_text(json.dumps({"enforce": {"bundle": "studio-refs"}}))
+    assert load_config(str(comfy.tmp / "user"), environ={})["views"] == "whole"
+    path.write_text(json.dumps({"enforce": {"bundle": "studio-refs", "views": "multi"}}))
+    config = load_config(str(comfy.tmp / "user"), environ={})
+    assert config["views"] == "multi"
+    prompt, _ = enforced(graph=example_graph(), config=config)
+    checks = [n for k, n in prompt.items() if k.startswith("provenance-guard-enforce-")]
+    assert checks and all(n["inputs"]["views"] == "multi" for n in checks)
+    graph = example_graph()
+    old = {k: v for k, v in checks[0]["inputs"].items() if k != "views"}
+    graph["provenance-guard-enforce-9"] = {"class_type": "ProvenanceCheck", "inputs": {**old, "images": ["8", 0]}}
+    graph["9"]["inputs"]["images"] = ["provenance-guard-enforce-9", 0]
+    prompt, _ = enforced(graph=graph, config=config)
+    assert prompt["9"]["inputs"]["images"] != ["provenance-guard-enforce-9", 0]  # an enforced check went in front
 
 
 def test_a_config_file_with_a_utf8_bom_is_enforced(comfy):
@@ -726,8 +755,31 @@ def test_the_bundle_fields_say_what_they_take(pack):
     spec = pack.NODE_CLASS_MAPPINGS["ProvenanceCheck"].INPUT_TYPES()["optional"]
     assert "index server URL (http://host:port/NAME)" in spec["bundle_path"][1]["tooltip"]
     assert spec["bundle_url"][0] == "STRING" and spec["bundle_url"][1]["default"] == ""
-    assert list(spec)[-1] == "bundle_url"  # saved workflows give widget values by position: new inputs go last
+    assert list(spec)[-2:] == ["bundle_url", "views"]  # saved workflows give widget values by position: new go last
     assert "downloaded once" in spec["bundle_url"][1]["tooltip"]
+
+
+def test_the_views_input_reaches_the_check_and_finds_a_copy_in_a_quarter(pack):
+    """views: last optional input, "whole" by default (a workflow saved without it runs as before); "multi"
+    queries the quarters and the centre too and verifies a candidate against the part that found it."""
+    from provenance_guard.core.policy import VIEWS
+
+    spec = pack.NODE_CLASS_MAPPINGS["ProvenanceCheck"].INPUT_TYPES()["optional"]["views"]
+    assert spec[0] == ["whole", "multi"] and set(spec[0]) == set(VIEWS) and spec[1]["default"] == "whole"
+    composite = tensor("coins", size=256)
+    composite[0, :128, :128] = tensor("astronaut", size=128)[0]  # a reference in the top-left quarter
+    tops = {}
+    for views in (None, "whole", "multi"):
+        _, extra = run(pack, composite, verify="confirm+escalate", **({} if views is None else {"views": views}))
+        tops[views] = extra["provenance"]["matches"][0]  # the record Save Image writes
+    same = ("url", "score", "verdict")
+    assert [tops[None][k] for k in same] == [tops["whole"][k] for k in same] and tops["whole"].get("view") is None
+    assert tops["multi"]["view"] == "top-left" and tops["multi"]["url"] == "astronaut.png"
+    assert tops["multi"]["verification"]["status"] == "copy" and tops["multi"]["score"] > tops["whole"]["score"]
+    cls = pack.NODE_CLASS_MAPPINGS["ProvenanceCheck"]
+    assert cls.IS_CHANGED(bundle="studio-refs", views="multi") != cls.IS_CHANGED(bundle="studio-refs")
+    with pytest.raises(Exception, match="give whole or multi"):  # never waved through as whole
+        run(pack, composite, views="many")
 
 
 # Content Credentials -------------------------------------------------------------------------------------------
@@ -845,7 +897,7 @@ def saving(comfy, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
     names = []
 
-    def load(config: Optional[dict]):
+    def load(config: dict | None):
         """The pack as ComfyUI loads it at start (a fresh start: its handlers and save classes only)."""
         fresh_classes()
         PromptServer.instance.on_prompt_handlers.clear()
@@ -878,7 +930,7 @@ def files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def refused(module, graph) -> Optional[str]:
+def refused(module, graph) -> str | None:
     data = {"prompt": graph}
     for handler in PromptServer.instance.on_prompt_handlers:
         data = handler(data)
@@ -921,7 +973,7 @@ def test_save_image_files_are_signed_after_comfyui_writes_them(saving, keys):
     out = saving.classes["SaveImage"]().save_images(images, "t2i", prompt=graph, extra_pnginfo=extra)
     paths = [saving.out / e["filename"] for e in out["ui"]["images"]]
     root = (keys / "root.pem").read_bytes()
-    for path, verdict in zip(paths, ["block", "pass"]):
+    for path, verdict in zip(paths, ["block", "pass"], strict=True):
         chunks = png_text_chunks(path)
         assert json.loads(chunks["prompt"]) == graph and "workflow" in chunks and "provenance" in chunks
         status = cr.verify_file(path, root)

@@ -84,7 +84,7 @@ def _running_comfyui(tmp: Path, env_extra: dict | None = None, env_drop: tuple =
     """ComfyUI on 127.0.0.1 with --base-directory tmp (its extra_model_paths.yaml must exist) and any further
     command-line args; yields base url. Output goes to tmp/comfyui.log."""
     port = _free_port()
-    log = open(tmp / "comfyui.log", "wb")
+    log = open(tmp / "comfyui.log", "wb")  # noqa: SIM115 - the server's log, closed when it stops
     env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                **(env_extra or {}))
     for name in env_drop:

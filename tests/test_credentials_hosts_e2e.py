@@ -303,7 +303,7 @@ def test_comfyui_txt2img_save_image_files_are_signed_with_their_checks(comfy_sig
     pngs = ce._saved(history, "8", tmp / "output")
     report = history["outputs"]["7"]["provenance"][0]
     assert len(pngs) == 2 and len(report["images"]) == 2, history["outputs"]
-    for png, node_result in zip(pngs, report["images"]):
+    for png, node_result in zip(pngs, report["images"], strict=True):
         status = _assert_signed(png, keys_dir, graph)
         assert status.check["verdict"] == node_result["verdict"], (status.check, node_result)
         assert status.generation["prompt"] == "astronaut" and status.generation["seed"] == ce.SEED

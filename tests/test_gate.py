@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import PngImagePlugin
 
 from provenance_guard.cli import main as cli
@@ -30,6 +31,7 @@ def _tree(root: Path, outputs) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_gate_over_a_tree(tmp_path, built_bundle, outputs, capsys):
     root = _tree(tmp_path / "out", outputs)
     report, jsonl, audit = tmp_path / "report.html", tmp_path / "results.jsonl", tmp_path / "audit.jsonl"

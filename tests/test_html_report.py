@@ -307,6 +307,7 @@ def test_local_reference_reads_the_fetch_cache_only_when_fetching_is_on(tmp_path
 REPORT_BUDGET = 900_000  # bytes for 50 images (the report before this change: ~2.8 MB with --report-all)
 
 
+@pytest.mark.slow
 def test_a_50_image_report_stays_small(tmp_path, built_bundle):
     folder = tmp_path / "batch"
     folder.mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -109,6 +108,7 @@ def test_choice_always_gives_an_index_and_says_what_it_costs():
     assert tight.factory and "below the smallest index" in tight.note and "recall" in tight.note
 
 
+@pytest.mark.slow
 def test_ivfpq_near_duplicate_recall(tmp_path):
     """The automatic choice under a tight budget (OPQ + IVF with HNSW quantizer + PQ), tuned to recall."""
     x = write_shards(tmp_path / "src", [15_000] * 4, d=64)
@@ -202,6 +202,7 @@ def test_merge_two_bundles(ivf_bundle, tmp_path):
     assert "merged" in report.note and Bundle.open(tmp_path / "same").count == 12000
 
 
+@pytest.mark.slow
 def test_sigkill_mid_build_keeps_old_bundle_then_resumes(tmp_path):
     src = tmp_path / "src"
     write_shards(src, [1500] * 6, d=32)
@@ -235,7 +236,7 @@ def test_sigkill_mid_build_keeps_old_bundle_then_resumes(tmp_path):
     assert live.version == old_version and live.count == 9000
     report = build_from_embeddings(str(src), out, opts(index_key=FAST_IVF, overwrite=True))
     assert report.resumed_shards == done_before
-    fresh = build_from_embeddings(str(src), tmp_path / "fresh", opts(index_key=FAST_IVF))
+    build_from_embeddings(str(src), tmp_path / "fresh", opts(index_key=FAST_IVF))
     a, b = Bundle.open(out), Bundle.open(tmp_path / "fresh")
     assert a.version != old_version and a.count == b.count == 9000
     q = b.vector(np.arange(0, 9000, 97))
@@ -299,6 +300,7 @@ def test_webdataset_and_folder_inputs_embed_resumably(tmp_path, tiny_model, refe
         assert r.matches[0].url == url and r.max_score > 0.99
 
 
+@pytest.mark.slow
 def test_ray_build_equals_local_build(tmp_path):
     pytest.importorskip("ray")
     write_shards(tmp_path / "src", [800, 700, 900], d=32)
@@ -318,6 +320,7 @@ def test_ray_build_equals_local_build(tmp_path):
     assert top1(a, q) == top1(b, q)
 
 
+@pytest.mark.slow
 def test_ray_data_embedding_equals_local(tmp_path, tiny_model, references):
     """index embed with --ray-address local: Ray Data actors holding the model give the local shards."""
     pytest.importorskip("ray")
@@ -379,6 +382,7 @@ def test_image_captions_keep_what_decodes(tmp_path, tiny_model, references, caps
     assert b.manifest.build["text"] == {"repaired": 1, "truncated": 1}
 
 
+@pytest.mark.slow
 def test_a_build_past_its_index_budget_says_what_the_budget_bounds(tmp_path):
     write_shards(tmp_path / "src", [400], d=32)
     proc = subprocess.run([sys.executable, "-m", "provenance_guard", "index", "build", "--embeddings",

@@ -1,14 +1,14 @@
 """The prompt side: the memorization monitor against hand-computed values (eps and x0 forms agree), each
 host's hook with its real call shapes (ComfyUI's post-CFG args, A1111's CFGDenoisedParams layout with AND and
-skip_uncond, Forge's patcher), no CFG -> unavailable, the prompt verdict in results, and the caption index
-through build, remove, append and merge."""
+skip_uncond, Forge's patcher), no CFG -> unavailable, the prompt verdict in results, the caption index
+through build, remove, append and merge, and bench/q2_memorization.py (its statistics; a seconds-long run on
+the toy and on a saved diffusers pipeline)."""
 from __future__ import annotations
 
 import json
 import re
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +42,7 @@ def test_eps_and_denoised_forms_agree():
     by_eps, by_x0 = MemorizationMonitor(1), MemorizationMonitor(1)
     by_eps.add_eps(eps_c, eps_u)
     by_x0.add_denoised(x, d_c, d_u, sigma)
-    for a, b in zip(by_eps.scores(), by_x0.scores()):
+    for a, b in zip(by_eps.scores(), by_x0.scores(), strict=True):
         assert a.score == pytest.approx(b.score, rel=1e-5)
 
 
@@ -395,3 +395,74 @@ def test_results_carry_the_caption_check_and_the_policy_combines_it(caption_bund
     section = checker.prompt_section(record, None, "sd1", Policy(), monitored=False)
     assert section.caption_matches["rows"] == 5 and section.caption_matches["near_duplicates"] == 4
     assert section.verdict == UNAVAILABLE and "not monitored" in section.reason
+
+
+# bench/q2_memorization.py: its statistics, and a seconds-long run of each mode ------------------------------------
+
+def _q2_bench():
+    import importlib.util
+    from pathlib import Path
+
+    if "q2_memorization" not in sys.modules:  # dataclasses look their module up in sys.modules
+        path = Path(__file__).resolve().parents[1] / "bench" / "q2_memorization.py"
+        spec = importlib.util.spec_from_file_location("q2_memorization", path)
+        sys.modules["q2_memorization"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["q2_memorization"]
+
+
+def test_q2_statistics_auc_tpr_at_1pct_fpr_and_tiled_l2():
+    q2 = _q2_bench()
+    neg = np.arange(200, dtype=float)  # 200 negatives: k = 2 may lie above, so the threshold is the 3rd highest
+    tpr, threshold = q2.tpr_at_fpr([197.5, 198.0, 199.5], neg)
+    assert threshold == 197.0 and tpr == 1.0
+    assert q2.tpr_at_fpr([197.0], neg)[0] == 0.0  # ties with the threshold are not flagged
+    assert q2.auc([2.0, 3.0], [1.0, 2.0]) == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    ci = q2.bootstrap([5.0, 6.0, 7.0], neg / 100, resamples=50)
+    assert ci["auc"] == (1.0, 1.0) and ci["tpr"] == (1.0, 1.0)
+    a = np.zeros((16, 16, 3), np.float32)
+    b = a.copy()
+    b[:4, :4] = 0.3  # one tile off by 0.3: the tiled L2 is that tile's RMS, not the image's
+    assert q2.tiled_l2(a, b) == pytest.approx(0.3) and q2.tiled_l2(a[None], b[None]).shape == (1,)
+    assert q2.round_up(0.012341) == 0.01235 and q2.round_up(0.0123) == 0.01231
+
+
+def _finite_table(text: str) -> list[str]:
+    rows = [line for line in text.splitlines() if line.startswith(("step 1", "mean of steps"))]
+    assert len(rows) == 3, text
+    assert "nan" not in " ".join(rows) and "Wen et al." in text, text
+    return rows
+
+
+def test_q2_bench_smoke_on_the_toy(tmp_path, capsys):
+    q2 = _q2_bench()
+    assert q2.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    _finite_table(out)
+    assert "not Stable Diffusion" in out
+    saved = json.loads((tmp_path / "threshold-smoke.json").read_text())
+    assert np.isfinite(saved["results"]["1"]["auc"])
+
+
+def test_q2_bench_calibrates_a_saved_diffusers_pipeline(tmp_path, capsys):
+    """--model loads a pipeline folder through from_pretrained, reads the signal with the integration's hook and
+    prints the table with a threshold for the family table (the tiny random pipeline: numbers, not meaning)."""
+    import tiny_pipeline
+
+    q2 = _q2_bench()
+    tiny_pipeline.pipeline(tmp_path / "pipe").save_pretrained(tmp_path / "pipe")
+    sample_image("camera").convert("RGB").resize((64, 64)).save(tmp_path / "camera.png")
+    (tmp_path / "memorized.txt").write_text("the starry night by vincent van gogh\nmona lisa\n"
+                                            f"a photo of a camera\t{tmp_path / 'camera.png'}\n")
+    (tmp_path / "controls.txt").write_text("a red bicycle\n# a comment\n\na quiet river at dawn\nan old map\n")
+    assert q2.main(["--model", str(tmp_path / "pipe"), "--memorized", str(tmp_path / "memorized.txt"),
+                    "--controls", str(tmp_path / "controls.txt"), "--steps", "2", "--device", "cpu",
+                    "--resamples", "50", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    rows = _finite_table(out)
+    assert rows[1].startswith("mean of steps 1-2 (of 3)")
+    assert re.search(r"THRESHOLDS\['sd1'\] .*: \d", out), out
+    saved = json.loads((tmp_path / "out" / "model-pipe.json").read_text())
+    counts = saved["counts"]  # the line with an image is verified by generation (a random pipeline: not a copy)
+    assert counts["memorized prompts listed"] == 3 and counts["controls"] == 3
+    assert counts["listed with an image: reproduced"] + counts["listed with an image: not reproduced (left out)"] == 1

@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -315,6 +314,7 @@ def _header_bomb_jpeg(path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode,verdict", [("open", "unchecked"), ("closed", "block")])
+@pytest.mark.slow
 def test_one_bad_input_never_takes_the_run_down(built_bundle, tmp_path, mode, verdict):
     """An image that turns out bad when it is read (a header bomb, a .gif inside a folder) is that image's
     result under the fail mode; the others are checked."""

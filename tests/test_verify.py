@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,12 +274,12 @@ def laion_bundle(tmp_path, built_bundle, origin):
     b = Bundle.open(built_bundle)
     rows = b.rows(list(range(b.count)))
     paths = ["/rocket.png" if r["path"] == "rocket.png" else f"/{p}" for r, p in
-             zip(rows, ["dead.png", "slow.png", "huge.png", "redirect.png", "page.png", "x.png"])]
+             zip(rows, ["dead.png", "slow.png", "huge.png", "redirect.png", "page.png", "x.png"], strict=True)]
     with BundleWriter(tmp_path / "laion", model=b.model, dim=b.dim, warn=b.manifest.warn, block=b.manifest.block) as w:
         w.add(b.vector(list(range(b.count))), [{"url": origin.base + p, "caption": r["caption"]}
-                                                for r, p in zip(rows, paths)])
+                                                for r, p in zip(rows, paths, strict=True)])
         w.finish()
-    return tmp_path / "laion", {r["path"][:-4]: origin.base + p for r, p in zip(rows, paths)}
+    return tmp_path / "laion", {r["path"][:-4]: origin.base + p for r, p in zip(rows, paths, strict=True)}
 
 
 def test_fetched_references_verify_and_dead_links_only_leave_it_unverified(laion_bundle, origin, tmp_path):
@@ -299,7 +298,7 @@ def test_fetched_references_verify_and_dead_links_only_leave_it_unverified(laion
 
     opened = Bundle.open(bundle)
     resolver = ReferenceResolver(ReferenceOptions(fetch=True, allow_loopback=True, cache_dir=str(tmp_path / "c2")))
-    for name, url in urls.items():
+    for url in urls.values():
         if url.endswith("/rocket.png"):
             continue
         m = Match(score=0.5, exact=True, bundle_id=opened.id, bundle_version=opened.version, row_id=0, url=url)
@@ -532,3 +531,37 @@ def test_a_multi_view_query_finds_and_verifies_a_copy_inside_a_larger_image(buil
     assert whole[1].verdict != "block" and multi[1].verdict != "block"
     with pytest.raises(Exception, match="give whole or multi"):
         Policy(views="many")
+
+
+def test_mutual_ratio_matches_equal_a_full_sort_of_the_distances():
+    """core.verify._mutual_matches (two passes of max over one matrix product) gives exactly the pairs a full
+    sort of every distance gives: each other's nearest, both under Lowe's ratio, ties (duplicate descriptors)
+    rejected, as the argpartition it replaced did."""
+    from provenance_guard.core import verify as v
+
+    def reference(a, b):
+        dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (a @ b.T)))
+
+        def nearest(d):
+            order = np.argsort(d, axis=1, kind="stable")[:, :2]
+            two = np.take_along_axis(d, order, axis=1)
+            return np.where(two[:, 0] < v.RATIO * two[:, 1], order[:, 0], -1)
+
+        forward, backward = nearest(dist), nearest(dist.T)
+        q = np.nonzero(forward >= 0)[0]
+        mutual = q[backward[forward[q]] == q]
+        return mutual, forward[mutual]
+
+    rng = np.random.default_rng(3)
+    for n_a, n_b in ((40, 60), (300, 200), (2, 2)):
+        raw = rng.random((n_a + n_b, 128)).astype(np.float32) ** 4
+        unit = np.sqrt(raw / raw.sum(axis=1, keepdims=True)).astype(np.float32)  # RootSIFT-like rows
+        a, b = unit[:n_a].copy(), unit[n_a:].copy()
+        b[: n_b // 4] = a[: n_b // 4] + rng.normal(0, 0.01, (n_b // 4, 128)).astype(np.float32)  # true matches
+        b[-1] = b[-2]  # a tie on b's side
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        got, want = v._mutual_matches(a, b), reference(a, b)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (n_a, n_b)
+        if n_a > 2:
+            assert len(got[0]) >= n_b // 4 - 2  # the planted pairs are found

@@ -18,7 +18,8 @@ def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if not vocab_path.is_file():
         bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(bpe) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         vocab = list(bytes_to_unicode().values())
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]

@@ -15,12 +15,12 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from ..errors import BundleBusyError
 
 
-def lock_path(bundle: Union[str, Path]) -> Path:
+def lock_path(bundle: str | Path) -> Path:
     bundle = Path(bundle).expanduser()
     return bundle.parent / f".{bundle.name}.lock"
 
@@ -33,12 +33,12 @@ class BundleLock:
     """``with BundleLock(path, "index remove"):`` holds the bundle's maintenance lock; with wait=False a held
     lock raises BundleBusyError naming its holder, else the holder is named once and the call waits."""
 
-    def __init__(self, bundle: Union[str, Path], operation: str, wait: bool = True,
+    def __init__(self, bundle: str | Path, operation: str, wait: bool = True,
                  say: Callable[[str], None] = _say):
         self.bundle = Path(bundle).expanduser()
         self.path = lock_path(self.bundle)
         self.operation, self.wait, self.say = operation, wait, say
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def holder(self) -> str:
         try:
@@ -47,7 +47,7 @@ class BundleLock:
         except OSError:
             return "another process"
 
-    def __enter__(self) -> "BundleLock":
+    def __enter__(self) -> BundleLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         said = False
         while True:

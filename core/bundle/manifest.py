@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..config import DEFAULT_BLOCK, DEFAULT_WARN, METADATA_BATCH_ROWS
 from ..errors import BundleFileError, ManifestError
@@ -69,17 +69,17 @@ class Manifest:
     count: int
     index_factory: str = "Flat"
     index_file: str = INDEX_FILE
-    ivfdata_file: Optional[str] = None
-    trained_file: Optional[str] = None
+    ivfdata_file: str | None = None
+    trained_file: str | None = None
     search_params: dict[str, Any] = field(default_factory=dict)
-    rerank_file: Optional[str] = VECTORS_FILE
+    rerank_file: str | None = VECTORS_FILE
     rerank_dtype: str = "float16"
-    rerank_scale_file: Optional[str] = None
+    rerank_scale_file: str | None = None
     metadata_file: str = METADATA_FILE
     metadata_batch_rows: int = METADATA_BATCH_ROWS
-    removed_file: Optional[str] = None
+    removed_file: str | None = None
     removed_count: int = 0
-    captions_file: Optional[str] = None
+    captions_file: str | None = None
     warn: float = DEFAULT_WARN
     block: float = DEFAULT_BLOCK
     description: str = ""
@@ -127,7 +127,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = MANIFEST) -> "Manifest":
+    def from_json(cls, data: dict[str, Any], where: str = MANIFEST) -> Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a provenance-guard bundle manifest (no \"format\": \"{FORMAT}\")")
         version = data.get("format_version")
@@ -222,7 +222,7 @@ def bundle_file(folder: Path, name: str, where: str = MANIFEST) -> Path:
     return path
 
 
-def manifest_stamp(path: Union[str, Path]) -> Optional[tuple]:
+def manifest_stamp(path: str | Path) -> tuple | None:
     """Changes whenever a bundle is published at this path or its manifest is rewritten (every change to a
     bundle ends that way); None where there is no manifest to stat (a server URL, a missing folder)."""
     try:
@@ -248,7 +248,7 @@ def _near_bundles(path: Path, limit: int = 2000) -> list[Path]:
     return [parent / n for n in difflib.get_close_matches(path.name, names, n=2, cutoff=0.6)]
 
 
-def read_manifest(path: Union[str, Path]) -> Manifest:
+def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -280,7 +280,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

@@ -12,13 +12,14 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 from ..errors import (BundleError, BundleFileError, DimensionMismatchError, IndexCorruptError, ManifestError,
                       RowCountMismatchError)
 from .manifest import MANIFEST, RERANK_DTYPES, Manifest, bundle_file, read_manifest, sha256_file
 from .rerank import FaissRerank, _advise_random, decode_rerank
-from .rows import GATHER_MIN_ROWS, BatchCache, NotGathered, RowGather, json_value
+from .rows import MetadataRows
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _STDOUT_LOCK = threading.Lock()
 
 
-def available_memory() -> Optional[int]:
+def available_memory() -> int | None:
     """MemAvailable in bytes (Linux), else None."""
     try:
         with open("/proc/meminfo") as f:
@@ -59,7 +60,7 @@ def quiet_stdout():
             os.close(saved)
 
 
-def search_parameters(index, params: dict[str, Any], removed: Optional["np.ndarray"] = None):
+def search_parameters(index, params: dict[str, Any], removed: np.ndarray | None = None):
     """A faiss SearchParameters tree for index: the bundle's nprobe/efSearch and, when rows were removed, a
     selector that keeps them out of every result. Returns (params or None, objects to keep alive)."""
     import faiss
@@ -106,7 +107,7 @@ class Bundle:
     """
 
     def __init__(self, path: Path, manifest: Manifest, index, vectors, scales, metadata_reader,
-                 removed: "np.ndarray"):
+                 removed: np.ndarray):
         self.path = path
         self.manifest = manifest
         self.index = index
@@ -117,15 +118,14 @@ class Bundle:
         # a bundle's manifest never changes: read per search, these are worked out once
         self.flat, self._exact = manifest.flat, manifest.exact
         self._metadata = metadata_reader
-        self._batches = BatchCache(metadata_reader)
-        self._row_gather: Union[RowGather, bool, None] = None  # see _metadata_gather()
+        self._rows = MetadataRows(metadata_reader, manifest.metadata_batch_rows, manifest.count)
         self._fds: dict[str, int] = {}
         self._captions = None
         # Re-rank rows: pread by default; through the memory map in a server or once warm (see vector()).
         self.mapped_reads = False
         # float16 re-rank inside FAISS (rerank.FaissRerank), set up by warm_up once the index's ids are checked
-        self.refine: Optional[FaissRerank] = None
-        self._warming: Optional[threading.Thread] = None
+        self.refine: FaissRerank | None = None
+        self._warming: threading.Thread | None = None
 
     # identity -----------------------------------------------------------------------------------------
     @property
@@ -238,7 +238,7 @@ class Bundle:
 
     # opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Union[str, Path]) -> "Bundle":
+    def open(cls, path: str | Path) -> Bundle:
         """Open and validate a bundle folder; raises a BundleError subclass naming the file and the fix."""
         path = Path(path).expanduser()
         manifest = read_manifest(path)
@@ -356,7 +356,7 @@ class Bundle:
         return reader
 
     @staticmethod
-    def _open_removed(path: Path, m: Manifest) -> "np.ndarray":
+    def _open_removed(path: Path, m: Manifest) -> np.ndarray:
         import numpy as np
 
         if not m.removed_file:
@@ -364,7 +364,7 @@ class Bundle:
         return read_removed(path / m.removed_file, m.count, m.removed_count)
 
     # reading ------------------------------------------------------------------------------------------
-    def is_removed(self, ids) -> "np.ndarray":
+    def is_removed(self, ids) -> np.ndarray:
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int64)
@@ -374,59 +374,29 @@ class Bundle:
         return self.removed[pos] == ids
 
     def rows(self, ids: Iterable[int], json_values: bool = False,
-             extra: Optional[dict[str, list]] = None) -> list[dict[str, Any]]:
+             extra: dict[str, list] | None = None) -> list[dict[str, Any]]:
         """Metadata of the given row ids, each a dict of every column; a removed row gives {"removed": True}.
         json_values: every value as a JSON answer holds it (a float that is not finite reads None; bytes,
         dates and other types as core.result makes them). extra: more values for each row, one list per
         key in the order of ids, set after the metadata's (a key the metadata has keeps its place)."""
         ids = [int(i) for i in ids]
         gone = self.is_removed(ids).tolist() if len(self.removed) else None
-        size, count = self.manifest.metadata_batch_rows, self.manifest.count
+        count = self.manifest.count
         bad = next((i for i in ids if not 0 <= i < count), None)
         if bad is not None:
             raise IndexError(f"row {bad} is outside bundle {self.id} (0..{count - 1})")
         extra = extra or {}
         if any(len(v) != len(ids) for v in extra.values()):
             raise ValueError("rows(): every extra list needs one value per id")
-        gather = self._metadata_gather() if len(ids) >= GATHER_MIN_ROWS else None
-        out = None
-        if gather is not None:
-            import numpy as np
-
-            try:
-                columns = gather.columns(np.asarray(ids, dtype=np.int64), json_values) + list(extra.values())
-            except NotGathered:  # a record batch it does not read (compressed, say): row by row from now on
-                self._row_gather = False
-            else:
-                names = gather.names + list(extra)
-                out = [dict(zip(names, values)) for values in zip(*columns)] if names else [{} for _ in ids]
-        if out is None:
-            batch = self._batches.get
-            out = [batch(i // size).row(i % size) for i in ids]
-            if json_values:
-                out = [{k: json_value(v) for k, v in row.items()} for row in out]
-            if extra:
-                for row, values in zip(out, zip(*extra.values())):
-                    row.update(zip(extra, values))
+        columns = self._rows.columns(ids, json_values) + list(extra.values())
+        names = self._rows.names + list(extra)
+        out = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if names \
+            else [{} for _ in ids]
         if gone is not None:
             for n, removed in enumerate(gone):
                 if removed:
                     out[n] = {"removed": True, **{k: v[n] for k, v in extra.items()}}
         return out
-
-    def _metadata_gather(self) -> Optional[RowGather]:
-        """The metadata's RowGather, made on first use; None where the file has what it does not read."""
-        gather = self._row_gather
-        if gather is None:
-            whole = getattr(self._metadata, "_pg_pages", None)
-            try:
-                if whole is None:
-                    raise NotGathered("the metadata is not memory-mapped")
-                gather = RowGather(self._metadata, whole, self.manifest.metadata_batch_rows, self.manifest.count)
-            except NotGathered:
-                gather = False
-            self._row_gather = gather  # a race builds two equal ones; either is kept
-        return gather or None
 
     def metadata_batches(self):
         """Every metadata record batch in row order (for rewriting a bundle)."""
@@ -437,7 +407,7 @@ class Bundle:
     def columns(self) -> list[str]:
         return list(self._metadata.schema.names)
 
-    def vector(self, ids) -> "np.ndarray":
+    def vector(self, ids) -> np.ndarray:
         """Stored unit vectors of ids as float32 (requires re-rank vectors).
 
         By default rows are read with pread: for a check's few random rows that is faster than a fresh
@@ -459,7 +429,7 @@ class Bundle:
             (lambda arr: self._gather(arr, ids))
         return decode_rerank(gather(self.vectors), None if self.scales is None else gather(self.scales))
 
-    def _gather(self, arr, ids) -> "np.ndarray":
+    def _gather(self, arr, ids) -> np.ndarray:
         import numpy as np
 
         fd = self._fds.get(arr.filename)
@@ -500,7 +470,7 @@ class Bundle:
 
 # removed rows -------------------------------------------------------------------------------------------------
 
-def read_removed(fpath: Path, count: int, expected: int) -> "np.ndarray":
+def read_removed(fpath: Path, count: int, expected: int) -> np.ndarray:
     """removed.npy validated: a plain (never pickled) 1-d integer array of strictly increasing row ids in
     0..count-1, as many as the manifest says."""
     import numpy as np

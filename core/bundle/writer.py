@@ -11,7 +11,8 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 from ..config import DEFAULT_BLOCK, DEFAULT_WARN, METADATA_BATCH_ROWS
 from ..errors import ConfigError, DimensionMismatchError, DiskFullError, RowCountMismatchError
@@ -27,7 +28,7 @@ MAX_CAPTION_CHARS = 4096  # a caption longer than this is cut (and counted): LAI
 MAX_URL_CHARS = 8192
 
 
-def clean_text(value: Any, limit: int = MAX_CAPTION_CHARS) -> tuple[Optional[str], bool, bool]:
+def clean_text(value: Any, limit: int = MAX_CAPTION_CHARS) -> tuple[str | None, bool, bool]:
     """(text, repaired, truncated) of one url or caption value: bytes decoded as UTF-8 with replacement
     characters where they are invalid, NULs and a leading BOM dropped, cut at ``limit`` characters."""
     if value is None:
@@ -45,7 +46,7 @@ def clean_text(value: Any, limit: int = MAX_CAPTION_CHARS) -> tuple[Optional[str
     return (text[:limit] if truncated else text), repaired, truncated
 
 
-def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None) -> "pa.Table":
+def normalize_metadata(table: pa.Table, stats: dict[str, int] | None = None) -> pa.Table:
     """Rename the producer's url/caption columns to ``url``/``caption`` (strings); keep every other column.
     Their text is made safe to store (clean_text: invalid UTF-8 replaced, NUL and BOM dropped, captions cut
     at MAX_CAPTION_CHARS); ``stats`` counts the rows "repaired" and "truncated"."""
@@ -53,10 +54,7 @@ def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None
 
     names = list(table.column_names)
     for canonical, candidates in (("url", URL_COLUMNS), ("caption", CAPTION_COLUMNS)):
-        if canonical in names:
-            src = canonical
-        else:
-            src = next((c for c in candidates if c in names), None)
+        src = canonical if canonical in names else next((c for c in candidates if c in names), None)
         if src is None:
             table = table.append_column(canonical, pa.nulls(table.num_rows, pa.string()))
         else:
@@ -69,7 +67,7 @@ def normalize_metadata(table: "pa.Table", stats: Optional[dict[str, int]] = None
     return table.select(order)
 
 
-def _text_column(col, limit: int, stats: Optional[dict[str, int]]):
+def _text_column(col, limit: int, stats: dict[str, int] | None):
     """A url/caption column as strings: the fast path (a valid string column within the limit, without NUL or
     BOM) untouched; otherwise each value through clean_text."""
     import pyarrow as pa
@@ -98,17 +96,17 @@ class MetadataWriter:
     """Writes metadata rows to an Arrow IPC file in record batches of exactly ``batch_rows`` rows (the last
     may be shorter), under the schema of the first rows; later rows are conformed to it."""
 
-    def __init__(self, path: Path, batch_rows: int = METADATA_BATCH_ROWS, schema: Optional["pa.Schema"] = None):
+    def __init__(self, path: Path, batch_rows: int = METADATA_BATCH_ROWS, schema: pa.Schema | None = None):
         self.path, self.batch_rows = path, batch_rows
         self.rows = 0
         self._schema = schema
         self._writer = None
         self._sink = None
-        self._pending: list["pa.Table"] = []
+        self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.text_stats: dict[str, int] = {"repaired": 0, "truncated": 0}  # url/caption rows changed to be stored
 
-    def write(self, table: Union["pa.Table", list[dict[str, Any]]]) -> None:
+    def write(self, table: pa.Table | list[dict[str, Any]]) -> None:
         import pyarrow as pa
 
         if not isinstance(table, pa.Table):
@@ -127,7 +125,7 @@ class MetadataWriter:
             rest = merged.slice(self.batch_rows)
             self._pending, self._pending_rows = [rest], rest.num_rows
 
-    def _conform(self, table: "pa.Table") -> "pa.Table":
+    def _conform(self, table: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         extra = [n for n in table.column_names if n not in self._schema.names]
@@ -143,7 +141,7 @@ class MetadataWriter:
                 cols.append(pa.nulls(table.num_rows, f.type))
         return pa.Table.from_arrays(cols, schema=self._schema)
 
-    def _flush(self, table: "pa.Table") -> None:
+    def _flush(self, table: pa.Table) -> None:
         import pyarrow as pa
         import pyarrow.ipc as ipc
 
@@ -183,9 +181,9 @@ class BundleWriter:
     temporary folder. Memory stays bounded by one metadata batch, whatever the number of rows.
     """
 
-    def __init__(self, out: Union[str, Path], *, model: str, dim: int, bundle_id: Optional[str] = None,
-                 bundle_version: Optional[str] = None, description: str = "", warn: float = DEFAULT_WARN,
-                 block: float = DEFAULT_BLOCK, rerank: Optional[str] = "float16", overwrite: bool = False,
+    def __init__(self, out: str | Path, *, model: str, dim: int, bundle_id: str | None = None,
+                 bundle_version: str | None = None, description: str = "", warn: float = DEFAULT_WARN,
+                 block: float = DEFAULT_BLOCK, rerank: str | None = "float16", overwrite: bool = False,
                  wait: bool = True):
         from ..policy import validate_thresholds
         from .lock import BundleLock
@@ -216,14 +214,14 @@ class BundleWriter:
         self._flat = None
         self._build_flat = True
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
 
-    def add(self, vectors: "np.ndarray", metadata: Union["pa.Table", list[dict[str, Any]]]) -> None:
+    def add(self, vectors: np.ndarray, metadata: pa.Table | list[dict[str, Any]]) -> None:
         """Append rows: vectors N x dim (any float dtype; normalised here) and N metadata rows."""
         import numpy as np
         import pyarrow as pa
@@ -258,9 +256,9 @@ class BundleWriter:
         self._build_flat = False
         self._flat = None
 
-    def finish(self, index=None, *, factory: str = "Flat", search_params: Optional[dict[str, Any]] = None,
-               ivfdata: Optional[Union[str, Path]] = None, trained=None,
-               build: Optional[dict[str, Any]] = None) -> Path:
+    def finish(self, index=None, *, factory: str = "Flat", search_params: dict[str, Any] | None = None,
+               ivfdata: str | Path | None = None, trained=None,
+               build: dict[str, Any] | None = None) -> Path:
         """Write index, metadata, vectors and manifest; publish the folder at ``out``; return ``out``.
 
         ``ivfdata``: the on-disk inverted lists ``index`` points to (moved into the bundle);
@@ -313,7 +311,7 @@ class BundleWriter:
         self._lock.__exit__()
 
 
-def write_caption_index(folder: Path, manifest: Manifest, bar=None) -> Optional[str]:
+def write_caption_index(folder: Path, manifest: Manifest, bar=None) -> str | None:
     """captions.npy from the finished metadata.arrow in folder (None when no row has a caption); ``bar``
     (core.progress) counts the rows read."""
     import pyarrow as pa
@@ -342,7 +340,7 @@ def write_caption_index(folder: Path, manifest: Manifest, bar=None) -> Optional[
     return CAPTIONS_FILE if pairs else None
 
 
-def finalize(folder: Path, manifest: Manifest, hashed: Optional[dict[str, dict[str, Any]]] = None,
+def finalize(folder: Path, manifest: Manifest, hashed: dict[str, dict[str, Any]] | None = None,
              hash_files: bool = True) -> None:
     """Record size and sha256 of every data file of manifest in folder, then write manifest.json durably.
     ``hashed`` carries entries already known (files copied unchanged from a previous version);
@@ -378,7 +376,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def space_for(folder: Union[str, Path], needed: int, what: str) -> Iterator[None]:
+def space_for(folder: str | Path, needed: int, what: str) -> Iterator[None]:
     """Refuse to start when folder's disk has less than needed bytes free, and turn a disk that fills up
     during the block into one DiskFullError naming the folder and the space needed. The caller's own
     clean-up (a ``staging`` folder, a writer's abort) runs as the error passes through."""

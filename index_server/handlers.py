@@ -1,0 +1,378 @@
+"""The work behind each route, off the event loop: clip-retrieval's /knn-service and /metadata, /v1/check,
+and the JSON of their answers. Each takes the process's State and a parsed request and returns what the
+route sends, or raises HTTPProblem (a bad request) or a core ProvenanceError (error_status says which)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from ..core.errors import ConfigError, ImageInputError, ProvenanceError
+from .config import HTTPProblem
+from .schemas import CheckOptions, KnnRequest, MetadataRequest
+from .state import IMAGE_URL_FAILED, State
+
+if TYPE_CHECKING:  # numpy is imported lazily: nothing heavy at import time
+    import numpy as np
+
+DEDUP_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for result de-duplication
+
+# Queries per FAISS call of /knn-service. FAISS moves a flat or coarse search to BLAS only for larger batches
+# (at 20 queries in older releases, 128,000 query values in 1.15), so 16 queries of at most 4,096 values
+# each run the code a query runs alone. 8 and 16 cost about the same CPU per query; 16 lets a worker catch up.
+KNN_BATCH = 16
+KNN_BATCH_CANDIDATES = 200  # heavier /knn-service requests take the thread pool (knn_batched)
+# Answers handed back to the event loop in groups of this many while the rest of the batch is worked on, so
+# clients answered early send their next query during the batch. In alternating runs, groups of 4 cost a
+# request 0.2-0.4 ms less CPU than one group per batch; one answer at a time woke the loop too often.
+KNN_FLUSH = 4
+
+
+def _b64(data: str, what: str) -> bytes:
+    try:
+        if "," in data[:100] and data.lstrip().startswith("data:"):
+            data = data.split(",", 1)[1]
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPProblem(400, f"{what} is not valid base64 ({exc})") from exc
+
+
+def json_body(content: Any) -> bytes:
+    """A response body as compact UTF-8 JSON: orjson when installed (it encodes forty results in a tenth of
+    json's time), else the standard library with the same output shape."""
+    try:
+        import orjson
+    except ImportError:
+        orjson = None
+    if orjson is not None:
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # a value orjson does not encode (an int beyond 64 bits): the slow path says what
+            pass
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_body(content), status_code=status, headers=headers, media_type="application/json")
+
+
+def unit_rows(rows: list, dim: int, field: str, of: str = "") -> np.ndarray:
+    """Request embeddings as unit float32 rows, each of the bundle's dimension, finite and non-zero."""
+    import numpy as np
+
+    if any(len(r) != dim for r in rows):
+        bad = next(len(r) for r in rows if len(r) != dim)
+        raise HTTPProblem(400, f"{field} has a vector of {bad} numbers; the bundle holds {dim}-d vectors{of}")
+    from ..core.search import row_squares
+
+    q = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+    squares = row_squares(q)
+    if not all(math.isfinite(x) and x > 0 for x in squares):
+        raise HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
+    return q / np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
+
+
+def knn(state: State, body: KnnRequest, fetched: bytes | None = None) -> list[dict]:
+    """clip-retrieval's /knn-service over one bundle, exact cosines. ``fetched``: the image_url's bytes,
+    fetched by the route before this runs (so a slow URL holds no worker thread)."""
+    bundle = _knn_bundle(state, body)
+    t0 = time.perf_counter()
+    if body.embedding_input is not None:
+        q = _knn_embedding(bundle, body)
+    elif body.text:
+        q = state.model_batcher(bundle).embedder.embed_text([body.text])
+        state.metrics.stage("embed", time.perf_counter() - t0)
+    elif body.image or fetched is not None:
+        blob = _b64(body.image, "image") if body.image else fetched
+        try:
+            with state.decoded([blob]) as pixels:
+                t0 = time.perf_counter()
+                q = state.model_batcher(bundle).embed_pixels(pixels)
+                state.metrics.stage("embed", time.perf_counter() - t0)
+        except HTTPProblem as exc:
+            if fetched is None or exc.status != 400:
+                raise
+            raise HTTPProblem(400, IMAGE_URL_FAILED) from None  # a fetched non-image reads like any failure
+    else:
+        raise HTTPProblem(400, "give one of text, image (base64), image_url or embedding_input")
+    return _answer(state, bundle, body, _searched(state, bundle, q, _knn_want(bundle, body))[0])
+
+
+def _searched(state: State, bundle, q, want: int) -> list:
+    """search_scores() of these queries, its stages counted."""
+    from ..core.search import search_scores
+
+    timings: dict[str, float] = {}
+    ranked = search_scores(bundle, q, want, timings=timings)
+    for stage, seconds in timings.items():
+        state.metrics.stage(stage, seconds)
+    return ranked
+
+
+def knn_many(state: State, bodies: list[KnnRequest], answer: Callable[[int, Any], None] | None = None) -> list:
+    """knn() of several embedding_input requests (SearchBatcher's fn): the queries of one bundle and count
+    searched in one FAISS call (each query's candidates are the ones its own search finds). Per request its
+    rows, or the exception its own knn() would raise; ``answer(n, rows or exception)`` is called with each
+    as soon as it is ready (the batcher hands it to the waiting request while the others are worked on)."""
+    import numpy as np
+
+    out: list = [None] * len(bodies)
+
+    def done(n: int, value) -> None:
+        out[n] = value
+        if answer is not None:
+            answer(n, value)
+
+    groups: dict[tuple, list] = {}
+    bundles: dict[tuple, Any] = {}  # one lookup (a stat of its manifest) per index and batch
+    for n, body in enumerate(bodies):
+        try:
+            key = (body.indice_name, body.modality)
+            bundle = bundles.get(key)
+            if bundle is None:
+                bundle = bundles[key] = _knn_bundle(state, body)
+            q = _knn_embedding(bundle, body)
+            groups.setdefault((id(bundle), _knn_want(bundle, body)), []).append((n, bundle, q))
+        except Exception as exc:  # noqa: BLE001 - this request's answer; the others go on
+            done(n, exc)
+    for (_, want), members in sorted(groups.items(), key=lambda g: g[0][1]):  # the lightest answered first
+        bundle = members[0][1]
+        ranked = None
+        if len(members) > 1 and _batch_exact(bundle):
+            try:
+                ranked = _searched(state, bundle, np.concatenate([q for _, _, q in members]), want)
+            except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
+                ranked = None
+        for j, (n, _, q) in enumerate(members):
+            try:
+                rows = _answer(state, bundle, bodies[n], ranked[j] if ranked is not None else
+                                 _searched(state, bundle, q, want)[0])
+            except Exception as exc:  # noqa: BLE001
+                rows = exc
+            done(n, rows)
+    return out
+
+
+def _batch_exact(bundle) -> bool:
+    """Whether several queries searched in one call of this bundle's index get exactly what each gets alone.
+    Not behind a transform (OPQ, PCA): FAISS applies it to the whole batch in one matrix product, whose
+    rounding depends on the batch (PQ scores, and rarely the candidates, differ from a query's alone)."""
+    import faiss
+
+    return not isinstance(faiss.downcast_index(bundle.index), faiss.IndexPreTransform)
+
+
+def knn_batched(body: KnnRequest) -> bool:
+    """Whether /knn-service sends this request to the search batcher: embedding queries of at most
+    KNN_BATCH_CANDIDATES candidates. Larger ones (up to 2,000 with num_images 1000) take the thread pool,
+    so one of them never holds up the light queries batched after it."""
+    return body.embedding_input is not None and _knn_candidates(body) <= KNN_BATCH_CANDIDATES
+
+
+def _knn_bundle(state: State, body: KnnRequest):
+    bundle = state.bundle(body.indice_name)
+    if body.modality != "image":
+        raise HTTPProblem(400, "this server holds image embeddings only: use modality \"image\" (text queries "
+                               "are embedded with the model and searched against the images)")
+    return bundle
+
+
+def _knn_embedding(bundle, body: KnnRequest) -> np.ndarray:
+    return unit_rows([body.embedding_input], bundle.dim, "embedding_input",
+                     f" of index {bundle.id} ({bundle.model})")
+
+
+def _knn_want(bundle, body: KnnRequest) -> int:
+    """Candidates to search: with de-duplication, twice the results asked for (clip-retrieval's margin)."""
+    return min(_knn_candidates(body), bundle.live_count)
+
+
+def _knn_candidates(body: KnnRequest) -> int:
+    num = body.num_images
+    return max(num, body.num_result_ids or num) * 2 if body.deduplicate else num
+
+
+def _answer(state: State, bundle, body: KnnRequest, ranked: list) -> list[dict]:
+    """_knn_rows(), its time counted as the metadata stage."""
+    t0 = time.perf_counter()
+    rows = _knn_rows(bundle, body, ranked)
+    state.metrics.stage("metadata", time.perf_counter() - t0)
+    return rows
+
+
+def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
+    """One query's (score, row id) pairs, best first -> its /knn-service rows: de-duplicated, metadata joined."""
+    num = body.num_images
+    if body.deduplicate and bundle.vectors is not None and ranked:
+        found = [i for _, i in ranked]
+        ranked = deduplicate(lambda start, stop: bundle.vector(found[start:stop]), ranked, num)
+    ranked = ranked[:num]
+    ids = [i for _, i in ranked]
+    rows = bundle.rows(ids, json_values=True, extra={"id": ids, "similarity": [round(s, 6) for s, _ in ranked]})
+    for row in rows:  # clip-retrieval's client reads both, whatever the metadata (or a removed row) holds
+        row.setdefault("url", None)
+        row.setdefault("caption", None)
+    return rows
+
+
+def deduplicate(rows_of, matches: list, keep: int, block: int | None = None) -> list:
+    """clip-retrieval's de-duplication: best first, drop a result within DEDUP_COSINE of one already kept.
+    rows_of(start, stop): the stored vectors (float32) of matches[start:stop].
+
+    Candidates are taken a block at a time (``keep`` of them by default: without duplicates the first block
+    is the answer, and only its rows are read): one product against the kept vectors and one within the
+    block (never n x n), then a plain loop decides, stopping once ``keep`` are kept. A loop of one matrix
+    product per candidate cost a knn request ~0.5 ms; a block of all candidates, twice the products needed."""
+    import numpy as np
+
+    block = max(1, block or keep)
+    kept: list[int] = []
+    kept_rows = None
+    for start in range(0, len(matches), block):
+        rows = rows_of(start, min(start + block, len(matches)))
+        rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        near_kept = ((rows @ kept_rows.T) >= DEDUP_COSINE).any(axis=1).tolist() if kept else [False] * len(rows)
+        earlier: dict[int, list[int]] = {}
+        for i, j in zip(*(x.tolist() for x in np.nonzero(rows @ rows.T >= DEDUP_COSINE)), strict=True):
+            if j < i:
+                earlier.setdefault(i, []).append(j)
+        if not kept and not earlier:  # the usual first block: no near-duplicates, all of it is kept
+            kept = list(range(start, start + min(len(rows), keep)))
+            if len(kept) == keep:
+                return matches[start:start + keep]
+            kept_rows = rows
+            continue
+        kept_here: list[int] = []
+        for i in range(len(rows)):
+            if near_kept[i] or any(j in kept_here for j in earlier.get(i, ())):
+                continue
+            kept.append(start + i)
+            kept_here.append(i)
+            if len(kept) == keep:
+                return [matches[k] for k in kept]
+        here = rows.take(kept_here, axis=0)
+        kept_rows = here if kept_rows is None else np.concatenate([kept_rows, here])
+    return [matches[k] for k in kept]
+
+
+def metadata(state: State, body: MetadataRequest) -> list[dict]:
+    bundle = state.bundle(body.indice_name)
+    bad = [i for i in body.ids if not 0 <= i < bundle.count]
+    if bad:
+        raise HTTPProblem(400, f"ids {bad[:5]} are outside index {bundle.id} (0..{bundle.count - 1})")
+    return [{"id": i, "metadata": row} for i, row in zip(body.ids, bundle.rows(body.ids, json_values=True), strict=True)]
+
+
+def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: list | None = None) -> dict:
+    """/v1/check of uploaded images, or of precomputed embeddings (``embeddings``, one row per image)."""
+
+    from ..core.policy import Policy
+    from ..core.result import GenerationRecord
+
+    count = len(embeddings) if embeddings is not None else len(blobs)
+    if not count:
+        raise HTTPProblem(400, "no images: send them as multipart files named images, or JSON {\"images\": [base64]}")
+    if count > state.config.max_images_per_request:
+        raise HTTPProblem(413, f"{count} images in one request; at most {state.config.max_images_per_request}")
+    names = options.indices or list(state.bundles)
+    for n in names:
+        state.bundle(n)
+    try:
+        policy = Policy(warn=state.config.warn if options.warn is None else options.warn,
+                        block=state.config.block if options.block is None else options.block,
+                        fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k,
+                        verify=options.verify or state.config.verify, verify_from=state.config.verify_from)
+    except ConfigError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    generation = options.generation
+    if isinstance(generation, str) and generation.strip():
+        try:
+            generation = CheckOptions.model_validate({"generation": json.loads(generation)}).generation
+        except (ValueError, ValidationError) as exc:
+            raise HTTPProblem(422, f"generation: {exc}") from None
+    records = generation if isinstance(generation, list) else [generation] * count
+    if len(records) != count:
+        raise HTTPProblem(400, f"{len(records)} generation records for {count} images")
+    records = [GenerationRecord.from_json(r) if isinstance(r, dict) else None for r in records]
+    checker = state.checker(tuple(names))
+    models = {checker.model_for(b) for b in checker.open()}
+    if len(models) != 1:
+        raise HTTPProblem(400, f"indices {names} use different models ({sorted(models)}); check them in two requests")
+    if embeddings is not None:
+        vectors = unit_rows(embeddings, checker.open()[0].dim, "embeddings")
+        results = checker.check_embeddings(vectors, records=records, policy=policy)
+        for r in results:
+            r.image["source"] = "embedding"
+    else:
+        for b in checker.open():
+            state.model_batcher(b)
+        batcher = state.batcher(models.pop())
+        with state.decoded(blobs) as pixels:
+            results = checker.check(pixels, records=records, policy=policy, embedder=batcher)
+        for blob, r in zip(blobs, results, strict=True):
+            r.image["sha256"] = hashlib.sha256(blob).hexdigest()
+            r.image["source"] = "upload"
+    state.metrics.verdicts(r.verdict for r in results)
+    for timings in {tuple(sorted(r.timings_ms.items())) for r in results}:  # once per batch the core ran
+        state.metrics.stages_ms(dict(timings))
+    if state.audit:
+        from ..core.audit import audit_entry
+
+        source = "server upload" if embeddings is None else "server embedding"
+        state.audit.append([audit_entry(r, source=source, user=options.user) for r in results])
+    return {"results": [r.to_json() for r in results]}
+
+
+def error_status(exc: ProvenanceError) -> int:
+    """The HTTP status of an error a check raised: the server's own faults (its model, its bundle, its disk)
+    are 503, never blamed on the request; a bad request is 400."""
+    from ..core.errors import BundleError, DiskFullError, ModelLoadError
+
+    if isinstance(exc, (ModelLoadError, BundleError, DiskFullError)):
+        return 503
+    return 400 if isinstance(exc, (ConfigError, ImageInputError)) else 500
+
+
+_pools = threading.local()
+
+
+def _one_thread_pools(fn, *args):
+    """fn(*args) on a request thread whose FAISS OpenMP pool (and the BLAS inside FAISS, which follows it) is
+    one thread. OpenMP's thread count belongs to each thread: _ready_app's limit holds for the main thread
+    only, and every request thread started with a pool of one thread per core. FAISS opens no parallel
+    region for a single query, but it does for a batch of them (several images in one check), and there
+    pools of several threads spin and contend across request threads and worker processes."""
+    _faiss_one_thread()
+    return fn(*args)
+
+
+def _faiss_one_thread() -> None:
+    """This thread's FAISS OpenMP pool set to one thread (once per thread)."""
+    if not getattr(_pools, "one", False):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        _pools.one = True
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container's share, where the platform says)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def search_threads() -> int:
+    return cpu_count() + 2
