@@ -33,6 +33,7 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         self._gauges = gauges
+        self._children: dict[tuple, Any] = {}
         # In multiprocess mode the values go to this worker's files; the scrape reads them all (render).
         reg = None if multiprocess() else self.registry
         self._requests = Counter("provenance_guard_requests", "HTTP requests by path, method and status.",
@@ -59,17 +60,26 @@ class Metrics:
 
             mp.MultiProcessCollector(self.registry)
 
+    def _child(self, metric, *labels):
+        """metric.labels(*labels), kept: the label lookup costs more than the count (the label sets are bounded:
+        the known paths, methods and statuses, the stages, the verdicts)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def started(self, path: str) -> None:
-        self._in_progress.labels(path).inc()
+        self._child(self._in_progress, path).inc()
 
     def request(self, path: str, method: str, status: int, seconds: float) -> None:
         """A request answered (``started`` before it)."""
-        self._in_progress.labels(path).dec()
-        self._requests.labels(path, method, str(status)).inc()
-        self._latency.labels(path).observe(seconds)
+        self._child(self._in_progress, path).dec()
+        self._child(self._requests, path, method, str(status)).inc()
+        self._child(self._latency, path).observe(seconds)
 
     def stage(self, name: str, seconds: float) -> None:
-        self._stages.labels(name).observe(max(0.0, seconds))
+        self._child(self._stages, name).observe(max(0.0, seconds))
 
     def stages_ms(self, timings: dict[str, Any]) -> None:
         """A check's timings (core's milliseconds per stage) into the stage histogram."""
