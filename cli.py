@@ -901,9 +901,8 @@ def cmd_serve(args) -> int:
 
 
 def server_config_from_argv(argv: Sequence[str]):
-    """serve's arguments (as in $PROVENANCE_GUARD_SERVE_ARGS, for gunicorn's workers) -> (ServerConfig, args)."""
-    args = build_parser().parse_args(["serve", *argv])
-    return server_config(args), args
+    """serve's arguments (as in $PROVENANCE_GUARD_SERVE_ARGS, for gunicorn's workers) -> ServerConfig."""
+    return server_config(build_parser().parse_args(["serve", *argv]))
 
 
 def server_config(args):

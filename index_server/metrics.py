@@ -90,7 +90,7 @@ class Metrics:
 
     def verdicts(self, verdicts) -> None:
         for v in verdicts:
-            self._checks.labels(str(v)).inc()
+            self._child(self._checks, str(v)).inc()
 
     def batch(self, images: int) -> None:
         self._batches.inc()

@@ -130,7 +130,7 @@ def worker_app():
 
             from ..cli import server_config_from_argv
 
-            config = server_config_from_argv(shlex.split(os.environ[PG_ARGS_ENV]))[0]
+            config = server_config_from_argv(shlex.split(os.environ[PG_ARGS_ENV]))
         else:
             raise ConfigError(f"no settings: run 'provenance-guard serve', or set ${PG_ARGS_ENV} to its arguments "
                               f"(e.g. \"--index refs=/path/to/bundle\") for gunicorn")
