@@ -315,7 +315,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="bound, knn load and /v1/check load, in turn")
     ap.add_argument("--compare", metavar="GIT_REF",
                     help="also serve this commit's code (a temporary git worktree, removed after) under the same "
-                         "load, each of its loads right after ours in every round, and print both ratios")
+                         "load, the two taking turns to go first in each round, and print both ratios")
     args = ap.parse_args()
     from p1_check_overhead import build
 
@@ -358,12 +358,12 @@ def main() -> None:
             wait_until_warm(other_port, args.workers)
         for r in range(rounds):  # an idle server takes no CPU while the bound is measured
             bounds.append(bound.rate(2, BOUND_SECONDS))
-            knn_runs.append(timed_load(port, bodies[r::rounds], args.clients, "/knn-service"))
-            if other is not None:
-                other_knn.append(timed_load(other_port, bodies[r::rounds], args.clients, "/knn-service"))
-            check_runs.append(timed_load(port, checks[r::rounds], args.clients, "/v1/check"))
-            if other is not None:
-                other_check.append(timed_load(other_port, checks[r::rounds], args.clients, "/v1/check"))
+            # with --compare, the two servers take turns going first (odd rounds: the other one first)
+            turns = [(port, knn_runs, check_runs)] + ([(other_port, other_knn, other_check)] if other else [])
+            for at, knns, _ in (turns[::-1] if r % 2 else turns):
+                knns.append(timed_load(at, bodies[r::rounds], args.clients, "/knn-service"))
+            for at, _, check_list in (turns[::-1] if r % 2 else turns):
+                check_list.append(timed_load(at, checks[r::rounds], args.clients, "/v1/check"))
         if other is not None:
             other.send_signal(signal.SIGTERM)
             other.wait(timeout=60)
@@ -409,7 +409,7 @@ def main() -> None:
         o_qps, o_p50, o_p99, o_n = summary(other_knn)
         o_ratio = o_n / sum(w * b for (w, _), b in zip(other_knn, bounds, strict=True))
         o_c_ratio = summary(other_check)[3] / sum(w * b for (w, _), b in zip(other_check, bounds, strict=True))
-        print(f"{args.compare} (same load, right after ours in each round): {o_n} requests, {o_qps:6.1f} req/s; "
+        print(f"{args.compare} (same load, taking turns with ours): {o_n} requests, {o_qps:6.1f} req/s; "
               f"latency p50 {o_p50:7.1f} ms, p99 {o_p99:7.1f} ms")
         print(f"P4 knn / bound: this code {ratio:.2f}, {args.compare} {o_ratio:.2f}; /v1/check / bound: this code "
               f"{c_ratio:.2f}, {args.compare} {o_c_ratio:.2f}")

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -1105,6 +1106,28 @@ def _served(base: str, path: str = "/knn-service") -> int:
                    and s.labels == {"path": path, "method": "POST", "status": "200"}))
 
 
+LISTEN, ESTABLISHED = "0A", "01"  # /proc/net/tcp's states
+
+
+def _sockets(pid: int, port: int, state: str) -> list[int]:
+    """The TCP sockets process pid holds on local port `port` in `state` (Linux /proc), by inode."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state and int(fields[9]) in inodes:
+                found.append(int(fields[9]))
+    return found
+
+
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts worker processes in /proc (Linux)")
 
 
@@ -1120,19 +1143,37 @@ def test_workers_share_the_port_sum_their_metrics_and_a_dead_one_is_replaced(bui
         run = next(Path(tempfile.gettempdir()).glob(f"provenance-guard-serve-{proc.pid}-*"))
         body = {"embedding_input": Bundle.open(built_bundle).vector([2])[0].tolist(), "num_images": 3,
                 "indice_name": "refs"}
-        for _ in range(30):  # a new connection each: the kernel spreads them over both workers
-            r = requests.post(f"{base}/knn-service", json=body)
-            assert r.ok and r.json()[0]["id"] == 2
-        assert _served(base) == 30  # summed over both workers, whichever answers the scrape
+        port = int(base.rsplit(":", 1)[1])
+        # Each worker listens on a socket of its own on the port; the manager's socket holds it, unlistened.
+        assert all(len(_sockets(w, port, LISTEN)) == 1 for w in workers)
+        assert not _sockets(proc.pid, port, LISTEN)
+        # 32 keep-alive clients that connect at once are spread over both workers: the kernel hashes each new
+        # connection to a worker's socket, and a worker above its share (16, plus one) answers with
+        # "Connection: close" until the clients' new connections have evened it out.
+        sessions = [requests.Session() for _ in range(32)]
+        splits = []
+        for _ in range(12):
+            for session in sessions:
+                r = session.post(f"{base}/knn-service", json=body)
+                assert r.ok and r.json()[0]["id"] == 2
+            splits.append(sorted(len(_sockets(w, port, ESTABLISHED)) for w in workers))
+            if sum(splits[-1]) == 32 and splits[-1][1] <= 17:
+                break
+        assert sum(splits[-1]) == 32 and splits[-1][1] <= 17, splits
+        for session in sessions:
+            session.close()
+        answered = 32 * len(splits)
+        assert _served(base) == answered  # summed over both workers, whichever answers the scrape
         assert len(list((run / "metrics").glob("counter_*.db"))) == 2  # both served: prometheus_client's files
 
         # A crashed worker is replaced by uvicorn's manager; its counts stay in the sums.
         os.kill(workers[0], signal.SIGKILL)
         assert _wait(lambda: len(sup.ready_workers()) == 3, 120), sup.log[-3000:]
         assert _wait(lambda: len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid))
-        assert _served(base) >= 30
+        assert _served(base) >= answered
         assert all(requests.post(f"{base}/knn-service", json=body, timeout=30).ok for _ in range(5))
-        assert _served(base) >= 35
+        assert _served(base) >= answered + 5
+        assert all(len(_sockets(w, port, LISTEN)) == 1 for w in _children(proc.pid))  # the new one's own
     finally:
         assert stop(proc) in CLEAN_EXIT
     assert not run.exists()  # the settings and metrics folder goes with the server
@@ -1261,6 +1302,114 @@ def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_m
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-worker sockets are Linux's (SO_REUSEPORT)")
+def test_worker_sockets_share_the_port_and_a_second_server_is_refused_before_they_listen():
+    from multiprocessing.reduction import ForkingPickler
+
+    from provenance_guard.index_server.processes import WorkerSocket, _claim_port, bind
+
+    held = bind("127.0.0.1", 0, per_worker=True)  # the manager's: bound, never listening
+    port = held.getsockname()[1]
+    claim = _claim_port(port)
+    # What each worker gets from uvicorn's manager (which pickles the sockets it hands them): a socket of
+    # its own on the same port, not a copy of the manager's.
+    assert isinstance(held, WorkerSocket)
+    mine = [pickle.loads(ForkingPickler.dumps(held)) for _ in range(2)]
+    try:
+        assert all(type(w) is socket.socket and w.getsockname() == ("127.0.0.1", port) for w in mine)
+        assert all(w.fileno() != held.fileno() for w in mine)
+        for w in mine:
+            w.listen(64)
+            w.setblocking(False)
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(32)]
+        accepted = []
+        for w in mine:
+            n = 0
+            while True:
+                try:
+                    w.accept()[0].close()
+                except BlockingIOError:
+                    break
+                n += 1
+            accepted.append(n)
+        assert sum(accepted) == 32 and min(accepted) >= 1, accepted  # the kernel spread them
+        for c in clients:
+            c.close()
+        # A second server on the port: while the workers listen its bind is refused; before they do (they
+        # are still loading) only the claim stands between it and SO_REUSEPORT joining it to the port.
+        with pytest.raises(ConfigError, match="another server holds it"):
+            bind("127.0.0.1", port, per_worker=True)
+        for w in mine:
+            w.close()
+        second = bind("127.0.0.1", port, per_worker=True)
+        try:
+            with pytest.raises(ConfigError, match=f"port {port}: another provenance-guard server"):
+                _claim_port(port)
+        finally:
+            second.close()
+    finally:
+        for w in mine:
+            w.close()
+        held.close()
+        claim.close()
+    _claim_port(port).close()  # released with the server
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the per-worker connection table is Linux's")
+def test_connection_share_slots_and_rebalance_asks_a_crowded_workers_clients_to_reconnect(tmp_path):
+    import asyncio
+
+    from provenance_guard.index_server.processes import MAX_WORKERS, ConnectionShare, Rebalance
+
+    table = tmp_path / "connections"
+    ConnectionShare.create(table)
+    assert table.stat().st_mode & 0o777 == 0o600
+    code = ("import sys, time; from pathlib import Path; "
+            "from provenance_guard.index_server.processes import ConnectionShare as C; "
+            "c = C(Path(sys.argv[1])); c.add(int(sys.argv[2])); print(c.slot, flush=True); time.sleep(60)")
+    others = [subprocess.Popen([sys.executable, "-c", code, str(table), str(n)], stdout=subprocess.PIPE, text=True)
+              for n in (10, 10)]
+    try:
+        slots = [int(p.stdout.readline()) for p in others]
+        assert sorted(slots) == [0, 1]  # each worker its own slot, held while it lives
+        mine = ConnectionShare(table)
+        assert mine.slot == 2
+        mine.add(11)
+        assert not mine.crowded()  # 11 of 31 over three workers: within the share (10.3) plus one
+        mine.add(1)
+        assert mine.crowded()  # 12 of 32: above 10.7 plus one
+        sent = []
+
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(Rebalance(app, mine)({"type": "http"}, None, send))
+        assert (b"connection", b"close") in sent[0]["headers"] and sent[1]["body"] == b"ok"
+        mine.add(-3)
+        sent.clear()
+        asyncio.run(Rebalance(app, mine)({"type": "http"}, None, send))
+        assert sent[0]["headers"] == [(b"content-type", b"x")]  # within its share: kept alive
+        # A worker that dies leaves its slot to its replacement, which starts from no connections.
+        others[0].kill()
+        others[0].wait()
+        replacement = ConnectionShare(table)
+        assert replacement.slot == slots[0]
+        mine.leave()
+        assert not replacement.crowded()
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+    bad = tmp_path / "short"
+    bad.write_bytes(bytes(MAX_WORKERS))
+    with pytest.raises(ConfigError, match="not a server's connection table"):
+        ConnectionShare(bad)
 
 
 @LINUX_PROC
