@@ -1140,6 +1140,10 @@ def _record_lines(path: Path, result, as_json: bool) -> list[str]:
                    f"(warn {float(th.warn)}, block {float(th.block)})")
     if result.model:
         out.append(f"  CLIP model:  {t(str(result.model), 200)}")
+    if result.views:
+        out.append(f"  views:       {t(str(result.views), 20)}" + {
+            "whole": " (the whole image as one query)",
+            "multi": " (the whole image, its 2 x 2 grid and its centre)"}.get(result.views, ""))
     if result.checked_at:
         out.append(f"  checked at:  {t(str(result.checked_at), 40)}")
     out += [f"  match:       {t(match_line(m), 200)}" for m in result.matches[:5]]

@@ -219,7 +219,7 @@ class Checker:
                 model_names = " + ".join(sorted(set(models.values())))
                 for slot, i in enumerate(good):
                     results[i] = self._result(per_image[slot], thresholds, policy, records[i],
-                                              _image_info(pixels[i]), model_names, timings)
+                                              _image_info(pixels[i]), model_names, timings, policy.views)
         if signals is not None or any(r is not None and r.prompt for r in records):
             for i, result in enumerate(results):
                 signal = signals[i] if signals is not None and i < len(signals) else None
@@ -291,7 +291,7 @@ class Checker:
             return [self._failure(policy, str(exc), r, {"source": "embedding"}) for r in records]
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return [self._result(per_image[n], thresholds, policy, records[n], {"source": "embedding"},
-                             " + ".join(sorted(set(models.values()))), timings) for n in range(len(vectors))]
+                             " + ".join(sorted(set(models.values()))), timings, "whole") for n in range(len(vectors))]
 
     def _search_all(self, bundles: list[Bundle], models: dict[str, str], vectors: dict[str, np.ndarray],
                     policy: Policy, timings: dict[str, float],
@@ -373,7 +373,8 @@ class Checker:
         return out
 
     def _result(self, matches: list[Match], thresholds: list[BundleThresholds], policy: Policy,
-                record: GenerationRecord | None, image: dict, model: str, timings: dict) -> CheckResult:
+                record: GenerationRecord | None, image: dict, model: str, timings: dict,
+                views: str) -> CheckResult:
         warnings = []
         approximate = [t.bundle_id for t in thresholds if not t.exact]
         if approximate:
@@ -391,6 +392,7 @@ class Checker:
             image=image, generation=record, warnings=warnings, timings_ms=dict(timings), checked_at=utc_now(),
             tool_version=_tool_version(),
             verify=({"mode": policy.verify, "from": policy.verify_from} if policy.verify != "off" else None),
+            views=views,
         )
 
     def _failure(self, policy: Policy, message: str, record: GenerationRecord | None, image: dict) -> CheckResult:

@@ -456,6 +456,9 @@ def content_security_policy() -> str:
             f"base-uri 'none'; form-action 'none'")
 
 
+VIEWS_LABEL = {"whole": "whole image", "multi": "multi-view (the whole image, its 2 x 2 grid and its centre)"}
+
+
 def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard report",
            include_passing: bool = False, image_budget: int = IMAGE_BUDGET) -> str:
     """The page for a batch: rows are every checked image; the ones listed are those not passing (all of
@@ -480,6 +483,8 @@ def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard r
     tally = ", ".join(f"{counts[v]} {v}" for v in VERDICT_ORDER if counts.get(v))
     bundles = sorted({f"{t.bundle_id} v{t.bundle_version} (warn {fmt_threshold(t.warn)}, "
                       f"block {fmt_threshold(t.block)})" for r in rows for t in r.result.thresholds})
+    used = sorted({VIEWS_LABEL.get(r.result.views, r.result.views) for r in rows if r.result.views})
+    queried = f" Queried as: {_text(' and '.join(used), 200)}." if used else ""
     listed = "every image" if include_passing else "the images not passing (--report-all lists every image)"
     left_out = (f" {budget.left_out} picture(s) left out: the picture budget ({image_budget / 2**20:g} MiB) was "
                 f"spent on the worst images first." if budget.left_out else "")
@@ -493,7 +498,7 @@ def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard r
 <h1>{html.escape(title)}</h1>
 <div class="meta">{checked} image(s) checked: {html.escape(tally or "none")}. Listed: {listed}, worst first.
 Pictures only for matches at or above warn.{left_out}
-Bundles: {_text("; ".join(bundles) or NONE, 2000)}.</div>
+Bundles: {_text("; ".join(bundles) or NONE, 2000)}.{queried}</div>
 <div class="filter" id="pg-filter" hidden>{"".join(buttons)}</div>
 <table id="pg-summary"><thead><tr><th>image</th>
 <th data-sort="severity" aria-sort="descending"><button type="button">verdict</button></th>

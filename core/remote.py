@@ -2,7 +2,10 @@
 POST /v1/check, so a ComfyUI node, an A1111 extension and a gate can share one studio index without a
 local model or bundle. Requests time out, are retried with exponential backoff on connection errors and
 5xx answers, and a server that stays down raises ProvenanceError, which the caller's fail mode turns into
-'unchecked' or 'block'. The token comes from PROVENANCE_GUARD_TOKEN (or token=).
+'unchecked' or 'block'. The token comes from PROVENANCE_GUARD_TOKEN (or token=). The views setting
+(core.policy.VIEWS) is sent with every check, and a server whose results do not say they ran those queries
+(one older than multi-view queries ignores the field) is refused the same way: never a silent whole-image
+query where multi was asked.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ def is_remote(source) -> bool:
 
 class ServerDown(ProvenanceError):
     """The index server could not be reached or kept failing; the fail mode decides."""
+
+
+class ViewsUnsupported(ConfigError):
+    """The index server did not run the queries the views setting asks for (it predates multi-view queries);
+    the fail mode decides, as for any check that could not run."""
 
 
 class RemoteBundle:
@@ -80,7 +88,8 @@ class RemoteBundle:
             buf = io.BytesIO()
             Image.fromarray(p.tensor.detach().cpu().numpy()).save(buf, "PNG", compress_level=1)
             files.append(("images", (f"{n}.png", buf.getvalue(), "image/png")))
-        data = {"indices": self.name, "top_k": str(policy.top_k), "fail_mode": "open", "verify": policy.verify}
+        data = {"indices": self.name, "top_k": str(policy.top_k), "fail_mode": "open", "verify": policy.verify,
+                "views": policy.views}
         if policy.warn is not None:
             data["warn"] = str(policy.warn)
         if policy.block is not None:
@@ -92,6 +101,12 @@ class RemoteBundle:
         for r in results:
             if r.error:  # the server could not check: this side's fail mode decides
                 raise ProvenanceError(f"index server {self.base}: {r.error}")
+            # A server that predates views ignores the field and queries the whole image: never taken for multi.
+            if r.views != policy.views and (policy.views != "whole" or r.views is not None):
+                raise ViewsUnsupported(
+                    f"index server {self.base} ran {r.views or 'whole-image'} queries where views "
+                    f"{policy.views!r} was asked (a server older than multi-view queries ignores the setting): "
+                    f"upgrade the server, or set views to whole for this index")
         return results
 
     def search(self, pixels: list[Pixels], policy) -> tuple[list[list[Match]], list[BundleThresholds]]:

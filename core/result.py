@@ -119,6 +119,9 @@ class CheckResult:
     tool_version: str = ""
     verify: dict[str, Any] | None = None  # {"mode", "from"}: how matches were verified on pixels, when they were
     prompt: PromptCheck | None = None  # the prompt side: memorization signal and caption check
+    # The queries that searched for matches (core.policy.VIEWS): "whole" (the image alone) or "multi" (also its
+    # 2 x 2 grid and centre); None where no search ran (a failed check) or the result predates the field.
+    views: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -153,6 +156,7 @@ class CheckResult:
             "checked_at": self.checked_at,
             "tool": {"name": "provenance-guard", "version": self.tool_version},
             **({"verify": self.verify} if self.verify else {}),
+            **({"views": self.views} if self.views else {}),
             **({"prompt": self.prompt.to_json()} if self.prompt else {}),
         }
 
@@ -175,7 +179,7 @@ class CheckResult:
             generation=GenerationRecord.from_json(d.get("generation")), warnings=list(d.get("warnings", [])),
             error=d.get("error"), timings_ms=dict(d.get("timings_ms") or {}), checked_at=d.get("checked_at", ""),
             tool_version=(d.get("tool") or {}).get("version", ""), verify=d.get("verify"),
-            prompt=_prompt_from_json(d.get("prompt")),
+            prompt=_prompt_from_json(d.get("prompt")), views=d.get("views"),
         )
 
 

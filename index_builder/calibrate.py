@@ -46,13 +46,14 @@ class Pair:
     ncc: float | None = None
     coverage: float = 0.0
     dense_applicable: bool = False
+    located: float | None = None  # dense localisation's NCC (flat references only)
 
     @classmethod
     def of(cls, kind: str, edit: str, score: float | None, v) -> Pair:
         if v is None:
             return cls(kind, edit, score)
         return cls(kind, edit, score, v.status, v.method, v.inliers, v.ncc, v.coverage.get("generated", 0.0),
-                   v.dense_applicable)
+                   v.dense_applicable, v.located)
 
 
 @dataclass
@@ -118,10 +119,11 @@ def upper95(failures: int, n: int) -> float:
 
 def _flagged_pixels(p: Pair, cut: dict) -> bool:
     """What verify() decides under the cut-offs: copy/partial from enough matched points, else from the dense
-    comparison where it may decide."""
+    comparison where it may decide, else from dense localisation (a flat reference inside a larger output)."""
     if p.status == "unavailable":
         return False
-    return p.inliers >= cut["min_inliers"] or (p.dense_applicable and p.ncc is not None and p.ncc >= cut["dense_ncc"])
+    return (p.inliers >= cut["min_inliers"] or (p.dense_applicable and p.ncc is not None and p.ncc >= cut["dense_ncc"])
+            or (p.located is not None and p.located >= cut["locate_ncc"]))
 
 
 class _Queries:
@@ -326,7 +328,10 @@ def calibrate(bundle_path: str | Path, *, negatives: str | None = None, positive
                [float(p.inliers) for p in wrong if p.status != "unavailable"], target_fpr))),
            "min_coverage": default.min_coverage, "min_reference_coverage": default.min_reference_coverage,
            "dense_ncc": round(min(0.99, max(0.5, threshold_at(
-               [p.ncc for p in wrong if p.ncc is not None and p.dense_applicable], target_fpr))), 4)}
+               [p.ncc for p in wrong if p.ncc is not None and p.dense_applicable], target_fpr))), 4),
+           # never below the default, measured on far more wrong pairs than a bundle's sample gives
+           "locate_ncc": round(min(0.995, max(default.locate_ncc, threshold_at(
+               [p.located for p in wrong if p.located is not None], target_fpr))), 4)}
 
     def combined(p: Pair) -> bool:  # confirm + escalate
         px = _flagged_pixels(p, cut)

@@ -10,7 +10,8 @@ clip-retrieval back's API:
                         detector, aesthetic mixing, mclip) are ignored: no aesthetic vector is ever mixed in.
   POST /metadata     {indice_name, ids} -> [{id, metadata}]
 This server's own:
-  POST /v1/check     multipart (images=files..., indices, generation, top_k, warn, block, fail_mode) or JSON
+  POST /v1/check     multipart (images=files..., indices, generation, top_k, warn, block, fail_mode, verify,
+                     views) or JSON
                      {images: [base64...], ...} -> {"results": [check-result v1 ...]}
   GET  /v1/indices -> {name: {id, version, model, dim, rows, warn, block, exact, warm, faiss_rerank}}
   GET  /healthz, GET /metrics (Prometheus)

@@ -275,7 +275,6 @@ def metadata(state: State, body: MetadataRequest) -> list[dict]:
 def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: list | None = None) -> dict:
     """/v1/check of uploaded images, or of precomputed embeddings (``embeddings``, one row per image)."""
 
-    from ..core.policy import Policy
     from ..core.result import GenerationRecord
 
     count = len(embeddings) if embeddings is not None else len(blobs)
@@ -286,13 +285,7 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: l
     names = options.indices or list(state.bundles)
     for n in names:
         state.bundle(n)
-    try:
-        policy = Policy(warn=state.config.warn if options.warn is None else options.warn,
-                        block=state.config.block if options.block is None else options.block,
-                        fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k,
-                        verify=options.verify or state.config.verify, verify_from=state.config.verify_from)
-    except ConfigError as exc:
-        raise HTTPProblem(400, str(exc)) from None
+    policy = _check_policy(state, options)
     generation = options.generation
     if isinstance(generation, str) and generation.strip():
         try:
@@ -308,6 +301,9 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: l
     if len(models) != 1:
         raise HTTPProblem(400, f"indices {names} use different models ({sorted(models)}); check them in two requests")
     if embeddings is not None:
+        if policy.views != "whole":
+            raise HTTPProblem(400, f"views {policy.views!r} needs the images: an embedding is of the whole image "
+                                   f"only; send the images, or views \"whole\"")
         vectors = unit_rows(embeddings, checker.open()[0].dim, "embeddings")
         results = checker.check_embeddings(vectors, records=records, policy=policy)
         for r in results:
@@ -330,6 +326,21 @@ def check(state: State, blobs: list[bytes], options: CheckOptions, embeddings: l
         source = "server upload" if embeddings is None else "server embedding"
         state.audit.append([audit_entry(r, source=source, user=options.user) for r in results])
     return {"results": [r.to_json() for r in results]}
+
+
+def _check_policy(state: State, options: CheckOptions):
+    """The Policy of a /v1/check: the request's options over the server's settings. views: "whole" unless the
+    request asks for "multi" (every result says which ran, so a client can tell)."""
+    from ..core.policy import Policy
+
+    try:
+        return Policy(warn=state.config.warn if options.warn is None else options.warn,
+                      block=state.config.block if options.block is None else options.block,
+                      fail_mode=options.fail_mode or state.config.fail_mode, top_k=options.top_k,
+                      verify=options.verify or state.config.verify, verify_from=state.config.verify_from,
+                      views=options.views or "whole")
+    except ConfigError as exc:
+        raise HTTPProblem(400, str(exc)) from None
 
 
 def error_status(exc: ProvenanceError) -> int:

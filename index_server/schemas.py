@@ -66,10 +66,12 @@ class CheckOptions(_Body):
     block: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
     fail_mode: Literal["open", "closed"] | None = None
     verify: Literal["off", "confirm", "escalate", "confirm+escalate"] | None = None
+    # whole: the image is one query; multi: also its 2 x 2 grid and centre (core.policy.VIEWS). Unset: whole.
+    views: Literal["whole", "multi"] | None = None
     generation: dict[str, Any] | list[dict[str, Any] | None] | str | None = None
     user: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
-    @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
+    @field_validator("warn", "block", "fail_mode", "verify", "views", "user", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value
@@ -103,7 +105,7 @@ class CheckRequest(CheckOptions):
     warn: Number | None = Field(None, ge=-1.0, le=1.0)
     block: Number | None = Field(None, ge=-1.0, le=1.0)
 
-    @field_validator("warn", "block", "fail_mode", "verify", "user", mode="before")
+    @field_validator("warn", "block", "fail_mode", "verify", "views", "user", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):  # JSON has null for "unset": "" is no number or choice here
         return value

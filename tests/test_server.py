@@ -83,7 +83,8 @@ class Served:
         line = next((x for x in self.lines if x.startswith("serving on http")), None)
         assert line is not None, self.log[-3000:]
         base = line.split()[2]
-        assert _wait(lambda: len(self.ready_workers()) >= workers or self.proc.poll() is not None, seconds)
+        assert _wait(lambda: len(self.ready_workers()) >= workers or self.proc.poll() is not None, seconds), \
+            self.log[-3000:]
         assert _wait(lambda: _healthy(base) or self.proc.poll() is not None, seconds), self.log[-3000:]
         assert self.proc.poll() is None, self.log[-3000:]
         return base
