@@ -42,6 +42,9 @@ RUN_PREFIX = "provenance-guard-serve-"
 FAILED = "failed"  # the file a worker that cannot start writes its reason to
 CONNECTIONS = "connections"  # the workers' open connections (ConnectionShare)
 GRACEFUL_S = 15  # how long in-flight requests get to finish at shutdown
+# uvicorn's manager kills a worker that does not answer its health ping within this many seconds (its default,
+# 5, can pass while a worker on a loaded machine is still starting: it would be killed and started again)
+HEALTHCHECK_S = 30
 
 
 def is_loopback(host: str) -> bool:
@@ -126,7 +129,7 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
 def uvicorn_options(config: ServerConfig, log_level: str) -> dict:
     return dict(log_level=log_level, access_log=False, timeout_graceful_shutdown=GRACEFUL_S,
                 timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections,
-                backlog=2048, http=HeaderTimeout)
+                backlog=2048, http=HeaderTimeout, timeout_worker_healthcheck=HEALTHCHECK_S)
 
 
 def uvicorn_config(app, config: ServerConfig, log_level: str):

@@ -110,15 +110,6 @@ class CheckRequest(CheckOptions):
     def _empty_is_unset(cls, value):  # JSON has null for "unset": "" is no number or choice here
         return value
 
-    @field_validator("embeddings")
-    @classmethod
-    def _finite(cls, value):
-        import math
-
-        if value is not None and not all(math.isfinite(v) for row in value for v in row):
-            raise ValueError("must hold finite numbers only")
-        return value
-
     @model_validator(mode="after")
     def _one_input(self):
         if (self.images is None) == (self.embeddings is None):

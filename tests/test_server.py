@@ -586,6 +586,10 @@ def test_malformed_bodies_are_4xx_never_500(server, raw, field):
     r = requests.post(f"{base}/v1/check", data=b'{"images": ["aGk="], "warn": 1e400, "fail_mode": "sometimes"}',
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "warn" in r.json()["error"] and "fail_mode" in r.json()["error"]
+    for value in ("NaN", "1e400", "-Infinity"):  # precomputed embeddings: finite numbers only
+        r = requests.post(f"{base}/v1/check", data=b'{"embeddings": [[0.5, %s]]}' % value.encode(),
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "embeddings" in r.json()["error"], r.text[:300]
     assert requests.post(f"{base}/knn-service", json={"text": "still fine", "indice_name": "refs"}).ok
 
 
