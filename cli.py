@@ -1141,9 +1141,10 @@ def _record_lines(path: Path, result, as_json: bool) -> list[str]:
     if result.model:
         out.append(f"  CLIP model:  {t(str(result.model), 200)}")
     if result.views:
-        out.append(f"  views:       {t(str(result.views), 20)}" + {
-            "whole": " (the whole image as one query)",
-            "multi": " (the whole image, its 2 x 2 grid and its centre)"}.get(result.views, ""))
+        from .core.policy import VIEWS_MEANING
+
+        meaning = VIEWS_MEANING.get(result.views)
+        out.append(f"  views:       {t(str(result.views), 20)}" + (f" ({meaning})" if meaning else ""))
     if result.checked_at:
         out.append(f"  checked at:  {t(str(result.checked_at), 40)}")
     out += [f"  match:       {t(match_line(m), 200)}" for m in result.matches[:5]]

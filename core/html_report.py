@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 from collections.abc import Callable
 
-from .policy import BLOCK, PASS, UNCHECKED, WARN, fmt_threshold
+from .policy import BLOCK, PASS, UNCHECKED, VIEWS_MEANING, WARN, fmt_threshold
 from .report import match_html, safe_href, short, verification_line
 from .result import CheckResult, Match
 
@@ -456,7 +456,7 @@ def content_security_policy() -> str:
             f"base-uri 'none'; form-action 'none'")
 
 
-VIEWS_LABEL = {"whole": "whole image", "multi": "multi-view (the whole image, its 2 x 2 grid and its centre)"}
+VIEWS_LABEL = {"whole": "whole image", "multi": f"multi-view ({VIEWS_MEANING['multi']})"}
 
 
 def render(rows: list[ReportRow], checked: int, title: str = "provenance-guard report",

@@ -72,6 +72,8 @@ VERIFY_MODES = ("off", "confirm", "escalate", "confirm+escalate")
 # whole: the image is one query; multi: also its four quarters and its centre (core.images.views), so a
 # training image copied into a part of a larger output is found (and verified against that part).
 VIEWS = ("whole", "multi")
+# what each views mode queried, as records and reports say it
+VIEWS_MEANING = {"whole": "the whole image as one query", "multi": "the whole image, its 2 x 2 grid and its centre"}
 
 
 @dataclass(frozen=True)

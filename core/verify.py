@@ -643,12 +643,14 @@ def _judge_dense(out: Verification, gen: Features, ref: Features, thresholds: Ve
     detail is blurred away."""
     blurred = len(gen.sift) < len(gen.sift_small) * 2
     out.dense_applicable = min(len(gen.sift), len(ref.sift)) < FEW_KEYPOINTS or blurred
-    if measure_all:
-        out.ncc, _, out.tiled_l2 = _dense(gen, ref, blurred)
-    if out.status != DIFFERENT or not out.dense_applicable:
+    decides = out.status == DIFFERENT and out.dense_applicable
+    if not (decides or measure_all):
         return
     ncc, alignment, tiled = _dense(gen, ref, blurred)
-    out.method, out.ncc, out.tiled_l2 = "dense", ncc, tiled
+    out.ncc, out.tiled_l2 = ncc, tiled
+    if not decides:
+        return
+    out.method = "dense"
     if ncc >= thresholds.dense_ncc and alignment is not None:
         crop, flipped, angle, warp = alignment
         out.status, out.mirrored = COPY, flipped

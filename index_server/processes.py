@@ -209,7 +209,6 @@ def bind(host: str, port: int, per_worker: bool = False):
                           f"address is not this machine's: choose another --port or --host") from exc
     if per_worker:  # set once bound: the bind above was refused by any listener that is not ours
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -1311,17 +1310,17 @@ def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_m
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-worker sockets are Linux's (SO_REUSEPORT)")
 def test_worker_sockets_share_the_port_and_a_second_server_is_refused_before_they_listen():
-    from multiprocessing.reduction import ForkingPickler
-
     from provenance_guard.index_server.processes import WorkerSocket, _claim_port, bind
 
     held = bind("127.0.0.1", 0, per_worker=True)  # the manager's: bound, never listening
     port = held.getsockname()[1]
     claim = _claim_port(port)
-    # What each worker gets from uvicorn's manager (which pickles the sockets it hands them): a socket of
-    # its own on the same port, not a copy of the manager's.
+    # What each worker gets from uvicorn's manager, which pickles the sockets it hands them: what the socket
+    # reduces to, rebuilt (as unpickling in the worker does), is a socket of its own on the same port, not a
+    # copy of the manager's. (The workers test checks each real worker's listening socket.)
     assert isinstance(held, WorkerSocket)
-    mine = [pickle.loads(ForkingPickler.dumps(held)) for _ in range(2)]
+    rebuild, args = held.__reduce_ex__(4)[:2]
+    mine = [rebuild(*args) for _ in range(2)]
     try:
         assert all(type(w) is socket.socket and w.getsockname() == ("127.0.0.1", port) for w in mine)
         assert all(w.fileno() != held.fileno() for w in mine)
