@@ -21,4 +21,10 @@ else:
     spec.loader.exec_module(package)
     from provenance_guard.cli import main
 
-sys.exit(main())
+    # The server's worker processes are spawned: each runs this file again first (as __mp_main__, which
+    # multiprocessing does for a main module without a spec) and so loads this same folder, not whatever
+    # copy of the package an import by name would find (or fail to find, in a clone pip did not install).
+    __spec__ = None
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -347,6 +347,10 @@ def main() -> None:
         other = subprocess.Popen([sys.executable, str(tree), "serve", "--index", f"laion={path}", "--port",
                                   str(other_port), "--log-level", "warning", "--workers", str(args.workers),
                                   "--embeddings-only"],
+                                 # the checkout's folder first on the path: the workers of a commit that
+                                 # imports the package by name get that commit's code, not the installed copy
+                                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                     filter(None, [str(tree.parent), os.environ.get("PYTHONPATH")]))),
                                  stderr=subprocess.DEVNULL)
     rounds = max(1, min(args.rounds, args.requests // (args.clients * 4)))  # each round a few requests a client
     bounds, knn_runs, check_runs, other_knn, other_check = [], [], [], [], []

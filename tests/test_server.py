@@ -48,8 +48,9 @@ def png(name: str) -> bytes:
 class Served:
     """`serve` in a subprocess on --port 0, its output collected line by line as it comes."""
 
-    def __init__(self, cmd: list, cwd=None, new_session: bool = False, env_token: bool = False, preexec=None):
-        env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    def __init__(self, cmd: list, cwd=None, new_session: bool = False, env_token: bool = False, preexec=None,
+                 env: dict | None = None):
+        env = dict(os.environ, PROVENANCE_GUARD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(env or {}))
         if env_token:
             env["PROVENANCE_GUARD_TOKEN"] = TOKEN
         # new_session stands for a terminal's foreground job, where SIGINT is not ignored; a test run that is
@@ -1277,7 +1278,19 @@ def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_m
     clone = tmp_path / "Provenance Guard clone"
     shutil.copytree(Path(provenance_guard.__file__).parent, clone, ignore=shutil.ignore_patterns(
         ".*", "tests", "bench", "*.egg-info", "__pycache__", "demo-out"))
-    sup = Served(serve_cmd(built_bundle, "--workers", "2", entry=(str(clone),)), cwd=tmp_path)
+    # Each worker says which file its code came from...
+    code = clone / "index_server" / "processes.py"
+    ready = 'print(f"provenance-guard: worker {os.getpid()} ready"'
+    assert code.read_text().count(ready) == 1
+    code.write_text(code.read_text().replace(
+        ready, 'print(f"provenance-guard: worker code {__file__}", file=sys.stderr, flush=True)\n    ' + ready))
+    # ...and a package of the same name that an import by name finds first (an installed copy, or none at all
+    # in a clone pip did not install) refuses to load: the workers must load the clone, as the manager does.
+    decoy = tmp_path / "elsewhere" / "provenance_guard"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text('raise ImportError("the workers imported provenance_guard by name")\n')
+    sup = Served(serve_cmd(built_bundle, "--workers", "2", entry=(str(clone),)), cwd=tmp_path,
+                 env={"PYTHONPATH": str(decoy.parent)})
     proc = sup.proc
     try:
         base = sup.ready(workers=2)  # --port 0: the port the kernel picked, in the line that says it serves
@@ -1285,6 +1298,7 @@ def test_workers_of_a_clone_run_by_path_refuse_a_taken_port_and_end_with_their_m
         assert port > 0
         workers = _children(proc.pid)
         assert len(workers) == 2
+        assert sup.log.count(f"provenance-guard: worker code {code}") == 2, sup.log[-3000:]
         run = next(Path(tempfile.gettempdir()).glob(f"provenance-guard-serve-{proc.pid}-*"))
         body = {"embedding_input": Bundle.open(built_bundle).vector([1])[0].tolist(), "num_images": 2}
         assert requests.post(f"{base}/knn-service", json=body).json()[0]["id"] == 1
