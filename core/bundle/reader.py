@@ -388,8 +388,14 @@ class Bundle:
         extra = extra or {}
         if any(len(v) != len(ids) for v in extra.values()):
             raise ValueError("rows(): every extra list needs one value per id")
-        columns = self._rows.columns(ids, json_values) + list(extra.values())
-        names = self._rows.names + list(extra)
+        names = self._rows.names
+        # a metadata column that extra also names keeps its place and takes extra's values, unread
+        replaced = {c: extra[n] for c, n in enumerate(names) if n in extra}
+        columns = self._rows.columns(ids, json_values, skip=replaced.keys())
+        for c, values in replaced.items():
+            columns[c] = values
+        columns += [v for k, v in extra.items() if k not in self._rows.name_set]
+        names = names + [k for k in extra if k not in self._rows.name_set]
         out = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if names \
             else [{} for _ in ids]
         if gone is not None:

@@ -27,6 +27,7 @@ class MetadataRows:
 
         self._reader, self._batch_rows = reader, batch_rows
         self.names: list[str] = list(reader.schema.names)
+        self.name_set = frozenset(self.names)
         # what json_values does per column: text, integers and booleans are JSON values already; floats that
         # are not finite read None; any other type goes through json_value
         self._json = [None if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
@@ -42,17 +43,20 @@ class MetadataRows:
         # pyarrow 19 added concat_batches; before it a Table of the slices is combined (~20 % slower)
         self._concat = getattr(pa, "concat_batches", None) or (lambda bs: pa.Table.from_batches(bs).combine_chunks())
 
-    def columns(self, ids: list[int], json_values: bool = False) -> list[list]:
+    def columns(self, ids: list[int], json_values: bool = False, skip=()) -> list[list | None]:
         """Per column, the values of rows ids (each inside the file) in order; None where null.
-        json_values: each value as a JSON answer holds it (see json_value)."""
+        json_values: each value as a JSON answer holds it (see json_value). skip: numbers of columns not
+        read (None in their place)."""
         size, batch = self._batch_rows, self.batch
         if not ids or not self.names:
-            return [[] for _ in self.names]
+            return [None if c in skip else [] for c in range(len(self.names))]
         picked = self._concat([batch(i // size).slice(i % size, 1) for i in ids])
-        out = [col.to_pylist() for col in picked.columns]
+        out = [None if c in skip else col.to_pylist() for c, col in enumerate(picked.columns)]
         if json_values:
             for c, kind in enumerate(self._json):
                 values = out[c]
+                if values is None:
+                    continue
                 if kind == "float":
                     if not all(v is None or math.isfinite(v) for v in values):
                         out[c] = [v if v is None or math.isfinite(v) else None for v in values]
