@@ -211,12 +211,12 @@ def _answer(state: State, bundle, body: KnnRequest, ranked: list) -> list[dict]:
 
 def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
     """One query's (score, row id) pairs, best first -> its /knn-service rows: de-duplicated, metadata joined."""
+    import numpy as np
+
     num = body.num_images
     if body.deduplicate and bundle.vectors is not None and ranked:
         found = [i for _, i in ranked]
         ranked = deduplicate(lambda start, stop: bundle.vector(found[start:stop]), ranked, num)
-    import numpy as np
-
     ranked = ranked[:num]
     ids = [i for _, i in ranked]
     # numpy rounds the forty scores in one call, to the same values (a loop of round() cost ~16 us)

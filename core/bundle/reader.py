@@ -394,8 +394,9 @@ class Bundle:
         columns = self._rows.columns(ids, json_values, skip=replaced.keys())
         for c, values in replaced.items():
             columns[c] = values
-        columns += [v for k, v in extra.items() if k not in self._rows.name_set]
-        names = names + [k for k in extra if k not in self._rows.name_set]
+        added = [k for k in extra if k not in self._rows.name_set]
+        columns += [extra[k] for k in added]
+        names = names + added
         out = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if names \
             else [{} for _ in ids]
         if gone is not None:
