@@ -95,8 +95,9 @@ def _ranked(bundle: Bundle, queries: np.ndarray, k: int, with_vectors: bool, squ
     # Lists from here on: a check handles tens of candidates, where each numpy call costs more than the
     # Python it replaces (the search has just evicted the caches numpy's own code runs from).
     vectors = None
+    finite = False  # every score known finite, so a row's ends bound it
     if refine is not None:  # FaissRerank checked its index's ids
-        ranked = _exact_from_dots(refine, q_norms, scores, ids, k)
+        ranked, finite = _exact_from_dots(refine, q_norms, scores, ids, k)
     else:
         id_rows = ids.tolist()
         found = [i for row in id_rows for i in row]
@@ -110,7 +111,7 @@ def _ranked(bundle: Bundle, queries: np.ndarray, k: int, with_vectors: bool, squ
             ranked = [[(sc, i) for sc, i in zip(row_scores, row_ids, strict=True) if i >= 0]
                       for row_scores, row_ids in zip(scores.tolist(), id_rows, strict=True)]
     if rerank or flat_index:  # float sums of unit vectors stray just past 1 (1.0000001): clamped, once checked
-        ranked = [[(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
+        ranked = _clamped_rows(bundle, ranked, finite)
     else:
         _check_scores(bundle, [sc for row in ranked for sc, _ in row], APPROXIMATE_SLACK)
     return ranked, vectors, (t0, t1, time.perf_counter())
@@ -154,6 +155,13 @@ def _check_scores(bundle: Bundle, scores: list[float], slack: float) -> None:
             raise IndexCorruptError(f"bundle {bundle.id} ({bundle.path}) scored a match {sc!r}, which is no cosine: "
                                     f"its index or re-rank vectors are damaged; run 'provenance-guard index verify "
                                     f"{bundle.path}' and copy the bundle again or rebuild it")
+
+
+def _clamped_rows(bundle: Bundle, ranked: list[list[tuple[float, int]]], finite: bool) -> list:
+    """Each row's scores clamped to [-1, 1], each one outside it checked first (_clamped). ``finite``: every
+    score is known finite and each row sorted best first, so a row whose ends lie inside is kept as it is."""
+    return [row if finite and (not row or (row[0][0] <= 1.0 and row[-1][0] >= -1.0)) else
+            [(sc if -1.0 <= sc <= 1.0 else _clamped(bundle, sc), i) for sc, i in row] for row in ranked]
 
 
 def _clamped(bundle: Bundle, score: float) -> float:
@@ -200,13 +208,14 @@ def _rerank(bundle: Bundle, queries: np.ndarray, q_norms: list[float], ids: np.n
 
 
 def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: np.ndarray, ids: np.ndarray,
-                     k: int) -> list[list[tuple[float, int]]]:
+                     k: int) -> tuple[list[list[tuple[float, int]]], bool]:
     """Per query, the best k (exact cosine, id) pairs, best first, from FAISS's inner products with the stored
-    rows and the rows' inverse norms."""
+    rows and the rows' inverse norms; and whether every score is known finite (so each row's first and last
+    score bound the rest: the scores of a batch then need no check one by one)."""
     if dots.size >= NUMPY_SCORING_CANDIDATES:
         ranked = _exact_from_dots_numpy(refine, q_norms, dots, ids, k)
         if ranked is not None:
-            return ranked
+            return ranked, True
     inverse = refine.inverse_norms
     out = []
     for row_ids, row_dots, qn in zip(ids.tolist(), dots.tolist(), q_norms, strict=True):
@@ -215,7 +224,7 @@ def _exact_from_dots(refine: FaissRerank, q_norms: list[float], dots: np.ndarray
         ranked.sort(key=_SCORE, reverse=True)  # stable, reversed too: equal scores keep FAISS's order
         del ranked[k:]
         out.append(ranked)
-    return out
+    return out, False
 
 
 def _exact_from_dots_numpy(refine: FaissRerank, q_norms: list[float], dots: np.ndarray, ids: np.ndarray,

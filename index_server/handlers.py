@@ -70,15 +70,48 @@ def unit_rows(rows: list, dim: int, field: str, of: str = "") -> np.ndarray:
     import numpy as np
 
     if any(len(r) != dim for r in rows):
-        bad = next(len(r) for r in rows if len(r) != dim)
-        raise HTTPProblem(400, f"{field} has a vector of {bad} numbers; the bundle holds {dim}-d vectors{of}")
+        raise _wrong_length(next(len(r) for r in rows if len(r) != dim), dim, field, of)
     from ..core.search import row_squares
 
     q = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
     squares = row_squares(q)
     if not all(math.isfinite(x) and x > 0 for x in squares):
-        raise HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
+        raise _not_unit(field)
     return q / np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
+
+
+def unit_rows_each(rows: list, dim: int, field: str, of: str = "") -> list:
+    """unit_rows() of each row on its own, in one pass over all of them (one array, one division): per row
+    its unit row (an array of shape (1, dim), the same values unit_rows([row]) gives) or the HTTPProblem
+    unit_rows([row]) raises."""
+    import numpy as np
+
+    from ..core.search import row_squares
+
+    out: list = [None] * len(rows)
+    fit = []
+    for j, r in enumerate(rows):
+        if len(r) == dim:
+            fit.append(j)
+        else:
+            out[j] = _wrong_length(len(r), dim, field, of)
+    if not fit:
+        return out
+    q = np.asarray([rows[j] for j in fit], dtype=np.float32).reshape(len(fit), dim)
+    squares = row_squares(q)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # such rows are refused below
+        q /= np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
+    for i, (j, square) in enumerate(zip(fit, squares, strict=True)):
+        out[j] = q[i:i + 1] if math.isfinite(square) and square > 0 else _not_unit(field)
+    return out
+
+
+def _wrong_length(length: int, dim: int, field: str, of: str) -> HTTPProblem:
+    return HTTPProblem(400, f"{field} has a vector of {length} numbers; the bundle holds {dim}-d vectors{of}")
+
+
+def _not_unit(field: str) -> HTTPProblem:
+    return HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
 
 
 def knn(state: State, body: KnnRequest, fetched: bytes | None = None) -> list[dict]:
@@ -123,8 +156,6 @@ def knn_many(state: State, bodies: list[KnnRequest], answer: Callable[[int, Any]
     searched in one FAISS call (each query's candidates are the ones its own search finds). Per request its
     rows, or the exception its own knn() would raise; ``answer(n, rows or exception)`` is called with each
     as soon as it is ready (the batcher hands it to the waiting request while the others are worked on)."""
-    import numpy as np
-
     out: list = [None] * len(bodies)
 
     def done(n: int, value) -> None:
@@ -132,34 +163,70 @@ def knn_many(state: State, bodies: list[KnnRequest], answer: Callable[[int, Any]
         if answer is not None:
             answer(n, value)
 
-    groups: dict[tuple, list] = {}
+    for (bundle, want), members in _knn_groups(state, bodies, done):
+        _knn_group(state, bundle, want, bodies, members, done)
+    return out
+
+
+def _knn_groups(state: State, bodies: list[KnnRequest], done: Callable[[int, Any], None]) -> list:
+    """The requests that can be searched, as ((bundle, candidates), [(request number, unit query row)]), the
+    lightest first; each of the others is answered with its error through ``done``."""
     bundles: dict[tuple, Any] = {}  # one lookup (a stat of its manifest) per index and batch
+    asking: dict[tuple, list[int]] = {}  # the requests of each
     for n, body in enumerate(bodies):
         try:
             key = (body.indice_name, body.modality)
-            bundle = bundles.get(key)
-            if bundle is None:
-                bundle = bundles[key] = _knn_bundle(state, body)
-            q = _knn_embedding(bundle, body)
-            groups.setdefault((id(bundle), _knn_want(bundle, body)), []).append((n, bundle, q))
+            if key not in bundles:
+                bundles[key] = _knn_bundle(state, body)
+            asking.setdefault(key, []).append(n)
         except Exception as exc:  # noqa: BLE001 - this request's answer; the others go on
             done(n, exc)
-    for (_, want), members in sorted(groups.items(), key=lambda g: g[0][1]):  # the lightest answered first
-        bundle = members[0][1]
-        ranked = None
-        if len(members) > 1 and _batch_exact(bundle):
+    groups: dict[tuple, list] = {}
+    for key, numbers in asking.items():
+        bundle = bundles[key]
+        for n, q in zip(numbers, _knn_embeddings(bundle, [bodies[n] for n in numbers]), strict=True):
+            if isinstance(q, Exception):
+                done(n, q)
+            else:
+                groups.setdefault((id(bundle), _knn_want(bundle, bodies[n])), (bundle, []))[1].append((n, q))
+    return [((bundle, want), members) for (_, want), (bundle, members) in sorted(groups.items(), key=lambda g: g[0][1])]
+
+
+def _knn_group(state: State, bundle, want: int, bodies: list[KnnRequest], members: list,
+               done: Callable[[int, Any], None]) -> None:
+    """The requests of one bundle and candidate count: searched in one FAISS call where that gives each what
+    its search alone gives, and answered a few at a time (KNN_FLUSH), their reads shared."""
+    import numpy as np
+
+    ranked = None
+    if len(members) > 1 and _batch_exact(bundle):
+        try:
+            ranked = _searched(state, bundle, np.concatenate([q for _, q in members]), want)
+        except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
+            ranked = None
+    if ranked is None:
+        for n, q in members:
             try:
-                ranked = _searched(state, bundle, np.concatenate([q for _, _, q in members]), want)
-            except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
-                ranked = None
-        for j, (n, _, q) in enumerate(members):
-            try:
-                rows = _answer(state, bundle, bodies[n], ranked[j] if ranked is not None else
-                                 _searched(state, bundle, q, want)[0])
+                rows = _answer(state, bundle, bodies[n], _searched(state, bundle, q, want)[0])
             except Exception as exc:  # noqa: BLE001
                 rows = exc
             done(n, rows)
-    return out
+        return
+    for start in range(0, len(members), KNN_FLUSH):
+        part = [n for n, _ in members[start:start + KNN_FLUSH]]
+        try:
+            answers = _answers(state, bundle, [bodies[n] for n in part], ranked[start:start + len(part)])
+        except Exception:  # noqa: BLE001 - each again on its own, so each gets its own outcome
+            answers = None
+        for j, n in enumerate(part):
+            if answers is not None:
+                rows = answers[j]
+            else:
+                try:
+                    rows = _answer(state, bundle, bodies[n], ranked[start + j])
+                except Exception as exc:  # noqa: BLE001
+                    rows = exc
+            done(n, rows)
 
 
 def _batch_exact(bundle) -> bool:
@@ -187,8 +254,16 @@ def _knn_bundle(state: State, body: KnnRequest):
 
 
 def _knn_embedding(bundle, body: KnnRequest) -> np.ndarray:
-    return unit_rows([body.embedding_input], bundle.dim, "embedding_input",
-                     f" of index {bundle.id} ({bundle.model})")
+    return unit_rows([body.embedding_input], bundle.dim, "embedding_input", _of_index(bundle))
+
+
+def _knn_embeddings(bundle, bodies: list[KnnRequest]) -> list:
+    """_knn_embedding() of each request, or the HTTPProblem it raises, in one pass."""
+    return unit_rows_each([b.embedding_input for b in bodies], bundle.dim, "embedding_input", _of_index(bundle))
+
+
+def _of_index(bundle) -> str:
+    return f" of index {bundle.id} ({bundle.model})"
 
 
 def _knn_want(bundle, body: KnnRequest) -> int:
@@ -202,30 +277,81 @@ def _knn_candidates(body: KnnRequest) -> int:
 
 
 def _answer(state: State, bundle, body: KnnRequest, ranked: list) -> list[dict]:
-    """_knn_rows(), its time counted as the metadata stage."""
+    """One query's rows (_answers() of it alone)."""
+    return _answers(state, bundle, [body], [ranked])[0]
+
+
+def _answers(state: State, bundle, bodies: list[KnnRequest], rankeds: list) -> list[list[dict]]:
+    """_knn_rows(), its time counted as each query's share of the metadata stage."""
     t0 = time.perf_counter()
-    rows = _knn_rows(bundle, body, ranked)
-    state.metrics.stage("metadata", time.perf_counter() - t0)
-    return rows
+    out = _knn_rows(bundle, bodies, rankeds)
+    seconds = (time.perf_counter() - t0) / max(1, len(bodies))
+    for _ in bodies:
+        state.metrics.stage("metadata", seconds)
+    return out
 
 
-def _knn_rows(bundle, body: KnnRequest, ranked: list) -> list[dict]:
-    """One query's (score, row id) pairs, best first -> its /knn-service rows: de-duplicated, metadata joined."""
+# Below DEDUP_COSINE by more than float32 sums of unit vectors stray (~1e-6): a pair this close goes to
+# deduplicate(), so a batch decides each pair as the query alone does.
+DEDUP_MARGIN = 1e-4
+
+
+def _clear_first_blocks(bundle, bodies: list[KnnRequest], rankeds: list) -> list[bool]:
+    """Per query, True where it de-duplicates and no two of its first num_images candidates come within
+    DEDUP_MARGIN of DEDUP_COSINE, so deduplicate() would keep them all (the usual case): their vectors read in
+    one call and compared in one batched product."""
     import numpy as np
 
-    num = body.num_images
-    if body.deduplicate and bundle.vectors is not None and ranked:
-        found = [i for _, i in ranked]
-        ranked = deduplicate(lambda start, stop: bundle.vector(found[start:stop]), ranked, num)
-    ranked = ranked[:num]
-    ids = [i for _, i in ranked]
-    # numpy rounds the forty scores in one call, to the same values (a loop of round() cost ~16 us)
-    similarity = np.round([s for s, _ in ranked], 6).tolist()
+    out = [False] * len(bodies)
+    if bundle.vectors is None:
+        return out
+    which = [j for j, (body, ranked) in enumerate(zip(bodies, rankeds, strict=True)) if body.deduplicate and ranked]
+    if not which:
+        return out
+    sizes = [min(len(rankeds[j]), bodies[j].num_images) for j in which]
+    rows = bundle.vector([i for j, size in zip(which, sizes, strict=True) for _, i in rankeds[j][:size]])
+    most = max(sizes)
+    if min(sizes) == most:
+        blocks = rows.reshape(len(which), most, rows.shape[1])
+    else:  # zero rows pad the shorter blocks: their products are 0, never near
+        blocks = np.zeros((len(which), most, rows.shape[1]), dtype=np.float32)
+        start = 0
+        for b, size in enumerate(sizes):
+            blocks[b, :size] = rows[start:start + size]
+            start += size
+    near = np.matmul(blocks, blocks.transpose(0, 2, 1)) >= DEDUP_COSINE - DEDUP_MARGIN
+    for j, found in zip(which, np.triu(near, 1).any(axis=(1, 2)).tolist(), strict=True):
+        out[j] = not found
+    return out
+
+
+def _knn_rows(bundle, bodies: list[KnnRequest], rankeds: list) -> list[list[dict]]:
+    """Queries' (score, row id) pairs, best first -> their /knn-service rows: de-duplicated, metadata joined.
+    Several queries of one bundle share one read of their candidates' vectors (_clear_first_blocks) and one
+    of their metadata: each of these reads paid ~20 us of fixed cost per call on the caches a search had just
+    emptied. A query alone takes the same path."""
+    import numpy as np
+
+    clear = _clear_first_blocks(bundle, bodies, rankeds)
+    kept = []
+    for body, ranked, no_duplicates in zip(bodies, rankeds, clear, strict=True):
+        num = body.num_images
+        if body.deduplicate and bundle.vectors is not None and ranked and not no_duplicates:
+            found = [i for _, i in ranked]
+            ranked = deduplicate(lambda start, stop, found=found: bundle.vector(found[start:stop]), ranked, num)
+        kept.append(ranked[:num])
+    ids = [i for ranked in kept for _, i in ranked]
+    # numpy rounds the scores in one call, to the same values (a loop of round() cost ~16 us a query)
+    similarity = np.round([s for ranked in kept for s, _ in ranked], 6).tolist()
     rows = bundle.rows(ids, json_values=True, extra={"id": ids, "similarity": similarity})
     for row in rows:  # clip-retrieval's client reads both, whatever the metadata (or a removed row) holds
         row.setdefault("url", None)
         row.setdefault("caption", None)
-    return rows
+    out, start = [], 0
+    for ranked in kept:
+        out.append(rows[start:start + len(ranked)])
+        start += len(ranked)
+    return out
 
 
 def deduplicate(rows_of, matches: list, keep: int, block: int | None = None) -> list:

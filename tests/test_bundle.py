@@ -392,6 +392,11 @@ def test_float16_rerank_decode_is_exact_for_every_code():
         got = decode_rerank(codes, None)  # contiguous, strided and transposed (memory-mapped slices)
         assert got.dtype == np.float32 and got.shape == codes.shape
         np.testing.assert_array_equal(got, want)  # NaNs compare equal here
+    finite = np.isfinite(reference).all(axis=1)  # rows without an infinity or nan: widened by bit steps
+    assert 0 < finite.sum() < 256
+    for codes, want in ((every[finite], reference[finite]), (every[finite][:, ::3], reference[finite][:, ::3])):
+        got = decode_rerank(codes, None)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit: -0.0, subnormals
 
 
 @pytest.mark.parametrize("rerank", ["float16", "int8"])
@@ -572,13 +577,15 @@ def test_batch_scoring_in_numpy_equals_the_python_scoring():
     ids[6, 20:30] = ids[6, 5]  # ...and the same id, so equal scores
     q_norms = [float(x) for x in rng.random(n) + 0.5]
     q_norms[7] = 0.0  # a zero query scores 0 throughout
-    python = S._exact_from_dots(refine, q_norms, dots, ids, k)
+    python, finite = S._exact_from_dots(refine, q_norms, dots, ids, k)
+    assert finite  # numpy's scores: all finite
     assert dots.size >= S.NUMPY_SCORING_CANDIDATES
     fast = S._exact_from_dots_numpy(refine, q_norms, dots, ids, k)
     small = S.NUMPY_SCORING_CANDIDATES
     try:
         S.NUMPY_SCORING_CANDIDATES = 10 ** 9
-        slow = S._exact_from_dots(refine, q_norms, dots, ids, k)
+        slow, finite = S._exact_from_dots(refine, q_norms, dots, ids, k)
+        assert not finite  # Python's: not checked
     finally:
         S.NUMPY_SCORING_CANDIDATES = small
     assert fast == slow == python
@@ -587,6 +594,25 @@ def test_batch_scoring_in_numpy_equals_the_python_scoring():
     assert tied == list(range(tied[0], tied[0] + 11))  # eleven equal scores, side by side
     dots[2, 0] = np.nan
     assert S._exact_from_dots_numpy(refine, q_norms, dots, ids, k) is None
+
+
+def test_scores_are_clamped_to_cosines_and_a_damaged_one_reported():
+    """A score a float sum puts just past 1 is clamped; one that is no cosine is reported, also inside a
+    row whose first and last scores lie in range (the rows of an unchecked path are read one by one)."""
+    from types import SimpleNamespace
+
+    from provenance_guard.core import search as S
+
+    bundle = SimpleNamespace(id="b", path="/p")
+    rows = [[(1.0000001, 1), (0.5, 2), (-1.0000002, 3)], [], [(0.9, 4), (0.1, 5)]]
+    for finite in (True, False):
+        assert S._clamped_rows(bundle, rows, finite) == [[(1.0, 1), (0.5, 2), (-1.0, 3)], [], [(0.9, 4), (0.1, 5)]]
+    kept = [[(0.9, 4), (0.1, 5)]]
+    assert S._clamped_rows(bundle, kept, True)[0] is kept[0]  # in range at both ends: the row as it was
+    with pytest.raises(IndexCorruptError, match="no cosine"):
+        S._clamped_rows(bundle, [[(1.5, 1), (0.2, 2)]], True)
+    with pytest.raises(IndexCorruptError, match="no cosine"):
+        S._clamped_rows(bundle, [[(0.9, 1), (float("nan"), 2), (0.2, 3)]], False)
 
 
 def test_bundle_rows_take_extra_values_after_the_metadata(tmp_path):

@@ -624,6 +624,7 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
     from provenance_guard.core import search as search_mod
     from provenance_guard.core.bundle import BundleWriter
     from provenance_guard.index_server.config import HTTPProblem, ServerConfig
+    from provenance_guard.index_server import handlers
     from provenance_guard.index_server.handlers import knn, knn_many
     from provenance_guard.index_server.state import State
     from provenance_guard.index_server.schemas import KnnRequest
@@ -649,16 +650,23 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
 
     bodies = [body(10), body(3, num_images=5), body(10, deduplicate=False), body(10, num_images=5),
               KnnRequest.model_validate({"embedding_input": [0.1] * 3, "indice_name": "ivf"}),
-              body(5, indice_name="nope"), body(6, modality="text"), body(200, num_images=17), body(300)]
+              body(5, indice_name="nope"), body(6, modality="text"), body(200, num_images=17), body(300),
+              KnnRequest.model_validate({"embedding_input": [0.0] * d, "indice_name": "ivf"}),
+              KnnRequest.model_validate({"embedding_input": [1e30] * d, "indice_name": "ivf"}),  # squares overflow
+              body(10, num_images=5, num_result_ids=10), body(11, num_images=10)]  # one count, two result lengths
     calls = []
     real = search_mod.search_scores
     monkeypatch.setattr(search_mod, "search_scores", lambda b, q, k, **kw: calls.append((len(q), k)) or real(b, q, k))
     answers = knn_many(state, bodies)
-    assert sorted(calls) == [(1, 34), (1, 40), (2, 10), (2, 80)]  # one call per (index, count), not per query
+    assert sorted(calls) == [(1, 34), (1, 40), (2, 10), (2, 20), (2, 80)]  # one call per (index, count), not per query
     for b, got in zip(bodies, answers, strict=True):
-        if b.indice_name == "nope" or b.modality == "text" or len(b.embedding_input) == 3:
+        if b.indice_name == "nope" or b.modality == "text" or len(b.embedding_input) == 3 or \
+                b.embedding_input[0] in (0.0, 1e30):
             assert isinstance(got, HTTPProblem)
             assert got.status == (404 if b.indice_name == "nope" else 400)
+            with pytest.raises(HTTPProblem) as alone:
+                knn(state, b)
+            assert alone.value.message == got.message  # the same error as the request alone
             continue
         assert got == knn(state, b)
         assert len(got) == b.num_images and got[0]["caption"] == "<b>c</b>"
@@ -673,6 +681,15 @@ def test_knn_embedding_queries_in_one_batch_answer_each_as_alone(tmp_path, monke
 
     monkeypatch.setattr(search_mod, "search_scores", fails_batched)
     assert knn_many(state, bodies[:4]) == answers[:4]
+    # answers whose shared reads fail are made again one at a time: each gets its own outcome
+    monkeypatch.setattr(search_mod, "search_scores", real)
+    shared = handlers._answers
+    monkeypatch.setattr(handlers, "_answers", lambda st, b, bs, rs: 1 / 0 if len(bs) > 1 else shared(st, b, bs, rs))
+
+    def outcomes(got):
+        return [str(a) if isinstance(a, Exception) else a for a in got]
+
+    assert outcomes(knn_many(state, bodies)) == outcomes(answers)
     state.close()
 
     # behind a transform (OPQ) FAISS rotates a batch in one matrix product, whose rounding depends on the
@@ -1565,6 +1582,53 @@ def test_metrics_parse_as_prometheus_with_a_hostile_index_name(built_bundle):
         assert stop(sup.proc) in CLEAN_EXIT
 
 
+def test_knn_rows_of_several_queries_deduplicate_each_as_alone(tmp_path):
+    """Queries answered together share one read of their first candidates' vectors: a query whose first
+    num_images hold no pair near DEDUP_COSINE keeps them all, any other goes through deduplicate(); each
+    gets the rows deduplicate() gives it alone, whatever the others' lengths (shorter blocks padded)."""
+    import pyarrow as pa
+
+    from provenance_guard.core.bundle import BundleWriter
+    from provenance_guard.index_server import handlers as H
+    from provenance_guard.index_server.schemas import KnnRequest
+
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((300, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    for a, b, mix in ((1, 2, 0.05), (3, 4, 1.0), (5, 6, 0.363)):  # a near-duplicate, a far pair, one near the line
+        v = vecs[a] + mix * vecs[b]
+        vecs[b] = v / np.linalg.norm(v)
+    with BundleWriter(tmp_path / "b", model="m/t", dim=16) as w:
+        w.add(vecs, pa.table({"url": [f"u{i}" for i in range(300)]}))
+        w.finish()
+    bundle = Bundle.open(tmp_path / "b")
+    stored = bundle.vector(list(range(300)))
+    cos = float(stored[5] @ stored[6])
+    assert abs(cos - H.DEDUP_COSINE) < 0.01
+
+    def body(num, dedup=True):
+        return KnnRequest(embedding_input=[1.0] * 16, num_images=num, deduplicate=dedup)
+
+    firsts = ([1, 2] + list(range(10, 40)), [3, 4] + list(range(40, 60)), [5, 6] + list(range(60, 100)),
+              list(range(100, 140)), [1, 2, 7], [1, 2] + list(range(140, 160)))
+    bodies = [body(10), body(20), body(30), body(40), body(5), body(10, dedup=False)]
+    rankeds = [[(0.9 - j / 1000, i) for j, i in enumerate(ids)] for ids in firsts]
+    clear = H._clear_first_blocks(bundle, bodies, rankeds)
+    for b, r, c in zip(bodies, rankeds, clear, strict=True):  # as one product per query says
+        first = stored[[i for _, i in r[:b.num_images]]]
+        near = np.triu(first @ first.T >= H.DEDUP_COSINE - H.DEDUP_MARGIN, 1).any()
+        assert c == (b.deduplicate and not near)
+    assert clear[3] and not clear[0] and not clear[4] and not clear[5]
+    together = H._knn_rows(bundle, bodies, rankeds)
+    for b, r, rows in zip(bodies, rankeds, together, strict=True):
+        assert rows == H._knn_rows(bundle, [b], [r])[0]
+        want = H.deduplicate(lambda i, j, r=r: bundle.vector([x for _, x in r[i:j]]), r, b.num_images) \
+            if b.deduplicate else r[:b.num_images]
+        assert [row["id"] for row in rows] == [i for _, i in want]
+    assert 2 not in [row["id"] for row in together[0]] and 4 in [row["id"] for row in together[1]]
+    assert 2 in [row["id"] for row in together[5]]  # no de-duplication asked
+
+
 def test_knn_rows_keep_url_and_caption_on_every_row(tmp_path):
     """A /knn-service row always has url and caption (clip-retrieval's client reads both), a removed row's
     too (the index's filter keeps removed rows out of answers; were one to come through, it reads the same),
@@ -1586,7 +1650,7 @@ def test_knn_rows_keep_url_and_caption_on_every_row(tmp_path):
     body = KnnRequest(embedding_input=vecs[0].tolist(), num_images=30, deduplicate=False)
     for n in (6, 30):  # row by row, and gathered
         ranked = [(0.9 - i / 100, i) for i in range(n)]
-        rows = _knn_rows(bundle, body, ranked)
+        rows = _knn_rows(bundle, [body], [ranked])[0]
         assert rows[4] == {"removed": True, "id": 4, "similarity": 0.86, "url": None, "caption": None}
         assert rows[1] == {"url": "u1", "caption": None, "similarity": 0.89, "id": 1}
         assert list(rows[1]) == ["url", "caption", "similarity", "id"]

