@@ -33,7 +33,8 @@ KNN_BATCH = 16
 KNN_BATCH_CANDIDATES = 200  # heavier /knn-service requests take the thread pool (knn_batched)
 # Answers handed back to the event loop in groups of this many while the rest of the batch is worked on, so
 # clients answered early send their next query during the batch. In alternating runs, groups of 4 cost a
-# request 0.2-0.4 ms less CPU than one group per batch; one answer at a time woke the loop too often.
+# request 0.2-0.4 ms less CPU than one group per batch; one answer at a time woke the loop too often. A
+# group's answers share their reads of vectors and metadata (_knn_rows); groups of 8 served the same.
 KNN_FLUSH = 4
 
 

@@ -65,6 +65,7 @@ def decode_rerank(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
 # 2 ** 112 moves a float16's exponent (bias 15) to float32's (bias 127); float16's subnormals come out normal.
 _HALF_TO_SINGLE = 2.0 ** 112
 _HALF_INF_BITS = 0x7C00 << 13  # float16's all-ones exponent (inf, nan), moved to float32's bit positions
+_SIGN_BIT = -0x80000000  # bit 31 of an int32
 
 
 def widen_half(codes: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def widen_half(codes: np.ndarray) -> np.ndarray:
     import numpy as np
 
     bits = np.asarray(codes).view(np.int16).astype(np.int32)  # sign-extended: bit 31 is the sign
-    sign = bits & np.int32(-0x80000000)
+    sign = bits & _SIGN_BIT
     bits &= 0x7FFF
     bits <<= 13  # exponent and mantissa into float32's positions
     if bits.size and int(bits.max()) >= _HALF_INF_BITS:
