@@ -67,24 +67,21 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 
 
 def unit_rows(rows: list, dim: int, field: str, of: str = "") -> np.ndarray:
-    """Request embeddings as unit float32 rows, each of the bundle's dimension, finite and non-zero."""
+    """Request embeddings as unit float32 rows, each of the bundle's dimension, finite and non-zero; where a
+    row is refused, the first refusal is raised (unit_rows_each's HTTPProblem)."""
     import numpy as np
 
-    if any(len(r) != dim for r in rows):
-        raise _wrong_length(next(len(r) for r in rows if len(r) != dim), dim, field, of)
-    from ..core.search import row_squares
-
-    q = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
-    squares = row_squares(q)
-    if not all(math.isfinite(x) and x > 0 for x in squares):
-        raise _not_unit(field)
-    return q / np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
+    each = unit_rows_each(rows, dim, field, of)
+    for row in each:
+        if isinstance(row, HTTPProblem):
+            raise row
+    return np.concatenate(each) if each else np.zeros((0, dim), dtype=np.float32)
 
 
 def unit_rows_each(rows: list, dim: int, field: str, of: str = "") -> list:
-    """unit_rows() of each row on its own, in one pass over all of them (one array, one division): per row
-    its unit row (an array of shape (1, dim), the same values unit_rows([row]) gives) or the HTTPProblem
-    unit_rows([row]) raises."""
+    """Each request embedding checked on its own, all in one pass (one array, one division): per row its unit
+    float32 row (shape (1, dim)), or the HTTPProblem that refuses it (not ``dim`` numbers; not finite and
+    non-zero)."""
     import numpy as np
 
     from ..core.search import row_squares
@@ -95,7 +92,8 @@ def unit_rows_each(rows: list, dim: int, field: str, of: str = "") -> list:
         if len(r) == dim:
             fit.append(j)
         else:
-            out[j] = _wrong_length(len(r), dim, field, of)
+            out[j] = HTTPProblem(400, f"{field} has a vector of {len(r)} numbers; the bundle holds {dim}-d "
+                                      f"vectors{of}")
     if not fit:
         return out
     q = np.asarray([rows[j] for j in fit], dtype=np.float32).reshape(len(fit), dim)
@@ -103,16 +101,9 @@ def unit_rows_each(rows: list, dim: int, field: str, of: str = "") -> list:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # such rows are refused below
         q /= np.sqrt(np.asarray(squares, dtype=np.float32))[:, None]
     for i, (j, square) in enumerate(zip(fit, squares, strict=True)):
-        out[j] = q[i:i + 1] if math.isfinite(square) and square > 0 else _not_unit(field)
+        out[j] = q[i:i + 1] if math.isfinite(square) and square > 0 else \
+            HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
     return out
-
-
-def _wrong_length(length: int, dim: int, field: str, of: str) -> HTTPProblem:
-    return HTTPProblem(400, f"{field} has a vector of {length} numbers; the bundle holds {dim}-d vectors{of}")
-
-
-def _not_unit(field: str) -> HTTPProblem:
-    return HTTPProblem(400, f"{field} must hold finite, non-zero vectors")
 
 
 def knn(state: State, body: KnnRequest, fetched: bytes | None = None) -> list[dict]:
@@ -255,7 +246,11 @@ def _knn_bundle(state: State, body: KnnRequest):
 
 
 def _knn_embedding(bundle, body: KnnRequest) -> np.ndarray:
-    return unit_rows([body.embedding_input], bundle.dim, "embedding_input", _of_index(bundle))
+    """The request's unit query row, as a batch checks it (_knn_embeddings), or its HTTPProblem raised."""
+    q = _knn_embeddings(bundle, [body])[0]
+    if isinstance(q, Exception):
+        raise q
+    return q
 
 
 def _knn_embeddings(bundle, bodies: list[KnnRequest]) -> list:
@@ -283,7 +278,8 @@ def _answer(state: State, bundle, body: KnnRequest, ranked: list) -> list[dict]:
 
 
 def _answers(state: State, bundle, bodies: list[KnnRequest], rankeds: list) -> list[list[dict]]:
-    """_knn_rows(), its time counted as each query's share of the metadata stage."""
+    """_knn_rows(), its time counted in the metadata stage as one equal share per query (the histogram's sum
+    and count are the same as one at a time; its spread is of groups)."""
     t0 = time.perf_counter()
     out = _knn_rows(bundle, bodies, rankeds)
     seconds = (time.perf_counter() - t0) / max(1, len(bodies))
@@ -330,10 +326,10 @@ def _knn_rows(bundle, bodies: list[KnnRequest], rankeds: list) -> list[list[dict
     """Queries' (score, row id) pairs, best first -> their /knn-service rows: de-duplicated, metadata joined.
     Several queries of one bundle share one read of their candidates' vectors (_clear_first_blocks) and one
     of their metadata: each of these reads paid ~20 us of fixed cost per call on the caches a search had just
-    emptied. A query alone takes the same path."""
+    emptied. A query alone goes straight to deduplicate(), which reads its first candidates once."""
     import numpy as np
 
-    clear = _clear_first_blocks(bundle, bodies, rankeds)
+    clear = _clear_first_blocks(bundle, bodies, rankeds) if len(bodies) > 1 else [False]
     kept = []
     for body, ranked, no_duplicates in zip(bodies, rankeds, clear, strict=True):
         num = body.num_images

@@ -394,9 +394,32 @@ def test_float16_rerank_decode_is_exact_for_every_code():
         np.testing.assert_array_equal(got, want)  # NaNs compare equal here
     finite = np.isfinite(reference).all(axis=1)  # rows without an infinity or nan: widened by bit steps
     assert 0 < finite.sum() < 256
-    for codes, want in ((every[finite], reference[finite]), (every[finite][:, ::3], reference[finite][:, ::3])):
+    cases = ((every[finite], reference[finite]), (every[finite][:, ::3], reference[finite][:, ::3]),
+             (every[finite].T, reference[finite].T), (every[finite].astype(">f2"), reference[finite]))
+    for codes, want in cases:
         got = decode_rerank(codes, None)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit: -0.0, subnormals
+
+
+def test_float16_widening_is_exact_where_the_cpu_reads_subnormals_as_zero():
+    """A library may set the CPU's DAZ flag (float32 subnormals read as zero), under which the bit steps would
+    zero float16's subnormals: widen_half then widens with astype."""
+    import struct
+
+    torch = pytest.importorskip("torch")
+    from provenance_guard.core.bundle.rerank import widen_half
+
+    bits = np.arange(65536, dtype=np.uint16)
+    reference = np.array(struct.unpack("<65536e", bits.tobytes()), dtype=np.float32)
+    finite = np.isfinite(reference)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        assert np.float32(2.0 ** -149) * np.float32(2.0 ** 112) == 0  # the flag is on: the bit steps would fail
+        got = widen_half(bits.view(np.float16)[finite])
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(got.view(np.uint32), reference[finite].view(np.uint32))
 
 
 @pytest.mark.parametrize("rerank", ["float16", "int8"])

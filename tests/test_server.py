@@ -1584,8 +1584,10 @@ def test_metrics_parse_as_prometheus_with_a_hostile_index_name(built_bundle):
 
 def test_knn_rows_of_several_queries_deduplicate_each_as_alone(tmp_path):
     """Queries answered together share one read of their first candidates' vectors: a query whose first
-    num_images hold no pair near DEDUP_COSINE keeps them all, any other goes through deduplicate(); each
-    gets the rows deduplicate() gives it alone, whatever the others' lengths (shorter blocks padded)."""
+    num_images hold no pair within DEDUP_MARGIN of DEDUP_COSINE keeps them all, any other goes through
+    deduplicate(); each gets the rows deduplicate() gives it, whatever the others' lengths (shorter blocks
+    padded). Stored pairs at 0.999 and 0.95 (near-duplicates), just under 0.94 (kept, but decided by
+    deduplicate()) and at 0.71 (far)."""
     import pyarrow as pa
 
     from provenance_guard.core.bundle import BundleWriter
@@ -1593,40 +1595,54 @@ def test_knn_rows_of_several_queries_deduplicate_each_as_alone(tmp_path):
     from provenance_guard.index_server.schemas import KnnRequest
 
     rng = np.random.default_rng(5)
-    vecs = rng.standard_normal((300, 16)).astype(np.float32)
+    d = 16
+    vecs = rng.standard_normal((300, d)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    for a, b, mix in ((1, 2, 0.05), (3, 4, 1.0), (5, 6, 0.363)):  # a near-duplicate, a far pair, one near the line
-        v = vecs[a] + mix * vecs[b]
-        vecs[b] = v / np.linalg.norm(v)
-    with BundleWriter(tmp_path / "b", model="m/t", dim=16) as w:
+
+    def stored(v):  # as the bundle keeps a row: normalised, then float16
+        return (v / np.linalg.norm(v)).astype(np.float16).astype(np.float32)
+
+    def pair(a, b, low, high):  # row b at a stored cosine in [low, high) of row a
+        for _ in range(10_000):
+            p = rng.standard_normal(d).astype(np.float32)
+            p -= (p @ vecs[a]) * vecs[a]
+            p /= np.linalg.norm(p)
+            angle = np.arccos((low + high) / 2)
+            v = (np.cos(angle) * vecs[a] + np.sin(angle) * p).astype(np.float32)
+            if low <= float(stored(vecs[a]) @ stored(v)) < high:
+                vecs[b] = v
+                return
+        raise AssertionError(f"no pair in [{low}, {high})")
+
+    line, margin = H.DEDUP_COSINE, H.DEDUP_MARGIN
+    pair(1, 2, 0.998, 1.0)
+    pair(3, 4, 0.70, 0.72)
+    pair(5, 6, line - margin, line)  # within the margin: deduplicate() decides, and keeps both
+    pair(7, 8, 0.95, 0.96)  # a near-duplicate the margin must not hide
+    with BundleWriter(tmp_path / "b", model="m/t", dim=d) as w:
         w.add(vecs, pa.table({"url": [f"u{i}" for i in range(300)]}))
         w.finish()
     bundle = Bundle.open(tmp_path / "b")
-    stored = bundle.vector(list(range(300)))
-    cos = float(stored[5] @ stored[6])
-    assert abs(cos - H.DEDUP_COSINE) < 0.01
+    rows = bundle.vector(list(range(300)))
+    assert line - margin <= float(rows[5] @ rows[6]) < line and 0.95 <= float(rows[7] @ rows[8]) < 0.96
 
     def body(num, dedup=True):
-        return KnnRequest(embedding_input=[1.0] * 16, num_images=num, deduplicate=dedup)
+        return KnnRequest(embedding_input=[1.0] * d, num_images=num, deduplicate=dedup)
 
     firsts = ([1, 2] + list(range(10, 40)), [3, 4] + list(range(40, 60)), [5, 6] + list(range(60, 100)),
-              list(range(100, 140)), [1, 2, 7], [1, 2] + list(range(140, 160)))
-    bodies = [body(10), body(20), body(30), body(40), body(5), body(10, dedup=False)]
+              list(range(100, 140)), [7, 8, 9], [1, 2] + list(range(140, 160)), [3, 4, 7, 8] + list(range(160, 200)))
+    bodies = [body(10), body(20), body(30), body(40), body(5), body(10, dedup=False), body(4)]
     rankeds = [[(0.9 - j / 1000, i) for j, i in enumerate(ids)] for ids in firsts]
-    clear = H._clear_first_blocks(bundle, bodies, rankeds)
-    for b, r, c in zip(bodies, rankeds, clear, strict=True):  # as one product per query says
-        first = stored[[i for _, i in r[:b.num_images]]]
-        near = np.triu(first @ first.T >= H.DEDUP_COSINE - H.DEDUP_MARGIN, 1).any()
-        assert c == (b.deduplicate and not near)
-    assert clear[3] and not clear[0] and not clear[4] and not clear[5]
+    assert H._clear_first_blocks(bundle, bodies, rankeds) == [False, True, False, True, False, False, False]
     together = H._knn_rows(bundle, bodies, rankeds)
-    for b, r, rows in zip(bodies, rankeds, together, strict=True):
-        assert rows == H._knn_rows(bundle, [b], [r])[0]
+    for b, r, got in zip(bodies, rankeds, together, strict=True):
+        assert got == H._knn_rows(bundle, [b], [r])[0]  # alone: deduplicate() for every query
         want = H.deduplicate(lambda i, j, r=r: bundle.vector([x for _, x in r[i:j]]), r, b.num_images) \
             if b.deduplicate else r[:b.num_images]
-        assert [row["id"] for row in rows] == [i for _, i in want]
-    assert 2 not in [row["id"] for row in together[0]] and 4 in [row["id"] for row in together[1]]
-    assert 2 in [row["id"] for row in together[5]]  # no de-duplication asked
+        assert [row["id"] for row in got] == [i for _, i in want]
+    ids = [[row["id"] for row in got] for got in together]
+    assert 2 not in ids[0] and 4 in ids[1] and {5, 6} <= set(ids[2]) and 8 not in ids[4] and 2 in ids[5]
+    assert ids[6] == [3, 4, 7, 160]  # the near-duplicate 8 dropped, the next candidate in its place
 
 
 def test_knn_rows_keep_url_and_caption_on_every_row(tmp_path):
