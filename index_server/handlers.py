@@ -196,26 +196,21 @@ def _knn_group(state: State, bundle, want: int, bodies: list[KnnRequest], member
             ranked = _searched(state, bundle, np.concatenate([q for _, q in members]), want)
         except Exception:  # noqa: BLE001 - each query again on its own, so each gets its own outcome
             ranked = None
-    if ranked is None:
-        for n, q in members:
-            try:
-                rows = _answer(state, bundle, bodies[n], _searched(state, bundle, q, want)[0])
-            except Exception as exc:  # noqa: BLE001
-                rows = exc
-            done(n, rows)
-        return
     for start in range(0, len(members), KNN_FLUSH):
-        part = [n for n, _ in members[start:start + KNN_FLUSH]]
-        try:
-            answers = _answers(state, bundle, [bodies[n] for n in part], ranked[start:start + len(part)])
-        except Exception:  # noqa: BLE001 - each again on its own, so each gets its own outcome
-            answers = None
-        for j, n in enumerate(part):
+        part = members[start:start + KNN_FLUSH]
+        answers = None
+        if ranked is not None:
+            try:
+                answers = _answers(state, bundle, [bodies[n] for n, _ in part], ranked[start:start + len(part)])
+            except Exception:  # noqa: BLE001 - each again on its own, so each gets its own outcome
+                answers = None
+        for j, (n, q) in enumerate(part):
             if answers is not None:
                 rows = answers[j]
             else:
                 try:
-                    rows = _answer(state, bundle, bodies[n], ranked[start + j])
+                    rows = _answer(state, bundle, bodies[n], ranked[start + j] if ranked is not None else
+                                   _searched(state, bundle, q, want)[0])
                 except Exception as exc:  # noqa: BLE001
                     rows = exc
             done(n, rows)
@@ -255,11 +250,8 @@ def _knn_embedding(bundle, body: KnnRequest) -> np.ndarray:
 
 def _knn_embeddings(bundle, bodies: list[KnnRequest]) -> list:
     """_knn_embedding() of each request, or the HTTPProblem it raises, in one pass."""
-    return unit_rows_each([b.embedding_input for b in bodies], bundle.dim, "embedding_input", _of_index(bundle))
-
-
-def _of_index(bundle) -> str:
-    return f" of index {bundle.id} ({bundle.model})"
+    return unit_rows_each([b.embedding_input for b in bodies], bundle.dim, "embedding_input",
+                          f" of index {bundle.id} ({bundle.model})")
 
 
 def _knn_want(bundle, body: KnnRequest) -> int:
@@ -329,7 +321,7 @@ def _knn_rows(bundle, bodies: list[KnnRequest], rankeds: list) -> list[list[dict
     emptied. A query alone goes straight to deduplicate(), which reads its first candidates once."""
     import numpy as np
 
-    clear = _clear_first_blocks(bundle, bodies, rankeds) if len(bodies) > 1 else [False]
+    clear = _clear_first_blocks(bundle, bodies, rankeds) if len(bodies) > 1 else [False] * len(bodies)
     kept = []
     for body, ranked, no_duplicates in zip(bodies, rankeds, clear, strict=True):
         num = body.num_images
